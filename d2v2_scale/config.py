@@ -1,0 +1,606 @@
+"""One typed config that the whole run reads.
+
+`RunConfig` groups the sections a run needs (model, masking, ema, data, optim, parallel,
+checkpoint, logging, guards).  A run starts from a named preset (the spec's table, section 9,
+plus tiny CPU presets for tests), optionally merges a YAML file, then applies command-line
+overrides (`--model.depth 4` or `model.depth=4`).  `validate()` runs once, up front, before
+any process group or GPU memory exists, and raises `ConfigError` with a message that names
+the field and says what to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES = ("image", "audio", "text")
+
+# (channels, kernel, stride) of the wav2vec 2.0 / data2vec audio feature extractor: 320x down.
+AUDIO_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Encoder, decoder and target construction (spec sections 2, 3, 5, 6, 8)."""
+
+    modality: str = "image"
+    depth: int = 10  # shared blocks (the ones that can provide targets)
+    prenet_depth: int = 0  # context-encoder blocks before the shared ones; never targets
+    embed_dim: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # residual/attention/activation dropout in the blocks
+    layer_norm_eps: float = 1e-6
+    layerdrop: float = 0.0
+    pre_ln: bool = False  # spec default is post-LN; pre-LN allowed for very large models
+    # Per block "none" | "full" | "selective" recomputation of activations.
+    activation_checkpointing: str = "none"
+
+    # image front end
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    # audio front end
+    conv_feature_layers: list = field(default_factory=lambda: [list(x) for x in AUDIO_CONV_LAYERS])
+    conv_pos_width: int = 19
+    conv_pos_groups: int = 16
+    conv_pos_depth: int = 5
+    alibi: bool = False  # ALiBi bias with a learned per-head scale (audio)
+    # text front end
+    vocab_size: int = 50000
+    max_positions: int = 512
+    pad_token_id: int = 1
+
+    # multi-mask and targets
+    clone_batch: int = 16  # M
+    top_k_layers: int = 10  # K
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    instance_norm_targets: bool = False
+    layer_norm_targets: bool = True
+
+    # decoder
+    decoder_dim: int = 768
+    decoder_kernel: int = 3
+    decoder_layers: int = 6
+    decoder_groups: int = 16
+    decoder_residual: bool = True
+
+    # loss
+    loss_beta: float = 0.0  # > 0: smooth-L1 with this beta
+    loss_scale: float | None = None  # None: 1/sqrt(D)
+    cls_loss_weight: float = 0.0  # image: 0.01
+
+    # data2vec 1.0 variant (spec section 11): "data2vec2" or "data2vec1"
+    variant: str = "data2vec2"
+
+    @property
+    def total_blocks(self) -> int:
+        return self.depth + self.prenet_depth
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def audio_frames(self, n_samples: int) -> int:
+        """Frames out of the CNN feature extractor for `n_samples` waveform samples."""
+        n = int(n_samples)
+        for _, kernel, stride in self.conv_feature_layers:
+            n = (n - kernel) // stride + 1
+        return max(n, 0)
+
+
+@dataclass
+class MaskConfig:
+    """Mask ratio R, adjust A, block/span length B (spec section 7)."""
+
+    ratio: float = 0.8
+    adjust: float = 0.07
+    length: int = 3
+
+
+@dataclass
+class EmaConfig:
+    """Teacher EMA schedule (spec section 4)."""
+
+    decay: float = 0.9998
+    end_decay: float = 0.99999
+    anneal_end_step: int = 100_000
+
+
+@dataclass
+class DataConfig:
+    """Shards and batches."""
+
+    manifest: str | None = None  # path to a data_prep manifest.json
+    batch_size: int = 16  # samples per data-parallel rank per micro-step (before x M)
+    num_workers: int = 2
+    seed: int = 1
+    verify: str = "fast"  # "fast" (size + footer hash) | "full" | "none"
+    # image augmentation (random-resized-crop + flip, reference scale range)
+    crop_scale_min: float = 0.08
+    crop_scale_max: float = 1.0
+    hflip: bool = True
+    # audio random crops, seconds
+    sample_rate: int = 16000
+    min_seconds: float = 2.0
+    max_seconds: float = 20.0
+    # text blocks (tokens)
+    max_tokens: int = 512
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-6
+    weight_decay: float = 0.05
+    clip_grad: float = 4.0  # 0 disables
+    warmup_steps: int = 50_040
+    total_steps: int = 375_300  # optimizer updates
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 3
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    offload_optimizer: bool = False
+    ds_config: str | None = None  # extra DeepSpeed JSON; harness settings win where they must
+    pp_microbatches: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str | None = None  # None | "auto" | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    peak_tflops: float = 989.0  # H100/H200 SXM bf16 dense, for MFU
+
+
+@dataclass
+class GuardConfig:
+    max_consecutive_nonfinite: int = 5
+    collapse_check: bool = False  # spec: image configs turn it off
+    collapse_after_steps: int = 5000
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+
+
+@dataclass
+class RunConfig:
+    preset: str = "image-base"
+    output_dir: str = "runs/default"
+    seed: int = 1
+    max_steps: int | None = None  # stop early (None: optim.total_steps)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.optim.total_steps
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config atomically (temp name, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        cfg = cls()
+        _merge(cfg, d, prefix="")
+        return cfg
+
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        validate(self, world_size)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (spec section 9); tiny ones are 2 layers x width 64 for CPU tests
+# --------------------------------------------------------------------------------------------
+
+_IMAGE = dict(
+    model=dict(modality="image", layer_norm_eps=1e-6, dropout=0.0, instance_norm_target_layer=True,
+               layer_norm_targets=True, instance_norm_targets=False, cls_loss_weight=0.01,
+               decoder_residual=True),
+    optim=dict(betas=(0.9, 0.95), weight_decay=0.05, clip_grad=4.0, warmup_steps=50_040),
+    guards=dict(collapse_check=False),
+)
+_AUDIO = dict(
+    model=dict(modality="audio", layer_norm_eps=1e-5, dropout=0.1, alibi=True,
+               instance_norm_target_layer=True, layer_norm_targets=False, instance_norm_targets=False,
+               cls_loss_weight=0.0, decoder_residual=True),
+    optim=dict(betas=(0.9, 0.98), weight_decay=0.01),
+    guards=dict(collapse_check=True),
+)
+_TEXT = dict(
+    model=dict(modality="text", layer_norm_eps=1e-5, dropout=0.1, instance_norm_target_layer=True,
+               layer_norm_targets=False, instance_norm_targets=False, cls_loss_weight=0.0,
+               decoder_dim=768, decoder_kernel=9, decoder_layers=5, decoder_groups=1,
+               decoder_residual=False, loss_scale=1.0, vocab_size=50000, max_positions=512),
+    masking=dict(adjust=0.0, length=1),
+    optim=dict(betas=(0.9, 0.98), weight_decay=0.01, clip_grad=1.0, warmup_steps=4000),
+    guards=dict(collapse_check=True),
+)
+
+PRESETS: dict[str, dict] = {
+    "image-base": _IMAGE | dict(
+        model=_IMAGE["model"] | dict(depth=10, prenet_depth=2, embed_dim=768, num_heads=12, clone_batch=16,
+                                     top_k_layers=10, decoder_dim=768, decoder_kernel=3, decoder_layers=6,
+                                     decoder_groups=16, image_size=224, patch_size=16),
+        masking=dict(ratio=0.8, adjust=0.07, length=3),
+        ema=dict(decay=0.9998, end_decay=0.99999, anneal_end_step=100_000),
+        data=dict(batch_size=16),
+        optim=_IMAGE["optim"] | dict(lr=1e-3, total_steps=375_300),
+    ),
+    "image-large": _IMAGE | dict(
+        model=_IMAGE["model"] | dict(depth=24, prenet_depth=0, embed_dim=1024, num_heads=16, clone_batch=16,
+                                     top_k_layers=18, decoder_dim=1024, decoder_kernel=5, decoder_layers=3,
+                                     decoder_groups=16, image_size=224, patch_size=16),
+        masking=dict(ratio=0.75, adjust=0.1, length=3),
+        ema=dict(decay=0.9998, end_decay=0.99999, anneal_end_step=150_000),
+        data=dict(batch_size=8),
+        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=375_300),
+    ),
+    "image-huge": _IMAGE | dict(
+        model=_IMAGE["model"] | dict(depth=32, prenet_depth=0, embed_dim=1280, num_heads=16, clone_batch=16,
+                                     top_k_layers=24, decoder_dim=1024, decoder_kernel=5, decoder_layers=3,
+                                     decoder_groups=16, image_size=224, patch_size=14),
+        masking=dict(ratio=0.75, adjust=0.1, length=3),
+        ema=dict(decay=0.9998, end_decay=1.0, anneal_end_step=300_000),
+        data=dict(batch_size=8),
+        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=500_000),
+    ),
+    "audio-base": _AUDIO | dict(
+        model=_AUDIO["model"] | dict(depth=12, prenet_depth=0, embed_dim=768, num_heads=12, clone_batch=8,
+                                     top_k_layers=8, decoder_dim=384, decoder_kernel=7, decoder_layers=4,
+                                     decoder_groups=16, layerdrop=0.05),
+        masking=dict(ratio=0.5, adjust=0.05, length=5),
+        ema=dict(decay=0.999, end_decay=0.99999, anneal_end_step=75_000),
+        data=dict(batch_size=8, min_seconds=2.0, max_seconds=20.0),
+        optim=_AUDIO["optim"] | dict(lr=7.5e-4, clip_grad=0.0, warmup_steps=8000, total_steps=400_000),
+    ),
+    "audio-large": _AUDIO | dict(
+        model=_AUDIO["model"] | dict(depth=16, prenet_depth=8, embed_dim=1024, num_heads=16, clone_batch=12,
+                                     top_k_layers=16, decoder_dim=768, decoder_kernel=7, decoder_layers=4,
+                                     decoder_groups=16),
+        masking=dict(ratio=0.55, adjust=0.1, length=5),
+        ema=dict(decay=0.9997, end_decay=1.0, anneal_end_step=300_000),
+        data=dict(batch_size=2, min_seconds=2.0, max_seconds=20.0),
+        optim=_AUDIO["optim"] | dict(lr=4e-4, clip_grad=1.0, warmup_steps=10_000, total_steps=600_000),
+    ),
+    "text-base": _TEXT | dict(
+        model=_TEXT["model"] | dict(depth=12, embed_dim=768, num_heads=12, clone_batch=8, top_k_layers=12),
+        masking=_TEXT["masking"] | dict(ratio=0.48),
+        ema=dict(decay=0.9999, end_decay=0.99999, anneal_end_step=100_000),
+        data=dict(batch_size=4, max_tokens=512),
+        optim=_TEXT["optim"] | dict(lr=2e-4, total_steps=1_000_000),
+    ),
+    "text-large": _TEXT | dict(
+        model=_TEXT["model"] | dict(depth=24, embed_dim=1024, num_heads=16, clone_batch=8, top_k_layers=24,
+                                    layer_norm_target_layer=True, instance_norm_target_layer=False,
+                                    instance_norm_targets=True),
+        masking=_TEXT["masking"] | dict(ratio=0.5),
+        ema=dict(decay=0.9999, end_decay=0.99999, anneal_end_step=100_000),
+        data=dict(batch_size=2, max_tokens=512),
+        optim=_TEXT["optim"] | dict(lr=1e-4, total_steps=600_000),
+    ),
+}
+
+_TINY = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2, clone_batch=4,
+             decoder_dim=32, decoder_layers=2, decoder_groups=4)
+_TINY_OPT = dict(lr=1e-3, warmup_steps=10, total_steps=300)
+_TINY_CKPT = dict(every_steps=100, keep_last=2)
+PRESETS["image-tiny"] = PRESETS["image-base"] | dict(
+    model=PRESETS["image-base"]["model"] | _TINY | dict(image_size=32, patch_size=4, decoder_kernel=3),
+    masking=dict(ratio=0.8, adjust=0.07, length=3),
+    ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
+    data=dict(batch_size=8, num_workers=1),
+    optim=PRESETS["image-base"]["optim"] | _TINY_OPT,
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+PRESETS["audio-tiny"] = PRESETS["audio-base"] | dict(
+    model=PRESETS["audio-base"]["model"] | _TINY | dict(
+        conv_feature_layers=[[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+        conv_pos_width=5, conv_pos_groups=4, conv_pos_depth=2, decoder_kernel=7, layerdrop=0.0),
+    ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
+    data=dict(batch_size=4, num_workers=1, min_seconds=0.5, max_seconds=1.0),
+    optim=PRESETS["audio-base"]["optim"] | _TINY_OPT,
+    guards=dict(collapse_check=False),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+PRESETS["text-tiny"] = PRESETS["text-base"] | dict(
+    model=PRESETS["text-base"]["model"] | _TINY | dict(vocab_size=1000, max_positions=128, decoder_kernel=5,
+                                                       decoder_groups=1),
+    ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
+    data=dict(batch_size=8, num_workers=1, max_tokens=64),
+    optim=PRESETS["text-base"]["optim"] | _TINY_OPT,
+    guards=dict(collapse_check=False),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def load_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; "
+                          f"available: {', '.join(PRESETS)}")
+    cfg = RunConfig.from_dict(copy.deepcopy(PRESETS[name]))
+    cfg.preset = name
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
+    """Load a YAML config.  If it names a `preset`, start from that preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if base is None:
+        base = load_preset(d["preset"]) if "preset" in d else RunConfig()
+    _merge(base, d, prefix="")
+    return base
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """Preset -> YAML -> command-line overrides, in that order (later wins)."""
+    cfg = load_preset(preset) if preset else RunConfig()
+    if yaml_path:
+        cfg = load_yaml(yaml_path, base=cfg if preset else None)
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, args: list[str]) -> RunConfig:
+    """Apply `--section.key value`, `--section.key=value` or `section.key=value` items."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" in a:
+                key, value = a.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override --{a} has no value; write --{a} VALUE or {a}=VALUE")
+                key, value = a, args[i + 1]
+                i += 1
+        elif "=" in a:
+            key, value = a.split("=", 1)
+        else:
+            raise ConfigError(f"cannot read override {a!r}; write section.key=VALUE or --section.key VALUE")
+        set_path(cfg, key.replace("-", "_"), yaml.safe_load(value) if value != "" else None)
+        i += 1
+    return cfg
+
+
+def set_path(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for j, p in enumerate(parts[:-1]):
+        _check_key(obj, p, ".".join(parts[:j]))
+        obj = getattr(obj, p)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"{'.'.join(parts[:j + 1])} is a value, not a section")
+    last = parts[-1]
+    _check_key(obj, last, ".".join(parts[:-1]))
+    f = {f.name: f for f in dataclasses.fields(obj)}[last]
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} is a section; set its keys, e.g. {dotted}.KEY=VALUE")
+        _merge(getattr(obj, last), value, prefix=dotted + ".")
+        return
+    setattr(obj, last, _coerce(value, f, obj, dotted))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check everything that can be checked before a process group exists."""
+    m, p = cfg.model, cfg.parallel
+    errs: list[str] = []
+    if m.modality not in MODALITIES:
+        errs.append(f"model.modality={m.modality!r}: must be one of {MODALITIES}")
+    if m.embed_dim % m.num_heads:
+        errs.append(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % p.tp:
+        errs.append(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: "
+                    f"choose a tp that divides the head count (e.g. {_divisors(m.num_heads)})")
+    if (m.embed_dim * m.mlp_ratio) % p.tp:
+        errs.append(f"the MLP width {int(m.embed_dim * m.mlp_ratio)} is not divisible by parallel.tp={p.tp}")
+    if m.total_blocks % p.pp:
+        errs.append(f"model.depth + model.prenet_depth = {m.total_blocks} blocks are not divisible by "
+                    f"parallel.pp={p.pp}: choose pp in {_divisors(m.total_blocks)}")
+    if p.pp > 1 and p.zero_stage >= 2:
+        errs.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
+                    "supports only ZeRO stage 0 or 1 (ZeRO-2/3 partition gradients/parameters that pipeline "
+                    "stages own). Use parallel.zero_stage=1 with pp>1, or pp=1 with ZeRO-3 (add tp to fit memory)")
+    if p.zero_stage not in (0, 1, 2, 3):
+        errs.append(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
+    if p.tp < 1 or p.pp < 1:
+        errs.append(f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
+    if world_size is not None and world_size % (p.tp * p.pp):
+        errs.append(f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp} = {p.tp * p.pp}: "
+                    f"launch a multiple of {p.tp * p.pp} processes or change parallel.tp/parallel.pp")
+    if not 1 <= m.top_k_layers <= m.depth:
+        errs.append(f"model.top_k_layers={m.top_k_layers} must be between 1 and model.depth={m.depth} "
+                    "(targets come from the last K shared blocks; prenet blocks never give targets)")
+    if m.clone_batch < 1:
+        errs.append(f"model.clone_batch={m.clone_batch} must be >= 1")
+    if m.activation_checkpointing not in ("none", "full", "selective"):
+        errs.append(f"model.activation_checkpointing={m.activation_checkpointing!r}: "
+                    "use 'none', 'full' or 'selective'")
+    if m.variant not in ("data2vec2", "data2vec1"):
+        errs.append(f"model.variant={m.variant!r}: use 'data2vec2' or 'data2vec1'")
+    if m.modality == "image" and m.image_size % m.patch_size:
+        errs.append(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    if m.decoder_dim % max(m.decoder_groups, 1):
+        errs.append(f"model.decoder_dim={m.decoder_dim} is not divisible by model.decoder_groups={m.decoder_groups}")
+    if not 0.0 < cfg.masking.ratio < 1.0:
+        errs.append(f"masking.ratio={cfg.masking.ratio} must be in (0, 1)")
+    if cfg.masking.length < 1:
+        errs.append(f"masking.length={cfg.masking.length} must be >= 1")
+    e = cfg.ema
+    if not 0.0 <= e.decay <= e.end_decay <= 1.0:
+        errs.append(f"ema.decay={e.decay} and ema.end_decay={e.end_decay} must satisfy 0 <= decay <= end_decay <= 1")
+    if cfg.data.batch_size < 1:
+        errs.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if cfg.data.min_seconds > cfg.data.max_seconds:
+        errs.append(f"data.min_seconds={cfg.data.min_seconds} > data.max_seconds={cfg.data.max_seconds}")
+    if cfg.data.verify not in ("fast", "full", "none"):
+        errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
+    if p.precision not in ("auto", "bf16", "fp32"):
+        errs.append(f"parallel.precision={p.precision!r}: use 'auto', 'bf16' or 'fp32'")
+    if cfg.optim.grad_accum < 1:
+        errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
+    if cfg.optim.warmup_steps > cfg.optim.total_steps:
+        errs.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds optim.total_steps={cfg.optim.total_steps}")
+    if cfg.checkpoint.keep_last < 1:
+        errs.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_key(obj: Any, key: str, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        section = where or "top level"
+        raise ConfigError(f"unknown config key {(where + '.' if where else '') + key!r} in {section}"
+                          f"{_did_you_mean(key, names)}; known keys: {', '.join(names)}")
+
+
+def _merge(obj: Any, d: dict, prefix: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    for k, v in d.items():
+        _check_key(obj, k, prefix.rstrip("."))
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v, prefix=prefix + k + ".")
+        else:
+            f = {f.name: f for f in dataclasses.fields(obj)}[k]
+            setattr(obj, k, _coerce(v, f, obj, prefix + k))
+
+
+def _coerce(value: Any, f: dataclasses.Field, owner: Any, name: str) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type, or raise a readable error."""
+    hints = typing.get_type_hints(type(owner))
+    tp = hints.get(f.name, Any)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            v = float(value)
+            if math.isnan(v):
+                raise TypeError
+            return v
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if tp in (tuple, list) or origin in (tuple, list):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(value) if (tp is tuple or origin is tuple) else [
+                list(x) if isinstance(x, tuple) else x for x in value]
+    except (TypeError, ValueError):
+        tname = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{name}={value!r} is not a valid {tname}") from None
+    return value
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
