@@ -1,0 +1,45 @@
+"""CPU compatibility for DeepSpeed and Megatron-core, in one place.
+
+CI and developer machines have no GPU, so every distributed path is exercised on CPU with gloo.
+The measured facts behind each patch are in `shared/docs/cpu-distributed-facts.md`; each
+function here applies one of them and does nothing on a CUDA machine.  Nothing else in the
+project patches third-party libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+_applied = False
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_compat() -> None:
+    """Apply the CPU patches once per process (no-op with CUDA)."""
+    global _applied
+    if _applied or not on_cpu():
+        return
+    _skip_deepspeed_shm_build()
+    # 2-core machines: several ranks each spinning OMP threads run 5-10x slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _applied = True
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's comm backend JIT-compiles a shared-memory op (40-75 s of g++) that only
+    inference all-reduce uses.  Patch the function through importlib: `import deepspeed.comm.torch
+    as m` binds `torch` itself, so a patch through that name would not take."""
+    mod = importlib.import_module("deepspeed.comm.torch")
+    mod.build_shm_op = lambda: None
+
+
+def megatron_cpu_kwargs() -> dict:
+    """Extra `TransformerConfig` kwargs: on CPU, Megatron must build weights on the CPU
+    (otherwise `Torch not compiled with CUDA enabled` from RowParallelLinear)."""
+    return {"use_cpu_initialization": True} if on_cpu() else {}

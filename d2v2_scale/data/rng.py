@@ -1,0 +1,61 @@
+"""Counter-based random numbers: every draw is a pure function of its key.
+
+The loader must give the same masks and augmentations whichever worker builds a batch and
+whether or not the run was resumed mid-epoch.  Instead of carrying a stateful generator
+around, each row gets a 64-bit key derived from (seed, epoch, global sample index, clone
+index) and its random numbers are `splitmix64(key, stream, counter)`.  That is vectorized
+over rows (no per-row Generator objects) and needs no state to resume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+# Streams keep different uses of one key independent (e.g. crop box vs flip vs mask centres).
+STREAM_MASK = 1
+STREAM_MASK_FIX = 2
+STREAM_MASK_BATCH = 3
+STREAM_CROP = 10
+STREAM_FLIP = 11
+STREAM_AUDIO_CROP = 12
+STREAM_TEXT_CROP = 13
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on a uint64 array (wrap-around arithmetic is intended)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def make_keys(seed: int, epoch: int, index, clone=0) -> np.ndarray:
+    """uint64 keys [N] for rows identified by (seed, epoch, global sample index, clone index).
+
+    `index` and `clone` broadcast against each other (arrays or ints).
+    """
+    index, clone = np.broadcast_arrays(np.asarray(index, dtype=np.uint64), np.asarray(clone, dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        k = _mix(np.asarray([seed], dtype=np.uint64) * _GOLDEN + np.uint64(1))
+        k = _mix(k ^ (np.uint64(epoch) * _GOLDEN + np.uint64(2)))
+        k = _mix(k ^ (index.reshape(-1) * _GOLDEN + np.uint64(3)))
+        k = _mix(k ^ (clone.reshape(-1) * _GOLDEN + np.uint64(4)))
+    return k
+
+
+def uniform(keys: np.ndarray, n: int, stream: int) -> np.ndarray:
+    """float64 uniforms in [0, 1), shape [N, n]: draw j of row r is f(keys[r], stream, j)."""
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
+    ctr = (np.uint64(stream) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = _mix(keys + (ctr[None, :] + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def randint(keys: np.ndarray, n: int, high, stream: int) -> np.ndarray:
+    """int64 in [0, high) of shape [N, n]; `high` is a scalar or per-row array [N]."""
+    high = np.asarray(high, dtype=np.float64).reshape(-1, 1) if np.ndim(high) else float(high)
+    return np.floor(uniform(keys, n, stream) * high).astype(np.int64)
