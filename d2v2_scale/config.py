@@ -84,6 +84,8 @@ class ModelConfig:
     decoder_layers: int = 6
     decoder_groups: int = 16
     decoder_residual: bool = True
+    # masked slots enter the decoder as N(0, std^2) noise (spec: 0.01)
+    decoder_noise_std: float = 0.01
 
     # loss
     loss_beta: float = 0.0  # > 0: smooth-L1 with this beta

@@ -1,0 +1,233 @@
+"""The training data loader: shards -> augmented, masked batches, resumable mid-epoch.
+
+`build_loader(cfg, dp_rank, dp_size)` returns a `Loader`: iterate it forever (epochs roll
+over); `state_dict()` says how many batches the trainer has CONSUMED (batches that workers
+prefetched but the trainer never saw are not counted), `load_state_dict()` resumes exactly.
+
+Batch contract (B = data.batch_size per data-parallel rank, M = model.clone_batch; mask rows
+are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` lines them up):
+  image: source float32 [B, C, H, W]; mask bool [B*M, L] (L = model.num_patches,
+         True = masked); label int64 [B] (when the corpus has labels); index int64 [B].
+  audio: source float32 [B, S] (per-sample zero mean / unit variance, zeros at padding);
+         padding_mask bool [B, S] (True = padding); mask bool [B*M, T],
+         T = model.audio_frames(S), frames >= audio_frames(valid samples) are padding (True).
+  text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens);
+         padding_mask bool [B, T]; mask bool [B*M, T].
+Every mask row of a batch keeps exactly the same number of positions, and kept positions are
+never padding: each row first gets the spec's exact count over its own unpadded length,
+then longer rows get extra random positions masked down to the batch minimum.
+
+Randomness: all draws (crop, flip, audio/text windows, masks) are keyed on (data.seed,
+epoch, global sample index, clone index), so results do not depend on the worker count,
+prefetching or resuming.  The audio crop length is drawn once per batch (keyed on the
+batch's first sample) so that rows are cut to a common length and padding stays small.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import augment, masking, rng
+from .manifest import DataError
+from .sampler import ShardedBatchSampler
+from .shards import ShardSet, check_compatible
+
+_BATCH_CLONE = 1 << 31  # clone id used for per-batch draws (never a real clone index)
+
+
+class BatchBuilder:
+    """Builds one batch from (epoch, indices); runs inside DataLoader workers (picklable)."""
+
+    def __init__(self, cfg, shards: ShardSet):
+        self.cfg, self.shards = cfg, shards
+        self.modality = shards.modality
+        self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
+            shards.manifest.get("num_classes", 0) > 0
+        self.audio_dtype_scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
+
+    def __call__(self, epoch: int, indices: np.ndarray) -> dict:
+        indices = np.asarray(indices, dtype=np.int64)
+        return getattr(self, "_" + self.modality)(epoch, indices)
+
+    def _mask_keys(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        m = self.cfg.model.clone_batch
+        return rng.make_keys(self.cfg.data.seed, epoch, indices[:, None], np.arange(m)[None, :])
+
+    # ---- image --------------------------------------------------------------------------
+    def _image(self, epoch, indices):
+        cfg = self.cfg
+        cols = ["image", "label"] + (["pixels", "pix_height", "pix_width", "pix_channels"]
+                                     if "pixels" in self.shards.manifest["schema"] else [])
+        rows = [self.shards.get(int(i), cols) for i in indices]
+        keys = rng.make_keys(cfg.data.seed, epoch, indices, 0)
+        src = augment.augment_images(rows, keys, cfg.model.image_size, cfg.model.in_chans,
+                                     (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip)
+        grid = masking.grid_side(cfg.model.num_patches)
+        mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
+                                          cfg.masking.adjust, cfg.masking.length)
+        out = {"source": torch.from_numpy(src), "mask": torch.from_numpy(mask),
+               "index": torch.from_numpy(indices)}
+        if self.has_labels:
+            out["label"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
+        return out
+
+    # ---- audio --------------------------------------------------------------------------
+    def _audio(self, epoch, indices):
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
+        sr = d.sample_rate
+        u_len = rng.uniform(rng.make_keys(d.seed, epoch, indices[:1], _BATCH_CLONE), 1, rng.STREAM_AUDIO_CROP)[0, 0]
+        crop_len = int(round((d.min_seconds + (d.max_seconds - d.min_seconds) * u_len) * sr))
+        u_off = rng.uniform(rng.make_keys(d.seed, epoch, indices, 0), 1, rng.STREAM_AUDIO_CROP)[:, 0]
+        waves = []
+        for b, i in enumerate(indices):
+            a = self.shards.get(int(i), ["audio"])["audio"]
+            s, e = augment.crop_window(len(a), crop_len, u_off[b])
+            waves.append(augment.normalize_wave(a[s:e].astype(np.float32) * self.audio_dtype_scale))
+        valid = np.array([len(w) for w in waves], dtype=np.int64)
+        S = int(valid.max())
+        src = np.zeros((len(waves), S), dtype=np.float32)
+        for b, w in enumerate(waves):
+            src[b, :len(w)] = w
+        padding = np.arange(S)[None, :] >= valid[:, None]
+        T = m.audio_frames(S)
+        frames = np.array([m.audio_frames(v) for v in valid], dtype=np.int64)
+        if frames.min() <= 0:
+            raise DataError(f"an audio crop of {valid.min()} samples gives no frames: raise data.min_seconds or "
+                            "re-run d2v2-prep audio with a larger --min-seconds")
+        keys = self._mask_keys(epoch, indices)
+        rows_frames = np.repeat(frames, m.clone_batch)
+        mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust, cfg.masking.length)
+        mask = masking.equalize_kept(mask, keys)
+        return {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
+                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
+
+    # ---- text ---------------------------------------------------------------------------
+    def _text(self, epoch, indices):
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
+        u_off = rng.uniform(rng.make_keys(d.seed, epoch, indices, 0), 1, rng.STREAM_TEXT_CROP)[:, 0]
+        toks = []
+        for b, i in enumerate(indices):
+            t = self.shards.get(int(i), ["tokens"])["tokens"]
+            s, e = augment.crop_window(len(t), d.max_tokens, u_off[b])
+            toks.append(t[s:e])
+        valid = np.array([len(t) for t in toks], dtype=np.int64)
+        T = int(valid.max())
+        src = np.full((len(toks), T), m.pad_token_id, dtype=np.int64)
+        for b, t in enumerate(toks):
+            src[b, :len(t)] = t
+        padding = np.arange(T)[None, :] >= valid[:, None]
+        keys = self._mask_keys(epoch, indices)
+        mask = masking.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
+        mask = masking.equalize_kept(mask, keys)
+        return {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
+                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
+
+
+class _BatchDataset(Dataset):
+    """Map-style dataset whose 'index' is a (epoch, indices) key: one item = one full batch,
+    so reading, augmentation and masking all happen in the worker."""
+
+    def __init__(self, builder: BatchBuilder):
+        self.builder = builder
+
+    def __getitem__(self, key):
+        epoch, indices = key
+        return self.builder(epoch, indices)
+
+
+class _EpochKeys(Sampler):
+    """Yields (epoch, indices) for the batches of `run["epoch"]` from `run["start"]` on.
+
+    Holds no reference to the Loader (a reference cycle would leave worker shutdown to the
+    garbage collector, which then waits on worker time-outs).
+    """
+
+    def __init__(self, sampler: ShardedBatchSampler):
+        self.sampler = sampler
+        self.run = {"epoch": 0, "start": 0}
+
+    def __iter__(self):
+        ep, start = self.run["epoch"], self.run["start"]
+        batches = self.sampler.epoch_batches(ep)
+        for pos in range(start, len(batches)):
+            yield ep, batches[pos]
+
+    def __len__(self):
+        return len(self.sampler) - self.run["start"]
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # PIL/numpy work is single-threaded; avoid oversubscription
+
+
+class Loader:
+    """Iterable over batch dicts forever; exact resume via state_dict()/load_state_dict()."""
+
+    def __init__(self, cfg, dp_rank: int, dp_size: int):
+        if not cfg.data.manifest:
+            raise DataError("data.manifest is not set: prepare data with `d2v2-prep image|audio|text ... --out DIR` "
+                            "and set data.manifest=DIR/manifest.json")
+        self.cfg = cfg
+        self.shards = ShardSet(cfg.data.manifest, verify=cfg.data.verify)
+        self.manifest = self.shards.manifest
+        check_compatible(self.manifest, self.shards.manifest_path, cfg)
+        self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
+                                           cfg.data.seed, lengths=self.shards.lengths())
+        self.builder = BatchBuilder(cfg, self.shards)
+        self.epoch, self.position = 0, 0
+        self._keys = _EpochKeys(self.sampler)
+        self._generation = 0
+        nw = cfg.data.num_workers
+        self._dl = DataLoader(_BatchDataset(self.builder), batch_size=None, sampler=self._keys,
+                              num_workers=nw, persistent_workers=nw > 0, prefetch_factor=2 if nw > 0 else None,
+                              worker_init_fn=_worker_init if nw > 0 else None,
+                              pin_memory=torch.cuda.is_available())
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.sampler)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.data.seed,
+                "num_samples": len(self.shards), "batches_per_epoch": len(self.sampler)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last consumed batch; an iterator in progress restarts from here."""
+        if state.get("num_samples", len(self.shards)) != len(self.shards):
+            raise DataError(f"the loader state is for {state['num_samples']} samples but {self.shards.manifest_path} "
+                            f"holds {len(self.shards)}: resume with the same data")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._generation += 1
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the Loader is garbage collected)."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
+
+    def __iter__(self):
+        while True:
+            gen = self._generation
+            if self.position >= len(self.sampler):
+                self.epoch, self.position = self.epoch + 1, 0
+            self._keys.run.update(epoch=self.epoch, start=self.position)
+            stale = False
+            for batch in self._dl:
+                if self._generation != gen:
+                    stale = True
+                    break
+                self.position += 1  # consumed by the trainer from here on
+                yield batch
+                if self._generation != gen:
+                    stale = True
+                    break
+            if not stale:
+                self.epoch, self.position = self.epoch + 1, 0
+
+
+def build_loader(cfg, dp_rank: int, dp_size: int) -> Loader:
+    """The data loader of one data-parallel rank (TP/PP ranks of that DP rank pass the same dp_rank)."""
+    return Loader(cfg, dp_rank, dp_size)

@@ -1,0 +1,65 @@
+"""data2vec 2.0 model: Megatron-core blocks, per-modality front ends/decoders, targets, EMA.
+
+Public API (see the contracts in the module docstrings):
+    build_student(cfg) -> Data2Vec2            forward(batch, teacher) -> (loss, stats)
+    build_teacher(cfg) -> Data2Vec2Teacher     forward(x, padding=None) -> targets [B, T, D]
+    init_teacher_from_student(teacher, student)
+    teacher_param_names(cfg)                   names the teacher shares with the student
+    param_groups_for_weight_decay(model, wd)   [decay group, no-decay group]
+
+Name contract: every teacher parameter has exactly the name (and shape and TP sharding) of the
+student parameter it tracks, e.g. "encoder.blocks.3.mlp.linear_fc1.weight".  Megatron-core's
+parallel_state must be initialized before building (d2v2_scale.distributed.init_distributed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data2vec import Data2Vec2, Data2Vec2Teacher
+from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
+
+# parameters without weight decay besides biases and norms (all 1-D tensors): the CLS token,
+# learned positions, the ALiBi scales
+NO_DECAY_MARKERS = ("extra_tokens", "alibi_scale", "local.positions.")
+
+
+def build_student(cfg) -> Data2Vec2:
+    return Data2Vec2(cfg)
+
+
+def build_teacher(cfg) -> Data2Vec2Teacher:
+    return Data2Vec2Teacher(cfg)
+
+
+def teacher_param_names(cfg) -> list[str]:
+    """The teacher's parameter names (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        t = Data2Vec2Teacher(cfg)
+    return [n for n, _ in t.named_parameters()]
+
+
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    # Under ZeRO-3 a parameter's data is an empty placeholder: its real shape is ds_shape.
+    ndim = len(getattr(p, "ds_shape", p.shape))
+    return ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_MARKERS)
+
+
+def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}].
+
+    No decay for biases, norms (every 1-D parameter), the CLS token, learned positions and the
+    ALiBi scales.  Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+__all__ = ["Data2Vec2", "Data2Vec2Teacher", "EMATeacher", "build_student", "build_teacher",
+           "ema_decay", "ema_decay_from_cfg", "ema_update", "init_teacher_from_student",
+           "param_groups_for_weight_decay", "teacher_param_names", "no_weight_decay"]

@@ -1,0 +1,137 @@
+"""The encoder shared by student and teacher: local features -> positions -> (gather kept) ->
+extra tokens -> context LayerNorm -> prenet + shared blocks.
+
+Parts (the teacher builds a subset; names are the same in both, see model/__init__.py):
+    local          modality front end (patch embed / CNN + projection / token embedding)
+    positions      modality positions applied before the gather (sin-cos / conv positions)
+    extra_tokens   [1, E, D] (image CLS)
+    context_norm   LayerNorm before the prenet (post-LN models)
+    final_norm     LayerNorm after the last block (pre-LN models only)
+    blocks.{i}     `total_blocks` blocks; the first `prenet_depth` are the prenet (never targets)
+    alibi_scale    [H / tp] learned ALiBi scale per head of this TP rank, shared by all blocks
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import alibi_slopes, attention_bias
+from .blocks import Block, make_transformer_config
+from .modality import Modality
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    return 0, 1
+
+
+def kept_indices(mask: Tensor) -> Tensor:
+    """mask [N, T] bool (True = masked) -> ascending kept positions [N, T_keep].
+
+    Every row must keep the same number of positions (the student batch is dense)."""
+    kept = (~mask).sum(1)
+    lo, hi = kept.aminmax()
+    if int(lo) != int(hi):
+        raise ValueError(f"mask rows keep between {int(lo)} and {int(hi)} positions; every row must keep "
+                         "exactly the same number (contract 1)")
+    # a stable sort puts the kept (False) positions first, in ascending order
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : int(hi)]
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x [N, T, D], idx [N, K] -> [N, K, D]."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class Encoder(nn.Module):
+    def __init__(self, mcfg, modality: Modality, parts: frozenset | set = frozenset({"local", "context"})):
+        super().__init__()
+        self.mcfg, self.modality = mcfg, modality
+        self.num_extra_tokens = modality.num_extra_tokens if "context" in parts else 0
+        self.local = modality.build_local() if "local" in parts else None
+        self.positions = modality.build_positions() if "context" in parts else None
+        self.extra_tokens = modality.build_extra_tokens() if "context" in parts else None
+        if self.extra_tokens is None:
+            self.num_extra_tokens = 0
+        self.context_norm = (nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps)
+                             if "context" in parts and modality.context_norm and not mcfg.pre_ln else None)
+        self.input_dropout = nn.Dropout(modality.input_dropout)
+        # pre-LN models normalize after the last block instead of before the first
+        self.final_norm = nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps) if mcfg.pre_ln else None
+        tcfg = make_transformer_config(mcfg)
+        self.blocks = nn.ModuleList(Block(mcfg, tcfg, i + 1) for i in range(mcfg.total_blocks))
+        self.prenet_depth = mcfg.prenet_depth
+        self.layerdrop = mcfg.layerdrop
+        if mcfg.alibi:
+            if self.num_extra_tokens:
+                raise NotImplementedError("ALiBi with extra tokens is not supported")
+            rank, size = _tp_rank_size()
+            h = mcfg.num_heads // size
+            self.register_buffer("alibi_slopes", alibi_slopes(mcfg.num_heads)[rank * h:(rank + 1) * h],
+                                 persistent=False)
+            self.alibi_scale = nn.Parameter(torch.ones(h))
+            from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+            set_tensor_model_parallel_attributes(self.alibi_scale, is_parallel=True, dim=0, stride=1)
+        else:
+            self.alibi_scale = None
+
+    # ---------------------------------------------------------------------------------------
+    def local_features(self, source: Tensor, padding_mask: Tensor | None = None):
+        """-> (features [B, T, D], padding [B, T] | None)."""
+        return self.local(source, padding_mask)
+
+    def contextualize(self, x: Tensor, keep: Tensor | None = None, zero: Tensor | None = None) -> Tensor:
+        """x [N, T, D] -> [N, E + T_keep, D] (E extra tokens, T_keep = T when keep is None).
+
+        keep: [N, T_keep] kept positions (student) or None (teacher: full sequence).
+        zero: [N, T] positions to zero before the positional conv (masked and padded)."""
+        if self.positions is not None:
+            x = self.positions(x, zero)
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        x = self.input_dropout(x)
+        if self.extra_tokens is not None:
+            x = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.context_norm is not None:
+            x = self.context_norm(x)
+        return x
+
+    def bias(self, n: int, t: int, positions: Tensor | None, padding: Tensor | None, dtype, device):
+        """Additive attention bias shared by all blocks ([N, H_local|1, T, T]) or None."""
+        if padding is not None and self.num_extra_tokens:
+            padding = torch.cat([padding.new_zeros(n, self.num_extra_tokens), padding], dim=1)
+        return attention_bias(n, t, positions=positions, key_padding=padding,
+                              slopes=getattr(self, "alibi_slopes", None), scale=self.alibi_scale,
+                              dtype=dtype, device=device)
+
+    def run_blocks(self, x: Tensor, bias: Tensor | None, top_k: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """x [N, T, D] -> (x [N, T, D], FFN outputs of the last `top_k` blocks, each [N, T, D])."""
+        x = x.transpose(0, 1)  # Megatron layout [T, N, D]
+        outs = []
+        n_blocks = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            # layerdrop (student only; the default RNG is identical on all TP ranks)
+            if self.training and self.layerdrop > 0 and i >= self.prenet_depth and not top_k:
+                if float(torch.rand(())) < self.layerdrop:
+                    continue
+            x, t = blk(x, bias)
+            if i >= n_blocks - top_k:
+                outs.append(t.transpose(0, 1))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x.transpose(0, 1), outs
+
+    def forward_full(self, x: Tensor, padding: Tensor | None, top_k: int) -> tuple[Tensor, list[Tensor]]:
+        """Unmasked pass (teacher, parity tests): x [B, T, D] features -> (out, top-K FFN outputs),
+        both with extra tokens removed."""
+        x = self.contextualize(x, keep=None, zero=padding)
+        b, t = x.shape[:2]
+        bias = self.bias(b, t, None, padding, x.dtype, x.device)
+        out, layers = self.run_blocks(x, bias, top_k)
+        e = self.num_extra_tokens
+        return out[:, e:], [l[:, e:] for l in layers]

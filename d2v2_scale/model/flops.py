@@ -1,0 +1,122 @@
+"""Analytic FLOPs of one data2vec 2.0 training step (per micro-batch of B samples).
+
+A multiply-add counts 2 FLOPs; backward = 2x forward, so forward + backward = 3x forward.
+Counted: matmuls and convolutions (norms, softmax, GELU, the loss are ignored, < 1-2%).
+
+    teacher  = 1x forward of the teacher part on B full sequences (T + E tokens)
+             (+ the image patch embedding; audio/text teachers reuse the student's features)
+    local    = 3x local encoder on B samples (computed once per sample, not per clone)
+    student  = 3x blocks on B*M rows of (T_keep + E) tokens
+             (+ 3x audio positional conv, which runs full-length on all B*M rows)
+    decoder  = 3x decoder on B*M rows of T positions
+"""
+
+from __future__ import annotations
+
+
+
+
+def block_flops(tokens: int, d: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one transformer block on a sequence of `tokens` tokens."""
+    f = int(d * mlp_ratio)
+    dense = 2 * tokens * d * (3 * d) + 2 * tokens * d * d + 2 * 2 * tokens * d * f  # qkv, proj, fc1+fc2
+    attn = 2 * 2 * tokens * tokens * d  # q k^T and probs v
+    return float(dense + attn)
+
+
+def _conv_pos_flops(m, t: int) -> float:
+    d = m.embed_dim
+    return float(m.conv_pos_depth * 2 * t * (d // m.conv_pos_groups) * m.conv_pos_width * d)
+
+
+def _decoder_flops(m, t: int) -> float:
+    k = m.decoder_kernel ** (2 if m.modality == "image" else 1)
+    total, c_in = 0.0, m.embed_dim
+    for _ in range(m.decoder_layers):
+        total += 2 * t * (c_in // m.decoder_groups) * k * m.decoder_dim
+        c_in = m.decoder_dim
+    return total + 2 * t * m.decoder_dim * m.embed_dim
+
+
+def _local_flops(m, seq: int, n_samples: int | None) -> float:
+    if m.modality == "image":
+        return 2.0 * seq * m.in_chans * m.patch_size ** 2 * m.embed_dim
+    if m.modality == "audio":
+        total, c_in, n = 0.0, 1, n_samples
+        for c, k, s in m.conv_feature_layers:
+            n = (n - k) // s + 1
+            total += 2 * n * c_in * k * c
+            c_in = c
+        return total + 2 * seq * c_in * m.embed_dim
+    return 0.0  # embedding lookups
+
+
+def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | None = None) -> tuple[int, int]:
+    """(T, T_keep) for the config's modality and masking ratio (spec section 7 counts)."""
+    m, r = cfg.model, cfg.masking.ratio
+    if m.modality == "image":
+        t = m.num_patches
+        return t, int(t * (1 - r))
+    if m.modality == "audio":
+        t = m.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
+    else:
+        t = text_tokens or cfg.data.max_tokens
+    return t, t - int(t * r)
+
+
+def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = None,
+               text_tokens: int | None = None, t_keep: int | None = None) -> dict[str, float]:
+    """FLOPs of one micro-step for `batch_size` samples (default cfg.data.batch_size)."""
+    m = cfg.model
+    b = batch_size or cfg.data.batch_size
+    n = b * m.clone_batch
+    t, keep = seq_len_and_keep(cfg, audio_samples, text_tokens)
+    keep = t_keep if t_keep is not None else keep
+    e = 1 if m.modality == "image" else 0
+    nb = m.total_blocks
+    local = _local_flops(m, t, audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
+    pos = _conv_pos_flops(m, t) if m.modality == "audio" else 0.0
+
+    teacher = b * (nb * block_flops(t + e, m.embed_dim, m.mlp_ratio) + pos
+                   + (local if m.modality == "image" else 0.0))
+    student = 3 * n * (nb * block_flops(keep + e, m.embed_dim, m.mlp_ratio) + pos)
+    local_s = 3 * b * local
+    decoder = 3 * n * _decoder_flops(m, t)
+    out = {"teacher": teacher, "student": student, "local": local_s, "decoder": decoder}
+    out["total"] = sum(out.values())
+    return out
+
+
+def train_step_flops(cfg, **kwargs) -> float:
+    """Total FLOPs of one micro-step on one data-parallel rank (cfg.data.batch_size samples)."""
+    return step_flops(cfg, **kwargs)["total"]
+
+
+def encoder_params_analytic(m) -> int:
+    """Encoder parameter count from the config alone (blocks + front end), no model built."""
+    d, f = m.embed_dim, int(m.embed_dim * m.mlp_ratio)
+    per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    n = m.total_blocks * per_block
+    if m.modality == "image":
+        n += m.in_chans * m.patch_size ** 2 * d + d + d + 2 * d  # patch embed, CLS, context LN
+    elif m.modality == "audio":
+        c_in = 1
+        for c, k, _ in m.conv_feature_layers:
+            n += c_in * k * c + 2 * c
+            c_in = c
+        n += 2 * c_in + c_in * d + d  # LN + projection
+        n += m.conv_pos_depth * (d * (d // m.conv_pos_groups) * m.conv_pos_width + d) + 2 * d
+        n += m.num_heads if m.alibi else 0
+    else:
+        n += m.vocab_size * d + m.max_positions * d + 2 * d
+    if m.pre_ln and m.modality == "text":
+        n += 2 * d  # final norm (image/audio: the final norm replaces the context norm, same size)
+    return n
+
+
+def mfu(flops_per_step: float, step_seconds: float, n_devices: int, peak_tflops: float) -> float:
+    return flops_per_step / max(step_seconds, 1e-12) / (n_devices * peak_tflops * 1e12)
+
+
+__all__ = ["block_flops", "step_flops", "train_step_flops", "seq_len_and_keep", "encoder_params_analytic", "mfu"]
+

@@ -1,0 +1,66 @@
+"""What a modality contributes, as one small class per modality (no `if modality == ...` in the
+shared algorithm).
+
+A `Modality` builds:
+  * `build_local()`     -> module: (source, padding_mask | None) -> (features [B, T, D],
+                            frame padding [B, T] bool | None).  Runs once per sample.
+  * `build_positions()` -> module or None: (x [N, T, D], zero [N, T] bool | None) -> [N, T, D],
+                            run on the full-length sequence before kept tokens are gathered.
+  * `build_extra_tokens()` -> Parameter [1, E, D] or None (image: the CLS token).
+  * `build_decoder()`   -> module: [N, T, D] (masked slots filled) -> predictions [N, T, D].
+and says:
+  * `context_norm`: LayerNorm after positions/extra tokens, before the prenet (post-LN models);
+  * `input_dropout`: dropout on the encoder input (text: 0.1 on the embeddings);
+  * `teacher_parts`: which encoder parts the teacher owns besides its blocks;
+  * `teacher_input(batch, features)`: the tensor the teacher is called with.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+REGISTRY: dict[str, type["Modality"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_modality(mcfg) -> "Modality":
+    if mcfg.modality not in REGISTRY:
+        # the modules register themselves on import
+        from . import audio, image, text  # noqa: F401
+    if mcfg.modality not in REGISTRY:
+        raise ValueError(f"model.modality={mcfg.modality!r}: known {sorted(REGISTRY)}")
+    return REGISTRY[mcfg.modality](mcfg)
+
+
+class Modality:
+    name = ""
+    num_extra_tokens = 0
+    context_norm = True
+    teacher_parts: frozenset = frozenset({"context"})  # "local" and/or "context"
+
+    def __init__(self, mcfg):
+        self.mcfg = mcfg
+
+    @property
+    def input_dropout(self) -> float:
+        return 0.0
+
+    def build_local(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_positions(self) -> nn.Module | None:
+        return None
+
+    def build_extra_tokens(self) -> nn.Parameter | None:
+        return None
+
+    def build_decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
+        """Default: the teacher starts from the student's local features (detached)."""
+        return features.detach()

@@ -1,0 +1,57 @@
+"""Teacher targets from the top-K FFN outputs (spec section 3).
+
+    y = final_norm( mean_k  layer_norm_k( instance_norm_k( t_k ) ) )      in fp32
+
+t_k [B, T, D] is block k's MLP output before the residual add and LN2, extra tokens (CLS)
+already dropped.  None of the norms has affine parameters.  Instance norm is over time (per
+sample and channel, across positions); with padding, its statistics use only the real positions
+(equal to `F.instance_norm` when there is no padding).  eps = 1e-5 everywhere (torch default).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-5
+
+
+def instance_norm_time(x: Tensor, padding: Tensor | None = None, eps: float = EPS) -> Tensor:
+    """x [B, T, D] normalized per (sample, channel) over T; padding [B, T] True = ignore."""
+    x = x.float()
+    if padding is None or not bool(padding.any()):
+        return F.instance_norm(x.transpose(1, 2), eps=eps).transpose(1, 2)
+    keep = (~padding).unsqueeze(-1).float()  # [B, T, 1]
+    n = keep.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * keep).sum(1, keepdim=True) / n
+    var = (((x - mean) * keep) ** 2).sum(1, keepdim=True) / n  # biased, as instance_norm
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def layer_norm_channels(x: Tensor, eps: float = EPS) -> Tensor:
+    x = x.float()
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def make_targets(layer_outputs: list[Tensor], mcfg, padding: Tensor | None = None) -> Tensor:
+    """Average of the per-layer normalized FFN outputs -> targets [B, T, D] (fp32).
+
+    layer_outputs: the last K blocks' FFN outputs, each [B, T, D] (extra tokens removed).
+    mcfg: ModelConfig (instance_norm_target_layer, layer_norm_target_layer,
+          layer_norm_targets, instance_norm_targets).
+    """
+    y = None
+    for t in layer_outputs:
+        t = t.float()
+        if mcfg.instance_norm_target_layer:
+            t = instance_norm_time(t, padding)
+        if mcfg.layer_norm_target_layer:
+            t = layer_norm_channels(t)
+        y = t if y is None else y + t
+    y = y / len(layer_outputs)
+    if mcfg.layer_norm_targets:
+        y = layer_norm_channels(y)
+    if mcfg.instance_norm_targets:
+        y = instance_norm_time(y, padding)
+    return y

@@ -1,0 +1,55 @@
+"""Text modality: token embedding + learned absolute positions + LayerNorm (+ dropout 0.1 on the
+student's input), 1-D conv decoder.  The teacher is blocks only (`ema_encoder_only`), fed with the
+student's embeddings BEFORE dropout (the teacher runs in eval mode), detached.
+
+Positions are 0..T-1 for every row (padding included; padded positions are never kept by the
+student and are key-masked in the teacher).  The embedding table is replicated over TP ranks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .decoder import ConvDecoder
+from .layers import BertEmbedding
+from .modality import Modality, register
+
+
+class TextLocal(nn.Module):
+    """(tokens [B, T] int64, padding [B, T] | None) -> (embeddings [B, T, D], padding | None)."""
+
+    def __init__(self, mcfg):
+        super().__init__()
+        self.pad = mcfg.pad_token_id
+        self.tokens = BertEmbedding(mcfg.vocab_size, mcfg.embed_dim, padding_idx=mcfg.pad_token_id)
+        self.positions = BertEmbedding(mcfg.max_positions, mcfg.embed_dim)
+        self.norm = nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps)
+
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        t = source.shape[1]
+        if t > self.positions.num_embeddings:
+            raise ValueError(f"text of {t} tokens exceeds model.max_positions={self.positions.num_embeddings}")
+        if padding_mask is None:
+            padding_mask = source.eq(self.pad)
+        x = self.tokens(source) + self.positions.weight[:t][None]
+        return self.norm(x), (padding_mask if bool(padding_mask.any()) else None)
+
+
+@register
+class Text(Modality):
+    name = "text"
+    num_extra_tokens = 0
+    context_norm = False  # the embedding LayerNorm already normalizes the input (no prenet)
+    teacher_parts = frozenset()
+
+    @property
+    def input_dropout(self) -> float:
+        return self.mcfg.dropout
+
+    def build_local(self) -> nn.Module:
+        return TextLocal(self.mcfg)
+
+    def build_decoder(self) -> nn.Module:
+        m = self.mcfg
+        return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
+                           m.decoder_residual, ndim=1)

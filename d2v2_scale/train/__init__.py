@@ -1,0 +1,75 @@
+"""`d2v2-train`: pretraining with DeepSpeed (see trainer.py for the loop)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError, build_config, preset_names
+
+USAGE = """d2v2-train --preset PRESET [--config FILE.yaml] [--resume auto|DIR] [section.key=VALUE ...]
+
+Pretrain a data2vec 2.0 model.  Start it under torchrun, the deepspeed launcher or SLURM srun
+(one process per GPU); rank/world/master come from the launcher.
+
+examples:
+  torchrun --nproc_per_node 8 -m d2v2_scale.train --preset image-base \\
+      --data.manifest shards/imagenet/manifest.json --output_dir runs/vitb
+  d2v2-train --preset image-tiny data.manifest=demo/manifest.json max_steps=50
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="d2v2-train", usage=USAGE,
+                                description="data2vec 2.0 pretraining on DeepSpeed + Megatron-core")
+    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument("--config", help="YAML config (may name a preset itself)")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="where logs and checkpoints go")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = p.parse_known_args(argv)
+    if not args.preset and not args.config:
+        p.error("give --preset or --config")
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = build_config(args.preset, args.config, overrides)
+        if args.resume:
+            cfg.checkpoint.resume = args.resume
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+        cfg.validate()
+    except ConfigError as e:
+        print(f"d2v2-train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    if not cfg.data.manifest:
+        print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
+              "--data.manifest PATH/manifest.json", file=sys.stderr)
+        return 2
+    from .guards import TrainingStopped
+    from .trainer import Trainer, install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"d2v2-train: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"d2v2-train: {e}", file=sys.stderr)
+        return 3
+    if trainer.main:
+        print(f"done: step {result['step']}; logs in {cfg.output_dir}/tensorboard, checkpoints in "
+              f"{cfg.output_dir}/checkpoints", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Checkpoints: DeepSpeed's own (module, optimizer, scheduler; sharded under ZeRO) plus the
+harness's client state, written so that a kill at any moment leaves the previous checkpoint
+usable.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000100/            DeepSpeed's tag folder (mp_rank_*, zero_pp_rank_* files)
+        client_rank00003.pt   per rank: RNG states, data-loader state, teacher EMA masters
+        COMPLETE              written last, by rank 0, after every rank finished (json)
+    latest                    DeepSpeed's pointer (not trusted for resume: see below)
+
+A checkpoint counts only once its COMPLETE marker exists; `resume="auto"` takes the newest
+complete one, so a save killed halfway (no marker) is ignored and the previous one is used.
+Old complete checkpoints beyond `keep_last` are deleted after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    """None -> no resume; "auto" -> newest complete checkpoint or None; else a checkpoint dir."""
+    if not resume:
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(ckpt_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint folder (use --resume auto to take the "
+                                f"newest complete one under {ckpt_dir})")
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"--resume {path}: checkpoint is incomplete (no {MARKER} marker: the save was "
+                                f"interrupted); use an older one or --resume auto")
+    return path
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last: int,
+         rank: int, world_size: int) -> Path:
+    """Collective: every rank calls it.  Returns the checkpoint folder."""
+    tag = tag_for(step)
+    folder = ckpt_dir / tag
+    if rank == 0 and folder.exists():  # a leftover from a killed save of the same step
+        shutil.rmtree(folder)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=True)
+    _atomic_torch_save(client, folder / f"client_rank{rank:05d}.pt")
+    _kill_point("after_client", step)
+    dist.barrier()
+    if rank == 0:
+        marker = folder / MARKER
+        tmp = folder / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta}))
+        os.replace(tmp, marker)
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def load(engine, folder: Path, rank: int, world_size: int) -> dict:
+    """Collective: restore DeepSpeed state and return this rank's client dict."""
+    info = json.loads((folder / MARKER).read_text())
+    if info["world_size"] != world_size:
+        raise ValueError(f"checkpoint {folder} was written by {info['world_size']} processes; this run has "
+                         f"{world_size}. Exact resume needs the same layout (RNG and data-loader state are per rank)")
+    client_path = folder / f"client_rank{rank:05d}.pt"
+    if not client_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} lacks {client_path.name}; it is damaged: resume from an "
+                                f"older checkpoint")
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
+    return torch.load(client_path, map_location="cpu", weights_only=False)
+
+
+def _kill_point(name: str, step: int) -> None:
+    """Test hook: D2V2_KILL_AT=after_client:STEP kills this process in the middle of the save of
+    STEP (DeepSpeed's files and the client file written, marker not yet)."""
+    if os.environ.get("D2V2_KILL_AT") == f"{name}:{step}":
+        os._exit(17)

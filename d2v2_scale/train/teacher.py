@@ -1,0 +1,120 @@
+"""The EMA teacher during training: sharded under ZeRO-3, a plain fp32 EMA otherwise.
+
+Under ZeRO-3 the teacher is built under `deepspeed.zero.Init` with the student's data-parallel
+group, so every teacher parameter is partitioned exactly like the student parameter of the same
+name (ZeRO-3 partitions each parameter on its own: same shape + same group = same slice).  The
+EMA update is then shard-local, with no communication:
+
+    master_t <- d * master_t + (1 - d) * fp32_master_shard(student)      (fp32, [numel / dp])
+    teacher.ds_tensor <- master_t                                       (training dtype)
+
+and the next teacher forward gathers the updated shards layer by layer like any ZeRO-3 forward.
+Without ZeRO-3 the teacher is a replicated module with fp32 master copies of its parameters.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_local_fp32_param
+
+
+def _zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+class EmaTeacher:
+    """Owns the teacher module (or engine), its fp32 master weights and the EMA update.
+
+    `student` is the DeepSpeed engine of the student; teacher parameters are matched to the
+    student's by name (the model's contract).
+    """
+
+    def __init__(self, teacher_module: torch.nn.Module, student_engine, ds_config: dict, zero3: bool,
+                 dtype: torch.dtype):
+        self.zero3 = zero3
+        self.dtype = dtype
+        self.student = student_engine
+        if zero3:
+            self.engine, *_ = deepspeed.initialize(model=teacher_module, config=ds_config)
+            self.module = self.engine.module
+        else:
+            self.module = teacher_module.to(dtype=dtype)
+            self.engine = None
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        student_params = dict(student_engine.module.named_parameters())
+        self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] = []
+        for name, t in self.module.named_parameters():
+            if name not in student_params:
+                raise KeyError(f"teacher parameter {name!r} has no student parameter of the same name")
+            self.pairs.append((name, t, student_params[name]))
+        self.master: dict[str, torch.Tensor] = {}
+        self.copy_from_student()
+
+    # ---- the forward the student calls ----------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            if self.engine is not None:
+                return self.engine(*args, **kwargs)
+            return self.module(*args, **kwargs)
+
+    # ---- EMA ------------------------------------------------------------------------------
+    def _student_fp32(self, s: torch.nn.Parameter) -> torch.Tensor:
+        """The student's fp32 weights, shard-local under ZeRO-3 (`[numel_local]`)."""
+        if self.zero3:
+            return safe_get_local_fp32_param(s).view(-1)
+        return s.detach().float()
+
+    def _local(self, t: torch.nn.Parameter) -> torch.Tensor:
+        return t.ds_tensor.data if self.zero3 else t.data
+
+    @torch.no_grad()
+    def copy_from_student(self) -> None:
+        """Teacher := student (start of training)."""
+        for name, t, s in self.pairs:
+            src = self._student_fp32(s) if (not self.zero3 or s.requires_grad) else self._local(s).float()
+            self.master[name] = src.clone().view_as(self._local(t)) if self.zero3 else src.clone()
+            self._local(t).copy_(self.master[name])
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """One EMA step; skipped (by the caller) once decay == 1."""
+        for name, t, s in self.pairs:
+            m = self.master[name]
+            m.mul_(decay).add_(self._student_fp32(s).view_as(m), alpha=1.0 - decay)
+            self._local(t).copy_(m)
+
+    # ---- checkpoint -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's fp32 masters.  Under ZeRO-3 each entry is this rank's flat shard; `meta`
+        records each parameter's full shape so an exporter can reassemble shards."""
+        meta = {}
+        if self.zero3:
+            meta = {name: {"shape": list(t.ds_shape), "numel": int(t.ds_numel),
+                           "partition_numel": int(t.ds_tensor.numel())} for name, t, _ in self.pairs}
+        return {"master": {k: v.clone() for k, v in self.master.items()}, "zero3": self.zero3, "meta": meta}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        if bool(sd["zero3"]) != self.zero3:
+            raise ValueError("checkpoint teacher was saved with a different ZeRO stage family (3 vs 0-2); "
+                             "resume with the same parallel.zero_stage")
+        for name, t, _ in self.pairs:
+            if name not in sd["master"]:
+                raise KeyError(f"checkpoint has no teacher master weight for {name!r}")
+            self.master[name].copy_(sd["master"][name])
+            self._local(t).copy_(self.master[name])
+
+    @torch.no_grad()
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 teacher weights on every rank (all-gather under ZeRO-3: for tests/export)."""
+        out = {}
+        for name, t, _ in self.pairs:
+            if self.zero3:
+                with deepspeed.zero.GatheredParameters([t]):
+                    out[name] = t.data.detach().float().clone()
+            else:
+                out[name] = self.master[name].clone()
+        return out

@@ -1,0 +1,280 @@
+"""The pretraining loop: batches -> student (+ teacher targets) -> loss -> DeepSpeed step -> EMA.
+
+    trainer = Trainer(cfg)          # process groups, model, engines, loader, resume
+    trainer.fit()                   # until cfg.steps; checkpoints, logs, guards
+
+`Trainer.train_step(batch)` is one optimizer update (grad_accum micro-batches); tests drive it
+directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..distributed import MegatronMPU, init_distributed
+from . import checkpoint as ckpt
+from .ds_config import student_ds_config, teacher_ds_config, use_bf16
+from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite
+from .metrics import Metrics, format_line
+from .teacher import EmaTeacher
+
+
+def _scalar_name(key: str) -> str:
+    """Model stats -> TensorBoard names: loss -> loss/total, loss_cls -> loss/cls, x -> stats/x."""
+    if key == "loss":
+        return "loss/total"
+    if key.startswith("loss_"):
+        return "loss/" + key[5:]
+    return key if "/" in key else "stats/" + key
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, build_data: bool = True):
+        from ..model import build_student, build_teacher, param_groups_for_weight_decay
+        from ..model.flops import train_step_flops
+
+        self.cfg = cfg
+        self.info = info = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+        cfg.validate(world_size=info.world_size)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.main = info.rank == 0
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+
+        # ---- data first: a shard/preset mismatch fails before any model memory exists ----
+        self.loader = None
+        if build_data:
+            from ..data.loader import build_loader
+
+            self.loader = build_loader(cfg, dp_rank=info.dp_rank, dp_size=info.dp_size)
+
+        # ---- model: the same seed on every rank, so every rank builds the same weights ----
+        seed_everything(cfg.seed)
+        zero3 = cfg.parallel.zero_stage == 3
+        self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+        ds_cfg = student_ds_config(cfg, info.dp_size)
+        self.ds_cfg = ds_cfg
+        dp_group = None
+        from megatron.core import parallel_state as ps
+
+        dp_group = ps.get_data_parallel_group()
+        # Build whole, then partition: the model's init runs exactly as without ZeRO (same RNG
+        # draws, so ZeRO-3 starts from the ZeRO-0 weights), and init code that touches weights
+        # after a submodule's constructor never sees an already-partitioned tensor.  Peak memory
+        # is one full fp32 copy per process on the host (ViT-H: 2.5 GB), freed by partitioning.
+        student = build_student(cfg)
+        teacher = build_teacher(cfg)
+        if zero3:
+            # With TP > 1 zero.Init must get the data-parallel group: with only mpu= it partitions
+            # across the whole world and corrupts TP shards (wrong loss, no error).
+            deepspeed.zero.Init(module=student, config_dict_or_path=ds_cfg, data_parallel_group=dp_group)
+            deepspeed.zero.Init(module=teacher, config_dict_or_path=teacher_ds_config(ds_cfg),
+                                data_parallel_group=dp_group)
+
+        groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = deepspeed.runtime.lr_schedules.WarmupCosineLR(
+            optimizer, total_num_steps=cfg.optim.total_steps, warmup_min_ratio=0.0,
+            warmup_num_steps=max(cfg.optim.warmup_steps, 1), cos_min_ratio=cfg.optim.min_lr_ratio,
+            warmup_type="linear")
+        mpu = MegatronMPU() if info.tp_size > 1 else None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
+        self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype)
+
+        self.guard = Guard(cfg.guards)
+        self.step = 0  # optimizer updates applied or skipped
+        self.updates = 0  # optimizer updates applied (the EMA schedule's clock)
+
+        m = cfg.model
+        samples = cfg.data.batch_size * cfg.optim.grad_accum * info.dp_size
+        self.samples_per_step = samples
+        self.flops_per_step = train_step_flops(cfg) * cfg.optim.grad_accum * info.dp_size
+        tokens = {"image": m.num_patches, "text": cfg.data.max_tokens,
+                  "audio": m.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))}[m.modality]
+        self.metrics = Metrics(self.out / "tensorboard", enabled=self.main, tensorboard=cfg.logging.tensorboard,
+                               flops_per_step=self.flops_per_step, samples_per_step=samples,
+                               tokens_per_step=tokens * samples, world_size=info.world_size,
+                               peak_tflops=cfg.logging.peak_tflops)
+        self.stopped_reason: str | None = None
+
+    # ------------------------------------------------------------------------------------
+    def ema_decay(self) -> float:
+        from ..model.ema import ema_decay_from_cfg
+
+        return ema_decay_from_cfg(self.cfg, self.updates)
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.info.device
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(dev, non_blocking=True)
+                if v.is_floating_point() and k == "source":
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer update over `grad_accum` micro-batches.  Returns scalars to log."""
+        assert len(micro_batches) == self.cfg.optim.grad_accum
+        self.engine.train()
+        stats_sum: dict[str, float] = {}
+        skipped = False
+        for mb in micro_batches:
+            loss, stats = self.engine(self._to_device(mb), teacher=self.teacher)
+            # Every rank decides together: one rank skipping alone would hang the collectives.
+            if any_rank_true(not bool(torch.isfinite(loss.detach()).all()), self.info.device):
+                skipped = True
+                break
+            self.engine.backward(loss)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+            if self.engine.is_gradient_accumulation_boundary():
+                if grads_nonfinite(self.engine, self.info.device):
+                    skipped = True
+                    break
+            self.engine.step()
+        if skipped:
+            # no update, no EMA, no LR step: drop whatever gradients this update gathered
+            self.engine.zero_grad()
+            self.engine.optimizer.zero_grad()
+            self.step += 1
+            stop = self.guard.record_skip()
+            out = {"guard/skipped_total": self.guard.skipped_total,
+                   "guard/consecutive_nonfinite": self.guard.consecutive_nonfinite}
+            if stop:
+                self._stop(f"{self.guard.consecutive_nonfinite} consecutive non-finite steps "
+                           f"(guards.max_consecutive_nonfinite={self.cfg.guards.max_consecutive_nonfinite}); "
+                           f"the checkpoint holds the last good weights. Lower optim.lr, check the data, "
+                           f"or raise optim.warmup_steps")
+            return out
+        self.guard.record_ok()
+        self.step += 1
+        self.updates += 1
+        decay = self.ema_decay()
+        if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
+            self.teacher.update(decay)
+        n = len(micro_batches)
+        out = {_scalar_name(k): v / n for k, v in stats_sum.items()}
+        gn = self.engine.get_global_grad_norm()
+        out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
+                    else self.engine.get_lr()[0],
+                    "opt/ema_decay": decay, "opt/grad_norm": float(gn) if gn is not None else 0.0,
+                    "guard/skipped_total": self.guard.skipped_total})
+        reason = self.guard.collapse_reason(self.updates, out.get("stats/target_var", math.inf),
+                                            out.get("stats/pred_var", math.inf))
+        if reason:
+            self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
+        return out
+
+    # ------------------------------------------------------------------------------------
+    def state_client(self) -> dict:
+        return {"rng": ckpt.rng_state(), "loader": self.loader.state_dict() if self.loader else None,
+                "teacher": self.teacher.state_dict(), "step": self.step, "updates": self.updates,
+                "guard": self.guard.state_dict()}
+
+    def save(self) -> Path:
+        meta = {"preset": self.cfg.preset, "modality": self.cfg.model.modality,
+                "zero_stage": self.cfg.parallel.zero_stage, "tp": self.info.tp_size, "pp": self.info.pp_size,
+                "dp": self.info.dp_size, "config": self.cfg.to_dict()}
+        folder = ckpt.save(self.engine, self.ckpt_dir, self.step, self.state_client(), meta,
+                           keep_last=self.cfg.checkpoint.keep_last, rank=self.info.rank,
+                           world_size=self.info.world_size)
+        return folder
+
+    def resume(self, spec: str | None) -> Path | None:
+        folder = ckpt.resolve_resume(spec, self.ckpt_dir)
+        if folder is None:
+            return None
+        client = ckpt.load(self.engine, folder, self.info.rank, self.info.world_size)
+        self.teacher.load_state_dict(client["teacher"])
+        self.step, self.updates = client["step"], client["updates"]
+        self.guard.load_state_dict(client["guard"])
+        if self.loader is not None and client["loader"] is not None:
+            self.loader.load_state_dict(client["loader"])
+        ckpt.set_rng_state(client["rng"])
+        return folder
+
+    def _stop(self, reason: str) -> None:
+        self.stopped_reason = reason
+        folder = self.save()
+        raise TrainingStopped(f"training stopped at step {self.step}: {reason}. Checkpoint: {folder}")
+
+    # ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resumed = self.resume(cfg.checkpoint.resume)
+        if resumed and self.main:
+            print(f"resumed from {resumed} at step {self.step}", flush=True)
+        it = iter(self.loader)
+        total = cfg.steps
+        losses: list[tuple[int, float]] = []
+        last = {}
+        try:
+            while self.step < total:
+                batches = [next(it) for _ in range(cfg.optim.grad_accum)]
+                scalars = self.train_step(batches)
+                if "loss/total" in scalars:
+                    losses.append((self.step, scalars["loss/total"]))
+                self.metrics.accumulate(scalars)
+                if self.step % cfg.logging.every_steps == 0 or self.step == total:
+                    last = self.metrics.flush(self.step)
+                    if self.main:
+                        print(format_line(self.step, total, last), flush=True)
+                preempted = _save_requested()
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
+                    folder = self.save()
+                    if self.main:
+                        print(f"checkpoint {folder}", flush=True)
+                    if preempted:
+                        self.stopped_reason = "save-and-exit requested (signal)"
+                        break
+        finally:
+            self.metrics.close()
+        if self.main:
+            (self.out / "losses.json").write_text(json.dumps(losses))
+        return {"step": self.step, "losses": losses, "last": last}
+
+
+# ---- preemption: SLURM sends SIGUSR1/SIGTERM ahead of the time limit ------------------------
+_SAVE_REQUESTED = False
+
+
+def _request_save(signum, frame):  # noqa: ARG001
+    global _SAVE_REQUESTED
+    _SAVE_REQUESTED = True
+
+
+def _save_requested() -> bool:
+    """All ranks agree (a signal may reach one rank first)."""
+    if not dist.is_initialized():
+        return _SAVE_REQUESTED
+    return any_rank_true(_SAVE_REQUESTED, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def install_signal_handlers() -> None:
+    import signal
+
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, _request_save)

@@ -1,0 +1,158 @@
+"""`d2v2-prep audio`: folder or tsv manifest of sound files -> Arrow shards of 16 kHz mono samples.
+
+Any format libsndfile reads (wav, flac, ogg, ...).  Multi-channel audio is averaged to mono.
+Other sample rates are resampled to --sample-rate with `scipy.signal.resample_poly(x, up, down)`
+(up/down = target/source reduced by their gcd; a polyphase FIR with a Kaiser window, which
+band-limits before decimation), unless --no-resample, which skips them instead.  Samples are
+stored as int16 (round(x * 32768), clipped; an int16 source at the target rate round-trips
+exactly) or float16.  Files shorter than --min-seconds are skipped; files longer than
+--max-seconds are split into consecutive --max-seconds segments (--long split, the default;
+a final piece shorter than --min-seconds is dropped and noted) or skipped (--long skip).
+
+Columns: audio (list<int16|halffloat>), n_samples, duration (seconds), path, segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import soundfile as sf
+
+from . import pipeline
+from .pipeline import ItemResult, Skip
+
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".snd", ".w64", ".caf"}
+
+
+def schema(dtype: str) -> pa.Schema:
+    vt = pa.int16() if dtype == "int16" else pa.float16()
+    return pa.schema([("audio", pa.list_(vt)), ("n_samples", pa.int64()), ("duration", pa.float64()),
+                      ("path", pa.string()), ("segment", pa.int32())])
+
+
+def list_inputs(src: str) -> list[tuple[str, str, int]]:
+    """Sorted (absolute path, display path, expected n_samples or -1) items.
+
+    `src` is a folder (searched recursively) or a wav2vec-style tsv: first line the root
+    folder, then `relative/path<TAB>n_samples` lines.
+    """
+    p = Path(src)
+    if p.is_dir():
+        out = []
+        for dirpath, _, files in os.walk(p):
+            for f in files:
+                if Path(f).suffix.lower() in AUDIO_EXTS:
+                    fp = Path(dirpath) / f
+                    out.append((str(fp), str(fp.relative_to(p)), -1))
+        return sorted(out, key=lambda t: t[1])
+    if p.is_file():
+        lines = p.read_text().splitlines()
+        root = Path(lines[0].strip()) if lines else p.parent
+        out = []
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            n = int(parts[1]) if len(parts) > 1 and parts[1].strip().isdigit() else -1
+            out.append((str(root / parts[0]), parts[0], n))
+        return sorted(out, key=lambda t: t[1])
+    raise SystemExit(f"error: audio input {src} is neither a folder nor a tsv manifest")
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def load_mono(path: str, target_sr: int | None) -> tuple[np.ndarray, int, int]:
+    """float64 mono samples (resampled to target_sr when given), source rate, source frames."""
+    x, sr = sf.read(path, dtype="float64", always_2d=True)
+    n_src = x.shape[0]
+    x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    if target_sr and sr != target_sr:
+        from scipy.signal import resample_poly  # imported here: scipy.signal takes seconds to import
+
+        g = math.gcd(int(sr), int(target_sr))
+        x = resample_poly(x, target_sr // g, sr // g)
+    return x, sr, n_src
+
+
+def process(item, sample_rate: int, resample: bool, min_s: float, max_s: float, long: str,
+            dtype: str) -> ItemResult:
+    path, disp, expected = item
+    try:
+        if os.path.getsize(path) == 0:
+            return ItemResult(skips=[Skip(disp, "empty file")])
+        info = sf.info(path)
+    except Exception as e:
+        return ItemResult(skips=[Skip(disp, f"unreadable: {type(e).__name__}: {e}")])
+    if info.samplerate <= 0:
+        return ItemResult(skips=[Skip(disp, f"wrong sample rate: {info.samplerate}")])
+    if info.samplerate != sample_rate and not resample:
+        return ItemResult(skips=[Skip(disp, f"wrong sample rate: {info.samplerate} Hz != {sample_rate} Hz "
+                                            "(--no-resample)")])
+    if expected >= 0 and info.frames != expected:
+        return ItemResult(skips=[Skip(disp, f"length mismatch: tsv says {expected} samples, file has "
+                                            f"{info.frames}")])
+    try:
+        x, _, _ = load_mono(path, sample_rate)
+    except Exception as e:
+        return ItemResult(skips=[Skip(disp, f"unreadable: {type(e).__name__}: {e}")])
+    if x.size == 0:
+        return ItemResult(skips=[Skip(disp, "empty audio (0 samples)")])
+    if not np.isfinite(x).all():
+        return ItemResult(skips=[Skip(disp, "corrupt: non-finite samples")])
+    dur = x.size / sample_rate
+    if dur < min_s:
+        return ItemResult(skips=[Skip(disp, f"too short: {dur:.2f} s < --min-seconds {min_s}")])
+    max_n = int(round(max_s * sample_rate))
+    notes = []
+    if x.size > max_n:
+        if long == "skip":
+            return ItemResult(skips=[Skip(disp, f"too long: {dur:.2f} s > --max-seconds {max_s}")])
+        pieces = [x[i:i + max_n] for i in range(0, x.size, max_n)]
+        if pieces[-1].size < min_s * sample_rate:
+            notes.append(f"{disp}: dropped a {pieces[-1].size / sample_rate:.2f} s tail after splitting")
+            pieces = pieces[:-1]
+    else:
+        pieces = [x]
+    rows = []
+    for k, piece in enumerate(pieces):
+        a = to_int16(piece) if dtype == "int16" else piece.astype(np.float16)
+        rows.append({"audio": a, "n_samples": int(a.size), "duration": a.size / sample_rate, "path": disp,
+                     "segment": k})
+    return ItemResult(rows=rows, notes=notes)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="folder of audio files (recursive) or a tsv manifest (root line, then path<TAB>n)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="target rate (Hz)")
+    p.add_argument("--no-resample", dest="resample", action="store_false",
+                   help="skip files at other rates instead of resampling them")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="skip shorter files")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="split (or skip) longer files")
+    p.add_argument("--long", choices=["split", "skip"], default="split")
+    p.add_argument("--dtype", choices=["int16", "float16"], default="int16")
+
+
+def main(args: argparse.Namespace) -> dict:
+    items = list_inputs(args.src)
+    if not items:
+        raise SystemExit(f"error: no audio files found under {args.src}")
+    proc = functools.partial(process, sample_rate=args.sample_rate, resample=args.resample,
+                             min_s=args.min_seconds, max_s=args.max_seconds, long=args.long, dtype=args.dtype)
+    fp = {"modality": "audio", "items": [(d, n) for _, d, n in items], "sr": args.sample_rate,
+          "resample": args.resample, "min": args.min_seconds, "max": args.max_seconds, "long": args.long,
+          "dtype": args.dtype, "shard_size_mb": args.shard_size_mb}
+    return pipeline.run(args.out, modality="audio", items=items, process=proc, schema=schema(args.dtype),
+                        shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
+                        manifest_extra={"sample_rate": args.sample_rate, "dtype": args.dtype,
+                                        "resampler": "scipy.signal.resample_poly",
+                                        "min_seconds": args.min_seconds, "max_seconds": args.max_seconds,
+                                        "source": str(args.src)},
+                        desc="audio", overwrite=args.overwrite)

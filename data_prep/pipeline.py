@@ -1,0 +1,218 @@
+"""Deterministic, resumable shard writing shared by the image, audio and text preparers.
+
+The run is a pure function of its inputs and arguments:
+  * inputs are a sorted list of "items" (files, or chunks of text files);
+  * workers (multiprocessing, `imap` keeps input order) turn each item into rows or skips;
+  * a shard is cut after the first item that brings the buffered rows to --shard-size-mb,
+    so shard boundaries depend only on the inputs;
+  * each shard goes to a temp name, is fsynced and then `os.replace`d to its final name, and
+    only then is `.progress.json` (next item, finished shards, skips so far, packer carry)
+    replaced, so a killed run restarts from the last finished shard and writes byte-identical
+    shards to an uninterrupted run;
+  * `report.json` and `manifest.json` are written last, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, VERSION, footer_sha256, sha256_file,
+                                      write_json_atomic)
+
+PROGRESS_NAME = ".progress.json"
+# Test hook: exit abruptly (no cleanup, like a kill) after this many shards were written.
+EXIT_AFTER_ENV = "D2V2_PREP_EXIT_AFTER_SHARDS"
+
+
+@dataclass
+class Skip:
+    """An input that was left out, and why (goes to report.json)."""
+
+    source: str
+    reason: str
+
+
+@dataclass
+class ItemResult:
+    rows: list[dict] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not errors (e.g. "dropped 0.3 s tail")
+
+
+class Packer:
+    """Optional stateful stage between workers and the writer (text block packing).
+
+    Its state must be JSON-serializable: it is saved in the progress file at shard boundaries.
+    """
+
+    def add(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def finish(self) -> list[dict]:
+        return []
+
+    def state(self) -> Any:
+        return None
+
+    def load(self, state: Any) -> None:
+        pass
+
+
+def row_nbytes(row: dict) -> int:
+    n = 0
+    for v in row.values():
+        if isinstance(v, (bytes, bytearray, str)):
+            n += len(v)
+        elif isinstance(v, np.ndarray):
+            n += v.nbytes
+        else:
+            n += 8
+    return n
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build one table (one record batch) from row dicts; list columns take numpy arrays."""
+    cols = []
+    for f in schema:
+        vals = [r[f.name] for r in rows]
+        if pa.types.is_list(f.type):
+            vt = f.type.value_type
+            arrs = [np.asarray(v, dtype=vt.to_pandas_dtype()) for v in vals]
+            offsets = np.zeros(len(arrs) + 1, dtype=np.int32)
+            np.cumsum([len(a) for a in arrs], out=offsets[1:])
+            values = np.concatenate(arrs) if arrs else np.zeros(0, dtype=vt.to_pandas_dtype())
+            cols.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=vt)))
+        else:
+            cols.append(pa.array(vals, type=f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _write_shard(path: Path, rows: list[dict], schema: pa.Schema) -> dict:
+    table = rows_to_table(rows, schema)
+    tmp = path.with_name("." + path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, schema) as w:
+            w.write_table(table, max_chunksize=max(len(rows), 1))  # one batch: contiguous columns
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": len(rows), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path), "footer_sha256": footer_sha256(path)}
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Callable[[Any], ItemResult],
+        schema: pa.Schema, shard_size_mb: float, workers: int, args_fingerprint: dict,
+        manifest_extra: dict, pre_skips: Iterable[Skip] = (), packer: Packer | None = None,
+        desc: str = "prep", overwrite: bool = False, progress_extra: dict | None = None) -> dict:
+    """Run the pipeline into out_dir and return the manifest dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint({"args": args_fingerprint, "n_items": len(items), "schema": schema.to_string()})
+    progress_path = out / PROGRESS_NAME
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists() and not overwrite:
+        m = json.loads(manifest_path.read_text())
+        if m.get("fingerprint") == fp:
+            print(f"{manifest_path} is already complete for these inputs and arguments; nothing to do",
+                  file=sys.stderr)
+            return m
+        raise SystemExit(f"error: {out} already holds a finished corpus made with other inputs/arguments; "
+                         "choose another --out or pass --overwrite")
+    state = {"fingerprint": fp, "next_item": 0, "shards": [], "skips": [], "notes": [], "packer": None,
+             "items_done": 0, "extra": progress_extra or {}}
+    if progress_path.exists() and not overwrite:
+        old = json.loads(progress_path.read_text())
+        if old.get("fingerprint") == fp:
+            state = old
+            print(f"resuming {out}: {len(state['shards'])} shards done, continuing at item "
+                  f"{state['next_item']}/{len(items)}", file=sys.stderr)
+        else:
+            print(f"warning: {progress_path} is from different inputs/arguments; starting over", file=sys.stderr)
+    if state["next_item"] == 0 and not state["shards"]:
+        for p in out.glob("shard-*.arrow"):  # leftovers of an unrelated earlier run
+            p.unlink()
+        state["skips"] = [vars(s) for s in pre_skips]
+    if packer is not None:
+        packer.load(state["packer"])
+    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
+    written_here = 0
+
+    shard_bytes = int(shard_size_mb * (1 << 20))
+    buf: list[dict] = []
+    buf_bytes = 0
+
+    def flush(next_item: int) -> None:
+        nonlocal buf, buf_bytes, written_here
+        if buf:
+            idx = len(state["shards"])
+            info = _write_shard(out / f"shard-{idx:05d}.arrow", buf, schema)
+            state["shards"].append(info)
+            buf, buf_bytes = [], 0
+        state["next_item"] = next_item
+        state["packer"] = packer.state() if packer is not None else None
+        write_json_atomic(progress_path, state)
+        written_here += 1
+        if exit_after and written_here >= exit_after:
+            os._exit(75)  # simulate a kill: nothing after this point runs
+
+    start = state["next_item"]
+    todo = items[start:]
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
+    try:
+        results = pool.imap(process, todo, chunksize=max(1, min(16, len(todo) // (workers * 8) or 1))) \
+            if pool is not None else map(process, todo)
+        bar = tqdm(total=len(items), initial=start, desc=desc, unit="item", file=sys.stderr,
+                   disable=os.environ.get("D2V2_PREP_NO_PROGRESS") == "1")
+        for i, res in enumerate(results, start=start):
+            bar.update(1)
+            state["skips"].extend(vars(s) for s in res.skips)
+            state["notes"].extend(res.notes)
+            state["items_done"] = i + 1
+            rows = packer.add(res.rows) if packer is not None else res.rows
+            for r in rows:
+                buf.append(r)
+                buf_bytes += row_nbytes(r)
+            if buf_bytes >= shard_bytes:
+                flush(i + 1)
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if packer is not None:
+        for r in packer.finish():
+            buf.append(r)
+    if buf:
+        flush(len(items))
+
+    skips = state["skips"]
+    report = {"modality": modality, "items": len(items), "rows": sum(s["rows"] for s in state["shards"]),
+              "shards": len(state["shards"]), "skipped": len(skips),
+              "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skips)),
+              "skips": skips, "notes": state["notes"]}
+    write_json_atomic(out / REPORT_NAME, report)
+    manifest = {"format": FORMAT, "version": VERSION, "modality": modality,
+                "schema": {f.name: str(f.type) for f in schema},
+                "num_rows": report["rows"], "shards": state["shards"],
+                "skipped": len(skips), "report": REPORT_NAME, "fingerprint": fp}
+    manifest.update(manifest_extra)
+    write_json_atomic(manifest_path, manifest)
+    progress_path.unlink(missing_ok=True)
+    print(f"wrote {manifest['num_rows']} rows in {len(state['shards'])} shards to {out} "
+          f"({len(skips)} inputs skipped, see {out / REPORT_NAME})", file=sys.stderr)
+    return manifest

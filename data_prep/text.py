@@ -1,0 +1,277 @@
+"""`d2v2-prep text`: raw UTF-8 text -> sentencepiece token ids in Arrow shards.
+
+Documents are lines (--doc-per line) or blank-line separated paragraphs (--doc-per paragraph).
+A sentencepiece model is trained on the documents (ids follow the fairseq convention the
+models use: <s>=0, <pad>=1, </s>=2, <unk>=3) unless --spm-model gives an existing one.
+Documents that are not valid UTF-8 are skipped and reported; the run goes on.
+
+--mode pack (default): documents (each followed by </s>) are concatenated and cut into blocks
+of --block-size tokens (the last block may be shorter); `doc_offsets` lists where documents
+start inside each block.  --mode doc: one row per document, `doc_offsets` = [0].
+Columns: tokens (list<uint16> when the vocabulary fits, else list<int32>), doc_offsets
+(list<int32>), n_tokens, source (file@byte-offset of the first document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from d2v2_scale.data.manifest import sha256_file
+
+from . import pipeline
+from .pipeline import ItemResult, Packer, Skip
+
+CHUNK_BYTES = 1 << 20  # parallel work unit; boundaries are moved to the next document break
+
+
+def schema(wide: bool) -> pa.Schema:
+    return pa.schema([("tokens", pa.list_(pa.int32() if wide else pa.uint16())),
+                      ("doc_offsets", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("source", pa.string())])
+
+
+def list_files(srcs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for s in srcs:
+        p = Path(s)
+        if p.is_dir():
+            for dirpath, _, files in os.walk(p):
+                for f in files:
+                    fp = Path(dirpath) / f
+                    if not f.startswith("."):  # any non-hidden file; bad bytes are reported per document
+                        out.append((str(fp), str(fp.relative_to(p.parent))))
+        elif p.is_file() or not p.exists():
+            out.append((str(p), p.name))
+    return sorted(set(out), key=lambda t: t[1])
+
+
+def chunk_file(path: str, disp: str, sep: bytes) -> list[tuple[str, str, int, int]]:
+    """Split a file into (path, disp, start, end) byte ranges of about CHUNK_BYTES, cut right
+    after a document separator so no document spans two chunks."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return [(path, disp, 0, -1)]  # reported as unreadable by `process`
+    if size == 0:
+        return [(path, disp, 0, 0)]
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = CHUNK_BYTES
+        while pos < size:
+            f.seek(pos)
+            window = b""
+            while True:
+                more = f.read(1 << 16)
+                window += more
+                i = window.find(sep)
+                if i >= 0 or not more:
+                    break
+            if i < 0:
+                break
+            cut = pos + i + len(sep)
+            if cut >= size:
+                break
+            bounds.append(cut)
+            pos = cut + CHUNK_BYTES
+    bounds.append(size)
+    return [(path, disp, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def read_docs(item, doc_per: str) -> tuple[list[tuple[str, str]], list[Skip]]:
+    """(source, text) documents of one chunk, and skips for undecodable documents."""
+    path, disp, start, end = item
+    if end == 0:
+        return [], [Skip(disp, "empty file")]
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start) if end > 0 else f.read()
+    except OSError as e:
+        return [], [Skip(disp, f"unreadable: {e.strerror or e}")]
+    sep = b"\n\n" if doc_per == "paragraph" else b"\n"
+    docs, skips, off = [], [], start
+    for piece in raw.split(sep):
+        src = f"{disp}@{off}"
+        off += len(piece) + len(sep)
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.append(Skip(src, f"not UTF-8: {e.reason} at byte {e.start}"))
+            continue
+        text = " ".join(text.split()) if doc_per == "paragraph" else text.strip()
+        if text:
+            docs.append((src, text))
+    return docs, skips
+
+
+_SPM = {}
+
+
+def _spm(path: str):
+    import sentencepiece as spm
+
+    if path not in _SPM:
+        _SPM[path] = spm.SentencePieceProcessor(model_file=path)
+    return _SPM[path]
+
+
+def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool) -> ItemResult:
+    docs, skips = read_docs(item, doc_per)
+    sp = _spm(spm_path)
+    eos = [sp.eos_id()] if add_eos and sp.eos_id() >= 0 else []
+    dt = np.int32 if wide else np.uint16
+    rows = []
+    for src, ids in zip([s for s, _ in docs], sp.encode([t for _, t in docs])):
+        toks = np.asarray(ids + eos, dtype=dt)
+        rows.append({"tokens": toks, "doc_offsets": np.zeros(1, np.int32), "n_tokens": len(toks), "source": src})
+    return ItemResult(rows=rows, skips=skips)
+
+
+class BlockPacker(Packer):
+    """Concatenate documents and cut blocks of exactly `block` tokens (the last may be shorter).
+
+    `docs` holds [start, source] of the documents in the carry; a negative start means the
+    document began in an earlier block, so a block's `source` reads "file@offset+tokens".
+    """
+
+    def __init__(self, block: int, wide: bool):
+        self.block, self.dt = block, (np.int32 if wide else np.uint16)
+        self.tokens: list[int] = []
+        self.docs: list[list] = []
+
+    def add(self, rows):
+        out = []
+        for r in rows:
+            self.docs.append([len(self.tokens), r["source"]])
+            self.tokens.extend(int(t) for t in r["tokens"])
+            while len(self.tokens) >= self.block:
+                out.append(self._emit(self.block))
+        return out
+
+    def _emit(self, n):
+        start, src = self.docs[0]
+        row = {"tokens": np.asarray(self.tokens[:n], dtype=self.dt),
+               "doc_offsets": np.asarray([d[0] for d in self.docs if 0 <= d[0] < n], dtype=np.int32),
+               "n_tokens": n, "source": src if start == 0 else f"{src}+{-start}"}
+        self.tokens = self.tokens[n:]
+        for d in self.docs:
+            d[0] -= n
+        first = max(i for i, d in enumerate(self.docs) if d[0] <= 0) if self.docs[0][0] <= 0 else 0
+        self.docs = self.docs[first:]
+        return row
+
+    def finish(self):
+        out = [self._emit(len(self.tokens))] if self.tokens else []
+        self.docs = []
+        return out
+
+    def state(self):
+        return {"tokens": self.tokens, "docs": self.docs}
+
+    def load(self, state):
+        if state:
+            self.tokens, self.docs = state["tokens"], state["docs"]
+
+
+def _collect_docs(item, doc_per):
+    docs, _ = read_docs(item, doc_per)
+    return [t for _, t in docs]
+
+
+def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, max_sentences: int,
+              workers: int) -> Path:
+    """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread)."""
+    import multiprocessing as mp
+
+    import sentencepiece as spm
+
+    fn = functools.partial(_collect_docs, doc_per=doc_per)
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(fn, items)
+    else:
+        parts = list(map(fn, items))
+    docs = [d for p in parts for d in p]
+    if not docs:
+        raise SystemExit("error: no valid UTF-8 documents to train sentencepiece on")
+    if max_sentences and len(docs) > max_sentences:  # even subsample, not random: reproducible
+        docs = [docs[i] for i in np.linspace(0, len(docs) - 1, max_sentences).astype(int)]
+    # In-memory input and output: the model file then holds no temp paths and is byte-identical
+    # across runs and output folders (needed for resumable, reproducible shards).
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=1,
+        shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2, hard_vocab_limit=False)
+    final = out / "spm.model"
+    tmp = out / ".spm.model.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, final)
+    return final
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", nargs="+", help="text files or folders (UTF-8)")
+    p.add_argument("--doc-per", choices=["line", "paragraph"], default="line")
+    p.add_argument("--spm-model", help="existing sentencepiece .model (default: train one)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size of the trained model")
+    p.add_argument("--spm-type", choices=["unigram", "bpe"], default="unigram")
+    p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
+                   help="train sentencepiece on at most this many documents (even subsample)")
+    p.add_argument("--mode", choices=["pack", "doc"], default="pack")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per packed block")
+    p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append </s> to documents")
+
+
+def main(args: argparse.Namespace) -> dict:
+    files = list_files(args.src)
+    if not files:
+        raise SystemExit(f"error: no text files under {' '.join(args.src)}")
+    sep = b"\n\n" if args.doc_per == "paragraph" else b"\n"
+    items = [c for path, disp in files for c in chunk_file(path, disp, sep)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp_base = {"modality": "text", "files": [(d, os.path.getsize(p) if os.path.exists(p) else -1)
+                                             for p, d in files],
+               "doc_per": args.doc_per, "mode": args.mode, "block": args.block_size, "eos": args.add_eos,
+               "shard_size_mb": args.shard_size_mb}
+    if args.spm_model:
+        spm_path = Path(args.spm_model).resolve()
+        fp_base["spm"] = sha256_file(spm_path)
+    else:
+        fp_base["spm_train"] = [args.vocab_size, args.spm_type, args.spm_max_sentences]
+        spm_path = out / "spm.model"
+        # Reuse the model of an interrupted run (same args); otherwise (re)train it.
+        prog = out / pipeline.PROGRESS_NAME
+        resumable = spm_path.exists() and prog.exists() and \
+            json.loads(prog.read_text()).get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
+        if not resumable or args.overwrite:
+            spm_path = train_spm(items, args.doc_per, out, args.vocab_size, args.spm_type,
+                                 args.spm_max_sentences, args.workers)
+    sp = _spm(str(spm_path))
+    vocab = sp.get_piece_size()
+    wide = vocab > 65535
+    proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
+                             wide=wide)
+    packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
+    spm_hash = sha256_file(spm_path)
+    fp = dict(fp_base, spm_hash=spm_hash)
+    return pipeline.run(out, modality="text", items=items, process=proc, schema=schema(wide),
+                        shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
+                        manifest_extra={"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(),
+                                        "eos_id": sp.eos_id(), "unk_id": sp.unk_id(),
+                                        "spm_model": {"path": os.path.relpath(spm_path, out)
+                                                      if spm_path.parent == out else str(spm_path),
+                                                      "sha256": spm_hash},
+                                        "mode": args.mode, "block_size": args.block_size,
+                                        "doc_per": args.doc_per,
+                                        "source": [d for _, d in files]},
+                        packer=packer, desc="text", overwrite=args.overwrite,
+                        progress_extra={"spm_args": fp_base})

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# data2vec 2.0 pretraining launcher: sbatch (multi-node), the deepspeed launcher, or torchrun.
+#
+#SBATCH --job-name=d2v2
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=d2v2-%j.out
+# SIGUSR1 to this script 5 minutes before the time limit: checkpoint, then requeue.
+#SBATCH --signal=B:USR1@300
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launchers/pretrain.sh [options] [section.key=VALUE ...]
+
+Runs d2v2-train (python -m d2v2_scale.train) with --resume auto, so a requeued or restarted job
+continues from the newest complete checkpoint in the output directory.
+
+How it starts the processes (--mode, default: slurm inside a SLURM allocation, else torchrun):
+  slurm      one task per GPU with srun; rank, world size and master address come from SLURM
+             (MASTER_ADDR = first host of `scontrol show hostnames`, MASTER_PORT from the job id).
+             Submit with: sbatch --nodes N --ntasks-per-node G launchers/pretrain.sh --preset ...
+  torchrun   torchrun --nproc_per_node NPROC on this machine (--nproc, default: all GPUs or 2 on CPU)
+  deepspeed  the deepspeed launcher with --hostfile FILE (default: one machine, --nproc slots)
+
+Options (each also settable as an environment variable, in capitals, e.g. PRESET=image-base):
+  --preset NAME         model/recipe preset (image-base, image-large, image-huge, audio-base,
+                        audio-large, text-base, text-large, *-tiny)          [PRESET]
+  --manifest PATH       data manifest written by d2v2-prep                  [MANIFEST]
+  --output-dir DIR      logs, TensorBoard, checkpoints                       [OUTPUT_DIR]
+  --config FILE         YAML config merged over the preset                   [CONFIG]
+  --ds-config FILE      DeepSpeed JSON (ds_configs/zero3.json, ...)          [DS_CONFIG]
+  --mode MODE           slurm | torchrun | deepspeed                         [MODE]
+  --nproc N             processes per node for torchrun/deepspeed            [NPROC]
+  --hostfile FILE       hostfile for the deepspeed launcher                  [HOSTFILE]
+  --python PATH         python to run (default: python3 on PATH)             [PYTHON]
+  --no-requeue          on SIGUSR1/SIGTERM checkpoint and exit without scontrol requeue
+  -h, --help            this text
+Everything else (e.g. parallel.tp=2 parallel.zero_stage=3 max_steps=1000) is passed to d2v2-train
+as a config override.
+
+Preemption: with `#SBATCH --signal=B:USR1@300` SLURM signals this script ahead of the time limit;
+the script forwards the signal to the training processes, which finish the current step, write a
+checkpoint and exit; the script then runs `scontrol requeue $SLURM_JOB_ID`, and the requeued job
+resumes from that checkpoint.
+EOF
+}
+
+PRESET=${PRESET:-}; MANIFEST=${MANIFEST:-}; OUTPUT_DIR=${OUTPUT_DIR:-}; CONFIG=${CONFIG:-}
+DS_CONFIG=${DS_CONFIG:-}; MODE=${MODE:-}; NPROC=${NPROC:-}; HOSTFILE=${HOSTFILE:-}
+PYTHON=${PYTHON:-python3}; REQUEUE=${REQUEUE:-1}
+OVERRIDES=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --preset) PRESET=$2; shift 2 ;;
+    --manifest) MANIFEST=$2; shift 2 ;;
+    --output-dir) OUTPUT_DIR=$2; shift 2 ;;
+    --config) CONFIG=$2; shift 2 ;;
+    --ds-config) DS_CONFIG=$2; shift 2 ;;
+    --mode) MODE=$2; shift 2 ;;
+    --nproc) NPROC=$2; shift 2 ;;
+    --hostfile) HOSTFILE=$2; shift 2 ;;
+    --python) PYTHON=$2; shift 2 ;;
+    --no-requeue) REQUEUE=0; shift ;;
+    *) OVERRIDES+=("$1"); shift ;;
+  esac
+done
+
+[ -n "$PRESET$CONFIG" ] || { echo "pretrain.sh: give --preset or --config (see --help)" >&2; exit 2; }
+[ -n "$MANIFEST" ] || { echo "pretrain.sh: give --manifest PATH/manifest.json (make it with d2v2-prep)" >&2; exit 2; }
+[ -f "$MANIFEST" ] || { echo "pretrain.sh: manifest $MANIFEST does not exist" >&2; exit 2; }
+OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-d2v2}-${PRESET:-custom}}
+if [ -z "$MODE" ]; then
+  if [ -n "${SLURM_JOB_ID:-}" ]; then MODE=slurm; else MODE=torchrun; fi
+fi
+
+ARGS=(-m d2v2_scale.train --resume auto --output-dir "$OUTPUT_DIR" --data.manifest "$MANIFEST")
+[ -n "$PRESET" ] && ARGS+=(--preset "$PRESET")
+[ -n "$CONFIG" ] && ARGS+=(--config "$CONFIG")
+[ -n "$DS_CONFIG" ] && ARGS+=(--parallel.ds_config "$DS_CONFIG")
+ARGS+=("${OVERRIDES[@]}")
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUTPUT_DIR"
+
+if [ -z "$NPROC" ]; then
+  NPROC=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
+fi
+
+CHILD=
+forward_signal() {
+  echo "pretrain.sh: $1 received: asking the training processes to checkpoint and exit" >&2
+  [ -n "$CHILD" ] && kill -USR1 "$CHILD" 2>/dev/null || true
+  wait "$CHILD" || true
+  if [ "$MODE" = slurm ] && [ "$REQUEUE" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "pretrain.sh: requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit 0
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+case "$MODE" in
+  slurm)
+    [ -n "${SLURM_JOB_ID:-}" ] || { echo "pretrain.sh: --mode slurm needs a SLURM allocation (sbatch)" >&2; exit 2; }
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
+    export MASTER_ADDR MASTER_PORT
+    echo "pretrain.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} nodes x" \
+         "${SLURM_NTASKS_PER_NODE:-?} tasks, master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
+    # srun forwards SIGUSR1 to every task; each task's trainer checkpoints and exits.
+    srun --kill-on-bad-exit=1 "$PYTHON" "${ARGS[@]}" &
+    ;;
+  torchrun)
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ARGS[@]}" &
+    ;;
+  deepspeed)
+    DS=(--num_gpus "$NPROC")
+    [ -n "$HOSTFILE" ] && DS=(--hostfile "$HOSTFILE")
+    "$PYTHON" -m deepspeed.launcher.runner "${DS[@]}" --module "${ARGS[@]:1}" &
+    ;;
+  *) echo "pretrain.sh: unknown --mode $MODE (slurm | torchrun | deepspeed)" >&2; exit 2 ;;
+esac
+CHILD=$!
+wait "$CHILD"
