@@ -18,7 +18,6 @@ Corpora: sklearn digits written as 256x256 JPEGs, the asterisk 8 kHz prompts, Wo
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -122,6 +121,26 @@ def time_batches(builder, batches, repeats):
     return statistics.median(times)
 
 
+def read_time(source, batches, kind, repeats):
+    """Median seconds per sample to read + decode only (no augmentation, no masks)."""
+    from d2v2_scale.data.augment import decode_image
+
+    times = []
+    idx = [int(i) for b in batches for i in b]
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in idx:
+            r = source.get(i)
+            if kind.startswith("image"):
+                decode_image(r, 3).load()
+            elif kind == "audio":
+                np.asarray(r["audio"], dtype=np.float32)
+            else:
+                np.asarray(r["tokens"], dtype=np.int64)
+        times.append((time.perf_counter() - t) / len(idx))
+    return statistics.median(times)
+
+
 def hf_rows(prep_dir: Path):
     """A HuggingFace datasets Dataset over the same Arrow data, or None if not installed."""
     try:
@@ -209,6 +228,8 @@ def main(argv=None):
         b_files = BatchBuilder(cfg, shards)
         b_files.shards = files
         t_files = time_batches(b_files, batches, max(1, args.repeats // 2))
+        r_shard = read_time(shards, batches, kind, args.repeats)
+        r_files = read_time(files, batches, kind, max(1, args.repeats // 2))
         hf = hf_rows(pdir)
         t_hf = None
         if hf is not None:
@@ -227,15 +248,15 @@ def main(argv=None):
         mps, t_mask = mask_rate(cfg, cfg.data.batch_size, lens)
         share = t_mask / (t_shard * cfg.data.batch_size)
         rows.append((kind, cfg.data.batch_size, cfg.model.clone_batch, 1 / t_shard, 1 / t_files,
-                     None if t_hf is None else 1 / t_hf, mps, share))
+                     None if t_hf is None else 1 / t_hf, mps, share, 1 / r_shard, 1 / r_files))
     hdr = ("modality", "B", "M", "shards samp/s", "files samp/s", "shards/files", "HF datasets samp/s",
-           "shards/HF", "masks/s", "mask share")
+           "shards/HF", "read+decode only: shards / files samp/s", "masks/s", "mask share")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for kind, B, M, s, f, h, mps, share in rows:
+    for kind, B, M, s, f, h, mps, share, rs, rf in rows:
         print(f"| {kind} | {B} | {M} | {s:,.0f} | {f:,.0f} | {s / f:.1f}x | "
               f"{'-' if h is None else f'{h:,.0f}'} | {'-' if h is None else f'{s / h:.1f}x'} | "
-              f"{mps:,.0f} | {share:.1%} |")
+              f"{rs:,.0f} / {rf:,.0f} ({rs / rf:.1f}x) | {mps:,.0f} | {share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ of the corpus lives in shard `searchsorted(row_offsets, i)`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -175,8 +175,7 @@ class Trainer:
         decay = self.ema_decay()
         if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
             self.teacher.update(decay)
-        n = len(micro_batches)
-        out = {_scalar_name(k): v / n for k, v in stats_sum.items()}
+        out = self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})
         gn = self.engine.get_global_grad_norm()
         out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
                     else self.engine.get_lr()[0],
@@ -187,6 +186,18 @@ class Trainer:
         if reason:
             self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
         return out
+
+    def _dp_mean(self, scalars: dict[str, float]) -> dict[str, float]:
+        """Average logged statistics over the data-parallel group (one small all-reduce), so the
+        logged loss is the global batch's, not rank 0's share of it."""
+        if self.info.dp_size == 1 or not scalars:
+            return scalars
+        from megatron.core import parallel_state as ps
+
+        keys = sorted(scalars)
+        t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return {k: float(v) / self.info.dp_size for k, v in zip(keys, t.tolist())}
 
     # ------------------------------------------------------------------------------------
     def state_client(self) -> dict:

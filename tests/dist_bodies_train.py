@@ -1,0 +1,79 @@
+"""Bodies for the training tests, run in N processes by d2v2_scale.testing.run_distributed.
+
+Each takes its overrides as `key=value` strings and hands back what the test compares."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from d2v2_scale.config import build_config
+from d2v2_scale.testing import save_result
+
+
+def _trainer(preset: str, overrides: list[str], build_data: bool = True):
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config(preset, overrides=list(overrides))
+    return Trainer(cfg, build_data=build_data)
+
+
+def fit_body(preset: str, *overrides: str):
+    """Train with fit(); return the loss per step and the last logged scalars."""
+    tr = _trainer(preset, overrides)
+    out = tr.fit()
+    save_result({"losses": out["losses"], "last": out["last"], "step": tr.step,
+                 "skipped": tr.guard.skipped_total})
+
+
+def ema_body(*overrides: str):
+    """Shard-local EMA under ZeRO-3 vs the same update computed on gathered full weights."""
+    import deepspeed
+
+    tr = _trainer("image-tiny", overrides)
+    it = iter(tr.loader)
+    for _ in range(3):  # move student and teacher apart
+        tr.train_step([next(it)])
+
+    def gathered(params):
+        out = {}
+        for n, p in params:
+            with deepspeed.zero.GatheredParameters([p]):
+                out[n] = p.data.detach().clone().double()
+        return out
+
+    t0 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
+    s = gathered((n, s) for n, _, s in tr.teacher.pairs)
+    local_sizes = {n: (t.ds_tensor.numel(), t.ds_numel) for n, t, _ in tr.teacher.pairs}
+    d = 0.9
+    tr.teacher.update(d)
+    t1 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
+    err = max(float((t1[n] - (d * t0[n] + (1 - d) * s[n])).abs().max()) for n in t0)
+    moved = max(float((t1[n] - t0[n]).abs().max()) for n in t0)
+    sharded = sum(1 for n, (loc, full) in local_sizes.items() if loc < full)
+    save_result({"err": err, "moved": moved, "sharded": sharded, "n": len(t0)})
+
+
+def nan_body(inject_at: str, count: str, *overrides: str):
+    """Make the loss NaN at `count` consecutive updates starting at `inject_at`, then fit()."""
+    from d2v2_scale.train.guards import TrainingStopped
+
+    tr = _trainer("image-tiny", overrides)
+    first, n = int(inject_at), int(count)
+    fwd = tr.engine.module.forward
+
+    def poisoned(batch, teacher=None):
+        loss, stats = fwd(batch, teacher=teacher)
+        if first <= tr.step + 1 < first + n:
+            loss = loss * float("nan")
+        return loss, stats
+
+    tr.engine.module.forward = poisoned
+    stopped = None
+    try:
+        tr.fit()
+    except TrainingStopped as e:
+        stopped = str(e)
+    save_result({"step": tr.step, "updates": tr.updates, "skipped": tr.guard.skipped_total, "stopped": stopped})
