@@ -47,7 +47,7 @@ def ema_body(*overrides: str):
     t0 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
     s = gathered((n, s) for n, _, s in tr.teacher.pairs)
     local_sizes = {n: (t.ds_tensor.numel(), t.ds_numel) for n, t, _ in tr.teacher.pairs}
-    d = 0.9
+    d = 0.5  # a large step: a stale gathered copy would be off by half the student-teacher gap
     tr.teacher.update(d)
     t1 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
     err = max(float((t1[n] - (d * t0[n] + (1 - d) * s[n])).abs().max()) for n in t0)

@@ -61,11 +61,13 @@ def test_zero3_two_processes_equals_one_process(image_manifest, tmp_path):
 
 def test_sharded_ema_equals_gathered_reference(image_manifest, tmp_path):
     res = run_distributed(f"{BODY}:ema_body", nproc=2, timeout=180, args=[
-        f"data.manifest={image_manifest}", f"output_dir={tmp_path}", "parallel.zero_stage=3"])
+        f"data.manifest={image_manifest}", f"output_dir={tmp_path}", "parallel.zero_stage=3",
+        "optim.warmup_steps=1"])
     for r in res.values():
         assert r["sharded"] == r["n"], "every teacher parameter should be partitioned (persistence threshold 0)"
-        assert r["moved"] > 1e-4  # the update did something
-        assert r["err"] < 1e-6, r
+        assert r["moved"] > 1e-5  # the update did something (misaligned shards would give err ~1e-3)
+        # what the next teacher forward gathers equals the unsharded EMA (fp32 rounding only)
+        assert r["err"] < 1e-3 * r["moved"], r
 
 
 def test_resume_is_exact_and_survives_a_kill_during_save(image_manifest, tmp_path):

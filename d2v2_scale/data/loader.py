@@ -183,6 +183,10 @@ class Loader:
         self._dl = DataLoader(_BatchDataset(self.builder), batch_size=None, sampler=self._keys,
                               num_workers=nw, persistent_workers=nw > 0, prefetch_factor=2 if nw > 0 else None,
                               worker_init_fn=_worker_init if nw > 0 else None,
+                              # its own generator: starting an iterator draws worker seeds, and from
+                              # the global RNG that draw would shift the trainer's random stream
+                              # (decoder noise) whenever an iterator starts, e.g. after a resume
+                              generator=torch.Generator().manual_seed(cfg.data.seed),
                               pin_memory=torch.cuda.is_available())
 
     def __len__(self) -> int:

@@ -70,9 +70,22 @@ class EmaTeacher:
     def _local(self, t: torch.nn.Parameter) -> torch.Tensor:
         return t.ds_tensor.data if self.zero3 else t.data
 
+    def _release_gathered(self) -> None:
+        """Drop every gathered full copy of the teacher's parameters before writing shards.
+
+        ZeRO-3 releases a module's parameters in its post-forward hook, but some stay gathered
+        after a no-grad forward: Megatron's linear layers return their bias (skip_bias_add) to
+        the caller, and such 'external' parameters of a module run without grad are never
+        released (DeepSpeed's `partition_all_parameters` docstring).  The next forward would then
+        use that stale full copy instead of gathering the EMA-updated shard.  The student is not
+        affected: its optimizer step partitions all its parameters."""
+        if self.zero3:
+            self.engine.optimizer.partition_all_parameters()
+
     @torch.no_grad()
     def copy_from_student(self) -> None:
         """Teacher := student (start of training)."""
+        self._release_gathered()
         for name, t, s in self.pairs:
             src = self._student_fp32(s) if (not self.zero3 or s.requires_grad) else self._local(s).float()
             self.master[name] = src.clone().view_as(self._local(t)) if self.zero3 else src.clone()
@@ -81,6 +94,7 @@ class EmaTeacher:
     @torch.no_grad()
     def update(self, decay: float) -> None:
         """One EMA step; skipped (by the caller) once decay == 1."""
+        self._release_gathered()
         for name, t, s in self.pairs:
             m = self.master[name]
             m.mul_(decay).add_(self._student_fp32(s).view_as(m), alpha=1.0 - decay)
@@ -101,6 +115,7 @@ class EmaTeacher:
         if bool(sd["zero3"]) != self.zero3:
             raise ValueError("checkpoint teacher was saved with a different ZeRO stage family (3 vs 0-2); "
                              "resume with the same parallel.zero_stage")
+        self._release_gathered()
         for name, t, _ in self.pairs:
             if name not in sd["master"]:
                 raise KeyError(f"checkpoint has no teacher master weight for {name!r}")
