@@ -43,3 +43,15 @@ def megatron_cpu_kwargs() -> dict:
     """Extra `TransformerConfig` kwargs: on CPU, Megatron must build weights on the CPU
     (otherwise `Torch not compiled with CUDA enabled` from RowParallelLinear)."""
     return {"use_cpu_initialization": True} if on_cpu() else {}
+
+
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings a user can do nothing about, which otherwise repeat every
+    step and bury the training log: torch's deprecation notices for the collectives DeepSpeed
+    calls, and Megatron's notes that Transformer Engine / Apex are absent (we use neither)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r"Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r"full scope is deprecated")
+    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")

@@ -33,20 +33,9 @@ def apt_install(*pkgs: str) -> None:
 
 def make_digit_images(root: Path, n_per_class: int = 20) -> Path:
     """ImageFolder tree root/<digit>/<i>.png of 32x32 grey PNGs from sklearn's digits."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from data_prep.demo import write_digit_folder
 
-    d = load_digits()
-    counts = {}
-    for img, lab in zip(d.images, d.target):
-        if counts.get(lab, 0) >= n_per_class:
-            continue
-        counts[lab] = counts.get(lab, 0) + 1
-        (root / str(lab)).mkdir(parents=True, exist_ok=True)
-        arr = (img * (255.0 / 16.0)).astype(np.uint8)
-        Image.fromarray(arr, "L").resize((32, 32), Image.Resampling.NEAREST).save(
-            root / str(lab) / f"{counts[lab]:03d}.png")
-    return root
+    return write_digit_folder(root, n_per_class=n_per_class, size=32)
 
 
 def asterisk_wavs(n: int | None = 40) -> list[Path]:

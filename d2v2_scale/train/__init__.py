@@ -34,6 +34,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from ..compat import quiet_known_warnings
+
+    quiet_known_warnings()
     args, overrides = parse_args(argv)
     try:
         cfg = build_config(args.preset, args.config, overrides)

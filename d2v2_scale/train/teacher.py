@@ -31,12 +31,13 @@ class EmaTeacher:
     """
 
     def __init__(self, teacher_module: torch.nn.Module, student_engine, ds_config: dict, zero3: bool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, mpu=None):
         self.zero3 = zero3
         self.dtype = dtype
         self.student = student_engine
         if zero3:
-            self.engine, *_ = deepspeed.initialize(model=teacher_module, config=ds_config)
+            # mpu: with TP > 1 the engine's data-parallel group must be the student's, not the world
+            self.engine, *_ = deepspeed.initialize(model=teacher_module, config=ds_config, mpu=mpu)
             self.module = self.engine.module
         else:
             self.module = teacher_module.to(dtype=dtype)

@@ -84,12 +84,16 @@ class Trainer:
         # is one full fp32 copy per process on the host (ViT-H: 2.5 GB), freed by partitioning.
         student = build_student(cfg)
         teacher = build_teacher(cfg)
+        # DeepSpeed's view of the layout: "model parallel" = tensor parallel, which it must neither
+        # partition nor average across.  Every DeepSpeedConfig it builds (zero.Init's too) needs it:
+        # without it, it checks train_batch_size against the whole world (tp x dp) and fails.
+        mpu = MegatronMPU() if info.tp_size > 1 else None
         if zero3:
             # With TP > 1 zero.Init must get the data-parallel group: with only mpu= it partitions
             # across the whole world and corrupts TP shards (wrong loss, no error).
-            deepspeed.zero.Init(module=student, config_dict_or_path=ds_cfg, data_parallel_group=dp_group)
+            deepspeed.zero.Init(module=student, config_dict_or_path=ds_cfg, data_parallel_group=dp_group, mpu=mpu)
             deepspeed.zero.Init(module=teacher, config_dict_or_path=teacher_ds_config(ds_cfg),
-                                data_parallel_group=dp_group)
+                                data_parallel_group=dp_group, mpu=mpu)
 
         groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -97,10 +101,10 @@ class Trainer:
             optimizer, total_num_steps=cfg.optim.total_steps, warmup_min_ratio=0.0,
             warmup_num_steps=max(cfg.optim.warmup_steps, 1), cos_min_ratio=cfg.optim.min_lr_ratio,
             warmup_type="linear")
-        mpu = MegatronMPU() if info.tp_size > 1 else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
-        self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype)
+        self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
+                                   mpu=mpu)
 
         self.guard = Guard(cfg.guards)
         self.step = 0  # optimizer updates applied or skipped

@@ -1,0 +1,48 @@
+"""`d2v2-export`: a training checkpoint -> one plain-PyTorch encoder (safetensors + config.json)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """d2v2-export CHECKPOINT_OR_RUN_DIR --out DIR [--which teacher|student] [--with-decoder] [--force]
+
+examples:
+  d2v2-export runs/vitb --out exports/vitb-teacher            # newest complete checkpoint, EMA teacher
+  d2v2-export runs/vitb/checkpoints/step_00100000 --out exports/vitb-s --which student --with-decoder
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="d2v2-export", usage=USAGE,
+                                description="Export a d2v2 checkpoint to the plain-PyTorch twin (model/plain.py)")
+    p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
+                                      "(the newest COMPLETE checkpoint is taken)")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder")
+    p.add_argument("--with-decoder", action="store_true",
+                   help="also store the student's decoder tensors (as decoder.*) in the same file")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .consolidate import ExportError, export_checkpoint
+
+    try:
+        cfg = export_checkpoint(args.checkpoint, args.out, which=args.which, with_decoder=args.with_decoder,
+                                force=args.force)
+    except ExportError as e:
+        print(f"d2v2-export: error: {e}", file=sys.stderr)
+        return 2
+    prov = cfg["d2v2_export"]
+    extra = f"; from the student: {len(prov['from_student'])} tensors" if prov["from_student"] else ""
+    print(f"exported the {prov['which']} of {prov['checkpoint']} (step {prov['step']}, {prov['modality']}, "
+          f"zero {prov['zero_stage']}, tp {prov['tp']} x dp {prov['dp']}) to {args.out}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

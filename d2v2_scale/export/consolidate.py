@@ -1,0 +1,347 @@
+"""Reassemble a training checkpoint into the plain twin's state dict (model/plain.py).
+
+Input: a checkpoint folder `<output_dir>/checkpoints/step_XXXXXXXX/` (see train/checkpoint.py),
+or an output dir / checkpoints dir (the newest COMPLETE checkpoint is taken).
+
+Teacher (default), from the `client_rank{r:05d}.pt` files' EMA masters (fp32):
+    1. per TP rank t: under ZeRO-3 concatenate the flat shards of DP ranks 0..dp-1
+       (global rank r = t + tp * d), drop the padding, reshape to meta["shape"];
+       otherwise take DP rank 0's full (TP-local) tensor;
+    2. merge TP shards along each parameter's partition dim (model/mapping.py);
+    3. rename to plain names (mapping.megatron_to_plain) and check them against PlainEncoder.
+    The teacher owns only part of the encoder for audio (no CNN front end) and text (no
+    embeddings): those tensors come from the student (the teacher reads the student's local
+    features during training, so the composed encoder is exactly what produced the targets).
+    The export's config lists them under d2v2_export.from_student.
+
+Student (`which="student"`), from DeepSpeed's files: ZeRO-1/2/3 -> deepspeed.utils.zero_to_fp32
+per TP rank (its consolidation works only inside one TP rank), ZeRO-0 -> the module states
+(`mp_rank_{t:02d}_model_states.pt`); then the same TP merge and renaming.
+
+Output folder (written under a temp name, then renamed; never over an existing export without
+force=True):
+    model.safetensors   plain-twin tensors, fp32 (+ decoder.* with with_decoder=True)
+    config.json         the ModelConfig fields PlainEncoder reads (flat) + "d2v2_export" (provenance)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+from ..model import mapping
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step_(\d{8})$")
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "d2v2-plain-encoder"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+    """A checkpoint the exporter does not understand, or an output it must not overwrite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and reading a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or the newest COMPLETE one under an output dir / checkpoints dir."""
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p} does not exist")
+    if not p.is_dir():
+        raise ExportError(f"{p} is not a folder: give a checkpoint folder (…/checkpoints/step_XXXXXXXX) "
+                          f"or a training output dir")
+    if _TAG.match(p.name) or any(p.glob("client_rank*.pt")):
+        if not (p / MARKER).is_file():
+            raise ExportError(f"checkpoint {p} has no {MARKER} marker: its save was interrupted or it is "
+                              f"not a d2v2 checkpoint; export an older complete checkpoint")
+        return p
+    ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    found = [c for c in ck.iterdir() if c.is_dir() and _TAG.match(c.name)]
+    done = sorted((c for c in found if (c / MARKER).is_file()), key=lambda c: int(_TAG.match(c.name).group(1)))
+    if not done:
+        what = f"{len(found)} incomplete (no {MARKER} marker)" if found else "no step_XXXXXXXX folders"
+        raise ExportError(f"no complete checkpoint under {ck}: {what}")
+    return done[-1]
+
+
+def read_marker(folder: Path) -> dict:
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {folder / MARKER}: {e}") from None
+    need = ["step", "world_size", "zero_stage", "tp", "pp", "dp", "modality", "config"]
+    missing = [k for k in need if k not in info]
+    if missing:
+        raise ExportError(f"{folder / MARKER} lacks {missing}: written by an older harness; cannot export it")
+    if "model" not in info["config"]:
+        raise ExportError(f"{folder / MARKER}: its config has no 'model' section")
+    tp, dp, pp, world = (int(info[k]) for k in ("tp", "dp", "pp", "world_size"))
+    if tp * dp * pp != world:
+        raise ExportError(f"{folder / MARKER}: world size mismatch: world_size={world} but tp x dp x pp = "
+                          f"{tp} x {dp} x {pp} = {tp * dp * pp}")
+    if pp != 1:
+        raise ExportError(f"{folder}: pipeline-parallel checkpoints (pp={pp}) are not supported by the exporter")
+    return info
+
+
+def model_namespace(info: dict) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**info["config"]["model"])
+
+
+def plain_keys(mcfg) -> dict[str, tuple]:
+    """{plain name: shape} of PlainEncoder(mcfg), built on the meta device (no memory)."""
+    from ..model.plain import PlainEncoder
+
+    with torch.device("meta"):
+        enc = PlainEncoder(mcfg)
+    return {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ExportError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher: client_rank files
+# ---------------------------------------------------------------------------------------------
+
+
+def client_files(folder: Path, world: int) -> list[Path]:
+    files = [folder / f"client_rank{r:05d}.pt" for r in range(world)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ExportError(f"checkpoint {folder} was written by {world} processes but lacks "
+                          f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}: it is damaged or copied "
+                          f"incompletely")
+    extra = sorted(p.name for p in folder.glob("client_rank*.pt") if p not in files)
+    if extra:
+        raise ExportError(f"checkpoint {folder}: world size mismatch: {MARKER} says {world} processes but "
+                          f"there are also {', '.join(extra[:8])}")
+    return files
+
+
+def teacher_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
+    """Full fp32 teacher tensors (megatron names, TP-merged) from the client_rank files."""
+    tp, dp, world = int(info["tp"]), int(info["dp"]), int(info["world_size"])
+    zero3 = int(info["zero_stage"]) == 3
+    files = client_files(folder, world)
+    per_tp = []
+    for t in range(tp):
+        shards: dict[str, list] = {}
+        metas: dict[str, dict] = {}
+        for d in range(dp if zero3 else 1):
+            r = t + tp * d
+            c = _load(files[r])
+            tch = c.get("teacher") if isinstance(c, dict) else None
+            if not isinstance(tch, dict) or "master" not in tch:
+                raise ExportError(f"{files[r]} has no teacher masters ('teacher'/'master'): not a d2v2 client file")
+            if bool(tch.get("zero3")) != zero3:
+                raise ExportError(f"{files[r]}: teacher zero3={tch.get('zero3')} but {MARKER} says "
+                                  f"zero_stage={info['zero_stage']}")
+            if d == 0:
+                names = list(tch["master"])
+            elif list(tch["master"]) != names:
+                raise ExportError(f"{files[r]}: teacher parameter names differ from rank {t}'s")
+            for name, v in tch["master"].items():
+                if zero3:
+                    meta = tch.get("meta", {}).get(name)
+                    if meta is None:
+                        raise ExportError(f"{files[r]}: ZeRO-3 teacher shard {name!r} has no meta (shape/numel)")
+                    if v.numel() != meta["partition_numel"]:
+                        raise ExportError(f"{files[r]}: shard {name!r} has {v.numel()} elements, meta says "
+                                          f"{meta['partition_numel']}")
+                    metas[name] = meta
+                    shards.setdefault(name, []).append(v.reshape(-1).float())
+                else:
+                    shards[name] = [v.float()]
+            del c, tch
+        full = {}
+        for name, parts in shards.items():
+            if zero3:
+                meta = metas[name]
+                flat = torch.cat(parts)
+                if flat.numel() < meta["numel"]:
+                    raise ExportError(f"{folder}: teacher {name!r}: {dp} shards hold {flat.numel()} elements, "
+                                      f"the parameter has {meta['numel']} (dp mismatch?)")
+                full[name] = flat[: meta["numel"]].reshape(meta["shape"]).clone()
+            else:
+                full[name] = parts[0]
+        per_tp.append(full)
+    for t in range(1, tp):
+        if set(per_tp[t]) != set(per_tp[0]):
+            raise ExportError(f"{folder}: TP rank {t}'s teacher names differ from TP rank 0's")
+    return mapping.merge_tp_shards(per_tp)
+
+
+# ---------------------------------------------------------------------------------------------
+# student: DeepSpeed's files
+# ---------------------------------------------------------------------------------------------
+
+
+def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
+    """deepspeed.utils.zero_to_fp32 over the files of one TP rank (it cannot merge TP shards)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    mine = sorted(folder.glob(f"*mp_rank_{t:02d}_*_states.pt"))
+    if not any(p.name.endswith("_optim_states.pt") for p in mine):
+        raise ExportError(f"{folder}: no DeepSpeed optimizer files for TP rank {t} "
+                          f"(*mp_rank_{t:02d}_optim_states.pt): the student cannot be reassembled")
+    with tempfile.TemporaryDirectory(prefix="d2v2-export-") as tmp:
+        tag = Path(tmp) / "tp"
+        tag.mkdir()
+        for p in mine:
+            (tag / p.name).symlink_to(p.resolve())
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tp")
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"{folder}: DeepSpeed's zero_to_fp32 failed on TP rank {t}: "
+                                  f"{type(e).__name__}: {e}") from None
+    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def student_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
+    """Full fp32 student tensors (megatron names, TP-merged, encoder + decoder)."""
+    tp, stage = int(info["tp"]), int(info["zero_stage"])
+    per_tp = []
+    for t in range(tp):
+        if stage == 0:
+            f = folder / f"mp_rank_{t:02d}_model_states.pt"
+            if not f.is_file():
+                raise ExportError(f"checkpoint {folder} lacks DeepSpeed's {f.name} (TP rank {t})")
+            mod = _load(f).get("module") or {}
+            sd = {k: v.float() for k, v in mod.items() if torch.is_tensor(v)}
+        else:
+            sd = _zero_to_fp32_tp_rank(folder, t)
+        per_tp.append(mapping.clean_state_dict(sd))
+    return mapping.merge_tp_shards(per_tp)
+
+
+# ---------------------------------------------------------------------------------------------
+# assembling the plain state dict
+# ---------------------------------------------------------------------------------------------
+
+
+def to_plain(full: dict, mcfg, expected: dict[str, tuple], where: str) -> dict[str, torch.Tensor]:
+    enc = {k: v for k, v in full.items() if k.startswith("encoder.")}
+    others = sorted(k for k in full if not k.startswith(("encoder.", "decoder.")))
+    if others:
+        raise ExportError(f"{where}: unknown parameter names {others[:5]} (neither encoder.* nor decoder.*)")
+    plain = mapping.megatron_to_plain(enc, mcfg.num_heads)
+    unknown = sorted(k for k in plain if k not in expected)
+    if unknown:
+        raise ExportError(f"{where}: unknown parameter names {unknown[:5]}: they have no place in the plain "
+                          f"twin of this config (model/plain.py); the checkpoint and the exporter disagree")
+    bad = [(k, tuple(v.shape), expected[k]) for k, v in plain.items() if tuple(v.shape) != expected[k]]
+    if bad:
+        raise ExportError(f"{where}: shape mismatch for {bad[:3]} (name, checkpoint shape, plain-twin shape)")
+    return plain
+
+
+def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: bool = False):
+    """-> (tensors {plain name | decoder.*: fp32}, provenance dict)."""
+    if which not in ("teacher", "student"):
+        raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
+    mcfg = model_namespace(info)
+    expected = plain_keys(mcfg)
+    from_student: list[str] = []
+    student = None
+    if which == "teacher":
+        tensors = to_plain(teacher_state(folder, info), mcfg, expected, f"{folder} (teacher)")
+        need = sorted(set(expected) - set(tensors))
+        if need or with_decoder:
+            student = student_state(folder, info)
+            splain = to_plain(student, mcfg, expected, f"{folder} (student)")
+            for k in need:
+                if k in splain:
+                    tensors[k] = splain[k]
+                    from_student.append(k)
+    else:
+        student = student_state(folder, info)
+        tensors = to_plain(student, mcfg, expected, f"{folder} (student)")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ExportError(f"{folder}: the {which} lacks plain-twin tensors {missing[:5]}")
+    if with_decoder:
+        dec = {k: v for k, v in student.items() if k.startswith("decoder.")}
+        if not dec:
+            raise ExportError(f"{folder}: --with-decoder but the student has no decoder.* tensors")
+        tensors.update(dec)
+    tensors = {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
+    prov = {"format": FORMAT, "version": FORMAT_VERSION, "which": which, "checkpoint": str(folder.resolve()),
+            "step": int(info["step"]), "preset": info.get("preset"), "modality": info["modality"],
+            "zero_stage": int(info["zero_stage"]), "tp": int(info["tp"]), "dp": int(info["dp"]),
+            "pp": int(info["pp"]), "from_student": from_student, "with_decoder": bool(with_decoder)}
+    return tensors, prov
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and loading an export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str = "teacher",
+                      with_decoder: bool = False, force: bool = False) -> dict:
+    """Export `src` (checkpoint folder or output dir) to the folder `out`.  Returns the config
+    written (model fields + d2v2_export)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    folder = resolve_checkpoint(src)
+    info = read_marker(folder)
+    tensors, prov = assemble(folder, info, which, with_decoder)
+    config = dict(info["config"]["model"])
+    config["d2v2_export"] = prov
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "which": which,
+                                                          "step": str(prov["step"])})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        os.chmod(tmp, 0o755)
+        if out.exists():  # force: move the old one aside first, delete it once the new one is in place
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return config
+
+
+def load_export(path: str | os.PathLike, strict: bool = True):
+    """-> (PlainEncoder in eval mode, config dict, decoder tensors {decoder.*})."""
+    from safetensors.torch import load_file
+
+    from ..model.plain import PlainEncoder
+
+    path = Path(path)
+    config = json.loads((path / CONFIG).read_text())
+    sd = load_file(str(path / WEIGHTS))
+    dec = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    enc = PlainEncoder(types.SimpleNamespace(**config))
+    enc.load_state_dict({k: v for k, v in sd.items() if k not in dec}, strict=strict)
+    return enc.eval(), config, dec
