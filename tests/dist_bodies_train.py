@@ -56,8 +56,21 @@ def ema_body(*overrides: str):
     save_result({"err": err, "moved": moved, "sharded": sharded, "n": len(t0)})
 
 
-def nan_body(inject_at: str, count: str, *overrides: str):
-    """Make the loss NaN at `count` consecutive updates starting at `inject_at`, then fit()."""
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose backward blows up."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def nan_body(inject_at: str, count: str, where: str, *overrides: str):
+    """Poison `count` consecutive updates from `inject_at`: the loss ("loss") or only the
+    gradients ("grad", the loss stays finite); then fit()."""
     from d2v2_scale.train.guards import TrainingStopped
 
     tr = _trainer("image-tiny", overrides)
@@ -67,7 +80,7 @@ def nan_body(inject_at: str, count: str, *overrides: str):
     def poisoned(batch, teacher=None):
         loss, stats = fwd(batch, teacher=teacher)
         if first <= tr.step + 1 < first + n:
-            loss = loss * float("nan")
+            loss = loss * float("nan") if where == "loss" else _NanGrad.apply(loss)
         return loss, stats
 
     tr.engine.module.forward = poisoned
@@ -76,4 +89,7 @@ def nan_body(inject_at: str, count: str, *overrides: str):
         tr.fit()
     except TrainingStopped as e:
         stopped = str(e)
-    save_result({"step": tr.step, "updates": tr.updates, "skipped": tr.guard.skipped_total, "stopped": stopped})
+    finite = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
+                 for p in tr.engine.module.parameters())
+    save_result({"step": tr.step, "updates": tr.updates, "skipped": tr.guard.skipped_total, "stopped": stopped,
+                 "params_finite": finite})

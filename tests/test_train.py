@@ -93,20 +93,24 @@ def test_resume_is_exact_and_survives_a_kill_during_save(image_manifest, tmp_pat
         assert resumed[s] == ref[s], (s, resumed[s], ref[s])
 
 
-def test_nonfinite_steps_are_skipped_then_stop(image_manifest, tmp_path):
-    common = [f"data.manifest={image_manifest}", "parallel.zero_stage=3", "checkpoint.every_steps=1000",
+@pytest.mark.parametrize("zero,where", [(3, "loss"), (3, "grad"), (1, "grad")])
+def test_nonfinite_steps_are_skipped_then_stop(image_manifest, tmp_path, zero, where):
+    common = [f"data.manifest={image_manifest}", f"parallel.zero_stage={zero}", "checkpoint.every_steps=1000",
               "guards.max_consecutive_nonfinite=3", "max_steps=10"]
-    # one NaN at step 4: skipped, counted, training goes on to step 10
+    # one non-finite step at 4: skipped, counted, training goes on to step 10 with finite weights
     res = run_distributed(f"{BODY}:nan_body", nproc=2, timeout=180,
-                          args=["4", "1", f"output_dir={tmp_path / 'one'}", *common])
+                          args=["4", "1", where, f"output_dir={tmp_path / 'one'}", *common])
     r = res[0]
-    assert r["stopped"] is None and r["step"] == 10 and r["updates"] == 9 and r["skipped"] == 1
+    assert r["stopped"] is None and r["step"] == 10 and r["updates"] == 9 and r["skipped"] == 1, r
+    assert r["params_finite"]
+    if where == "grad":
+        return
     # three in a row from step 3: the run stops with a checkpoint of the last good weights
     res = run_distributed(f"{BODY}:nan_body", nproc=2, timeout=180,
-                          args=["3", "5", f"output_dir={tmp_path / 'three'}", *common])
+                          args=["3", "5", where, f"output_dir={tmp_path / 'three'}", *common])
     r = res[0]
     assert r["stopped"] and "3 consecutive non-finite steps" in r["stopped"]
-    assert r["step"] == 5 and r["updates"] == 2 and r["skipped"] == 3
+    assert r["step"] == 5 and r["updates"] == 2 and r["skipped"] == 3 and r["params_finite"]
     assert (tmp_path / "three" / "checkpoints" / "step_00000005" / "COMPLETE").exists()
 
 

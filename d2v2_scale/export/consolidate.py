@@ -318,7 +318,11 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "which": which,
                                                           "step": str(prov["step"])})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
+        for f in (WEIGHTS, CONFIG):
+            os.chmod(tmp / f, 0o666 & ~umask)
         if out.exists():  # force: move the old one aside first, delete it once the new one is in place
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

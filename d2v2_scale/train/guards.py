@@ -30,12 +30,12 @@ def any_rank_true(flag: bool, device: torch.device) -> bool:
 def grads_nonfinite(engine, device: torch.device) -> bool:
     """True on every rank if any rank holds a non-finite gradient after backward.
 
-    Under ZeRO-2/3 the reduced gradients live in the optimizer's partitions; DeepSpeed's own
-    overflow check (the fp16 machinery, which bf16/fp32 runs do not call) reads them.  Under
-    ZeRO-0/1 the gradients are on the parameters.
+    Under ZeRO-1/2/3 the reduced gradients live in the optimizer's partitions; DeepSpeed's own
+    overflow check (the fp16 machinery, which bf16/fp32 runs do not call) reads them and agrees
+    across ranks.  Without ZeRO the gradients are on the parameters.
     """
     opt = engine.optimizer
-    if engine.zero_optimization_stage() >= 2 and hasattr(opt, "has_overflow"):
+    if engine.zero_optimization_stage() >= 1 and hasattr(opt, "has_overflow"):
         return bool(opt.has_overflow(partition_gradients=True))
     bad = False
     for p in engine.module.parameters():

@@ -1,0 +1,52 @@
+"""Bodies for the export tests (run in N processes by d2v2_scale.testing.run_distributed).
+
+`fit_features_body` trains, then computes the distributed teacher's outputs on a fixed batch
+through the real (ZeRO-3 / TP) teacher engine and saves them for the parent test to compare
+with the exported plain twin."""
+
+from __future__ import annotations
+
+import torch
+
+from d2v2_scale.config import build_config
+from d2v2_scale.testing import save_result
+
+
+def fixed_image_batch(mcfg, n: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(n, mcfg.in_chans, mcfg.image_size, mcfg.image_size, generator=g)
+
+
+def fit_features_body(feat_path: str, preset: str, *overrides: str):
+    import deepspeed
+
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config(preset, overrides=list(overrides))
+    tr = Trainer(cfg)
+    tr.fit()
+    src = fixed_image_batch(cfg.model)
+    enc = tr.teacher.module.encoder
+    captured = {}
+    h = enc.blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0].detach().clone()))
+    with torch.no_grad():
+        targets = tr.teacher(src).float()
+    h.remove()
+    last = captured["last"].transpose(0, 1).float()  # [B, E + T, D] (post-LN: the encoder output)
+    out = {"source": src, "targets": targets, "last": last}
+    # the student's full (TP-local) encoder weights, gathered by DeepSpeed itself (TP=1 runs only)
+    if tr.info.tp_size == 1:
+        params = [p for n, p in tr.engine.module.named_parameters()]
+        with deepspeed.zero.GatheredParameters(params) if tr.cfg.parallel.zero_stage == 3 else _null():
+            out["student"] = {n: p.detach().float().clone() for n, p in tr.engine.module.named_parameters()}
+    if tr.info.rank == 0:
+        torch.save(out, feat_path)
+    save_result({"step": tr.step, "tp": tr.info.tp_size, "dp": tr.info.dp_size})
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
