@@ -61,3 +61,22 @@ def fit_ema_body(preset: str, *overrides: str):
     if tr.teacher.zero3:
         res["ema"] = _ema_check(tr)
     save_result(res)
+
+
+def modes_body(modes: str, preset: str, *overrides: str):
+    """One process group, one Trainer per activation-checkpointing mode (comma list), each trained
+    from the same seed on the same data: returns {mode: losses}.  Saves a process start per mode."""
+    import gc
+
+    out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+    res = {}
+    for mode in modes.split(","):
+        ov = [o for o in overrides if not o.startswith("output_dir=")]
+        tr = _trainer(preset, [*ov, f"output_dir={out_dir}/{mode}", f"model.activation_checkpointing={mode}"])
+        res[mode] = tr.fit()["losses"]
+        tr.engine.destroy()
+        if tr.teacher.engine is not None:
+            tr.teacher.engine.destroy()
+        del tr
+        gc.collect()
+    save_result(res)

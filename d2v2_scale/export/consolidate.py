@@ -287,7 +287,7 @@ def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: boo
         tensors.update(dec)
     tensors = {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
     prov = {"format": FORMAT, "version": FORMAT_VERSION, "which": which, "checkpoint": str(folder.resolve()),
-            "step": int(info["step"]), "preset": info.get("preset"), "modality": info["modality"],
+            "step": int(info["step"]), "seed": info["config"].get("seed"), "preset": info.get("preset"), "modality": info["modality"],
             "zero_stage": int(info["zero_stage"]), "tp": int(info["tp"]), "dp": int(info["dp"]),
             "pp": int(info["pp"]), "from_student": from_student, "with_decoder": bool(with_decoder)}
     return tensors, prov

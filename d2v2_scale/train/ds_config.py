@@ -9,6 +9,7 @@ harness's keys to a different value, that is an error naming the key, not a sile
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,7 +89,31 @@ def student_ds_config(cfg: RunConfig, dp_size: int) -> dict:
                 raise ConfigError(f"{path} has an '{k}' section; the harness builds AdamW and the warmup+cosine "
                                   f"schedule from optim.*: delete '{k}' from the JSON")
         _check_agree(user, ours, "", str(path))
-    return _merge(_merge(defaults, user), ours)
+    merged = _merge(_merge(defaults, user), ours)
+    if offloads_optimizer(merged) and not torch.cuda.is_available():
+        # ZeRO-Offload wants DeepSpeedCPUAdam (JIT-compiled C++ with g++, minutes on first use);
+        # on a CPU-only machine every tensor is on the host already, so the client torch AdamW
+        # does the same work: allow it instead of failing (the trainer picks DeepSpeedCPUAdam on GPU).
+        merged.setdefault("zero_force_ds_cpu_optimizer", False)
+    if cfg.parallel.zero_stage == 3 and cfg.model.activation_checkpointing == "full":
+        # ZeRO-3 prefetches parameters in the order it traced in the first step; the backward
+        # recompute of fully checkpointed blocks breaks that order, and with the teacher's forward
+        # nested in the student's, the next step fails with a student parameter left INFLIGHT
+        # (`assert param.ds_status == ZeroParamStatus.AVAILABLE`, deepspeed 0.19.8, measured).
+        # Fetch on demand instead: correct, and on a GPU it only loses the comm/compute overlap.
+        zo = merged["zero_optimization"]
+        if zo.get("stage3_prefetch_bucket_size", 1):
+            if user.get("zero_optimization", {}).get("stage3_prefetch_bucket_size"):
+                warnings.warn(f"{cfg.parallel.ds_config}: stage3_prefetch_bucket_size set to 0 because "
+                              f"model.activation_checkpointing=full under ZeRO-3 (see d2v2_scale/train/ds_config.py)")
+            zo["stage3_prefetch_bucket_size"] = 0
+    return merged
+
+
+def offloads_optimizer(ds_cfg: dict) -> bool:
+    """Does this DeepSpeed config offload the optimizer state to the host (ZeRO-Offload)?"""
+    off = ds_cfg.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") in ("cpu", "nvme")
 
 
 def teacher_ds_config(student_cfg: dict) -> dict:

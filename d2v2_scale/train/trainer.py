@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..distributed import MegatronMPU, init_distributed
 from . import checkpoint as ckpt
-from .ds_config import student_ds_config, teacher_ds_config, use_bf16
+from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
 from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite
 from .metrics import Metrics, format_line
 from .teacher import EmaTeacher
@@ -96,7 +96,15 @@ class Trainer:
                                 data_parallel_group=dp_group, mpu=mpu)
 
         groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        if offloads_optimizer(ds_cfg) and torch.cuda.is_available():
+            # ZeRO-Offload steps the optimizer on the host: DeepSpeed's vectorised CPU Adam (built
+            # with g++ on first use); a torch AdamW there would be several times slower.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = deepspeed.runtime.lr_schedules.WarmupCosineLR(
             optimizer, total_num_steps=cfg.optim.total_steps, warmup_min_ratio=0.0,
             warmup_num_steps=max(cfg.optim.warmup_steps, 1), cos_min_ratio=cfg.optim.min_lr_ratio,
@@ -154,10 +162,18 @@ class Trainer:
             self.engine.backward(loss)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+            grad_norm = None
             if self.engine.is_gradient_accumulation_boundary():
                 if grads_nonfinite(self.engine, self.info.device):
                     skipped = True
                     break
+                if self.engine.zero_optimization_stage() == 0:
+                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
+                    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+                    grad_norm = float(get_global_norm_of_tensors(
+                        [p.grad for p in self.engine.module.parameters() if p.grad is not None],
+                        mpu=self.engine.mpu))
             self.engine.step()
         if skipped:
             # no update, no EMA, no LR step: drop whatever gradients this update gathered
@@ -180,7 +196,7 @@ class Trainer:
         if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
             self.teacher.update(decay)
         out = self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})
-        gn = self.engine.get_global_grad_norm()
+        gn = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
                     else self.engine.get_lr()[0],
                     "opt/ema_decay": decay, "opt/grad_norm": float(gn) if gn is not None else 0.0,

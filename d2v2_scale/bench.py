@@ -1,0 +1,320 @@
+"""d2v2-bench: time N real training steps of a preset on synthetic inputs of the right shapes.
+
+    d2v2-bench --preset image-large --steps 20 --warmup 5 [--compile] [--json row.json] key=value ...
+    torchrun --nproc_per_node 8 -m d2v2_scale.bench --preset image-large ...   (rank 0 prints)
+
+Each step is `Trainer.train_step` of the real harness (DeepSpeed engine, ZeRO, EMA teacher) on
+a synthetic batch: random pixels / waveform / token ids with masks from the real generators of
+`d2v2_scale.data.masking` (exactly the same number of kept positions per row, as the loader makes
+them).  Warmup steps are excluded.  The step is split into parts by instrumentation (device
+synchronized around each part): teacher forward (inside the student's forward), student
+forward + backward, optimizer step (DeepSpeed: clip, AdamW, ZeRO reduce/gather), EMA update;
+`other` is the rest (finiteness checks, logging all-reduce).  With `--no-breakdown` only the step
+is synchronized (use it for the headline step time; the breakdown costs a few syncs per step).
+
+FLOPs are the analytic count of `d2v2_scale/model/flops.py`; MFU = achieved FLOP/s per device
+divided by `--peak-tflops` (989: H100/H200 SXM bf16 dense).  Memory: CUDA peak allocated after
+warmup on GPU, the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic batches
+# --------------------------------------------------------------------------------------------
+
+
+def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
+    from .data import rng
+
+    return rng.make_keys(seed, step, np.repeat(np.arange(b), m), np.tile(np.arange(m), b))
+
+
+def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
+    """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it."""
+    from .data import masking
+
+    m, mk = cfg.model, cfg.masking
+    b, clones = cfg.data.batch_size, m.clone_batch
+    g = torch.Generator().manual_seed(seed + step)
+    keys = _keys(seed, step, b, clones)
+    if m.modality == "image":
+        src = torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g)
+        grid = masking.grid_side(m.num_patches)
+        mask = masking.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
+        return {"source": src, "mask": torch.from_numpy(mask)}
+    if m.modality == "audio":
+        s = int(cfg.data.max_seconds * cfg.data.sample_rate)
+        t = m.audio_frames(s)
+        src = torch.randn(b, s, generator=g)
+        mask = masking.span_mask(keys, np.full(b * clones, t), t, mk.ratio, mk.adjust, mk.length)
+        mask = masking.equalize_kept(mask, keys)
+        return {"source": src, "padding_mask": torch.zeros(b, s, dtype=torch.bool),
+                "mask": torch.from_numpy(mask)}
+    t = cfg.data.max_tokens
+    low = max(m.pad_token_id + 1, 4)
+    src = torch.randint(low, m.vocab_size, (b, t), generator=g, dtype=torch.int64)
+    mask = masking.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
+    mask = masking.equalize_kept(mask, keys)
+    return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool), "mask": torch.from_numpy(mask)}
+
+
+def tokens_per_sample(cfg) -> int:
+    m = cfg.model
+    return {"image": m.num_patches, "text": cfg.data.max_tokens,
+            "audio": m.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))}[m.modality]
+
+
+# --------------------------------------------------------------------------------------------
+# timing instrumentation
+# --------------------------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class _Clock:
+    """Accumulates synchronized wall time per part for the current step."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.parts: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.parts = {}
+
+    def add(self, name: str, dt: float) -> None:
+        self.parts[name] = self.parts.get(name, 0.0) + dt
+
+    def timed(self, name: str, fn):
+        def wrapper(*a, **k):
+            if not self.enabled:
+                return fn(*a, **k)
+            _sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            _sync()
+            self.add(name, time.perf_counter() - t0)
+            return out
+        return wrapper
+
+
+class _TimedTeacher:
+    """Stands in for the trainer's EmaTeacher: times its forward and its EMA update."""
+
+    def __init__(self, teacher, clock: _Clock):
+        self._t = teacher
+        self._clock = clock
+        self.update = clock.timed("ema", teacher.update)
+
+    def __call__(self, *a, **k):
+        return self._clock.timed("teacher_fwd", self._t)(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def instrument(trainer, clock: _Clock) -> None:
+    eng = trainer.engine
+    trainer.teacher = _TimedTeacher(trainer.teacher, clock)
+    state = {}
+
+    def pre(_mod, _args, _kwargs=None):
+        if clock.enabled:
+            _sync()
+            state["t0"] = time.perf_counter()
+
+    def post(_mod, _args, _out):
+        if clock.enabled:
+            _sync()
+            clock.add("fwd", time.perf_counter() - state.pop("t0"))
+
+    eng.register_forward_pre_hook(pre)
+    eng.register_forward_hook(post)
+    eng.backward = clock.timed("bwd", eng.backward)
+    eng.step = clock.timed("opt_step", eng.step)
+
+
+def compile_blocks(trainer) -> str:
+    """torch.compile each student block in place; returns "ok" or the reason it was not done."""
+    try:
+        blocks = trainer.engine.module.encoder.blocks
+        for blk in blocks:
+            blk.compile()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        return f"failed: {type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x, q) -> float:
+    return float(np.percentile(np.asarray(x), q)) if len(x) else float("nan")
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool = False,
+              breakdown: bool = True, peak_tflops: float = 989.0, output_dir: str | None = None) -> dict:
+    import tempfile
+
+    import deepspeed
+
+    from .config import build_config
+    from .model.flops import step_flops
+    from .train.trainer import Trainer
+
+    ov = list(overrides)
+    if output_dir is None:
+        output_dir = tempfile.mkdtemp(prefix="d2v2bench-")
+    if not any(o.split("=", 1)[0].lstrip("-") == "output_dir" for o in ov):
+        ov.append(f"output_dir={output_dir}")
+    if not any(o.split("=", 1)[0].lstrip("-") == "logging.tensorboard" for o in ov):
+        ov.append("logging.tensorboard=false")
+    cfg = build_config(preset, overrides=ov)
+    tr = Trainer(cfg, build_data=False)
+    info = tr.info
+    compile_status = "off"
+    if compile:
+        compile_status = compile_blocks(tr)
+    clock = _Clock(breakdown)
+    instrument(tr, clock)
+    batches = [synthetic_batch(cfg, step=i) for i in range(cfg.optim.grad_accum)]
+
+    times, parts = [], []
+    for i in range(warmup + steps):
+        if i == warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        clock.reset()
+        _sync()
+        t0 = time.perf_counter()
+        try:
+            tr.train_step(batches)
+        except Exception as e:  # a compile failure shows up at the first step
+            if compile and i == 0:
+                raise RuntimeError(f"--compile: the first step failed ({type(e).__name__}: {e}); "
+                                   f"run without --compile") from e
+            raise
+        _sync()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+            parts.append(dict(clock.parts))
+
+    world = info.world_size
+    sf = step_flops(cfg)
+    k = cfg.optim.grad_accum * info.dp_size
+    flops_step = sf["total"] * k
+    samples = cfg.data.batch_size * k
+    med = float(np.median(times))
+    tflops_dev = flops_step / med / world / 1e12
+    row = {
+        "preset": preset, "overrides": list(overrides), "modality": cfg.model.modality,
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+        "world_size": world, "tp": info.tp_size, "pp": info.pp_size, "dp": info.dp_size,
+        "zero_stage": cfg.parallel.zero_stage, "dtype": str(tr.dtype).replace("torch.", ""),
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "batch_per_rank": cfg.data.batch_size, "clone_batch": cfg.model.clone_batch,
+        "grad_accum": cfg.optim.grad_accum, "samples_per_step": samples,
+        "tokens_per_sample": tokens_per_sample(cfg),
+        "steps": steps, "warmup": warmup, "compile": compile_status, "breakdown_syncs": breakdown,
+        "step_s_median": med, "step_s_p10": _pct(times, 10), "step_s_p90": _pct(times, 90),
+        "samples_per_s": samples / med, "tokens_per_s": samples * tokens_per_sample(cfg) / med,
+        "flops_per_step": flops_step, "flops_split": {k2: v * k for k2, v in sf.items()},
+        "tflops_per_device": tflops_dev, "peak_tflops": peak_tflops, "mfu": tflops_dev / peak_tflops,
+        "peak_memory_gib": peak_memory_gib(),
+        "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
+        "torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    if breakdown and parts:
+        med_part = {}
+        for name in ("teacher_fwd", "fwd", "bwd", "opt_step", "ema"):
+            med_part[name] = float(np.median([p.get(name, 0.0) for p in parts]))
+        row["parts_s"] = {
+            "teacher_fwd": med_part["teacher_fwd"],
+            "student_fwd_bwd": float(np.median([p.get("fwd", 0.0) - p.get("teacher_fwd", 0.0) + p.get("bwd", 0.0)
+                                                for p in parts])),
+            "optimizer_step": med_part["opt_step"],
+            "ema_update": med_part["ema"],
+        }
+        row["parts_s"]["other"] = med - sum(row["parts_s"].values())
+    return row
+
+
+def format_row(row: dict) -> str:
+    lines = [
+        f"d2v2-bench  preset={row['preset']}  overrides={' '.join(row['overrides']) or '-'}",
+        f"  device={row['device']}  world={row['world_size']} (tp={row['tp']} pp={row['pp']} dp={row['dp']})  "
+        f"zero={row['zero_stage']}  dtype={row['dtype']}  act_ckpt={row['activation_checkpointing']}  "
+        f"compile={row['compile']}",
+        f"  torch={row['torch']}  deepspeed={row['deepspeed']}  python={row['python']}  date={row['date']}",
+        f"  batch/rank={row['batch_per_rank']} x M={row['clone_batch']}  grad_accum={row['grad_accum']}  "
+        f"steps={row['steps']} (+{row['warmup']} warmup)",
+        "",
+        "| step s (median) | p10 | p90 | samples/s | tokens/s | TFLOP/s/dev | MFU | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {row['step_s_median']:.4f} | {row['step_s_p10']:.4f} | {row['step_s_p90']:.4f} | "
+        f"{row['samples_per_s']:,.1f} | {row['tokens_per_s']:,.0f} | {row['tflops_per_device']:.4g} | "
+        f"{100 * row['mfu']:.3g}% | {row['peak_memory_gib']:.2f} ({row['memory_kind']}) |",
+    ]
+    if "parts_s" in row:
+        p = row["parts_s"]
+        tot = row["step_s_median"]
+        lines += ["", "| part (median s) | teacher fwd | student fwd+bwd | optimizer step | EMA update | other |",
+                  "|---|---|---|---|---|---|",
+                  "| s | " + " | ".join(f"{p[k]:.4f}" for k in ("teacher_fwd", "student_fwd_bwd", "optimizer_step",
+                                                            "ema_update", "other")) + " |",
+                  "| share | " + " | ".join(f"{100 * p[k] / tot:.0f}%" for k in ("teacher_fwd", "student_fwd_bwd",
+                                                                              "optimizer_step", "ema_update",
+                                                                              "other")) + " |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="d2v2-bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each student block")
+    ap.add_argument("--no-breakdown", action="store_true", help="time only whole steps (no per-part syncs)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--json", default=None, help="write the result row (JSON) here")
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    a = ap.parse_args(argv)
+    row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
+                    breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_row(row), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(row, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""A real SLURM (Debian's slurm-wlm 22.05 + munge) in the tests: launchers/pretrain.sh under
+sbatch on 2 emulated nodes x 2 tasks (TP=2 x DP=2, ZeRO-3), and preemption -> requeue -> resume.
+
+tests/slurm/slurm-local.sh brings the cluster up (each node its own network namespace,
+hostname and address); the processes run on this machine's CPU and share its filesystem, so
+the venv and the demo shards are reachable from the "nodes".  Needs root and network
+namespaces: skipped, loudly, where those are missing.  Installs slurmctld/slurmd/munge with
+apt when absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import data_fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launchers" / "pretrain.sh"
+SLURM_LOCAL = REPO / "tests" / "slurm" / "slurm-local.sh"
+
+
+def test_pretrain_help_documents_every_option():
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    text = SCRIPT.read_text()
+    case = text[text.index('case "$1" in'):]
+    case = case[:case.index("esac")]
+    options = set(re.findall(r"(--[a-z][a-z0-9-]*)\)", case)) | set(re.findall(r"\|(--[a-z][a-z0-9-]*)", case))
+    assert {"--preset", "--manifest", "--python", "--no-requeue"} <= options, options
+    for opt in sorted(options):
+        assert opt in out.stdout, f"{opt} is parsed by pretrain.sh but missing from its --help"
+    # every environment-variable knob the script reads is named in --help too
+    for var in re.findall(r"^\s*([A-Z_]+)=\$\{\1:-", text, flags=re.M) + re.findall(r"; ([A-Z_]+)=\$\{\1:-", text):
+        assert f"[{var}]" in out.stdout or var in ("OMP_NUM_THREADS",), f"${var} is not documented in --help"
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster
+# ---------------------------------------------------------------------------------------------
+
+def _why_no_cluster() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (slurmd/slurmctld, network namespaces)"
+    if not shutil.which("ip") or not shutil.which("nsenter") or not shutil.which("unshare"):
+        return "needs iproute2 (ip) and util-linux (nsenter, unshare)"
+    r = subprocess.run(["unshare", "--net", "--mount", "--uts", "true"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create network/mount/UTS namespaces here: {r.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    why = _why_no_cluster()
+    if why:
+        pytest.skip(f"!!! SLURM TESTS SKIPPED: {why} !!!")
+    if not shutil.which("slurmctld") or not shutil.which("slurmd") or not shutil.which("munged"):
+        data_fixtures.apt_install("slurmctld", "slurmd", "slurm-client", "munge")
+    d = tmp_path_factory.mktemp("slurmci")
+    env = dict(os.environ, SLURM_LOCAL_DIR=str(d))
+    up = subprocess.run(["bash", str(SLURM_LOCAL), "up", "2"], env=env, capture_output=True, text=True, timeout=180)
+    if up.returncode != 0:
+        subprocess.run(["bash", str(SLURM_LOCAL), "down"], env=env, capture_output=True, timeout=60)
+        pytest.fail(f"slurm-local.sh up failed:\n{up.stdout}\n{up.stderr}\nlogs in {d}/log")
+    try:
+        yield d / "sl"
+    finally:
+        subprocess.run(["bash", str(SLURM_LOCAL), "down"], env=env, capture_output=True, timeout=60)
+
+
+def _sl(sl: Path, *args: str, check=True) -> str:
+    r = subprocess.run([str(sl), *args], capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def _job(sl: Path, job: str) -> dict[str, str]:
+    out = _sl(sl, "scontrol", "show", "job", "-o", job)
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _submit(sl: Path, out: Path, manifest: str, *overrides: str) -> str:
+    """sbatch pretrain.sh on 2 nodes x 2 tasks; the #SBATCH sizes are for GPU nodes, so the
+    command line overrides them (4 CPU processes, no GPUs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return _sl(sl, "sbatch", "--parsable", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=2",
+               "--cpus-per-task=1", "--gpus-per-node=0", "--time=20", f"--output={out}/slurm-%j.out",
+               str(SCRIPT), "--python", sys.executable, "--preset", "image-tiny", "--manifest", manifest,
+               "--output-dir", str(out / "run"), "parallel.tp=2", "parallel.zero_stage=3",
+               "logging.every_steps=5", *overrides).strip().split(";")[0]
+
+
+def _wait(sl: Path, job: str, until, timeout: float, what: str) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        info = _job(sl, job)
+        if until(info):
+            return info
+        time.sleep(2)
+    raise AssertionError(f"job {job}: {what} not reached in {timeout:.0f}s: {_job(sl, job)}")
+
+
+def _done(info: dict) -> bool:
+    return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _log(out: Path, job: str) -> str:
+    f = out / f"slurm-{job}.out"
+    return f.read_text(errors="replace") if f.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return str(data_fixtures.prepared("image") / "manifest.json")
+
+
+def _step_losses(log: str) -> dict[int, float]:
+    return {int(s): float(l) for s, l in re.findall(r"^step (\d+)/\d+ loss ([-\d.naninf]+)", log, flags=re.M)}
+
+
+def test_sbatch_two_nodes_tp2_dp2_zero3(slurm, manifest, tmp_path):
+    job = _submit(slurm, tmp_path, manifest, "max_steps=20", "checkpoint.every_steps=10")
+    info = _wait(slurm, job, _done, 420, "the end")
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
+    assert "2 nodes x 2 tasks" in log and "master n1:" in log, log[-3000:]
+    losses = _step_losses(log)
+    assert sorted(losses) == [5, 10, 15, 20], log[-3000:]
+    assert all(v == v and 0 < v < 100 for v in losses.values()) and losses[20] < losses[5]
+    ck = tmp_path / "run" / "checkpoints" / "step_00000020"
+    marker = json.loads((ck / "COMPLETE").read_text())
+    assert marker["world_size"] == 4 and marker["tp"] == 2 and marker["dp"] == 2 and marker["zero_stage"] == 3
+    assert len(json.loads((tmp_path / "run" / "losses.json").read_text())) == 20
+
+
+def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
+    total = 40
+    job = _submit(slurm, tmp_path, manifest, f"max_steps={total}", "checkpoint.every_steps=4")
+    ck = tmp_path / "run" / "checkpoints"
+    t0 = time.time()
+    while not list(ck.glob("step_*/COMPLETE")):
+        assert time.time() - t0 < 300, f"no first checkpoint: {_job(slurm, job)}\n{_log(tmp_path, job)[-3000:]}"
+        assert not _done(_job(slurm, job)), _log(tmp_path, job)[-3000:]
+        time.sleep(1)
+    # what SLURM does ahead of the time limit with `#SBATCH --signal=B:USR1@300`
+    _sl(slurm, "scancel", "--signal=USR1", "--batch", job)
+    info = _wait(slurm, job, lambda i: int(i.get("Restarts", 0)) >= 1 and _done(i), 600, "requeue + end")
+    log = _log(tmp_path, job)  # --open-mode=append: both runs' output
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-4000:])
+    assert "USR1 received" in log and f"requeueing job {job}" in log, log[-4000:]
+    m = re.search(r"resumed from (\S+) at step (\d+)", log)
+    assert m, log[-4000:]
+    resumed_at = int(m.group(2))
+    assert 0 < resumed_at < total and Path(m.group(1)).name == f"step_{resumed_at:08d}"
+    assert "restart 1:" in log
+    assert (ck / f"step_{total:08d}" / "COMPLETE").is_file()
+    # the second run logged only the steps after the checkpoint it resumed from
+    second = log[m.end():]
+    steps = sorted(_step_losses(second))
+    assert steps and steps[0] > resumed_at and steps[-1] == total, steps
