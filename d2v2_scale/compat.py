@@ -55,3 +55,4 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, message=r"Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", category=UserWarning, message=r"full scope is deprecated")
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"Warning: tp_group is None")

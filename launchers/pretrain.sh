@@ -39,8 +39,12 @@ Options (each also settable as an environment variable, in capitals, e.g. PRESET
   --nproc N             processes per node for torchrun/deepspeed            [NPROC]
   --hostfile FILE       hostfile for the deepspeed launcher                  [HOSTFILE]
   --python PATH         python to run (default: python3 on PATH)             [PYTHON]
-  --no-requeue          on SIGUSR1/SIGTERM checkpoint and exit without scontrol requeue
+  --no-requeue          on SIGUSR1/SIGTERM checkpoint and exit without scontrol requeue [REQUEUE=0]
   -h, --help            this text
+The #SBATCH lines above are for 8-GPU nodes; sbatch options on the command line win, e.g.
+  sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 launchers/pretrain.sh --preset image-large ...
+Environment: OMP_NUM_THREADS (default 1), PYTHONUNBUFFERED=1 are exported to the processes.
+
 Everything else (e.g. parallel.tp=2 parallel.zero_stage=3 max_steps=1000) is passed to d2v2-train
 as a config override.
 

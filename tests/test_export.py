@@ -26,11 +26,12 @@ BODY = "tests.dist_bodies_export:fit_features_body"
 ATOL = 2e-5  # fp32: measured max |diff| ~1e-6 on outputs of magnitude ~3
 
 
-def _train(tmp: Path, nproc: int, *overrides: str, timeout: int = 240) -> tuple[Path, dict]:
-    manifest = data_fixtures.prepared("image") / "manifest.json"
+def _train(tmp: Path, nproc: int, *overrides: str, timeout: int = 240, manifest: Path | None = None,
+           steps: int = 4) -> tuple[Path, dict]:
+    manifest = manifest or data_fixtures.prepared("image") / "manifest.json"
     feats = tmp / "features.pt"
     run_distributed(BODY, nproc=nproc, timeout=timeout, args=[
-        str(feats), "image-tiny", f"data.manifest={manifest}", f"output_dir={tmp / 'run'}", "max_steps=4",
+        str(feats), "image-tiny", f"data.manifest={manifest}", f"output_dir={tmp / 'run'}", f"max_steps={steps}",
         "checkpoint.every_steps=1000", *overrides])
     return tmp / "run", torch.load(feats)
 
@@ -89,10 +90,55 @@ def test_roundtrip_zero3_dp2(zero3_run, tmp_path):
     _check_student(run, feats, tmp_path / "student")
 
 
-def test_roundtrip_zero0(tmp_path):
-    run, feats = _train(tmp_path, 1, "parallel.zero_stage=0")
-    _check_teacher(run, feats, tmp_path / "teacher")
+def all_digits(tmp: Path) -> Path:
+    """All 1,797 sklearn digits (32x32 PNG class folders) as d2v2-prep shards with labels."""
+    from data_prep.cli import main
+
+    raw = data_fixtures.make_digit_images(tmp / "raw", n_per_class=1000)
+    os.environ["D2V2_PREP_NO_PROGRESS"] = "1"
+    main(["image", str(raw), "--out", str(tmp / "shards"), "--workers", "2", "--shard-size-mb", "0.5",
+          "--pixels", "32"])
+    return tmp / "shards" / "manifest.json"
+
+
+# A short real pretraining (1 process, ZeRO-0) on all digits, shared by the ZeRO-0 round trip
+# and the probe.  The EMA decay is a constant 0.99 so that the teacher follows the student
+# within ~100 of the 300 steps (with the preset's 0.998+ it stays near the init on short runs).
+PRETRAIN = ["parallel.zero_stage=0", "optim.total_steps=1500", "optim.warmup_steps=10", "ema.decay=0.99",
+            "ema.end_decay=0.99", "seed=1"]
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("z0")
+    manifest = all_digits(tmp)
+    run, feats = _train(tmp, 1, *PRETRAIN, manifest=manifest, steps=300)
+    return run, feats, manifest
+
+
+def test_roundtrip_zero0(zero0_run, tmp_path):
+    run, feats, _ = zero0_run
+    cfg = _check_teacher(run, feats, tmp_path / "teacher")
+    assert cfg["d2v2_export"]["zero_stage"] == 0 and cfg["d2v2_export"]["step"] == 300
     _check_student(run, feats, tmp_path / "student")
+
+
+def test_probe_pretrained_beats_random_init(zero0_run, tmp_path, capsys):
+    """Linear probe on frozen mean-pooled features, 899 held-out digits: the exported teacher
+    after 300 steps vs the same architecture at the training init.  Measured margins over
+    training seeds 1, 2 x split seeds 0, 1, 2: +0.13 to +0.20 (0.61-0.68 vs 0.47-0.50)."""
+    from d2v2_scale.export import export_checkpoint
+    from d2v2_scale.export.probe import main
+
+    run, _, manifest = zero0_run
+    export_checkpoint(run, tmp_path / "exp")
+    out = tmp_path / "probe.json"
+    assert main([str(tmp_path / "exp"), "--data", str(manifest), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert "random init (init)" in capsys.readouterr().out
+    assert r["n_test"] == 899 and r["classes"] == 10 and r["which"] == "teacher"
+    assert r["baseline_accuracy"] > 2 * r["chance"]  # random features are far from useless on digits
+    assert r["accuracy"] >= r["baseline_accuracy"] + 0.06, r
 
 
 def test_roundtrip_tp2_dp2(tmp_path):

@@ -1,0 +1,68 @@
+"""d2v2-bench: real training steps of the tiny presets on synthetic batches (one process, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2v2_scale.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("image-tiny", "audio-tiny", "text-tiny")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_synthetic_batch_shapes_and_exact_masks(preset):
+    from d2v2_scale.bench import synthetic_batch
+
+    cfg = build_config(preset)
+    b, m = cfg.data.batch_size, cfg.model.clone_batch
+    batch = synthetic_batch(cfg)
+    mask = batch["mask"].numpy()
+    assert mask.shape[0] == b * m and mask.dtype == np.bool_
+    kept = (~mask).sum(1)
+    assert (kept == kept[0]).all() and kept[0] > 0
+    if preset.startswith("image"):
+        assert batch["source"].shape == (b, 3, cfg.model.image_size, cfg.model.image_size)
+        assert kept[0] == int(cfg.model.num_patches * (1 - cfg.masking.ratio))
+    elif preset.startswith("audio"):
+        s = int(cfg.data.max_seconds * cfg.data.sample_rate)
+        assert batch["source"].shape == (b, s) and mask.shape[1] == cfg.model.audio_frames(s)
+    else:
+        t = cfg.data.max_tokens
+        assert batch["source"].shape == (b, t) and mask.shape[1] == t
+        assert int(batch["source"].min()) > cfg.model.pad_token_id
+
+
+def test_bench_cli_three_presets(tmp_path):
+    """The CLI (main) on image/audio/text-tiny in one process: 2 timed steps after 1 warmup."""
+    script = (
+        "import sys, warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
+        + "".join(f"main(['--preset', '{p}', '--steps', '2', '--warmup', '1', '--json', "
+                  f"r'{tmp_path / p}.json', '--output-dir', r'{tmp_path / p}'])\n" for p in PRESETS))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("| step s (median) |") == 3
+    for p in PRESETS:
+        row = json.loads((tmp_path / f"{p}.json").read_text())
+        assert row["preset"] == p and row["steps"] == 2 and row["dtype"] == "float32"
+        assert 0 < row["step_s_p10"] <= row["step_s_median"] <= row["step_s_p90"]
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > row["samples_per_s"]
+        assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gib"] > 0
+        parts = row["parts_s"]
+        assert parts["teacher_fwd"] > 0 and parts["student_fwd_bwd"] > 0 and parts["optimizer_step"] > 0
+        assert parts["ema_update"] > 0
+        named = sum(v for k, v in parts.items() if k != "other")
+        assert named <= row["step_s_median"] * 1.5  # parts are medians of their own
+        for key in ("torch", "deepspeed", "date", "device"):
+            assert row[key]
