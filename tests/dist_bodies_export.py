@@ -34,11 +34,14 @@ def fit_features_body(feat_path: str, preset: str, *overrides: str):
     h.remove()
     last = captured["last"].transpose(0, 1).float()  # [B, E + T, D] (post-LN: the encoder output)
     out = {"source": src, "targets": targets, "last": last}
-    # the student's full (TP-local) encoder weights, gathered by DeepSpeed itself (TP=1 runs only)
-    if tr.info.tp_size == 1:
-        params = [p for n, p in tr.engine.module.named_parameters()]
-        with deepspeed.zero.GatheredParameters(params) if tr.cfg.parallel.zero_stage == 3 else _null():
-            out["student"] = {n: p.detach().float().clone() for n, p in tr.engine.module.named_parameters()}
+    # the student's full weights: ZeRO-3 shards gathered by DeepSpeed, then TP shards all-gathered
+    # over the TP group (collective: every rank takes part)
+    from d2v2_scale.model import mapping
+
+    params = [p for _, p in tr.engine.module.named_parameters()]
+    with deepspeed.zero.GatheredParameters(params) if tr.cfg.parallel.zero_stage == 3 else _null():
+        local = {n: p.detach().float().clone() for n, p in tr.engine.module.named_parameters()}
+    out["student"] = mapping.gather_tp(local)
     if tr.info.rank == 0:
         torch.save(out, feat_path)
     save_result({"step": tr.step, "tp": tr.info.tp_size, "dp": tr.info.dp_size})

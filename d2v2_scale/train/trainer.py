@@ -153,6 +153,7 @@ class Trainer:
         self.engine.train()
         stats_sum: dict[str, float] = {}
         skipped = False
+        grad_norm = None  # measured here only without ZeRO (DeepSpeed reports it otherwise)
         for mb in micro_batches:
             loss, stats = self.engine(self._to_device(mb), teacher=self.teacher)
             # Every rank decides together: one rank skipping alone would hang the collectives.
@@ -162,7 +163,6 @@ class Trainer:
             self.engine.backward(loss)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-            grad_norm = None
             if self.engine.is_gradient_accumulation_boundary():
                 if grads_nonfinite(self.engine, self.info.device):
                     skipped = True
