@@ -14,7 +14,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 WORDNET_DIR = Path("/usr/share/wordnet")

@@ -4,8 +4,6 @@ Each takes its overrides as `key=value` strings and hands back what the test com
 
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 
@@ -28,14 +26,13 @@ def fit_body(preset: str, *overrides: str):
                  "skipped": tr.guard.skipped_total})
 
 
-def ema_body(*overrides: str):
-    """Shard-local EMA under ZeRO-3 vs the same update computed on gathered full weights."""
-    import deepspeed
+def ema_check(tr) -> dict:
+    """The shard-local EMA vs the same update computed on gathered weights.
 
-    tr = _trainer("image-tiny", overrides)
-    it = iter(tr.loader)
-    for _ in range(3):  # move student and teacher apart
-        tr.train_step([next(it)])
+    Per rank: with TP > 1 a 'gathered' parameter is this TP rank's slice, reassembled over the
+    data-parallel group.  Decay 0.5 is a large step: a stale gathered copy (the bug this guards
+    against) would be off by half the student-teacher gap."""
+    import deepspeed
 
     def gathered(params):
         out = {}
@@ -44,16 +41,26 @@ def ema_body(*overrides: str):
                 out[n] = p.data.detach().clone().double()
         return out
 
-    t0 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
-    s = gathered((n, s) for n, _, s in tr.teacher.pairs)
-    local_sizes = {n: (t.ds_tensor.numel(), t.ds_numel) for n, t, _ in tr.teacher.pairs}
-    d = 0.5  # a large step: a stale gathered copy would be off by half the student-teacher gap
+    pairs = tr.teacher.pairs
+    t0 = gathered((n, t) for n, t, _ in pairs)
+    s = gathered((n, s) for n, _, s in pairs)
+    sharded = sum(1 for _, t, _ in pairs if t.ds_tensor.numel() < t.ds_numel)
+    d = 0.5
     tr.teacher.update(d)
-    t1 = gathered((n, t) for n, t, _ in tr.teacher.pairs)
+    t1 = gathered((n, t) for n, t, _ in pairs)
     err = max(float((t1[n] - (d * t0[n] + (1 - d) * s[n])).abs().max()) for n in t0)
     moved = max(float((t1[n] - t0[n]).abs().max()) for n in t0)
-    sharded = sum(1 for n, (loc, full) in local_sizes.items() if loc < full)
-    save_result({"err": err, "moved": moved, "sharded": sharded, "n": len(t0)})
+    return {"err": err, "moved": moved, "sharded": sharded, "n": len(t0),
+            "shapes": {n: list(t1[n].shape) for n in t1}}
+
+
+def ema_body(*overrides: str):
+    """Train 3 updates (student and teacher move apart), then the sharded-EMA check."""
+    tr = _trainer("image-tiny", overrides)
+    it = iter(tr.loader)
+    for _ in range(3):
+        tr.train_step([next(it)])
+    save_result(ema_check(tr))
 
 
 class _NanGrad(torch.autograd.Function):

@@ -4,7 +4,6 @@ the target / prediction variance above the collapse thresholds."""
 import time
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -5,9 +5,6 @@ Every test starts real torchrun process groups with real DeepSpeed engines on re
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

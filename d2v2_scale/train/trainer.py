@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import sys
-import time
 from pathlib import Path
 
 import deepspeed
