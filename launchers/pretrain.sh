@@ -118,6 +118,10 @@ case "$MODE" in
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
     export MASTER_ADDR MASTER_PORT
+    # sbatch forwards the submitting shell's environment; torchrun-style variables left there
+    # (RANK=0 WORLD_SIZE=1 from a notebook or an earlier single-process run) would win over
+    # SLURM_PROCID/SLURM_NTASKS in every task and make each one a world of its own.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK TORCHELASTIC_RUN_ID
     echo "pretrain.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} nodes x" \
          "${SLURM_NTASKS_PER_NODE:-?} tasks, master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
     # srun forwards SIGUSR1 to every task; each task's trainer checkpoints and exits.

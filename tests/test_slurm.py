@@ -76,8 +76,8 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(SLURM_LOCAL), "down"], env=env, capture_output=True, timeout=60)
 
 
-def _sl(sl: Path, *args: str, check=True) -> str:
-    r = subprocess.run([str(sl), *args], capture_output=True, text=True, timeout=60)
+def _sl(sl: Path, *args: str, check=True, env: dict | None = None) -> str:
+    r = subprocess.run([str(sl), *args], capture_output=True, text=True, timeout=60, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r.stdout
@@ -92,11 +92,14 @@ def _submit(sl: Path, out: Path, manifest: str, *overrides: str) -> str:
     """sbatch pretrain.sh on 2 nodes x 2 tasks; the #SBATCH sizes are for GPU nodes, so the
     command line overrides them (4 CPU processes, no GPUs)."""
     out.mkdir(parents=True, exist_ok=True)
+    # Submit from a shell that carries a single-process run's torchrun-style variables (sbatch
+    # forwards them): the launcher must still give each task its SLURM rank (a CI failure once).
+    polluted = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     return _sl(sl, "sbatch", "--parsable", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=2",
                "--cpus-per-task=1", "--gpus-per-node=0", "--time=20", f"--output={out}/slurm-%j.out",
                str(SCRIPT), "--python", sys.executable, "--preset", "image-tiny", "--manifest", manifest,
                "--output-dir", str(out / "run"), "parallel.tp=2", "parallel.zero_stage=3",
-               "logging.every_steps=5", *overrides).strip().split(";")[0]
+               "logging.every_steps=5", *overrides, env=polluted).strip().split(";")[0]
 
 
 def _wait(sl: Path, job: str, until, timeout: float, what: str) -> dict:
