@@ -157,7 +157,13 @@ def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
     # what SLURM does ahead of the time limit with `#SBATCH --signal=B:USR1@300`
     _sl(slurm, "scancel", "--signal=USR1", "--batch", job)
     _wait(slurm, job, lambda i: int(i.get("Restarts", 0)) >= 1 and i.get("JobState") == "PENDING", 300, "requeue")
-    # Slurm holds a requeued job ~2 minutes (Reason=BeginTime, measured on 22.05): release it now
+    # Slurm holds a requeued job ~2 minutes (Reason=BeginTime, measured on 22.05): release it once
+    # both nodes have finished the first run (released while a node is still COMPLETING, the
+    # restart can fail to launch: seen once in CI)
+    t1 = time.time()
+    while set(_sl(slurm, "sinfo", "-h", "-o", "%T").split()) - {"idle"}:
+        assert time.time() - t1 < 120, _sl(slurm, "sinfo", "-h", "-o", "%N %T")
+        time.sleep(1)
     _sl(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     info = _wait(slurm, job, _done, 420, "the end of the requeued job")
     log = _log(tmp_path, job)  # --open-mode=append: both runs' output
