@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decoder import ConvDecoder
 from .layers import BertLinear, KaimingConv1d
 from .modality import Modality, register
 
@@ -113,8 +112,3 @@ class Audio(Modality):
 
     def build_positions(self) -> nn.Module:
         return ConvPositions(self.mcfg)
-
-    def build_decoder(self) -> nn.Module:
-        m = self.mcfg
-        return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
-                           m.decoder_residual, ndim=1)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .decoder import ConvDecoder
+
 REGISTRY: dict[str, type["Modality"]] = {}
 
 
@@ -59,7 +61,10 @@ class Modality:
         return None
 
     def build_decoder(self) -> nn.Module:
-        raise NotImplementedError
+        """Default: 1-D convs over the sequence (audio, text); images override with 2-D convs."""
+        m = self.mcfg
+        return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
+                           m.decoder_residual, ndim=1)
 
     def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
         """Default: the teacher starts from the student's local features (detached)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .decoder import ConvDecoder
 from .layers import BertEmbedding
 from .modality import Modality, register
 
@@ -48,8 +47,3 @@ class Text(Modality):
 
     def build_local(self) -> nn.Module:
         return TextLocal(self.mcfg)
-
-    def build_decoder(self) -> nn.Module:
-        m = self.mcfg
-        return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
-                           m.decoder_residual, ndim=1)
