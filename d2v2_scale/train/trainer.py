@@ -148,7 +148,7 @@ class Trainer:
         """One optimizer update over `grad_accum` micro-batches.  Returns scalars to log."""
         assert len(micro_batches) == self.cfg.optim.grad_accum
         self.engine.train()
-        stats_sum: dict[str, float] = {}
+        stats_sum: dict[str, torch.Tensor] = {}  # device tensors: no host sync per statistic
         skipped = False
         grad_norm = None  # measured here only without ZeRO (DeepSpeed reports it otherwise)
         for mb in micro_batches:
@@ -159,7 +159,7 @@ class Trainer:
                 break
             self.engine.backward(loss)
             for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().double()
             if self.engine.is_gradient_accumulation_boundary():
                 if grads_nonfinite(self.engine, self.info.device):
                     skipped = True
@@ -192,7 +192,7 @@ class Trainer:
         decay = self.ema_decay()
         if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
             self.teacher.update(decay)
-        out = self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})
+        out = self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})  # one sync
         gn = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
                     else self.engine.get_lr()[0],
@@ -204,17 +204,19 @@ class Trainer:
             self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
         return out
 
-    def _dp_mean(self, scalars: dict[str, float]) -> dict[str, float]:
-        """Average logged statistics over the data-parallel group (one small all-reduce), so the
-        logged loss is the global batch's, not rank 0's share of it."""
-        if self.info.dp_size == 1 or not scalars:
-            return scalars
-        from megatron.core import parallel_state as ps
-
+    def _dp_mean(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Average logged statistics over the data-parallel group, so the logged loss is the
+        global batch's, not rank 0's share of it: one stacked all-reduce, one host copy."""
+        if not scalars:
+            return {}
         keys = sorted(scalars)
-        t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return {k: float(v) / self.info.dp_size for k, v in zip(keys, t.tolist())}
+        t = torch.stack([scalars[k].to(self.info.device, torch.float64) for k in keys])
+        if self.info.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+            t = t / self.info.dp_size
+        return dict(zip(keys, t.tolist()))
 
     # ------------------------------------------------------------------------------------
     def state_client(self) -> dict:
