@@ -37,14 +37,14 @@ def _build(name, **model_overrides):
 def _capture(student):
     """Record the encoder output and the decoder input/output of the next forward."""
     cap = {}
-    run_blocks = student.encoder.run_blocks
+    run_blocks = student.encoder.run_blocks_tbd
 
     def run_blocks_rec(*a, **k):
         out = run_blocks(*a, **k)
-        cap["encoder_out"] = out[0]
+        cap["encoder_out"] = out[0].transpose(0, 1)  # [T, N, D] -> [N, T, D]
         return out
 
-    student.encoder.run_blocks = run_blocks_rec
+    student.encoder.run_blocks_tbd = run_blocks_rec
     student.decoder.register_forward_hook(lambda m, i, o: cap.update(dec_in=i[0], dec_out=o))
     return cap
 

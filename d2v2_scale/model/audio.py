@@ -110,5 +110,8 @@ class Audio(Modality):
     def build_local(self) -> nn.Module:
         return AudioLocal(self.mcfg)
 
+    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
+        return frame_padding(batch.get("padding_mask"), n_tokens, [tuple(x) for x in self.mcfg.conv_feature_layers])
+
     def build_positions(self) -> nn.Module:
         return ConvPositions(self.mcfg)

@@ -20,6 +20,7 @@ The CLS term is summed over the N rows, not averaged: data2vec 2.0 weights it by
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from .encoder import Encoder, kept_indices
 from .modality import get_modality
-from .targets import make_targets
+from .targets import accumulate_layers, finish_targets, make_targets
 
 MASK_NOISE_STD = 0.01  # decoder input at masked slots: N(0, 0.01^2)
 
@@ -54,13 +55,15 @@ class Data2Vec2Teacher(nn.Module):
     """The EMA teacher: forward(x, padding=None) -> targets [B, T, D] fp32 (extra tokens dropped).
 
     x is the raw image (image), the student's local features (audio) or the student's
-    embeddings (text).  Always in eval mode; parameters are frozen."""
+    embeddings (text).  Always in eval mode; parameters are frozen.  Under pipeline parallelism
+    each stage holds a slice of the blocks and runs `forward_stage` (see train/pipeline.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.mcfg = cfg.model
         modality = get_modality(cfg.model)
         self.encoder = Encoder(cfg.model, modality, parts=modality.teacher_parts)
+        self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
         self.requires_grad_(False)
         self.train(False)
 
@@ -72,6 +75,42 @@ class Data2Vec2Teacher(nn.Module):
             x, padding = self.encoder.local_features(x, padding)
         _, layers = self.encoder.forward_full(x, padding, self.mcfg.top_k_layers)
         return make_targets(layers, self.mcfg, padding)
+
+    @torch.no_grad()
+    def forward_stage(self, x: Tensor, padding: Tensor | None, partial: Tensor | None = None):
+        """One pipeline stage.  x: the teacher input (first stage) or the hidden state [E + T, B, D]
+        received from the previous stage; padding [B, T] token padding; partial [B, T, D] fp32:
+        the sum of the normalized top-K layers so far (None before the first tap).
+
+        -> (hidden [E + T, B, D], partial) for the next stage, or targets [B, T, D] fp32 (last)."""
+        m = self.mcfg
+        if self.first_stage:
+            if self.encoder.local is not None:
+                x, _ = self.encoder.local_features(x, padding)
+            x = self.encoder.contextualize(x, keep=None, zero=padding).transpose(0, 1)
+        s, b = x.shape[:2]
+        bias = self.encoder.bias(b, s, None, padding, x.dtype, x.device)
+        x, taps = self.encoder.run_blocks_tbd(x, bias, m.top_k_layers)
+        e = self.encoder.num_extra_tokens
+        partial = accumulate_layers([t[:, e:] for t in taps], m, padding, partial)
+        if self.last_stage:
+            return finish_targets(partial, m, padding)
+        return x, partial
+
+
+@dataclass
+class StudentLayout:
+    """What every pipeline stage derives from the batch alone (no activations needed).
+
+    mask [N, T] (True = masked), padding [B, T] | None (token padding), pad [N, T] | None (per
+    clone), zero [N, T] (masked or padded: zeroed before the positional conv), keep [N, T_keep]
+    (ascending kept positions)."""
+
+    mask: Tensor
+    padding: Tensor | None
+    pad: Tensor | None
+    zero: Tensor
+    keep: Tensor
 
 
 class Data2Vec2(nn.Module):
@@ -87,6 +126,7 @@ class Data2Vec2(nn.Module):
         self.decoder = self.modality.build_decoder()
         self.clone_batch = m.clone_batch
         self.loss_scale = m.loss_scale if m.loss_scale is not None else 1.0 / math.sqrt(m.embed_dim)
+        self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
 
     # ---------------------------------------------------------------------------------------
     def token_loss(self, pred: Tensor, target: Tensor) -> Tensor:
@@ -98,6 +138,31 @@ class Data2Vec2(nn.Module):
             l = F.mse_loss(pred, target, reduction="none")
         return l.sum(-1) * self.loss_scale
 
+    def stat_names(self) -> list[str]:
+        """The keys of the stats dict forward returns, in a fixed order (pipeline stages that
+        compute no loss still take part in the collective that spreads them)."""
+        names = ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var"]
+        if self.mcfg.cls_loss_weight > 0 and self.encoder.num_extra_tokens > 0:
+            names.append("loss_cls")
+        return names
+
+    def layout(self, batch: dict) -> StudentLayout:
+        mask = batch["mask"]  # [N, T] True = masked (or padding)
+        m = self.clone_batch
+        padding = self.modality.token_padding(batch, mask.shape[1])  # [B, T] | None
+        pad = padding.repeat_interleave(m, 0) if padding is not None else None
+        return StudentLayout(mask=mask, padding=padding, pad=pad, zero=mask if pad is None else mask | pad,
+                             keep=kept_indices(mask))
+
+    @torch.no_grad()
+    def teacher_source(self, batch: dict) -> Tensor:
+        """The tensor the teacher starts from: the raw input, or (teacher without its own front end)
+        the student's local features, detached."""
+        if "local" in self.modality.teacher_parts:
+            return self.modality.teacher_input(batch, None)
+        features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+        return self.modality.teacher_input(batch, features)
+
     @torch.no_grad()
     def teacher_targets(self, batch: dict, features: Tensor, padding: Tensor | None,
                         teacher: Callable | None) -> Tensor:
@@ -108,30 +173,42 @@ class Data2Vec2(nn.Module):
         y = teacher(x) if padding is None else teacher(x, padding)
         return y.float()
 
-    def forward(self, batch: dict, teacher: Callable | None = None) -> tuple[Tensor, dict]:
-        mask = batch["mask"]  # [N, T] True = masked (or padding)
+    def forward(self, batch: dict, teacher: Callable | None = None, *, hidden: Tensor | None = None,
+                targets: Tensor | None = None):
+        """Whole model (no pipeline): forward(batch, teacher) -> (loss, stats).
+
+        Pipeline stage: forward(batch, hidden=the previous stage's output [E + T_keep, N, D] (not on
+        the first stage), targets=teacher targets [B, T, D] (last stage)) -> the hidden state for
+        the next stage, or (loss, stats) on the last stage."""
+        lay = self.layout(batch)
         m = self.clone_batch
+        if self.first_stage:
+            # 1. local features, once per sample: [B, T, D]
+            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+            b, t, d = features.shape
+            if lay.mask.shape != (b * m, t):
+                raise ValueError(f"batch['mask'] is {tuple(lay.mask.shape)}, expected [B*M, T] = [{b * m}, {t}] "
+                                 f"(B={b}, M=model.clone_batch={m})")
+            # 2. teacher: once per sample, full input
+            if targets is None and self.last_stage:
+                targets = self.teacher_targets(batch, features, lay.padding, teacher)  # [B, T, D]
+            # 3. clone batch: M copies of each sample, each with its own mask
+            x = features.repeat_interleave(m, 0)  # [N, T, D]
+            # 4a. positions on the full sequence, then only kept tokens (+ extra tokens)
+            x = self.encoder.contextualize(x, keep=lay.keep, zero=lay.zero).transpose(0, 1)  # [S, N, D]
+        else:
+            x = hidden  # [S, N, D], S = E + T_keep
+        # 4b. the blocks (this stage's)
+        s, n = x.shape[:2]
+        bias = self.encoder.bias(n, s, lay.keep, None, x.dtype, x.device)
+        x, _ = self.encoder.run_blocks_tbd(x, bias)
+        if not self.last_stage:
+            return x
+        return self.loss(x.transpose(0, 1), targets, lay)
 
-        # 1. local features, once per sample: [B, T, D]
-        features, padding = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
-        b, t, d = features.shape
-        if mask.shape != (b * m, t):
-            raise ValueError(f"batch['mask'] is {tuple(mask.shape)}, expected [B*M, T] = [{b * m}, {t}] "
-                             f"(B={b}, M=model.clone_batch={m})")
-
-        # 2. teacher: once per sample, full input
-        targets = self.teacher_targets(batch, features, padding, teacher)  # [B, T, D]
-
-        # 3. clone batch: M copies of each sample, each with its own mask
-        x = features.repeat_interleave(m, 0)  # [N, T, D]
-        pad = padding.repeat_interleave(m, 0) if padding is not None else None
-        zero = mask if pad is None else mask | pad
-
-        # 4. student: positions on the full sequence, then only kept tokens (+ extra tokens)
-        keep = kept_indices(mask)  # [N, T_keep], ascending original positions
-        x = self.encoder.contextualize(x, keep=keep, zero=zero)  # [N, E + T_keep, D]
-        bias = self.encoder.bias(x.shape[0], x.shape[1], keep, None, x.dtype, x.device)
-        x, _ = self.encoder.run_blocks(x, bias)
+    def loss(self, x: Tensor, targets: Tensor, lay: StudentLayout) -> tuple[Tensor, dict]:
+        """Student output x [N, E + T_keep, D], targets [B, T, D] -> (loss, stats)."""
+        m, mask, pad = self.clone_batch, lay.mask, lay.pad
         e = self.encoder.num_extra_tokens
 
         # 5. decoder: noise at masked slots, original order, one prediction per position
@@ -149,6 +226,7 @@ class Data2Vec2(nn.Module):
 
         if self.mcfg.cls_loss_weight > 0 and e > 0:
             # the final CLS output regresses the mean target over the sample's (real) positions
+            padding = lay.padding
             if padding is None:
                 cls_target = targets.mean(1)
             else:

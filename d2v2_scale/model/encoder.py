@@ -7,7 +7,9 @@ Parts (the teacher builds a subset; names are the same in both, see model/__init
     extra_tokens   [1, E, D] (image CLS)
     context_norm   LayerNorm before the prenet (post-LN models)
     final_norm     LayerNorm after the last block (pre-LN models only)
-    blocks.{i}     `total_blocks` blocks; the first `prenet_depth` are the prenet (never targets)
+    blocks.{i}     `total_blocks` blocks; the first `prenet_depth` are the prenet (never targets).
+                   Keyed by the global block index, so a pipeline stage that keeps only blocks
+                   4..7 still names them blocks.4..7 (checkpoints join stages by name)
     alibi_scale    [H / tp] learned ALiBi scale per head of this TP rank, shared by all blocks
 """
 
@@ -47,6 +49,24 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+class BlockStack(nn.ModuleDict):
+    """The blocks, keyed by global index: iterates like a ModuleList (the blocks, in order), and
+    `stack[i]` is global block i.  A pipeline stage deletes the blocks it does not own and keeps
+    the names (`blocks.5.` stays `blocks.5.`), so stage checkpoints join by name."""
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, i) -> nn.Module:
+        return self._modules[str(i)]
+
+    def __delitem__(self, i) -> None:
+        del self._modules[str(i)]
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self._modules]
+
+
 class Encoder(nn.Module):
     def __init__(self, mcfg, modality: Modality, parts: frozenset | set = frozenset({"local", "context"})):
         super().__init__()
@@ -63,7 +83,8 @@ class Encoder(nn.Module):
         # pre-LN models normalize after the last block instead of before the first
         self.final_norm = nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps) if mcfg.pre_ln else None
         tcfg = make_transformer_config(mcfg)
-        self.blocks = nn.ModuleList(Block(mcfg, tcfg, i + 1) for i in range(mcfg.total_blocks))
+        self.blocks = BlockStack({str(i): Block(mcfg, tcfg, i + 1) for i in range(mcfg.total_blocks)})
+        self.total_blocks = mcfg.total_blocks
         self.prenet_depth = mcfg.prenet_depth
         self.layerdrop = mcfg.layerdrop
         if mcfg.alibi:
@@ -111,20 +132,26 @@ class Encoder(nn.Module):
 
     def run_blocks(self, x: Tensor, bias: Tensor | None, top_k: int = 0) -> tuple[Tensor, list[Tensor]]:
         """x [N, T, D] -> (x [N, T, D], FFN outputs of the last `top_k` blocks, each [N, T, D])."""
-        x = x.transpose(0, 1)  # Megatron layout [T, N, D]
+        x, outs = self.run_blocks_tbd(x.transpose(0, 1), bias, top_k)
+        return x.transpose(0, 1), outs
+
+    def run_blocks_tbd(self, x: Tensor, bias: Tensor | None, top_k: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """Megatron layout: x [T, N, D] -> (x [T, N, D], taps), through the blocks this module
+        holds (all of them, or one pipeline stage's slice), then the final LayerNorm if it holds it.
+
+        taps: FFN outputs [N, T, D] of the blocks among the model's last `top_k` (global index)."""
         outs = []
-        n_blocks = len(self.blocks)
-        for i, blk in enumerate(self.blocks):
+        for i, blk in zip(self.blocks.indices(), self.blocks):
             # layerdrop (student only; the default RNG is identical on all TP ranks)
             if self.training and self.layerdrop > 0 and i >= self.prenet_depth and not top_k:
                 if float(torch.rand(())) < self.layerdrop:
                     continue
             x, t = blk(x, bias)
-            if i >= n_blocks - top_k:
+            if i >= self.total_blocks - top_k:
                 outs.append(t.transpose(0, 1))
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x.transpose(0, 1), outs
+        return x, outs
 
     def forward_full(self, x: Tensor, padding: Tensor | None, top_k: int) -> tuple[Tensor, list[Tensor]]:
         """Unmasked pass (teacher, parity tests): x [B, T, D] features -> (out, top-K FFN outputs),

@@ -12,7 +12,9 @@ and says:
   * `context_norm`: LayerNorm after positions/extra tokens, before the prenet (post-LN models);
   * `input_dropout`: dropout on the encoder input (text: 0.1 on the embeddings);
   * `teacher_parts`: which encoder parts the teacher owns besides its blocks;
-  * `teacher_input(batch, features)`: the tensor the teacher is called with.
+  * `teacher_input(batch, features)`: the tensor the teacher is called with;
+  * `token_padding(batch, T)`: the padding `build_local()` returns, from the batch alone (pipeline
+    stages after the first have no front end).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Modality:
         m = self.mcfg
         return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
                            m.decoder_residual, ndim=1)
+
+    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
+        """[B, T] True = padding, or None; default: nothing is padded (fixed-size inputs)."""
+        return None
 
     def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
         """Default: the teacher starts from the student's local features (detached)."""

@@ -34,14 +34,14 @@ def layer_norm_channels(x: Tensor, eps: float = EPS) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-def make_targets(layer_outputs: list[Tensor], mcfg, padding: Tensor | None = None) -> Tensor:
-    """Average of the per-layer normalized FFN outputs -> targets [B, T, D] (fp32).
+def accumulate_layers(layer_outputs: list[Tensor], mcfg, padding: Tensor | None = None,
+                      partial: Tensor | None = None) -> Tensor | None:
+    """partial + sum_k norm_k(t_k) in fp32 ([B, T, D]), or `partial` when there are no layers.
 
-    layer_outputs: the last K blocks' FFN outputs, each [B, T, D] (extra tokens removed).
-    mcfg: ModelConfig (instance_norm_target_layer, layer_norm_target_layer,
-          layer_norm_targets, instance_norm_targets).
-    """
-    y = None
+    Split from `make_targets` for pipeline parallelism: the top-K blocks may live on several
+    stages; each stage adds its blocks' normalized outputs to the running sum it received, in the
+    same order as one process would, so the targets do not depend on the pipeline layout."""
+    y = partial
     for t in layer_outputs:
         t = t.float()
         if mcfg.instance_norm_target_layer:
@@ -49,9 +49,26 @@ def make_targets(layer_outputs: list[Tensor], mcfg, padding: Tensor | None = Non
         if mcfg.layer_norm_target_layer:
             t = layer_norm_channels(t)
         y = t if y is None else y + t
-    y = y / len(layer_outputs)
+    return y
+
+
+def finish_targets(y_sum: Tensor, mcfg, padding: Tensor | None = None) -> Tensor:
+    """Sum of the K normalized layers [B, T, D] -> targets [B, T, D] (fp32)."""
+    y = y_sum / mcfg.top_k_layers
     if mcfg.layer_norm_targets:
         y = layer_norm_channels(y)
     if mcfg.instance_norm_targets:
         y = instance_norm_time(y, padding)
     return y
+
+
+def make_targets(layer_outputs: list[Tensor], mcfg, padding: Tensor | None = None) -> Tensor:
+    """Average of the per-layer normalized FFN outputs -> targets [B, T, D] (fp32).
+
+    layer_outputs: the last K = mcfg.top_k_layers blocks' FFN outputs, each [B, T, D] (extra
+    tokens removed).  mcfg: ModelConfig (instance_norm_target_layer, layer_norm_target_layer,
+    layer_norm_targets, instance_norm_targets).
+    """
+    if len(layer_outputs) != mcfg.top_k_layers:
+        raise ValueError(f"{len(layer_outputs)} layer outputs for model.top_k_layers={mcfg.top_k_layers}")
+    return finish_targets(accumulate_layers(layer_outputs, mcfg, padding), mcfg, padding)

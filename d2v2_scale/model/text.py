@@ -14,6 +14,13 @@ from .layers import BertEmbedding
 from .modality import Modality, register
 
 
+def token_padding(source: Tensor, padding_mask: Tensor | None, pad_id: int) -> Tensor | None:
+    """[B, T] True = padding (given, or where the token is the pad id); None when nothing is padded."""
+    if padding_mask is None:
+        padding_mask = source.eq(pad_id)
+    return padding_mask if bool(padding_mask.any()) else None
+
+
 class TextLocal(nn.Module):
     """(tokens [B, T] int64, padding [B, T] | None) -> (embeddings [B, T, D], padding | None)."""
 
@@ -28,10 +35,8 @@ class TextLocal(nn.Module):
         t = source.shape[1]
         if t > self.positions.num_embeddings:
             raise ValueError(f"text of {t} tokens exceeds model.max_positions={self.positions.num_embeddings}")
-        if padding_mask is None:
-            padding_mask = source.eq(self.pad)
         x = self.tokens(source) + self.positions.weight[:t][None]
-        return self.norm(x), (padding_mask if bool(padding_mask.any()) else None)
+        return self.norm(x), token_padding(source, padding_mask, self.pad)
 
 
 @register
@@ -47,3 +52,6 @@ class Text(Modality):
 
     def build_local(self) -> nn.Module:
         return TextLocal(self.mcfg)
+
+    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
+        return token_padding(batch["source"], batch.get("padding_mask"), self.mcfg.pad_token_id)
