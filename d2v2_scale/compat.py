@@ -8,6 +8,7 @@ project patches third-party libraries.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -56,3 +57,37 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, message=r"full scope is deprecated")
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"Warning: tp_group is None")
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu():
+    """Megatron-core's pipeline schedules and p2p code hard-code CUDA: `torch.cuda.current_device()`
+    for receive buffers, `torch.cuda.synchronize()` after the shape exchange, and
+    `torch.zeros(..., device="cuda")` for the token counter.  On a CPU-only run, point all three at
+    the CPU for the duration of one schedule call (no-op with CUDA)."""
+    if not on_cpu():
+        yield
+        return
+    from torch.overrides import TorchFunctionMode
+
+    def _cpu(dev):
+        if isinstance(dev, int) or (isinstance(dev, str) and dev.startswith("cuda")) or \
+                (isinstance(dev, torch.device) and dev.type == "cuda"):
+            return torch.device("cpu")
+        return dev
+
+    class _CudaToCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "device" in kwargs:
+                kwargs["device"] = _cpu(kwargs["device"])
+            return func(*args, **kwargs)
+
+    saved = torch.cuda.current_device, torch.cuda.synchronize
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize = saved

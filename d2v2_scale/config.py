@@ -472,9 +472,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"model.depth + model.prenet_depth = {m.total_blocks} blocks are not divisible by "
                     f"parallel.pp={p.pp}: choose pp in {_divisors(m.total_blocks)}")
     if p.pp > 1 and p.zero_stage >= 2:
-        errs.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
-                    "supports only ZeRO stage 0 or 1 (ZeRO-2/3 partition gradients/parameters that pipeline "
-                    "stages own). Use parallel.zero_stage=1 with pp>1, or pp=1 with ZeRO-3 (add tp to fit memory)")
+        errs.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: pipeline parallelism works with "
+                    "ZeRO stage 1 only (ZeRO-2/3 reduce and partition gradients/parameters during backward, which the "
+                    "pipeline schedule interleaves across micro-batches). Use parallel.zero_stage=1 with pp>1, or "
+                    "pp=1 with ZeRO-3 (add tp to fit memory)")
+    elif p.pp > 1 and p.zero_stage == 0:
+        errs.append(f"parallel.zero_stage=0 with parallel.pp={p.pp}: pipeline parallelism is wired for ZeRO stage 1 "
+                    "(DeepSpeed's ZeRO-0 gradient clipping does not sum the norm over pipeline stages). Use "
+                    "parallel.zero_stage=1: the same compute and gradient traffic, optimizer states sharded over "
+                    "data parallelism")
     if p.zero_stage not in (0, 1, 2, 3):
         errs.append(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
     if p.tp < 1 or p.pp < 1:

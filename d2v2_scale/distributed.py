@@ -209,8 +209,11 @@ class MegatronMPU:
     """Megatron-core parallel_state in the shape DeepSpeed's `mpu=` expects.
 
     DeepSpeed calls `get_model_parallel_*` (Megatron-LM's old names), which parallel_state no
-    longer has; "model parallel" here means tensor parallel, the only dimension DeepSpeed must
-    not partition or average across.
+    longer has.  "Model parallel" is Megatron's: tensor x pipeline parallel, the ranks DeepSpeed
+    must neither partition nor average across.  Its rank names the checkpoint files
+    (mp_rank_XX = pp_rank * tp + tp_rank), and its group is where ZeRO sums the gradient norm, so
+    the norm covers every stage; parameters replicated across TP ranks are counted on TP rank 0
+    (DeepSpeed asks `get_tensor_model_parallel_rank` for that).
     """
 
     def __init__(self):
@@ -219,13 +222,13 @@ class MegatronMPU:
         self.ps = ps
 
     def get_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
+        return dist.get_rank(group=self.ps.get_model_parallel_group())
 
     def get_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return dist.get_world_size(group=self.ps.get_model_parallel_group())
 
     def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.ps.get_model_parallel_group()
 
     def get_data_parallel_rank(self):
         return self.ps.get_data_parallel_rank()

@@ -9,7 +9,15 @@ exactly) or float16.  Files shorter than --min-seconds are skipped; files longer
 --max-seconds are split into consecutive --max-seconds segments (--long split, the default;
 a final piece shorter than --min-seconds is dropped and noted) or skipped (--long skip).
 
-Columns: audio (list<int16|halffloat>), n_samples, duration (seconds), path, segment.
+Labels (optional, for the linear probe; training ignores them): --label-from parent (the
+file's folder name; files directly in SRC are unlabelled), stem (the file name without its
+extension, e.g. digits/7.wav -> "7") or filelist (--label-list FILE of `path<TAB>label` lines,
+path as found under SRC; files not listed are unlabelled).  Labels that are all integers are
+kept as class ids; otherwise the sorted distinct names become ids 0..C-1 (manifest `classes`).
+Segments of a split file share its label.
+
+Columns: audio (list<int16|halffloat>), n_samples, duration (seconds), path, segment, and with
+--label-from also label (int64, -1 = unlabelled).
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from .pipeline import ItemResult, Skip
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".snd", ".w64", ".caf"}
 
 
-def schema(dtype: str) -> pa.Schema:
+def schema(dtype: str, labels: bool = False) -> pa.Schema:
     vt = pa.int16() if dtype == "int16" else pa.float16()
-    return pa.schema([("audio", pa.list_(vt)), ("n_samples", pa.int64()), ("duration", pa.float64()),
-                      ("path", pa.string()), ("segment", pa.int32())])
+    fields = [("audio", pa.list_(vt)), ("n_samples", pa.int64()), ("duration", pa.float64()),
+              ("path", pa.string()), ("segment", pa.int32())]
+    # only when asked for: unlabelled corpora keep the schema (and fingerprint) they always had
+    return pa.schema(fields + ([pipeline.LABEL_FIELD] if labels else []))
 
 
 def list_inputs(src: str) -> list[tuple[str, str, int]]:
@@ -65,6 +75,42 @@ def list_inputs(src: str) -> list[tuple[str, str, int]]:
     raise SystemExit(f"error: audio input {src} is neither a folder nor a tsv manifest")
 
 
+def read_label_list(path: str) -> dict[str, str]:
+    """`path<TAB>label` lines (blank lines and # comments skipped) -> {path: label}."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 2:
+            raise SystemExit(f"error: {path}:{n}: expected 'path<TAB>label', got {line!r}")
+        out[os.path.normpath(parts[0])] = parts[1]
+    return out
+
+
+def item_labels(items: list[tuple[str, str, int]], label_from: str | None,
+                label_list: str | None = None) -> tuple[list[int] | None, list[str]]:
+    """Per-item class ids (-1 = unlabelled) and class names, or (None, []) without --label-from.
+
+    items: list_inputs' (absolute path, display path, n_samples); the display path (relative
+    to SRC) names the parent folder / stem and is what a --label-list line is matched against
+    (an absolute path in the list matches too)."""
+    if not label_from:
+        return None, []
+    if label_from == "parent":
+        raw = [Path(d).parent.name or None for _, d, _ in items]  # loose files in SRC: unlabelled
+    elif label_from == "stem":
+        raw = [Path(d).stem for _, d, _ in items]
+    elif label_from == "filelist":
+        if not label_list:
+            raise SystemExit("error: --label-from filelist needs --label-list FILE (path<TAB>label lines)")
+        table = read_label_list(label_list)
+        raw = [table.get(os.path.normpath(d), table.get(os.path.normpath(a))) for a, d, _ in items]
+    else:
+        raise SystemExit(f"error: unknown --label-from {label_from!r}")
+    return pipeline.label_ids(raw)
+
+
 def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
@@ -84,7 +130,8 @@ def load_mono(path: str, target_sr: int | None) -> tuple[np.ndarray, int, int]:
 
 def process(item, sample_rate: int, resample: bool, min_s: float, max_s: float, long: str,
             dtype: str) -> ItemResult:
-    path, disp, expected = item
+    """item: (path, display path, expected n_samples or -1, class id or None when unlabelled corpus)."""
+    path, disp, expected, label = item
     try:
         if os.path.getsize(path) == 0:
             return ItemResult(skips=[Skip(disp, "empty file")])
@@ -124,8 +171,11 @@ def process(item, sample_rate: int, resample: bool, min_s: float, max_s: float, 
     rows = []
     for k, piece in enumerate(pieces):
         a = to_int16(piece) if dtype == "int16" else piece.astype(np.float16)
-        rows.append({"audio": a, "n_samples": int(a.size), "duration": a.size / sample_rate, "path": disp,
-                     "segment": k})
+        row = {"audio": a, "n_samples": int(a.size), "duration": a.size / sample_rate, "path": disp,
+               "segment": k}
+        if label is not None:
+            row["label"] = label
+        rows.append(row)
     return ItemResult(rows=rows, notes=notes)
 
 
@@ -138,21 +188,34 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=30.0, help="split (or skip) longer files")
     p.add_argument("--long", choices=["split", "skip"], default="split")
     p.add_argument("--dtype", choices=["int16", "float16"], default="int16")
+    p.add_argument("--label-from", choices=["parent", "stem", "filelist"], default=None,
+                   help="store a label column: the parent folder name, the file stem, or --label-list")
+    p.add_argument("--label-list", metavar="FILE",
+                   help="path<TAB>label lines (names or integers; paths relative to SRC); "
+                        "implies --label-from filelist")
 
 
 def main(args: argparse.Namespace) -> dict:
     items = list_inputs(args.src)
     if not items:
         raise SystemExit(f"error: no audio files found under {args.src}")
+    label_from = args.label_from or ("filelist" if args.label_list else None)
+    if args.label_list and label_from != "filelist":
+        raise SystemExit(f"error: --label-list goes with --label-from filelist, not {label_from}")
+    labels, classes = item_labels(items, label_from, args.label_list)
+    items = [(a, d, n, None if labels is None else labels[i]) for i, (a, d, n) in enumerate(items)]
     proc = functools.partial(process, sample_rate=args.sample_rate, resample=args.resample,
                              min_s=args.min_seconds, max_s=args.max_seconds, long=args.long, dtype=args.dtype)
-    fp = {"modality": "audio", "items": [(d, n) for _, d, n in items], "sr": args.sample_rate,
+    fp = {"modality": "audio", "items": [(d, n) for _, d, n, _ in items], "sr": args.sample_rate,
           "resample": args.resample, "min": args.min_seconds, "max": args.max_seconds, "long": args.long,
           "dtype": args.dtype, "shard_size_mb": args.shard_size_mb}
-    return pipeline.run(args.out, modality="audio", items=items, process=proc, schema=schema(args.dtype),
+    extra = {"sample_rate": args.sample_rate, "dtype": args.dtype, "resampler": "scipy.signal.resample_poly",
+             "min_seconds": args.min_seconds, "max_seconds": args.max_seconds, "source": str(args.src)}
+    if labels is not None:  # added only when labelled, so unlabelled runs keep their old fingerprint
+        fp["labels"] = [labels, classes, label_from]
+        extra.update(classes=classes, num_classes=len(classes), label_from=label_from)
+    return pipeline.run(args.out, modality="audio", items=items, process=proc,
+                        schema=schema(args.dtype, labels is not None),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
-                        manifest_extra={"sample_rate": args.sample_rate, "dtype": args.dtype,
-                                        "resampler": "scipy.signal.resample_poly",
-                                        "min_seconds": args.min_seconds, "max_seconds": args.max_seconds,
-                                        "source": str(args.src)},
+                        manifest_extra=extra,
                         desc="audio", overwrite=args.overwrite)

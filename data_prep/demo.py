@@ -1,6 +1,14 @@
-"""A small real image corpus that installs with a registry package: scikit-learn's bundled
-handwritten digits (1797 grey 8x8 images, 10 classes, from the UCI optical digits set), written
-out as an ImageFolder tree of PNGs so it goes through `d2v2-prep image` like any corpus."""
+"""Small real corpora that install with a registry package, written out in the input formats of
+`d2v2-prep`, so they go through it like any corpus:
+
+* images: scikit-learn's bundled handwritten digits (1797 grey 8x8 images, 10 classes, from the
+  UCI optical digits set) as an ImageFolder tree of PNGs (`write_digit_folder`);
+* text: WordNet's definitions (Debian/Ubuntu package wordnet-base) labelled with their
+  lexicographer file (45 topics: noun.animal, verb.motion, ...) as `label<TAB>text` lines for
+  `d2v2-prep text --format tsv` (`write_wordnet_lexnames`).
+
+(Speech needs no writer: the asterisk prompt folders already are a tree that
+`d2v2-prep audio --label-from parent|stem` reads.)"""
 
 from __future__ import annotations
 
@@ -29,3 +37,42 @@ def write_digit_folder(root: str | Path, n_per_class: int | None = None, size: i
         Image.fromarray(arr, "L").resize((size, size), Image.Resampling.NEAREST).save(
             root / str(lab) / f"{counts[lab]:03d}.png")
     return root
+
+
+# WordNet's lexicographer files by number (lexnames(5WN)); field 2 of every data.* line.
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+    "adj.ppl").split()
+
+
+def wordnet_lexname_docs(wordnet_dir: str | Path = "/usr/share/wordnet",
+                         parts=("noun", "verb", "adj", "adv")) -> list[tuple[str, str]]:
+    """(lexname, definition) per synset of data.<part>, in file order.
+
+    The definition is the gloss without its quoted examples (the text after '| ' up to the first
+    '; "'), so a document is the definition the lexname classifies."""
+    out = []
+    for part in parts:
+        for line in (Path(wordnet_dir) / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(" ") or "| " not in line:
+                continue  # licence header
+            fields = line.split(" ", 3)
+            gloss = line.split("| ", 1)[1].split('; "', 1)[0].strip()
+            if gloss:
+                out.append((LEXNAMES[int(fields[1])], gloss))
+    return out
+
+
+def write_wordnet_lexnames(path: str | Path, wordnet_dir: str | Path = "/usr/share/wordnet",
+                           parts=("noun", "verb", "adj", "adv"), every: int = 1) -> Path:
+    """path: `lexname<TAB>definition` lines (every `every`-th synset, deterministic); returns path."""
+    docs = wordnet_lexname_docs(wordnet_dir, parts)[::every]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{lab}\t{' '.join(text.split())}\n" for lab, text in docs), encoding="utf-8")
+    return path

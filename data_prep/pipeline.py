@@ -70,6 +70,25 @@ class Packer:
         pass
 
 
+def label_ids(raw: list[str | None]) -> tuple[list[int], list[str]]:
+    """Label strings (one per item; None or "" = unlabelled) -> (ids int64-able, class names).
+
+    If every given label is an integer, the integers are the class ids (negative = unlabelled)
+    and the names are "0".."max"; otherwise every label is a name and the sorted distinct
+    names are numbered 0..C-1 (so "2" and "cat" in one corpus are two names, never a clash
+    between the name numbering and a literal id).  Deterministic: depends only on the labels."""
+    given = [r.strip() for r in raw if r is not None and r.strip()]
+    if all(g.lstrip("-").isdigit() for g in given):
+        ids = [-1 if r is None or not r.strip() else max(-1, int(r)) for r in raw]
+        return ids, [str(i) for i in range(max(ids, default=-1) + 1)]
+    names = sorted(set(given))
+    index = {n: i for i, n in enumerate(names)}
+    return [-1 if r is None or not r.strip() else index[r.strip()] for r in raw], names
+
+
+LABEL_FIELD = ("label", pa.int64())
+
+
 def row_nbytes(row: dict) -> int:
     n = 0
     for v in row.values():

@@ -8,8 +8,17 @@ Documents that are not valid UTF-8 are skipped and reported; the run goes on.
 --mode pack (default): documents (each followed by </s>) are concatenated and cut into blocks
 of --block-size tokens (the last block may be shorter); `doc_offsets` lists where documents
 start inside each block.  --mode doc: one row per document, `doc_offsets` = [0].
+
+Labelled documents (for the linear probe; training ignores labels): --format tsv reads one
+`label<TAB>text` document per line (an empty label = unlabelled), --format jsonl one JSON
+object per line with a "text" string and an optional "label" (string, integer or null).
+Labels that are all integers are kept as class ids; otherwise the sorted distinct names become
+ids 0..C-1 (manifest `classes`).  A label belongs to one document, so the label column is
+stored with --mode doc only (--mode pack drops the labels and keeps the text).
+
 Columns: tokens (list<uint16> when the vocabulary fits, else list<int32>), doc_offsets
-(list<int32>), n_tokens, source (file@byte-offset of the first document).
+(list<int32>), n_tokens, source (file@byte-offset of the first document), and with labels
+label (int64, -1 = unlabelled).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import functools
 import json
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +42,11 @@ from .pipeline import ItemResult, Packer, Skip
 CHUNK_BYTES = 1 << 20  # parallel work unit; boundaries are moved to the next document break
 
 
-def schema(wide: bool) -> pa.Schema:
-    return pa.schema([("tokens", pa.list_(pa.int32() if wide else pa.uint16())),
-                      ("doc_offsets", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("source", pa.string())])
+def schema(wide: bool, labels: bool = False) -> pa.Schema:
+    fields = [("tokens", pa.list_(pa.int32() if wide else pa.uint16())), ("doc_offsets", pa.list_(pa.int32())),
+              ("n_tokens", pa.int32()), ("source", pa.string())]
+    # only when labelled: unlabelled corpora keep the schema (and fingerprint) they always had
+    return pa.schema(fields + ([pipeline.LABEL_FIELD] if labels else []))
 
 
 def list_files(srcs: list[str]) -> list[tuple[str, str]]:
@@ -84,8 +96,28 @@ def chunk_file(path: str, disp: str, sep: bytes) -> list[tuple[str, str, int, in
     return [(path, disp, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def read_docs(item, doc_per: str) -> tuple[list[tuple[str, str]], list[Skip]]:
-    """(source, text) documents of one chunk, and skips for undecodable documents."""
+def parse_labelled(text: str, fmt: str) -> tuple[str, str | None]:
+    """One --format tsv|jsonl line -> (document text, label string or None); ValueError if malformed."""
+    if fmt == "tsv":
+        if "\t" not in text:
+            raise ValueError("malformed tsv line: no TAB between label and text")
+        label, doc = text.split("\t", 1)
+        return doc.strip(), label.strip() or None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed jsonl line: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError('malformed jsonl line: no "text" string')
+    label = obj.get("label")
+    if label is not None and not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise ValueError(f'malformed jsonl line: "label" must be a string, integer or null, not {label!r}')
+    return obj["text"].strip(), (None if label is None or label == "" else str(label))
+
+
+def read_docs(item, doc_per: str, fmt: str = "text") -> tuple[list[tuple[str, str, str | None]], list[Skip]]:
+    """(source, text, label or None) documents of one chunk, and skips for undecodable or
+    malformed documents.  fmt "text": the whole document is text, no label."""
     path, disp, start, end = item
     if end == 0:
         return [], [Skip(disp, "empty file")]
@@ -105,9 +137,16 @@ def read_docs(item, doc_per: str) -> tuple[list[tuple[str, str]], list[Skip]]:
         except UnicodeDecodeError as e:
             skips.append(Skip(src, f"not UTF-8: {e.reason} at byte {e.start}"))
             continue
+        label = None
+        if fmt != "text" and text.strip():
+            try:  # before any strip: a TSV line with an empty label starts with its TAB
+                text, label = parse_labelled(text.rstrip("\r\n"), fmt)
+            except ValueError as e:
+                skips.append(Skip(src, str(e)))
+                continue
         text = " ".join(text.split()) if doc_per == "paragraph" else text.strip()
         if text:
-            docs.append((src, text))
+            docs.append((src, text, label))
     return docs, skips
 
 
@@ -122,15 +161,20 @@ def _spm(path: str):
     return _SPM[path]
 
 
-def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool) -> ItemResult:
-    docs, skips = read_docs(item, doc_per)
+def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool, fmt: str = "text",
+            label_index: dict[str, int] | None = None) -> ItemResult:
+    """label_index: label string -> class id when the label column is stored (--mode doc), else None."""
+    docs, skips = read_docs(item, doc_per, fmt)
     sp = _spm(spm_path)
     eos = [sp.eos_id()] if add_eos and sp.eos_id() >= 0 else []
     dt = np.int32 if wide else np.uint16
     rows = []
-    for src, ids in zip([s for s, _ in docs], sp.encode([t for _, t in docs])):
+    for (src, _, label), ids in zip(docs, sp.encode([t for _, t, _ in docs])):
         toks = np.asarray(ids + eos, dtype=dt)
-        rows.append({"tokens": toks, "doc_offsets": np.zeros(1, np.int32), "n_tokens": len(toks), "source": src})
+        row = {"tokens": toks, "doc_offsets": np.zeros(1, np.int32), "n_tokens": len(toks), "source": src}
+        if label_index is not None:
+            row["label"] = -1 if label is None else label_index[label]
+        rows.append(row)
     return ItemResult(rows=rows, skips=skips)
 
 
@@ -180,24 +224,40 @@ class BlockPacker(Packer):
             self.tokens, self.docs = state["tokens"], state["docs"]
 
 
-def _collect_docs(item, doc_per):
-    docs, _ = read_docs(item, doc_per)
-    return [t for _, t in docs]
+def _collect_docs(item, doc_per, fmt="text"):
+    docs, _ = read_docs(item, doc_per, fmt)
+    return [t for _, t, _ in docs]
+
+
+def _collect_labels(item, doc_per, fmt):
+    docs, _ = read_docs(item, doc_per, fmt)
+    return sorted({lab for _, _, lab in docs if lab is not None})
+
+
+def _map_items(fn, items, workers: int) -> list:
+    import multiprocessing as mp
+
+    if workers > 1 and len(items) > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(fn, items)
+    return list(map(fn, items))
+
+
+def label_index(items, doc_per: str, fmt: str, workers: int) -> tuple[dict[str, int], list[str]]:
+    """A pass over all documents before any shard is written: class ids must not depend on
+    which documents a (resumed) run has seen.  -> ({label string: id}, class names)."""
+    found = sorted({lab for part in _map_items(functools.partial(_collect_labels, doc_per=doc_per, fmt=fmt),
+                                               items, workers) for lab in part})
+    ids, classes = pipeline.label_ids(found)
+    return dict(zip(found, ids)), classes
 
 
 def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, max_sentences: int,
-              workers: int) -> Path:
+              workers: int, fmt: str = "text") -> Path:
     """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread)."""
-    import multiprocessing as mp
-
     import sentencepiece as spm
 
-    fn = functools.partial(_collect_docs, doc_per=doc_per)
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(fn, items)
-    else:
-        parts = list(map(fn, items))
+    parts = _map_items(functools.partial(_collect_docs, doc_per=doc_per, fmt=fmt), items, workers)
     docs = [d for p in parts for d in p]
     if not docs:
         raise SystemExit("error: no valid UTF-8 documents to train sentencepiece on")
@@ -219,6 +279,9 @@ def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", nargs="+", help="text files or folders (UTF-8)")
+    p.add_argument("--format", choices=["text", "tsv", "jsonl"], default="text", dest="fmt",
+                   help="text: plain documents; tsv: 'label<TAB>text' lines; jsonl: {\"text\": ..., "
+                        "\"label\": ...} lines (labels stored with --mode doc)")
     p.add_argument("--doc-per", choices=["line", "paragraph"], default="line")
     p.add_argument("--spm-model", help="existing sentencepiece .model (default: train one)")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size of the trained model")
@@ -234,6 +297,9 @@ def main(args: argparse.Namespace) -> dict:
     files = list_files(args.src)
     if not files:
         raise SystemExit(f"error: no text files under {' '.join(args.src)}")
+    fmt = getattr(args, "fmt", "text")
+    if fmt != "text" and args.doc_per != "line":
+        raise SystemExit(f"error: --format {fmt} holds one document per line: use --doc-per line")
     sep = b"\n\n" if args.doc_per == "paragraph" else b"\n"
     items = [c for path, disp in files for c in chunk_file(path, disp, sep)]
     out = Path(args.out)
@@ -242,6 +308,8 @@ def main(args: argparse.Namespace) -> dict:
                                              for p, d in files],
                "doc_per": args.doc_per, "mode": args.mode, "block": args.block_size, "eos": args.add_eos,
                "shard_size_mb": args.shard_size_mb}
+    if fmt != "text":  # only then: plain-text runs keep their old fingerprint
+        fp_base["format"] = fmt
     if args.spm_model:
         spm_path = Path(args.spm_model).resolve()
         fp_base["spm"] = sha256_file(spm_path)
@@ -254,24 +322,31 @@ def main(args: argparse.Namespace) -> dict:
             json.loads(prog.read_text()).get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
         if not resumable or args.overwrite:
             spm_path = train_spm(items, args.doc_per, out, args.vocab_size, args.spm_type,
-                                 args.spm_max_sentences, args.workers)
+                                 args.spm_max_sentences, args.workers, fmt)
     sp = _spm(str(spm_path))
     vocab = sp.get_piece_size()
     wide = vocab > 65535
+    labelled = fmt != "text" and args.mode == "doc"
+    if fmt != "text" and not labelled:
+        print(f"note: --mode pack mixes documents in a block, so the --format {fmt} labels are not stored "
+              "(use --mode doc to keep them)", file=sys.stderr)
+    index, classes = label_index(items, args.doc_per, fmt, args.workers) if labelled else (None, [])
     proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
-                             wide=wide)
+                             wide=wide, fmt=fmt, label_index=index)
     packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
     spm_hash = sha256_file(spm_path)
     fp = dict(fp_base, spm_hash=spm_hash)
-    return pipeline.run(out, modality="text", items=items, process=proc, schema=schema(wide),
+    extra = {"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+             "unk_id": sp.unk_id(),
+             "spm_model": {"path": os.path.relpath(spm_path, out) if spm_path.parent == out else str(spm_path),
+                           "sha256": spm_hash},
+             "mode": args.mode, "block_size": args.block_size, "doc_per": args.doc_per,
+             "source": [d for _, d in files]}
+    if labelled:
+        fp["classes"] = classes
+        extra.update(input_format=fmt, classes=classes, num_classes=len(classes))
+    return pipeline.run(out, modality="text", items=items, process=proc, schema=schema(wide, labelled),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
-                        manifest_extra={"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(),
-                                        "eos_id": sp.eos_id(), "unk_id": sp.unk_id(),
-                                        "spm_model": {"path": os.path.relpath(spm_path, out)
-                                                      if spm_path.parent == out else str(spm_path),
-                                                      "sha256": spm_hash},
-                                        "mode": args.mode, "block_size": args.block_size,
-                                        "doc_per": args.doc_per,
-                                        "source": [d for _, d in files]},
+                        manifest_extra=extra,
                         packer=packer, desc="text", overwrite=args.overwrite,
                         progress_extra={"spm_args": fp_base})

@@ -75,7 +75,8 @@ def test_yaml_round_trip(tmp_path):
      r"model.num_heads=12 is not divisible by parallel.tp=8"),
     (["parallel.pp=4"], 8, r"12 blocks are not divisible by parallel.pp=4|blocks are not divisible by parallel.pp=4"),
     (["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"], 6, r"world size 6 is not divisible by tp x pp = 2 x 2"),
-    (["parallel.pp=2", "parallel.zero_stage=3"], 4, r"zero_stage=3 with parallel.pp=2.*only ZeRO stage 0 or 1.*Use"),
+    (["parallel.pp=2", "parallel.zero_stage=3"], 4, r"zero_stage=3 with parallel.pp=2.*ZeRO stage 1 only.*Use"),
+    (["parallel.pp=2", "parallel.zero_stage=0"], 4, r"zero_stage=0 with parallel.pp=2.*Use parallel.zero_stage=1"),
     (["parallel.pp=2", "parallel.zero_stage=2"], 4, r"zero_stage=2 with parallel.pp=2"),
     (["model.top_k_layers=11"], 1, r"top_k_layers=11 must be between 1 and model.depth=10"),
 ])

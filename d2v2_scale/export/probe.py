@@ -2,19 +2,24 @@
 
     d2v2-probe EXPORT_DIR --data SHARDS/manifest.json [--pool mean|cls] [--baseline init|torch|none]
 
-1. features: every labelled row of the d2v2-prep shards goes through the exported plain twin
-   (images: the whole image resized to model.image_size, bilinear, ImageNet mean/std as in
-   training, no crop or flip); the final encoder output is pooled: `mean` over the patch
-   tokens (default) or the `cls` token;
-2. a stratified train/test split (`--test-fraction`, `--seed`);
+1. features: every labelled row of the d2v2-prep shards goes through the exported plain twin,
+   with the model input training uses, minus augmentation (one function per modality below):
+   images: the whole image resized to model.image_size (bilinear), ImageNet mean/std, no crop
+   or flip; audio: the whole waveform (every segment row), zero mean / unit variance, right-
+   padded with zeros + padding mask in a batch; text: the document's token ids (cut to
+   model.max_positions), right-padded with pad_token_id + padding mask.  The final encoder
+   output is pooled: `mean` over the non-padding tokens (patches / frames / tokens; default)
+   or the `cls` token (image models only: audio and text encoders have none);
+2. a stratified train/test split (`--test-fraction`, `--seed`; classes with fewer than 2 labelled
+   rows are left out);
 3. standardize + multinomial logistic regression (scikit-learn) on the train split; accuracy on
    the held-out split;
 4. the same for the same architecture randomly initialized (`--baseline init`: the training
    model's own initialization with the run's seed, i.e. the weights pretraining started from;
    `torch`: PlainEncoder's PyTorch-default init).
 
-Labels: d2v2-prep stores labels for images only (ImageFolder class folders / file-list labels);
-its audio and text shards carry none, so the probe supports images only.
+Labels come from d2v2-prep's label column: image folders / file lists, `d2v2-prep audio
+--label-from parent|stem|filelist`, `d2v2-prep text --format tsv|jsonl --mode doc`.
 """
 
 from __future__ import annotations
@@ -31,47 +36,111 @@ import torch
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+# how each modality's prep gets a label column (named in the error when it is missing)
+LABEL_HINT = {"image": "d2v2-prep image stores labels for ImageFolder class folders and file-list labels",
+              "audio": "re-run d2v2-prep audio with --label-from parent|stem|filelist",
+              "text": "re-run d2v2-prep text with --format tsv|jsonl --mode doc"}
+
 
 class ProbeError(ValueError):
     pass
 
 
 # ---------------------------------------------------------------------------------------------
-# data
+# model inputs: one reader (shard row -> one sample) and one collate (samples -> batch) per
+# modality; everything else in the probe is modality-free
 # ---------------------------------------------------------------------------------------------
 
 
-def load_images(manifest: str | Path, image_size: int, in_chans: int, max_samples: int | None = None):
-    """-> (x float32 [N, C, S, S] normalized like training, labels int64 [N]) of the labelled rows."""
+def _image_columns(shards) -> list[str]:
+    return ["image"] + (["pixels", "pix_height", "pix_width", "pix_channels"]
+                        if "pixels" in shards.manifest["schema"] else [])
+
+
+def read_image(shards, i: int, config: dict) -> np.ndarray:
+    """-> float32 [C, S, S]: the whole image resized to image_size, normalized like training."""
     from PIL import Image
 
     from ..data.augment import decode_image
+
+    s, c = config["image_size"], config["in_chans"]
+    a = np.asarray(decode_image(shards.get(i, _image_columns(shards)), c).resize((s, s), Image.Resampling.BILINEAR))
+    a = a[..., None] if a.ndim == 2 else a
+    # as training (data/augment.py): 1-channel models use the mean of the RGB statistics
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (IMAGENET_MEAN.mean(), IMAGENET_STD.mean())
+    return np.ascontiguousarray(((a.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+
+
+def read_audio(shards, i: int, config: dict) -> np.ndarray:
+    """-> float32 [n_samples]: the whole row, zero mean / unit variance like training."""
+    from ..data.augment import normalize_wave
+
+    scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
+    return normalize_wave(np.asarray(shards.get(i, ["audio"])["audio"], dtype=np.float32) * scale)
+
+
+def read_text(shards, i: int, config: dict) -> np.ndarray:
+    """-> int64 [T], T <= max_positions (the positional table's length): the row's first tokens."""
+    return np.asarray(shards.get(i, ["tokens"])["tokens"][:config["max_positions"]], dtype=np.int64)
+
+
+def collate_stack(samples: list[np.ndarray], config: dict) -> tuple[torch.Tensor, None]:
+    """Equal-shape samples -> ([B, ...], no padding)."""
+    return torch.from_numpy(np.stack(samples)), None
+
+
+def collate_pad(samples: list[np.ndarray], config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D samples of different lengths -> (source [B, L] right-padded, padding_mask bool [B, L],
+    True = padding).  The pad value is what training pads with: 0 for waveforms, pad_token_id
+    for token ids."""
+    n = np.array([len(x) for x in samples])
+    value = config["pad_token_id"] if samples[0].dtype == np.int64 else 0
+    src = np.full((len(samples), int(n.max())), value, dtype=samples[0].dtype)
+    for b, x in enumerate(samples):
+        src[b, :len(x)] = x
+    return torch.from_numpy(src), torch.from_numpy(np.arange(src.shape[1])[None] >= n[:, None])
+
+
+MODALITY_INPUTS = {"image": (read_image, collate_stack), "audio": (read_audio, collate_pad),
+                   "text": (read_text, collate_pad)}
+
+
+def check_data(shards, config: dict, manifest) -> None:
+    """Raise ProbeError when the shards cannot feed this encoder (or have no labels)."""
+    mod = config["modality"]
+    if shards.modality != mod:
+        raise ProbeError(f"{manifest} holds {shards.modality} data but the export is a {mod} encoder")
+    if "label" not in shards.manifest["schema"]:
+        raise ProbeError(f"{manifest}: the shards have no label column ({LABEL_HINT[mod]})")
+    if mod == "text":
+        if int(shards.manifest["vocab_size"]) > config["vocab_size"]:
+            raise ProbeError(f"{manifest}: vocabulary of {shards.manifest['vocab_size']} tokens > the encoder's "
+                             f"vocab_size {config['vocab_size']}: prepare with the model's sentencepiece model "
+                             "(d2v2-prep text --spm-model)")
+        if shards.manifest.get("pad_id", config["pad_token_id"]) != config["pad_token_id"]:
+            raise ProbeError(f"{manifest}: pad id {shards.manifest['pad_id']} != the encoder's pad_token_id "
+                             f"{config['pad_token_id']}")
+
+
+def load_labelled(manifest: str | Path, config: dict, max_samples: int | None = None, seed: int = 0):
+    """-> (samples: list of per-modality model inputs (see MODALITY_INPUTS), labels int64 [N],
+    class names) for the labelled rows (label >= 0) of classes with at least 2 rows.
+
+    max_samples: a seeded random subset of the labelled rows (in corpus order), for big corpora."""
     from ..data.shards import ShardSet
 
     shards = ShardSet(manifest)
-    if shards.modality != "image":
-        raise ProbeError(f"{manifest}: modality {shards.modality!r}: the probe needs labels, and d2v2-prep stores "
-                         f"labels for images only (audio/text shards have none)")
-    if "label" not in shards.manifest["schema"]:
-        raise ProbeError(f"{manifest}: the shards have no label column")
+    check_data(shards, config, manifest)
     labels = shards.column("label").astype(np.int64)
     idx = np.flatnonzero(labels >= 0)
-    if max_samples:
-        idx = idx[:max_samples]
+    if max_samples and len(idx) > max_samples:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_samples, replace=False))
+    cls, counts = np.unique(labels[idx], return_counts=True)
+    idx = idx[np.isin(labels[idx], cls[counts >= 2])]  # a stratified split needs 2 rows per class
     if len(np.unique(labels[idx])) < 2:
-        raise ProbeError(f"{manifest}: fewer than 2 labelled classes (loose files get label -1)")
-    cols = ["image", "label"] + (["pixels", "pix_height", "pix_width", "pix_channels"]
-                                 if "pixels" in shards.manifest["schema"] else [])
-    out = np.empty((len(idx), image_size, image_size, in_chans), dtype=np.uint8)
-    for j, i in enumerate(idx):
-        im = decode_image(shards.get(int(i), cols), in_chans).resize((image_size, image_size),
-                                                                     Image.Resampling.BILINEAR)
-        a = np.asarray(im)
-        out[j] = a[..., None] if a.ndim == 2 else a
-    # as training (data/augment.py): 1-channel models use the mean of the RGB statistics
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (IMAGENET_MEAN.mean(), IMAGENET_STD.mean())
-    x = (out.astype(np.float32) / 255.0 - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels[idx]
+        raise ProbeError(f"{manifest}: fewer than 2 classes with 2 or more labelled rows (label -1 = unlabelled)")
+    read, _ = MODALITY_INPUTS[config["modality"]]
+    return [read(shards, int(i), config) for i in idx], labels[idx], shards.manifest.get("classes", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,16 +149,34 @@ def load_images(manifest: str | Path, image_size: int, in_chans: int, max_sample
 
 
 @torch.no_grad()
-def features(encoder, x: torch.Tensor, pool: str = "mean", batch_size: int = 128) -> np.ndarray:
+def features(encoder, samples, pool: str = "mean", batch_size: int = 64) -> np.ndarray:
+    """Pooled final-layer features float32 [N, D] of `samples` (a list from load_labelled, or an
+    image tensor [N, C, S, S]).  Samples are batched in length order (less padding; the padding
+    mask keeps the features independent of the batch) and returned in input order."""
     encoder.eval()
+    if isinstance(samples, torch.Tensor):
+        samples = list(samples.numpy())
+    _, collate = MODALITY_INPUTS[encoder.c.modality]
     e = encoder.extra_tokens.shape[1] if encoder.extra_tokens is not None else 0
     if pool == "cls" and not e:
-        raise ProbeError("--pool cls: this encoder has no CLS token")
-    outs = []
-    for i in range(0, len(x), batch_size):
-        h = encoder(x[i:i + batch_size])["x"]
-        outs.append(h[:, 0] if pool == "cls" else h[:, e:].mean(1))
-    return torch.cat(outs).float().numpy()
+        raise ProbeError(f"--pool cls: this {encoder.c.modality} encoder has no CLS token (use --pool mean)")
+    config = vars(encoder.c)
+    order = np.argsort([len(x) for x in samples], kind="stable")
+    out = np.zeros((len(samples), encoder.c.embed_dim), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        src, pad = collate([samples[j] for j in b], config)
+        r = encoder(src, pad)
+        h = r["x"]
+        if pool == "cls":
+            f = h[:, 0]
+        elif r["padding"] is None:
+            f = h[:, e:].mean(1)
+        else:  # mean over the real tokens only (frames past a short clip's end are padding)
+            keep = (~r["padding"]).unsqueeze(-1).to(h.dtype)
+            f = (h[:, e:] * keep).sum(1) / keep.sum(1).clamp_min(1)
+        out[b] = f.float().numpy()
+    return out
 
 
 def training_init(config: dict, seed: int):
@@ -144,20 +231,17 @@ def run_probe(export_dir: str | Path, manifest: str | Path, pool: str = "mean", 
         torch.set_num_threads(threads)
     enc, config, _ = load_export(export_dir)
     prov = config.get("d2v2_export", {})
-    if config["modality"] != "image":
-        raise ProbeError(f"{export_dir} is a {config['modality']} encoder: the probe supports images only "
-                         f"(d2v2-prep stores no labels for audio/text)")
-    x, y = load_images(manifest, config["image_size"], config["in_chans"], max_samples)
+    samples, y, _ = load_labelled(manifest, config, max_samples, seed)
     tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
-    res = {"export": str(export_dir), "data": str(manifest), "pool": pool, "n_train": len(tr), "n_test": len(te),
-           "classes": int(len(np.unique(y))), "step": prov.get("step"), "which": prov.get("which"),
-           "seed": seed, "C": c}
-    res["accuracy"] = fit_probe(features(enc, x, pool), y, tr, te, c)
+    res = {"export": str(export_dir), "data": str(manifest), "modality": config["modality"], "pool": pool,
+           "n_train": len(tr), "n_test": len(te), "classes": int(len(np.unique(y))), "step": prov.get("step"),
+           "which": prov.get("which"), "seed": seed, "C": c}
+    res["accuracy"] = fit_probe(features(enc, samples, pool), y, tr, te, c)
     if baseline != "none":
         init_seed = prov.get("seed", 1) if prov.get("seed") is not None else 1
         rnd = training_init(config, init_seed) if baseline == "init" else torch_init(config, init_seed)
         res["baseline"] = baseline
-        res["baseline_accuracy"] = fit_probe(features(rnd, x, pool), y, tr, te, c)
+        res["baseline_accuracy"] = fit_probe(features(rnd, samples, pool), y, tr, te, c)
         res["margin"] = res["accuracy"] - res["baseline_accuracy"]
     res["chance"] = float(np.bincount(y[te]).max() / len(te))
     return res
@@ -167,16 +251,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2v2-probe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="folder written by d2v2-export (model.safetensors + config.json)")
-    p.add_argument("--data", required=True, help="labelled d2v2-prep image shards: DIR/manifest.json")
+    p.add_argument("--data", required=True, help="labelled d2v2-prep shards of the export's modality: "
+                                                  "DIR/manifest.json")
     p.add_argument("--pool", choices=["mean", "cls"], default="mean",
-                   help="mean over patch tokens (default) or the CLS token of the final layer")
+                   help="mean over the non-padding tokens (default) or the CLS token of the final layer (images)")
     p.add_argument("--baseline", choices=["init", "torch", "none"], default="init",
                    help="random-init twin: the training init with the run's seed (default), PyTorch's "
                         "default init, or none")
     p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0, help="train/test split seed")
     p.add_argument("--C", type=float, default=1.0, dest="c", help="inverse L2 strength of the logistic regression")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="probe a random subset (--seed) of this many labelled rows")
     p.add_argument("--json", help="also write the result here")
     return p.parse_args(argv)
 
@@ -191,7 +277,7 @@ def main(argv=None) -> int:
     except (ProbeError, ExportError, FileNotFoundError) as e:
         print(f"d2v2-probe: error: {e}", file=sys.stderr)
         return 2
-    line = (f"linear probe ({res['pool']} pool, {res['n_train']} train / {res['n_test']} test, "
+    line = (f"linear probe ({res['modality']}, {res['pool']} pool, {res['n_train']} train / {res['n_test']} test, "
             f"{res['classes']} classes): {res['which']} step {res['step']}: accuracy {res['accuracy']:.4f}")
     if "baseline_accuracy" in res:
         line += f"; random init ({res['baseline']}): {res['baseline_accuracy']:.4f}; margin {res['margin']:+.4f}"

@@ -24,7 +24,11 @@ def use_bf16(cfg: RunConfig) -> bool:
 
 def _harness_keys(cfg: RunConfig, dp_size: int) -> dict:
     p, o = cfg.parallel, cfg.optim
-    micro = cfg.data.batch_size
+    micro, accum = cfg.data.batch_size, o.grad_accum
+    if p.pp > 1:
+        # The pipeline schedule runs all micro-batches of an update before DeepSpeed sees the
+        # gradients: to the engine, one update is one (large) micro-batch.
+        micro, accum = micro * accum, 1
     zero: dict = {"stage": p.zero_stage}
     if p.offload_optimizer:
         if p.zero_stage == 0:
@@ -32,8 +36,8 @@ def _harness_keys(cfg: RunConfig, dp_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": o.grad_accum,
-        "train_batch_size": micro * o.grad_accum * dp_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * dp_size,
         "gradient_clipping": float(o.clip_grad),
         "bf16": {"enabled": use_bf16(cfg)},
         "fp16": {"enabled": False},

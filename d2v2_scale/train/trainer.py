@@ -81,10 +81,19 @@ class Trainer:
         # is one full fp32 copy per process on the host (ViT-H: 2.5 GB), freed by partitioning.
         student = build_student(cfg)
         teacher = build_teacher(cfg)
-        # DeepSpeed's view of the layout: "model parallel" = tensor parallel, which it must neither
-        # partition nor average across.  Every DeepSpeedConfig it builds (zero.Init's too) needs it:
-        # without it, it checks train_batch_size against the whole world (tp x dp) and fails.
-        mpu = MegatronMPU() if info.tp_size > 1 else None
+        self.pipeline = None
+        self.pipeline_replicated: list[str] = []
+        if info.pp_size > 1:
+            # every stage built the whole model (same init as pp=1); keep this stage's part
+            from .pipeline import mark_replicated, prune_to_stage
+
+            self.pipeline_replicated = prune_to_stage(student, info.pp_rank, info.pp_size)
+            prune_to_stage(teacher, info.pp_rank, info.pp_size)
+            mark_replicated(student, self.pipeline_replicated, first_stage=info.pp_rank == 0)
+        # DeepSpeed's view of the layout: "model parallel" = tensor x pipeline parallel, which it
+        # must neither partition nor average across.  Every DeepSpeedConfig it builds (zero.Init's
+        # too) needs it: without it, it checks train_batch_size against the whole world and fails.
+        mpu = MegatronMPU() if info.tp_size * info.pp_size > 1 else None
         if zero3:
             # With TP > 1 zero.Init must get the data-parallel group: with only mpu= it partitions
             # across the whole world and corrupts TP shards (wrong loss, no error).
@@ -110,6 +119,13 @@ class Trainer:
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
                                    mpu=mpu)
+        if info.pp_size > 1:
+            from .pipeline import PipelineRunner
+
+            # Backward runs in Megatron's schedule, outside engine.backward: tell ZeRO-1 so it
+            # sets up its reduction buffers itself, as under DeepSpeed's own pipeline engine.
+            self.engine.pipeline_parallelism = True
+            self.pipeline = PipelineRunner(self.engine.module, self.teacher.module, self.dtype, cfg.model)
 
         self.guard = Guard(cfg.guards)
         self.step = 0  # optimizer updates applied or skipped
@@ -148,30 +164,10 @@ class Trainer:
         """One optimizer update over `grad_accum` micro-batches.  Returns scalars to log."""
         assert len(micro_batches) == self.cfg.optim.grad_accum
         self.engine.train()
-        stats_sum: dict[str, torch.Tensor] = {}  # device tensors: no host sync per statistic
-        skipped = False
-        grad_norm = None  # measured here only without ZeRO (DeepSpeed reports it otherwise)
-        for mb in micro_batches:
-            loss, stats = self.engine(self._to_device(mb), teacher=self.teacher)
-            # Every rank decides together: one rank skipping alone would hang the collectives.
-            if any_rank_true(not bool(torch.isfinite(loss.detach()).all()), self.info.device):
-                skipped = True
-                break
-            self.engine.backward(loss)
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().double()
-            if self.engine.is_gradient_accumulation_boundary():
-                if grads_nonfinite(self.engine, self.info.device):
-                    skipped = True
-                    break
-                if self.engine.zero_optimization_stage() == 0:
-                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
-                    from deepspeed.runtime.utils import get_global_norm_of_tensors
-
-                    grad_norm = float(get_global_norm_of_tensors(
-                        [p.grad for p in self.engine.module.parameters() if p.grad is not None],
-                        mpu=self.engine.mpu))
-            self.engine.step()
+        if self.pipeline is not None:
+            stats_sum, skipped, grad_norm = self._forward_backward_pipelined(micro_batches)
+        else:
+            stats_sum, skipped, grad_norm = self._forward_backward(micro_batches)
         if skipped:
             # no update, no EMA, no LR step: drop whatever gradients this update gathered
             self.engine.zero_grad()
@@ -203,6 +199,58 @@ class Trainer:
         if reason:
             self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
         return out
+
+    def _forward_backward(self, micro_batches: list[dict]) -> tuple[dict, bool, float | None]:
+        """Without pipelining: each micro-batch through the engine; the last backward reduces the
+        gradients and `engine.step()` applies them.  -> (stats summed over micro-batches, skipped,
+        grad norm measured here (ZeRO-0 only; DeepSpeed reports it otherwise))."""
+        stats_sum: dict[str, torch.Tensor] = {}  # device tensors: no host sync per statistic
+        grad_norm = None
+        for mb in micro_batches:
+            loss, stats = self.engine(self._to_device(mb), teacher=self.teacher)
+            # Every rank decides together: one rank skipping alone would hang the collectives.
+            if any_rank_true(not bool(torch.isfinite(loss.detach()).all()), self.info.device):
+                return stats_sum, True, None
+            self.engine.backward(loss)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().double()
+            if self.engine.is_gradient_accumulation_boundary():
+                if grads_nonfinite(self.engine, self.info.device):
+                    return stats_sum, True, None
+                if self.engine.zero_optimization_stage() == 0:
+                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
+                    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+                    grad_norm = float(get_global_norm_of_tensors(
+                        [p.grad for p in self.engine.module.parameters() if p.grad is not None],
+                        mpu=self.engine.mpu))
+            self.engine.step()
+        return stats_sum, False, grad_norm
+
+    def _forward_backward_pipelined(self, micro_batches: list[dict]) -> tuple[dict, bool, None]:
+        """With pipelining: Megatron-core's schedule runs the teacher and the student over all
+        micro-batches (train/pipeline.py); then the replicated parameters' gradients are summed
+        over the stages, DeepSpeed reduces over data parallelism (ZeRO-1) and steps."""
+        from megatron.core import parallel_state as ps
+
+        from .pipeline import sum_replicated_grads
+
+        per_mb = self.pipeline.run([self._to_device(mb) for mb in micro_batches])
+        names = self.engine.module.stat_names()
+        # the last stage holds the statistics; one sum over the pipeline group gives them to all
+        vec = torch.zeros(len(names), dtype=torch.float64, device=self.info.device)
+        for st in per_mb:
+            vec += torch.stack([st[k].detach().double() for k in names])
+        dist.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
+        stats_sum = dict(zip(names, vec))
+        if any_rank_true(not bool(torch.isfinite(vec).all()), self.info.device):
+            return stats_sum, True, None
+        sum_replicated_grads(self.engine.module, self.pipeline_replicated)
+        self.engine.allreduce_gradients()
+        if grads_nonfinite(self.engine, self.info.device):
+            return stats_sum, True, None
+        self.engine.step()
+        return stats_sum, False, None
 
     def _dp_mean(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
         """Average logged statistics over the data-parallel group, so the logged loss is the

@@ -1,0 +1,262 @@
+"""Labels in d2v2-prep audio/text, and the linear probe on speech and text encoders.
+
+Real data only: the asterisk prompts (one speaker, 8 kHz, resampled) with their folder as the
+label, WordNet definitions labelled with their lexicographer file.  The end-to-end tests run a
+short real pretraining (1 process, ZeRO-0, tiny preset) -> d2v2-export -> the exported twin's
+features on real labelled rows equal the training teacher's -> d2v2-probe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2v2_scale.testing import run_distributed, save_result
+from tests import data_fixtures
+
+ATOL = 2e-5  # fp32, as tests/test_export.py
+
+
+def _prep(argv: list[str]) -> dict:
+    from data_prep.cli import main
+
+    os.environ["D2V2_PREP_NO_PROGRESS"] = "1"
+    main(argv)
+    out = Path(argv[argv.index("--out") + 1])
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _labels(manifest_dir: Path) -> np.ndarray:
+    from d2v2_scale.data.shards import ShardSet
+
+    return ShardSet(manifest_dir / "manifest.json").column("label").astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# label extraction (no training)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_label_ids_names_ints_and_unlabelled():
+    from data_prep.pipeline import label_ids
+
+    assert label_ids(["b", "a", None, "b", ""]) == ([1, 0, -1, 1, -1], ["a", "b"])
+    assert label_ids(["3", "0", "-1", None]) == ([3, 0, -1, -1], ["0", "1", "2", "3"])  # ints stay ids
+    # one name makes every label a name (no clash between literal ids and name numbering)
+    assert label_ids(["1", "10", "hundred"]) == ([0, 1, 2], ["1", "10", "hundred"])
+    assert label_ids([None, None]) == ([-1, -1], [])
+
+
+@pytest.fixture(scope="module")
+def speech_src(tmp_path_factory):
+    """A small asterisk tree: digits/ and letters/ (20 files each) plus 10 loose prompts."""
+    import shutil
+
+    data_fixtures.asterisk_wavs(1)  # apt-installs the sounds when missing
+    root = tmp_path_factory.mktemp("speech")
+    for sub in ("digits", "letters"):
+        (root / sub).mkdir()
+        for p in sorted((data_fixtures.ASTERISK_DIR / sub).glob("*.wav"))[:20]:
+            shutil.copy(p, root / sub / p.name)
+    for p in data_fixtures.asterisk_wavs(10):
+        shutil.copy(p, root / p.name)
+    return root
+
+
+AUDIO_ARGS = ["--workers", "1", "--min-seconds", "0.2", "--max-seconds", "3"]
+
+
+def test_audio_labels_parent_stem_filelist(speech_src, tmp_path):
+    m = _prep(["audio", str(speech_src), "--out", str(tmp_path / "p"), "--label-from", "parent", *AUDIO_ARGS])
+    assert m["classes"] == ["digits", "letters"] and m["num_classes"] == 2 and m["label_from"] == "parent"
+    assert m["schema"]["label"] == "int64"
+    from d2v2_scale.data.shards import ShardSet
+
+    s = ShardSet(tmp_path / "p" / "manifest.json")
+    paths = [s.get(i, ["path"])["path"] for i in range(len(s))]
+    want = [m["classes"].index(Path(p).parent.name) if "/" in p else -1 for p in paths]
+    assert _labels(tmp_path / "p").tolist() == want and want.count(-1) >= 10  # loose prompts: -1
+
+    # stem: digits/0..9 are integers, but letters/a.. are names -> every label is a name
+    m = _prep(["audio", str(speech_src / "digits"), "--out", str(tmp_path / "s"), "--label-from", "stem",
+               *AUDIO_ARGS])
+    assert m["classes"][:3] == ["0", "1", "10"] and len(m["classes"]) == m["num_rows"]
+
+    # file list: integer labels kept as ids, unlisted files unlabelled; names in another list
+    lst = tmp_path / "labels.tsv"
+    lst.write_text("# path<TAB>label\ndigits/1.wav\t1\ndigits/0.wav\t0\nletters/a.wav\t7\n")
+    m = _prep(["audio", str(speech_src), "--out", str(tmp_path / "f"), "--label-list", str(lst), *AUDIO_ARGS])
+    assert m["classes"] == [str(i) for i in range(8)] and m["label_from"] == "filelist"
+    s = ShardSet(tmp_path / "f" / "manifest.json")
+    got = {s.get(i, ["path"])["path"]: int(s.get(i, ["label"])["label"]) for i in range(len(s))}
+    assert got["digits/1.wav"] == 1 and got["digits/0.wav"] == 0 and got["letters/a.wav"] == 7
+    assert sum(v >= 0 for v in got.values()) == 3
+
+    # without --label-from the schema is the old one (finished unlabelled corpora stay valid)
+    m = _prep(["audio", str(speech_src), "--out", str(tmp_path / "n"), *AUDIO_ARGS])
+    assert "label" not in m["schema"] and "classes" not in m
+
+
+def test_text_labels_tsv_jsonl_and_resume(tmp_path):
+    from data_prep.demo import write_wordnet_lexnames
+
+    data_fixtures.wordnet_glosses(1)  # apt-installs wordnet-base when missing
+    tsv = write_wordnet_lexnames(tmp_path / "raw" / "wn.tsv", data_fixtures.WORDNET_DIR, parts=("verb",),
+                                 every=20)
+    lines = tsv.read_text().splitlines()
+    assert all(l.split("\t")[0].startswith("verb.") for l in lines) and len(lines) > 500
+    # an unlabelled line (empty label), a malformed one (no TAB): kept as -1 / skipped with a reason
+    tsv.write_text("\n".join(lines + ["\tan unlabelled definition", "no tab here"]) + "\n")
+    args = ["--mode", "doc", "--vocab-size", "300", "--workers", "1", "--shard-size-mb", "0.01"]
+    m = _prep(["text", str(tsv), "--format", "tsv", "--out", str(tmp_path / "t"), *args])
+    assert m["classes"] == sorted({l.split("\t")[0] for l in lines}) and m["input_format"] == "tsv"
+    assert m["format"] == "d2v2-shards" and len(m["shards"]) > 1
+    y = _labels(tmp_path / "t")
+    assert len(y) == len(lines) + 1 and (y == -1).sum() == 1
+    assert [m["classes"][k] for k in y[:-1]] == [l.split("\t")[0] for l in lines]  # file order kept
+    rep = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert rep["skipped_by_reason"] == {"malformed tsv line": 1}
+
+    # killed after 2 shards, resumed: byte-identical shards and the same manifest
+    from data_prep.pipeline import EXIT_AFTER_ENV
+    import subprocess
+    import sys
+
+    env = dict(os.environ, D2V2_PREP_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "data_prep.cli", "text", str(tsv), "--format", "tsv", "--out",
+           str(tmp_path / "r"), *args]
+    assert subprocess.run(cmd, env=dict(env, **{EXIT_AFTER_ENV: "2"}), capture_output=True).returncode == 75
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    m2 = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m["shards"]]
+    assert m2["classes"] == m["classes"] and m2["fingerprint"] == m["fingerprint"]
+
+    # jsonl: integer labels are the ids; null = unlabelled; pack mode stores no labels
+    js = tmp_path / "raw2" / "d.jsonl"
+    js.parent.mkdir()
+    js.write_text("".join(json.dumps({"text": t.split("\t")[1], "label": i % 3 if i % 4 else None}) + "\n"
+                          for i, t in enumerate(lines[:200])) + "not json\n")
+    m = _prep(["text", str(js), "--format", "jsonl", "--out", str(tmp_path / "j"), *args])
+    assert m["classes"] == ["0", "1", "2"]
+    assert _labels(tmp_path / "j").tolist() == [i % 3 if i % 4 else -1 for i in range(200)]
+    m = _prep(["text", str(js), "--format", "jsonl", "--out", str(tmp_path / "k"), "--vocab-size", "300",
+               "--workers", "1"])
+    assert "label" not in m["schema"] and m["num_rows"] >= 1
+
+
+def test_probe_refuses_unlabelled_and_mismatched(tmp_path):
+    from d2v2_scale.export.probe import ProbeError, load_labelled
+
+    text = data_fixtures.prepared("text") / "manifest.json"  # packed, no labels
+    cfg = {"modality": "text", "vocab_size": 1000, "pad_token_id": 1, "max_positions": 128}
+    with pytest.raises(ProbeError, match="no label column.*--format tsv"):
+        load_labelled(text, cfg)
+    with pytest.raises(ProbeError, match="holds text data but the export is a audio"):
+        load_labelled(text, dict(cfg, modality="audio"))
+
+
+# ---------------------------------------------------------------------------------------------
+# prep with labels -> pretraining -> export -> round trip -> probe
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_features_body(feat_path: str, manifest: str, preset: str, *overrides: str):
+    """Train, then run the training teacher (student's local features -> teacher, as in a
+    training step) on 6 real labelled rows of different lengths, right-padded like the probe's
+    batches; save its last-block output and the batch for the parent test."""
+    from d2v2_scale.config import build_config
+    from d2v2_scale.export.probe import MODALITY_INPUTS, load_labelled
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config(preset, overrides=[f"data.manifest={manifest}", *overrides])
+    tr = Trainer(cfg)
+    tr.fit()
+    mcfg = dataclasses.asdict(cfg.model)
+    samples, _, _ = load_labelled(manifest, mcfg)
+    pick = [samples[i] for i in np.linspace(0, len(samples) - 1, 6).astype(int)]
+    src, pad = MODALITY_INPUTS[cfg.model.modality][1](pick, mcfg)
+    student = tr.engine.module.eval()  # no dropout in the features the teacher starts from
+    captured = {}
+    h = tr.teacher.module.encoder.blocks[-1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("last", o[0].detach().clone()))
+    with torch.no_grad():
+        feats, padding = student.encoder.local_features(src, pad)
+        tr.teacher(student.modality.teacher_input({"source": src}, feats), padding)
+    h.remove()
+    torch.save({"samples": pick, "last": captured["last"].transpose(0, 1).float()}, feat_path)
+    save_result({"step": tr.step})
+
+
+def _pretrain(tmp: Path, manifest: Path, preset: str, steps: int, *overrides: str) -> tuple[Path, dict]:
+    feats = tmp / "features.pt"
+    res = run_distributed("tests.test_probe_modalities:fit_features_body", nproc=1, timeout=240, args=[
+        str(feats), str(manifest), preset, f"output_dir={tmp / 'run'}", f"max_steps={steps}",
+        f"optim.total_steps={steps}", "optim.warmup_steps=10", "parallel.zero_stage=0", "seed=1",
+        # constant EMA 0.99: the teacher follows the student within ~100 steps (see test_export.py)
+        "ema.decay=0.99", "ema.end_decay=0.99", "checkpoint.every_steps=100000", "logging.every_steps=50",
+        *overrides])
+    assert res[0]["step"] == steps
+    return tmp / "run", torch.load(feats, weights_only=False)
+
+
+def _export_roundtrip_probe(run: Path, feats: dict, manifest: Path, tmp: Path, *probe_args: str) -> dict:
+    from d2v2_scale.export import export_checkpoint, load_export
+    from d2v2_scale.export.probe import MODALITY_INPUTS, features, main
+
+    cfg = export_checkpoint(run, tmp / "exp")
+    assert cfg["d2v2_export"]["which"] == "teacher" and cfg["d2v2_export"]["from_student"]
+    enc, _, _ = load_export(tmp / "exp")
+    src, pad = MODALITY_INPUTS[cfg["modality"]][1](feats["samples"], cfg)
+    with torch.no_grad():
+        out = enc(src, pad)
+    assert pad.any() and out["padding"] is not None  # the batch really is padded
+    keep = ~out["padding"]
+    # the training teacher and the exported twin agree on every real (non-padding) position ...
+    torch.testing.assert_close(out["x"][keep], feats["last"][keep], atol=ATOL, rtol=1e-5)
+    # ... and the probe's pooled features of each row do not depend on its batch-mates' padding
+    alone = np.concatenate([features(enc, [x]) for x in feats["samples"]])
+    ref = (feats["last"] * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    np.testing.assert_allclose(alone, ref.numpy(), atol=1e-4, rtol=1e-4)
+
+    out_json = tmp / "probe.json"
+    assert main([str(tmp / "exp"), "--data", str(manifest), "--json", str(out_json), *probe_args]) == 0
+    return json.loads(out_json.read_text())
+
+
+def _sane(r: dict, classes: int) -> None:
+    assert r["classes"] == classes and r["which"] == "teacher" and r["baseline"] == "init"
+    for k in ("accuracy", "baseline_accuracy", "chance"):
+        assert 0.0 <= r[k] <= 1.0, r
+    assert r["chance"] < 1.0 and abs(r["margin"] - (r["accuracy"] - r["baseline_accuracy"])) < 1e-12
+
+
+def test_audio_pretrain_export_probe(speech_src, tmp_path):
+    """asterisk digits/ + letters/ folders as labels (loose prompts unlabelled, pretraining only)."""
+    _prep(["audio", str(speech_src), "--out", str(tmp_path / "shards"), "--label-from", "parent",
+           *AUDIO_ARGS])
+    manifest = tmp_path / "shards" / "manifest.json"
+    run, feats = _pretrain(tmp_path, manifest, "audio-tiny", 60)
+    r = _export_roundtrip_probe(run, feats, manifest, tmp_path)
+    _sane(r, 2)
+    assert r["modality"] == "audio" and r["n_train"] + r["n_test"] == 40
+
+
+def test_text_pretrain_export_probe(tmp_path):
+    """WordNet verb definitions, labelled with their lexname (15 verb.* topics)."""
+    from data_prep.demo import write_wordnet_lexnames
+
+    data_fixtures.wordnet_glosses(1)
+    tsv = write_wordnet_lexnames(tmp_path / "raw" / "wn.tsv", data_fixtures.WORDNET_DIR, parts=("verb",),
+                                 every=10)
+    _prep(["text", str(tsv), "--format", "tsv", "--mode", "doc", "--vocab-size", "1000", "--out",
+           str(tmp_path / "shards"), "--workers", "1"])
+    manifest = tmp_path / "shards" / "manifest.json"
+    run, feats = _pretrain(tmp_path, manifest, "text-tiny", 60)
+    r = _export_roundtrip_probe(run, feats, manifest, tmp_path)
+    _sane(r, 15)
+    assert r["modality"] == "text" and r["n_test"] > 600
