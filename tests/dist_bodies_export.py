@@ -53,3 +53,22 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def fit_features_pp_body(feat_path: str, preset: str, *overrides: str):
+    """Pipeline-parallel run: train, then the teacher targets of a fixed batch through the real
+    pipeline (Megatron schedule over the stages) and each rank's student weights, saved per rank
+    (`feat_path.rank{r}`): no stage holds the whole model."""
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config(preset, overrides=list(overrides))
+    tr = Trainer(cfg)
+    tr.fit()
+    src = fixed_image_batch(cfg.model)
+    m = cfg.model
+    batch = {"source": src, "mask": torch.zeros(src.shape[0] * m.clone_batch, m.num_patches, dtype=torch.bool)}
+    targets = tr.pipeline.teacher_targets([batch])[0]
+    local = {n: p.detach().float().clone() for n, p in tr.engine.module.named_parameters()}
+    torch.save({"source": src, "targets": targets, "student": local, "pp_rank": tr.info.pp_rank},
+               f"{feat_path}.rank{tr.info.rank}")
+    save_result({"step": tr.step, "pp": tr.info.pp_size, "blocks": tr.engine.module.encoder.blocks.indices()})

@@ -82,10 +82,19 @@ def test_audio_labels_parent_stem_filelist(speech_src, tmp_path):
     want = [m["classes"].index(Path(p).parent.name) if "/" in p else -1 for p in paths]
     assert _labels(tmp_path / "p").tolist() == want and want.count(-1) >= 10  # loose prompts: -1
 
-    # stem: digits/0..9 are integers, but letters/a.. are names -> every label is a name
+    # stem: the spoken number of digits/<n>.wav (all integers: they are the class ids) ...
     m = _prep(["audio", str(speech_src / "digits"), "--out", str(tmp_path / "s"), "--label-from", "stem",
                *AUDIO_ARGS])
-    assert m["classes"][:3] == ["0", "1", "10"] and len(m["classes"]) == m["num_rows"]
+    s = ShardSet(tmp_path / "s" / "manifest.json")
+    assert [int(Path(s.get(i, ["path"])["path"]).stem) for i in range(len(s))] == _labels(tmp_path / "s").tolist()
+    assert m["classes"] == [str(i) for i in range(_labels(tmp_path / "s").max() + 1)]
+    # ... letters/<x>.wav are names: sorted, numbered 0..C-1
+    m = _prep(["audio", str(speech_src / "letters"), "--out", str(tmp_path / "l"), "--label-from", "stem",
+               *AUDIO_ARGS])
+    s = ShardSet(tmp_path / "l" / "manifest.json")
+    stems = [Path(s.get(i, ["path"])["path"]).stem for i in range(len(s))]
+    assert m["classes"] == sorted(set(stems)) and "a" in stems
+    assert [m["classes"][k] for k in _labels(tmp_path / "l")] == stems
 
     # file list: integer labels kept as ids, unlisted files unlabelled; names in another list
     lst = tmp_path / "labels.tsv"
@@ -110,9 +119,15 @@ def test_text_labels_tsv_jsonl_and_resume(tmp_path):
                                  every=20)
     lines = tsv.read_text().splitlines()
     assert all(l.split("\t")[0].startswith("verb.") for l in lines) and len(lines) > 500
-    # an unlabelled line (empty label), a malformed one (no TAB): kept as -1 / skipped with a reason
-    tsv.write_text("\n".join(lines + ["\tan unlabelled definition", "no tab here"]) + "\n")
-    args = ["--mode", "doc", "--vocab-size", "300", "--workers", "1", "--shard-size-mb", "0.01"]
+    # 4 files (a shard is cut only between inputs), the last with an unlabelled line (empty
+    # label) and a malformed one (no TAB): kept as -1 / skipped with a reason
+    tsv.unlink()
+    q = len(lines) // 4 + 1
+    for k in range(4):
+        extra = ["\tan unlabelled definition", "no tab here"] if k == 3 else []
+        (tsv.parent / f"part{k}.tsv").write_text("\n".join(lines[k * q:(k + 1) * q] + extra) + "\n")
+    tsv = tsv.parent
+    args = ["--mode", "doc", "--vocab-size", "300", "--workers", "1", "--shard-size-mb", "0.005"]
     m = _prep(["text", str(tsv), "--format", "tsv", "--out", str(tmp_path / "t"), *args])
     assert m["classes"] == sorted({l.split("\t")[0] for l in lines}) and m["input_format"] == "tsv"
     assert m["format"] == "d2v2-shards" and len(m["shards"]) > 1

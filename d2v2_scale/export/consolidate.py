@@ -4,19 +4,21 @@ Input: a checkpoint folder `<output_dir>/checkpoints/step_XXXXXXXX/` (see train/
 or an output dir / checkpoints dir (the newest COMPLETE checkpoint is taken).
 
 Teacher (default), from the `client_rank{r:05d}.pt` files' EMA masters (fp32):
-    1. per TP rank t: under ZeRO-3 concatenate the flat shards of DP ranks 0..dp-1
-       (global rank r = t + tp * d), drop the padding, reshape to meta["shape"];
-       otherwise take DP rank 0's full (TP-local) tensor;
+    1. per pipeline stage p and TP rank t: under ZeRO-3 concatenate the flat shards of DP ranks
+       0..dp-1 (global rank r = t + tp * (d + dp * p)), drop the padding, reshape to
+       meta["shape"]; otherwise take DP rank 0's full (TP-local) tensor;
     2. merge TP shards along each parameter's partition dim (model/mapping.py);
-    3. rename to plain names (mapping.megatron_to_plain) and check them against PlainEncoder.
+    3. join pipeline stages (blocks carry global names; replicated tensors must agree);
+    4. rename to plain names (mapping.megatron_to_plain) and check them against PlainEncoder.
     The teacher owns only part of the encoder for audio (no CNN front end) and text (no
     embeddings): those tensors come from the student (the teacher reads the student's local
     features during training, so the composed encoder is exactly what produced the targets).
     The export's config lists them under d2v2_export.from_student.
 
 Student (`which="student"`), from DeepSpeed's files: ZeRO-1/2/3 -> deepspeed.utils.zero_to_fp32
-per TP rank (its consolidation works only inside one TP rank), ZeRO-0 -> the module states
-(`mp_rank_{t:02d}_model_states.pt`); then the same TP merge and renaming.
+per model-parallel rank (its consolidation works only inside one TP rank and stage), ZeRO-0 ->
+the module states (`mp_rank_{m:02d}_model_states.pt`, m = pp_rank * tp + tp_rank); then the same
+TP merge, stage join and renaming.
 
 Output folder (written under a temp name, then renamed; never over an existing export without
 force=True):
@@ -94,8 +96,6 @@ def read_marker(folder: Path) -> dict:
     if tp * dp * pp != world:
         raise ExportError(f"{folder / MARKER}: world size mismatch: world_size={world} but tp x dp x pp = "
                           f"{tp} x {dp} x {pp} = {tp * dp * pp}")
-    if pp != 1:
-        raise ExportError(f"{folder}: pipeline-parallel checkpoints (pp={pp}) are not supported by the exporter")
     return info
 
 
@@ -138,17 +138,37 @@ def client_files(folder: Path, world: int) -> list[Path]:
     return files
 
 
+def join_stages(per_stage: list[dict[str, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
+    """Pipeline stages -> one state dict.  Stages name blocks globally, so this is a union; a
+    tensor several stages hold (replicated, e.g. the ALiBi scale) must be equal on all of them."""
+    full: dict[str, torch.Tensor] = {}
+    for p, sd in enumerate(per_stage):
+        for k, v in sd.items():
+            if k in full and not torch.equal(full[k], v):
+                raise ExportError(f"{where}: {k!r} is held by several pipeline stages with different values "
+                                  f"(stage {p} differs): the stages went out of step")
+            full.setdefault(k, v)
+    return full
+
+
 def teacher_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
-    """Full fp32 teacher tensors (megatron names, TP-merged) from the client_rank files."""
-    tp, dp, world = int(info["tp"]), int(info["dp"]), int(info["world_size"])
+    """Full fp32 teacher tensors (megatron names, TP-merged, PP-joined) from the client_rank files."""
+    files = client_files(folder, int(info["world_size"]))
+    return join_stages([_teacher_stage(folder, info, files, p) for p in range(int(info["pp"]))],
+                       f"{folder} (teacher)")
+
+
+def _teacher_stage(folder: Path, info: dict, files: list[Path], p: int) -> dict[str, torch.Tensor]:
+    """One pipeline stage's teacher, TP-merged.  Megatron's rank order (tp fastest, then dp, then
+    pp): global rank r = t + tp * (d + dp * p)."""
+    tp, dp = int(info["tp"]), int(info["dp"])
     zero3 = int(info["zero_stage"]) == 3
-    files = client_files(folder, world)
     per_tp = []
     for t in range(tp):
         shards: dict[str, list] = {}
         metas: dict[str, dict] = {}
         for d in range(dp if zero3 else 1):
-            r = t + tp * d
+            r = t + tp * (d + dp * p)
             c = _load(files[r])
             tch = c.get("teacher") if isinstance(c, dict) else None
             if not isinstance(tch, dict) or "master" not in tch:
@@ -159,7 +179,7 @@ def teacher_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
             if d == 0:
                 names = list(tch["master"])
             elif list(tch["master"]) != names:
-                raise ExportError(f"{files[r]}: teacher parameter names differ from rank {t}'s")
+                raise ExportError(f"{files[r]}: teacher parameter names differ from rank {files[r - tp * d].name}'s")
             for name, v in tch["master"].items():
                 if zero3:
                     meta = tch.get("meta", {}).get(name)
@@ -197,7 +217,8 @@ def teacher_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
 
 
 def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
-    """deepspeed.utils.zero_to_fp32 over the files of one TP rank (it cannot merge TP shards)."""
+    """deepspeed.utils.zero_to_fp32 over the files of one model-parallel rank t = pp_rank * tp +
+    tp_rank (it cannot merge TP shards)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     mine = sorted(folder.glob(f"*mp_rank_{t:02d}_*_states.pt"))
@@ -219,14 +240,21 @@ def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
 
 
 def student_state(folder: Path, info: dict) -> dict[str, torch.Tensor]:
-    """Full fp32 student tensors (megatron names, TP-merged, encoder + decoder)."""
+    """Full fp32 student tensors (megatron names, TP-merged, PP-joined, encoder + decoder).
+    DeepSpeed names its files by model-parallel rank: pp_rank * tp + tp_rank."""
+    tp = int(info["tp"])
+    return join_stages([_student_stage(folder, info, p * tp) for p in range(int(info["pp"]))],
+                       f"{folder} (student)")
+
+
+def _student_stage(folder: Path, info: dict, first_mp: int) -> dict[str, torch.Tensor]:
     tp, stage = int(info["tp"]), int(info["zero_stage"])
     per_tp = []
-    for t in range(tp):
+    for t in range(first_mp, first_mp + tp):
         if stage == 0:
             f = folder / f"mp_rank_{t:02d}_model_states.pt"
             if not f.is_file():
-                raise ExportError(f"checkpoint {folder} lacks DeepSpeed's {f.name} (TP rank {t})")
+                raise ExportError(f"checkpoint {folder} lacks DeepSpeed's {f.name} (model-parallel rank {t})")
             mod = _load(f).get("module") or {}
             sd = {k: v.float() for k, v in mod.items() if torch.is_tensor(v)}
         else:

@@ -176,19 +176,26 @@ class PipelineRunner:
         return loss, lambda loss: (loss, stats)
 
     # ---- one update ----------------------------------------------------------------------
+    def teacher_targets(self, micro_batches: list[dict]) -> list[Tensor | None]:
+        """The teacher pass alone: targets [B, T, D] fp32 per micro-batch on the last stage (None
+        elsewhere).  Every stage of the pipeline must call it with the same batches."""
+        with cuda_calls_on_cpu():
+            targets = self.schedule(
+                forward_step_func=self._teacher_step, data_iterator=iter(micro_batches), model=self.teacher_target,
+                forward_only=True, **self._shape_kw(micro_batches))
+        return targets if self.last else [None] * len(micro_batches)
+
     def run(self, micro_batches: list[dict]) -> list[dict]:
         """Teacher pass, then student forward/backward over all micro-batches; gradients are
         left in `.grad` (loss / M each).  Returns the per-micro-batch stats (last stage; [] else)."""
-        m = len(micro_batches)
-        kw = dict(num_microbatches=m, seq_length=1, micro_batch_size=1)  # shapes travel with the data
+        targets = self.teacher_targets(micro_batches)
         with cuda_calls_on_cpu():
-            targets = self.schedule(
-                forward_step_func=lambda it, tgt: self._teacher_step(it, tgt), data_iterator=iter(micro_batches),
-                model=self.teacher_target, forward_only=True, **kw)
-            if not self.last:
-                targets = [None] * m
             stats = self.schedule(
-                forward_step_func=lambda it, tgt: self._student_step(it, tgt),
-                data_iterator=iter(list(zip(micro_batches, targets))), model=self.student_target,
-                forward_only=False, **kw)
+                forward_step_func=self._student_step, data_iterator=iter(list(zip(micro_batches, targets))),
+                model=self.student_target, forward_only=False, **self._shape_kw(micro_batches))
         return stats if self.last else []
+
+    @staticmethod
+    def _shape_kw(micro_batches: list[dict]) -> dict:
+        # with variable_seq_lengths the shapes travel with the data: seq_length/micro_batch_size unused
+        return dict(num_microbatches=len(micro_batches), seq_length=1, micro_batch_size=1)
