@@ -37,8 +37,17 @@ the inter-node link when the group spans nodes, NVLink otherwise)
   * TP > 1: two all-reduces per block forward and two per block backward of the student's
     activations [B*M, T_keep+E, D], two per block of the teacher's [B, T+E, D].
   * a few scalar all-reduces (finiteness checks, grad norm, logged means): < 1 KB.
-compute = analytic FLOPs (`d2v2_scale/model/flops.py`) / (peak x --mfu).  ZeRO traffic can
-overlap compute (prefetch, bucketed reduce); TP all-reduces sit on the critical path.
+  * PP > 1 (ZeRO-1 only, as in training): per update and stage boundary, M micro-batches each
+    send the teacher's message [E + 2T, B, D] fp32 forward, the student's [E + T_keep, B*M, D]
+    forward and its gradient backward (train/pipeline.py); point-to-point, on the critical path
+    unless overlapped by the schedule.
+compute = analytic FLOPs (`d2v2_scale/model/flops.py`) / (tp x pp) / (peak x --mfu); under PP per
+update of M micro-batches, times the 1F1B bubble (M + pp - 1) / M.  ZeRO traffic can overlap compute (prefetch, bucketed
+reduce); TP all-reduces sit on the critical path.
+
+With PP the memory is that of the fullest stage: stage 0 holds the front end and keeps the
+activations of min(pp, M) micro-batches in flight (1F1B), the last stage holds the decoder and the
+M micro-batches' teacher targets [B, T, D] fp32 between the two passes.
 """
 
 from __future__ import annotations
@@ -105,6 +114,32 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
     return table(s), table(t)
 
 
+FIRST_STAGE_ONLY = ("encoder.local.", "encoder.positions.", "encoder.extra_tokens", "encoder.context_norm.")
+LAST_STAGE_ONLY = ("encoder.final_norm.", "decoder.")
+
+
+def stage_table(params: list[ParamInfo], total_blocks: int, pp: int, rank: int) -> list[ParamInfo]:
+    """The parameters pipeline stage `rank` holds (train/pipeline.py's split: equal contiguous
+    block ranges, front end on the first stage, decoder and final norm on the last, the rest --
+    the ALiBi scale -- replicated)."""
+    from .train.pipeline import stage_blocks
+
+    owned = set(stage_blocks(total_blocks, pp, rank))
+    out = []
+    for p in params:
+        if p.block is not None:
+            keep = p.block in owned
+        elif p.name.startswith(FIRST_STAGE_ONLY):
+            keep = rank == 0
+        elif p.name.startswith(LAST_STAGE_ONLY):
+            keep = rank == pp - 1
+        else:
+            keep = True
+        if keep:
+            out.append(p)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # plan
 # --------------------------------------------------------------------------------------------
@@ -131,8 +166,10 @@ class Plan:
     batch: int
     act_ckpt: str
     dtype_bytes: int
-    student_params: int  # per TP rank
+    student_params: int  # per TP rank (and per stage: the fullest one)
     teacher_params: int
+    pp: int = 1
+    microbatches: int = 1
     memory_gib: dict = field(default_factory=dict)
     comm_bytes: dict = field(default_factory=dict)  # per collective type, per rank per step
     comm_s: dict = field(default_factory=dict)
@@ -196,34 +233,55 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
         e = 1 if m.modality == "image" else 0
         s_act = b * mm * (keep + e) * m.embed_dim * dtype_bytes
         t_act = b * (t + e) * m.embed_dim * dtype_bytes
-        detail["tp_student"] = 4 * m.total_blocks * s_act
-        detail["tp_teacher"] = 2 * m.total_blocks * t_act
+        nb = len({p.block for p in student if p.block is not None})  # this stage's blocks (all without PP)
+        detail["tp_student"] = 4 * nb * s_act
+        detail["tp_teacher"] = 2 * nb * t_act
         out["all_reduce_tp"] = detail["tp_student"] + detail["tp_teacher"]
     out["detail"] = detail
     return out
 
 
-def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2) -> dict:
+def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1, microbatches: int = 1,
+                     stage: int = 0) -> dict:
+    """Activation bytes of one pipeline stage (the whole model when pp == 1)."""
     from .model.flops import seq_len_and_keep
 
     m = cfg.model
     b, mm = cfg.data.batch_size, m.clone_batch
     t, keep = seq_len_and_keep(cfg)
     e = 1 if m.modality == "image" else 0
-    d, nb = m.embed_dim, m.total_blocks
+    d, nb = m.embed_dim, m.total_blocks // pp
+    first, last = stage == 0, stage == pp - 1
+    in_flight = min(pp - stage, microbatches) if pp > 1 else 1  # 1F1B: stage s holds pp - s
     scale = dtype_bytes / 2
     s_tok = b * mm * (keep + e)
     per_block_full = s_tok * (10 + 24 / tp) * d * scale  # 34*D at tp=1: LN/residual parts unsplit
     if ckpt:
-        student = nb * s_tok * 2 * d * scale + per_block_full
+        student = in_flight * nb * s_tok * 2 * d * scale + per_block_full
     else:
-        student = nb * per_block_full
+        student = in_flight * nb * per_block_full
     t_tok = b * (t + e)
     teacher = t_tok * (10 + 24 / tp) * d * scale + m.top_k_layers * t_tok * d * dtype_bytes + t_tok * d * 4
-    decoder = b * mm * t * (m.decoder_layers * 4 * m.decoder_dim + 2 * d) * dtype_bytes
-    front = b * mm * t * d * dtype_bytes * 2  # the repeated [N, T, D] features + the filled sequence
+    if pp > 1 and last:  # the targets of all M micro-batches wait for the student pass
+        teacher += microbatches * b * t * d * 4
+    decoder = b * mm * t * (m.decoder_layers * 4 * m.decoder_dim + 2 * d) * dtype_bytes if last else 0
+    front = in_flight * b * mm * t * d * dtype_bytes * 2 if first else 0  # repeated features + filled sequence
     return {"student": student, "teacher": teacher, "decoder": decoder, "front": front,
             "total": student + teacher + decoder + front}
+
+
+def p2p_bytes(cfg, tp: int, microbatches: int, dtype_bytes: int = 2) -> dict:
+    """Bytes one rank at a stage boundary sends + receives per update (PP > 1)."""
+    from .model.flops import seq_len_and_keep
+
+    m = cfg.model
+    b, mm = cfg.data.batch_size, m.clone_batch
+    t, keep = seq_len_and_keep(cfg)
+    e = 1 if m.modality == "image" else 0
+    teacher = (e + 2 * t) * b * m.embed_dim * 4
+    student = (e + keep) * b * mm * m.embed_dim * dtype_bytes
+    return {"teacher_fwd": microbatches * teacher, "student_fwd": microbatches * student,
+            "student_bwd": microbatches * student, "total": microbatches * (teacher + 2 * student)}
 
 
 def model_state_bytes(student_n: int, teacher_n: int, largest: int, dp: int, zero: int,
@@ -258,7 +316,7 @@ def _coll_time(nbytes: float, n: int, spans_nodes: bool, hw: Hardware, factor: f
 
 def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int | None = None,
               act_ckpt: bool = False, overrides: list[str] | None = None, dtype_bytes: int = 2,
-              overhead_gib: float = 2.0, tables=None) -> Plan:
+              overhead_gib: float = 2.0, tables=None, pp: int = 1, microbatches: int | None = None) -> Plan:
     from .config import build_config
     from .model.flops import step_flops
 
@@ -266,10 +324,22 @@ def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int 
     if batch:
         cfg.data.batch_size = batch
     world = hw.nodes * hw.gpus_per_node
-    if world % tp:
-        raise ValueError(f"world {world} not divisible by tp={tp}")
-    dp = world // tp
+    if world % (tp * pp):
+        raise ValueError(f"world {world} not divisible by tp x pp = {tp} x {pp}")
+    if pp > 1 and zero != 1:
+        raise ValueError(f"pp={pp} needs ZeRO-1 (as in training), not ZeRO-{zero}")
+    if cfg.model.total_blocks % pp:
+        raise ValueError(f"{cfg.model.total_blocks} blocks do not split into pp={pp} stages")
+    mb = microbatches or max(cfg.optim.grad_accum, pp)
+    dp = world // (tp * pp)
     student, teacher = tables or param_tables(cfg, tp)
+    stage = 0
+    if pp > 1:  # plan for the fullest stage (the first holds the front end, the last the decoder)
+        sizes = [sum(p.numel for p in stage_table(student, cfg.model.total_blocks, pp, r)) for r in range(pp)]
+        acts = [activation_bytes(cfg, tp, act_ckpt, dtype_bytes, pp, mb, r)["total"] for r in range(pp)]
+        stage = max(range(pp), key=lambda r: 20 * sizes[r] / dp + acts[r])
+        student = stage_table(student, cfg.model.total_blocks, pp, stage)
+        teacher = stage_table(teacher, cfg.model.total_blocks, pp, stage)
     sn, tn = sum(p.numel for p in student), sum(p.numel for p in teacher)
     blocks: dict = {}
     for p in student:
@@ -278,9 +348,9 @@ def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int 
     largest = max(blocks.values())
     plan = Plan(preset=preset, zero=zero, tp=tp, dp=dp, world=world, batch=cfg.data.batch_size,
                 act_ckpt="full" if act_ckpt else "none", dtype_bytes=dtype_bytes, student_params=sn,
-                teacher_params=tn)
+                teacher_params=tn, pp=pp, microbatches=mb)
     ms = model_state_bytes(sn, tn, largest, dp, zero, dtype_bytes)
-    act = activation_bytes(cfg, tp, act_ckpt, dtype_bytes)
+    act = activation_bytes(cfg, tp, act_ckpt, dtype_bytes, pp, mb, stage)
     mem = {**ms, **{f"act_{k}": v for k, v in act.items() if k != "total"}}
     mem["overhead"] = overhead_gib * GIB
     mem["total"] = sum(mem.values())
@@ -289,15 +359,27 @@ def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int 
     comm = predict_comm(cfg, student, teacher, dp, tp, zero, dtype_bytes)
     plan.comm_bytes = comm
     dp_spans = dp > hw.gpus_per_node // tp
+    if pp > 1:
+        comm["p2p"] = p2p_bytes(cfg, tp, mb, dtype_bytes)
+        # Megatron's rank order puts pipeline neighbours tp x dp ranks apart
+        pp_spans = tp * dp >= hw.gpus_per_node
     plan.comm_s = {
         "all_gather": _coll_time(comm["all_gather"], dp, dp_spans, hw),
         "reduce_scatter": _coll_time(comm["reduce_scatter"], dp, dp_spans, hw),
         "all_reduce": _coll_time(comm["all_reduce"], dp, dp_spans, hw, 2.0),
         "all_reduce_tp": _coll_time(comm["all_reduce_tp"], tp, False, hw, 2.0),
+        # point-to-point: no ring, the whole message crosses the link (send and receive overlap)
+        "p2p": (comm["p2p"]["total"] / 2 / ((hw.inter_gbps if pp_spans else hw.nvlink_gbps) * GB)) if pp > 1 else 0.0,
     }
     sf = step_flops(cfg)
     flops = sf["total"] + (sf["student"] / 3 if act_ckpt else 0.0)  # recompute: one more student forward
-    plan.compute_s = flops / tp / (hw.peak_tflops * 1e12 * hw.mfu)
+    plan.compute_s = flops / (tp * pp) / (hw.peak_tflops * 1e12 * hw.mfu)
+    if pp > 1:  # one update = M micro-batches through the pipeline, plus the fill/drain bubble
+        bubble = (mb + pp - 1) / mb
+        plan.compute_s *= mb * bubble
+        plan.notes.append(f"PP={pp}, {mb} micro-batches: planned stage {stage}; 1F1B bubble x{bubble:.2f} in "
+                          f"compute; p2p {comm['p2p']['total'] / GB:.2f} GB/update ({plan.comm_s['p2p']:.3f} s "
+                          f"unless overlapped)")
     zero_s = plan.comm_s["all_gather"] + plan.comm_s["reduce_scatter"] + plan.comm_s["all_reduce"]
     plan.notes.append(f"ZeRO traffic {zero_s:.3f} s vs compute {plan.compute_s:.3f} s: "
                       + ("hidden by compute (if overlapped)" if zero_s <= plan.compute_s else
@@ -312,17 +394,17 @@ def format_plans(plans: list[Plan], hw: Hardware) -> str:
              f"NVLink {hw.nvlink_gbps:g} GB/s  inter-node {hw.inter_gbps:g} GB/s/GPU  "
              f"compute at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
              "",
-             "| preset | ZeRO | TP | DP | B/GPU | act ckpt | student params/TP rank | model states GiB | teacher+EMA GiB "
+             "| preset | ZeRO | TP | PP | DP | B/GPU | act ckpt | student params/TP rank | model states GiB | teacher+EMA GiB "
              "| activations GiB | total GiB | fits | all-gather GB | reduce-scatter GB | all-reduce GB | TP all-reduce GB "
              "| comm s (ZeRO) | comm s (TP) | compute s | hidden |",
-             "|" + "---|" * 20]
+             "|" + "---|" * 21]
     for p in plans:
         mg = p.memory_gib
         act = sum(v for k, v in mg.items() if k.startswith("act_"))
         cb, cs = p.comm_bytes, p.comm_s
         zero_s = cs["all_gather"] + cs["reduce_scatter"] + cs["all_reduce"]
         lines.append(
-            f"| {p.preset} | {p.zero} | {p.tp} | {p.dp} | {p.batch} | {p.act_ckpt} | {p.student_params / 1e6:.1f}M "
+            f"| {p.preset} | {p.zero} | {p.tp} | {p.pp} | {p.dp} | {p.batch} | {p.act_ckpt} | {p.student_params / 1e6:.1f}M "
             f"| {mg['student_states']:.2f} | {mg['teacher_params'] + mg['ema_master']:.2f} | {act:.1f} "
             f"| {mg['total']:.1f} | {'yes' if mg['fits'] else 'NO'} | {cb['all_gather'] / GB:.2f} "
             f"| {cb['reduce_scatter'] / GB:.2f} | {cb['all_reduce'] / GB:.2f} | {cb['all_reduce_tp'] / GB:.2f} "
@@ -341,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1, help="only 1 is modelled")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (needs --zero 1)")
+    ap.add_argument("--microbatches", type=int, default=None,
+                    help="micro-batches per update under PP (default: optim.grad_accum, at least pp)")
     ap.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="per-GPU micro-batch(es) (default: preset)")
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
@@ -355,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
-    if a.pp != 1:
-        ap.error("only --pp 1 is modelled")
+    if a.pp > 1 and a.zero != 1:
+        ap.error(f"--pp {a.pp} needs --zero 1 (pipeline parallelism trains with ZeRO-1 only)")
     hw = Hardware(a.nodes, a.gpus_per_node, a.gpu_mem_gb, a.nvlink_gbps, a.inter_gbps, a.peak_tflops, a.mfu)
     ckpts = {"none": [False], "full": [True], "both": [False, True]}[a.act_ckpt]
     plans = []
@@ -367,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (a.batch or [None]):
             for ck in ckpts:
                 plans.append(make_plan(preset, hw, a.zero, a.tp, b, ck, a.overrides, a.dtype_bytes,
-                                       a.overhead_gib, tables=tables))
+                                       a.overhead_gib, tables=tables, pp=a.pp, microbatches=a.microbatches))
     print(format_plans(plans, hw))
     for p in plans:
         for n in p.notes:

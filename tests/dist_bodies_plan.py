@@ -86,3 +86,51 @@ def comm_body(preset: str, warmup: str, steps: str, *overrides: str):
                         dtype_bytes, persistence_threshold=int(zo.get("stage3_param_persistence_threshold", 100_000)),
                         max_reuse_distance=int(zo.get("stage3_max_reuse_distance", 1_000_000_000)))
     save_result({"measured": measured, "predicted": pred, "dp": tr.info.dp_size})
+
+
+P2P: dict = {"bytes": 0, "calls": 0}
+
+
+def install_p2p() -> None:
+    """Count the floating-point tensors sent or received point-to-point (Megatron's p2p calls
+    torch.distributed.isend/irecv by module attribute; the int64 shape messages are left out)."""
+    def wrap(fn):
+        def wrapper(tensor, *a, **k):
+            # outermost call only: on CPU, c10d's isend re-enters itself through the
+            # TorchFunctionMode that redirects Megatron's CUDA calls (compat.cuda_calls_on_cpu)
+            if tensor.is_floating_point() and _DEPTH[0] == 0:
+                P2P["bytes"] += tensor.numel() * tensor.element_size()
+                P2P["calls"] += 1
+            _DEPTH[0] += 1
+            try:
+                return fn(tensor, *a, **k)
+            finally:
+                _DEPTH[0] -= 1
+        return wrapper
+
+    # the same wrapper in both modules: P2POp checks `op in [isend, irecv]` against c10d's globals
+    for name in ("isend", "irecv", "send", "recv"):
+        w = wrap(getattr(c10d, name))
+        setattr(c10d, name, w)
+        setattr(dist, name, w)
+
+
+def p2p_body(preset: str, steps: str, *overrides: str):
+    """PP training steps on synthetic batches: bytes per update through the stage boundary vs
+    the planner's `p2p_bytes` (send + receive of this rank)."""
+    install_p2p()
+    from d2v2_scale.bench import synthetic_batch
+    from d2v2_scale.config import build_config
+    from d2v2_scale.plan import p2p_bytes
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config(preset, overrides=list(overrides))
+    tr = Trainer(cfg, build_data=False)
+    batches = [synthetic_batch(cfg, seed=7 + i) for i in range(cfg.optim.grad_accum)]
+    tr.train_step(batches)
+    P2P.update(bytes=0, calls=0)
+    for _ in range(int(steps)):
+        tr.train_step(batches)
+    dtype_bytes = 2 if tr.dtype == torch.bfloat16 else 4
+    save_result({"measured": P2P["bytes"] / int(steps),
+                 "predicted": p2p_bytes(cfg, tr.info.tp_size, cfg.optim.grad_accum, dtype_bytes)})

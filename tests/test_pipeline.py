@@ -43,9 +43,14 @@ def _losses(res, rank=0):
 # the same tensors in the same order; the messages between stages are exact copies.  Bugs met
 # while building it moved the loss by far more than any tolerance: the in-place loss / M of the
 # schedule leaking into the logged loss (x 1/4), the ALiBi scale's gradient left per stage.
+@pytest.fixture(scope="module")
+def image_pp1(tmp_path_factory):
+    return _fit("image", 1, tmp_path_factory.mktemp("pp1"))
+
+
 @pytest.mark.parametrize("modality", ["image", "audio"])
-def test_pp2_matches_pp1(modality, tmp_path):
-    ref = _fit(modality, 1, tmp_path / "pp1")
+def test_pp2_matches_pp1(modality, tmp_path, request):
+    ref = request.getfixturevalue("image_pp1") if modality == "image" else _fit(modality, 1, tmp_path / "pp1")
     if modality == "image":
         # ... through a resume: 3 steps, stop, a new process group resumes from the PP checkpoint
         first = _fit(modality, 2, tmp_path / "pp2", "parallel.pp=2", "checkpoint.every_steps=3", steps=3)
@@ -60,6 +65,19 @@ def test_pp2_matches_pp1(modality, tmp_path):
     assert len(pp[0]) == 6 and pp[0][-1] < pp[0][0]
     np.testing.assert_array_equal(pp[0], pp[1])  # both stages log the same (last stage's) loss
     np.testing.assert_array_equal(pp[0], _losses(ref), err_msg=f"{modality}: PP=2 != PP=1")
+
+
+# TP=2 x PP=2 vs TP=1 x PP=1: the TP all-reduce adds half-sums in another order, so the losses
+# agree to float32 rounding (as tests/test_scaleout.py's TP runs), not bitwise.
+def test_tp2_pp2_matches_pp1(image_pp1, tmp_path):
+    res = _fit("image", 4, tmp_path / "tp2pp2", "parallel.pp=2", "parallel.tp=2")
+    for r in range(4):
+        np.testing.assert_array_equal(_losses(res, r), _losses(res, 0))
+    np.testing.assert_allclose(_losses(res), _losses(image_pp1), rtol=1e-6, atol=0)
+    ckpt = next((tmp_path / "tp2pp2" / "checkpoints").glob("step_*"))
+    # DeepSpeed's files: one per model-parallel rank = pp_rank * tp + tp_rank
+    assert sorted(p.name for p in ckpt.glob("mp_rank_*_model_states.pt")) == [
+        f"mp_rank_{i:02d}_model_states.pt" for i in range(4)]
 
 
 def test_pp2_checkpoint_exports(tmp_path):

@@ -182,8 +182,8 @@ def test_probe_refuses_unlabelled_and_mismatched(tmp_path):
 
 def fit_features_body(feat_path: str, manifest: str, preset: str, *overrides: str):
     """Train, then run the training teacher (student's local features -> teacher, as in a
-    training step) on 6 real labelled rows of different lengths, right-padded like the probe's
-    batches; save its last-block output and the batch for the parent test."""
+    training step) on 6 real labelled rows of different lengths: each row alone, and all six
+    right-padded into one batch.  Saves the last block's outputs for the parent test."""
     from d2v2_scale.config import build_config
     from d2v2_scale.export.probe import MODALITY_INPUTS, load_labelled
     from d2v2_scale.train.trainer import Trainer
@@ -194,16 +194,22 @@ def fit_features_body(feat_path: str, manifest: str, preset: str, *overrides: st
     mcfg = dataclasses.asdict(cfg.model)
     samples, _, _ = load_labelled(manifest, mcfg)
     pick = [samples[i] for i in np.linspace(0, len(samples) - 1, 6).astype(int)]
-    src, pad = MODALITY_INPUTS[cfg.model.modality][1](pick, mcfg)
     student = tr.engine.module.eval()  # no dropout in the features the teacher starts from
-    captured = {}
-    h = tr.teacher.module.encoder.blocks[-1].register_forward_hook(
-        lambda m, i, o: captured.__setitem__("last", o[0].detach().clone()))
-    with torch.no_grad():
-        feats, padding = student.encoder.local_features(src, pad)
-        tr.teacher(student.modality.teacher_input({"source": src}, feats), padding)
+    last_block = list(tr.teacher.module.encoder.blocks)[-1]  # blocks may be keyed by global index
+    captured = []
+    h = last_block.register_forward_hook(lambda m, i, o: captured.append(o[0].detach().transpose(0, 1).float()))
+
+    def teacher_last(src, pad):
+        with torch.no_grad():
+            feats, padding = student.encoder.local_features(src, pad)
+            tr.teacher(student.modality.teacher_input({"source": src}, feats), padding)
+        return captured.pop()  # [B, T, D] (post-LN: the encoder output)
+
+    collate = MODALITY_INPUTS[cfg.model.modality][1]
+    alone = [teacher_last(*collate([x], mcfg))[0] for x in pick]
+    batched = teacher_last(*collate(pick, mcfg))
     h.remove()
-    torch.save({"samples": pick, "last": captured["last"].transpose(0, 1).float()}, feat_path)
+    torch.save({"samples": pick, "alone": alone, "batched": batched}, feat_path)
     save_result({"step": tr.step})
 
 
@@ -226,17 +232,19 @@ def _export_roundtrip_probe(run: Path, feats: dict, manifest: Path, tmp: Path, *
     cfg = export_checkpoint(run, tmp / "exp")
     assert cfg["d2v2_export"]["which"] == "teacher" and cfg["d2v2_export"]["from_student"]
     enc, _, _ = load_export(tmp / "exp")
-    src, pad = MODALITY_INPUTS[cfg["modality"]][1](feats["samples"], cfg)
+    collate = MODALITY_INPUTS[cfg["modality"]][1]
     with torch.no_grad():
-        out = enc(src, pad)
-    assert pad.any() and out["padding"] is not None  # the batch really is padded
+        # each row alone: the exported twin's output is the training teacher's ...
+        for x, ref in zip(feats["samples"], feats["alone"]):
+            torch.testing.assert_close(enc(*collate([x], cfg))["x"][0], ref, atol=ATOL, rtol=1e-5)
+        # ... and so in a right-padded batch, on every real (non-padding) position
+        out = enc(*collate(feats["samples"], cfg))
+    assert out["padding"] is not None and out["padding"].any()
     keep = ~out["padding"]
-    # the training teacher and the exported twin agree on every real (non-padding) position ...
-    torch.testing.assert_close(out["x"][keep], feats["last"][keep], atol=ATOL, rtol=1e-5)
-    # ... and the probe's pooled features of each row do not depend on its batch-mates' padding
-    alone = np.concatenate([features(enc, [x]) for x in feats["samples"]])
-    ref = (feats["last"] * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-    np.testing.assert_allclose(alone, ref.numpy(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["x"][keep], feats["batched"][keep], atol=ATOL, rtol=1e-5)
+    # the probe's features: the mean of the teacher's output over each row
+    ref = np.stack([r.mean(0).numpy() for r in feats["alone"]])
+    np.testing.assert_allclose(features(enc, feats["samples"]), ref, atol=1e-4, rtol=1e-4)
 
     out_json = tmp / "probe.json"
     assert main([str(tmp / "exp"), "--data", str(manifest), "--json", str(out_json), *probe_args]) == 0

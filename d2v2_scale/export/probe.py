@@ -5,11 +5,11 @@
 1. features: every labelled row of the d2v2-prep shards goes through the exported plain twin,
    with the model input training uses, minus augmentation (one function per modality below):
    images: the whole image resized to model.image_size (bilinear), ImageNet mean/std, no crop
-   or flip; audio: the whole waveform (every segment row), zero mean / unit variance, right-
-   padded with zeros + padding mask in a batch; text: the document's token ids (cut to
-   model.max_positions), right-padded with pad_token_id + padding mask.  The final encoder
-   output is pooled: `mean` over the non-padding tokens (patches / frames / tokens; default)
-   or the `cls` token (image models only: audio and text encoders have none);
+   or flip; audio: the whole waveform of the row, zero mean / unit variance; text: the row's
+   token ids (cut to model.max_positions).  The final encoder output is pooled: `mean` over the
+   tokens (patches / frames / tokens; default) or the `cls` token (image models only: audio and
+   text encoders have none).  Batches hold inputs of one length only, so nothing is padded and
+   a row's features never depend on its batch-mates;
 2. a stratified train/test split (`--test-fraction`, `--seed`; classes with fewer than 2 labelled
    rows are left out);
 3. standardize + multinomial logistic regression (scikit-learn) on the train split; accuracy on
@@ -150,32 +150,31 @@ def load_labelled(manifest: str | Path, config: dict, max_samples: int | None = 
 
 @torch.no_grad()
 def features(encoder, samples, pool: str = "mean", batch_size: int = 64) -> np.ndarray:
-    """Pooled final-layer features float32 [N, D] of `samples` (a list from load_labelled, or an
-    image tensor [N, C, S, S]).  Samples are batched in length order (less padding; the padding
-    mask keeps the features independent of the batch) and returned in input order."""
+    """Pooled final-layer features float32 [N, D] of `samples` (a list from load_labelled).
+
+    A batch only holds samples of one length, so no sample is ever padded: the audio encoder is
+    not padding-invariant (the 2nd+ layers of its conv positional encoder see the outputs at the
+    padded frames, which reach the last real frames and, through attention, every frame), and a
+    probe's features must not depend on which rows share a batch.  Images all have one size
+    (full batches); text documents share lengths often; audio clips mostly run one by one."""
     encoder.eval()
-    if isinstance(samples, torch.Tensor):
-        samples = list(samples.numpy())
     _, collate = MODALITY_INPUTS[encoder.c.modality]
     e = encoder.extra_tokens.shape[1] if encoder.extra_tokens is not None else 0
     if pool == "cls" and not e:
         raise ProbeError(f"--pool cls: this {encoder.c.modality} encoder has no CLS token (use --pool mean)")
     config = vars(encoder.c)
-    order = np.argsort([len(x) for x in samples], kind="stable")
+    lengths = np.array([len(x) for x in samples])
+    order = np.argsort(lengths, kind="stable")
     out = np.zeros((len(samples), encoder.c.embed_dim), dtype=np.float32)
-    for i in range(0, len(order), batch_size):
-        b = order[i:i + batch_size]
-        src, pad = collate([samples[j] for j in b], config)
-        r = encoder(src, pad)
-        h = r["x"]
-        if pool == "cls":
-            f = h[:, 0]
-        elif r["padding"] is None:
-            f = h[:, e:].mean(1)
-        else:  # mean over the real tokens only (frames past a short clip's end are padding)
-            keep = (~r["padding"]).unsqueeze(-1).to(h.dtype)
-            f = (h[:, e:] * keep).sum(1) / keep.sum(1).clamp_min(1)
-        out[b] = f.float().numpy()
+    i = 0
+    while i < len(order):
+        j = min(i + batch_size, len(order))
+        j = i + int(np.searchsorted(lengths[order[i:j]], lengths[order[i]], side="right"))  # same length only
+        b = order[i:j]
+        src, pad = collate([samples[k] for k in b], config)
+        h = encoder(src, pad)["x"]
+        out[b] = (h[:, 0] if pool == "cls" else h[:, e:].mean(1)).float().numpy()
+        i = j
     return out
 
 
@@ -254,7 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="labelled d2v2-prep shards of the export's modality: "
                                                   "DIR/manifest.json")
     p.add_argument("--pool", choices=["mean", "cls"], default="mean",
-                   help="mean over the non-padding tokens (default) or the CLS token of the final layer (images)")
+                   help="mean over the tokens (default) or the CLS token of the final layer (images only)")
     p.add_argument("--baseline", choices=["init", "torch", "none"], default="init",
                    help="random-init twin: the training init with the run's seed (default), PyTorch's "
                         "default init, or none")

@@ -51,13 +51,15 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 
 class BlockStack(nn.ModuleDict):
     """The blocks, keyed by global index: iterates like a ModuleList (the blocks, in order), and
-    `stack[i]` is global block i.  A pipeline stage deletes the blocks it does not own and keeps
+    `stack[i]` is global block i (`stack[-1]`: the last block held).  A pipeline stage deletes the blocks it does not own and keeps
     the names (`blocks.5.` stays `blocks.5.`), so stage checkpoints join by name."""
 
     def __iter__(self):
         return iter(self._modules.values())
 
     def __getitem__(self, i) -> nn.Module:
+        if isinstance(i, int) and i < 0:  # from the end, as a list: stack[-1] is the last block held
+            return list(self._modules.values())[i]
         return self._modules[str(i)]
 
     def __delitem__(self, i) -> None:
