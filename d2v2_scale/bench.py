@@ -11,6 +11,7 @@ synchronized around each part): teacher forward (inside the student's forward), 
 forward + backward, optimizer step (DeepSpeed: clip, AdamW, ZeRO reduce/gather), EMA update;
 `other` is the rest (finiteness checks, logging all-reduce).  With `--no-breakdown` only the step
 is synchronized (use it for the headline step time; the breakdown costs a few syncs per step).
+Under pipeline parallelism (parallel.pp > 1) only whole steps are timed: the stages overlap.
 
 FLOPs are the analytic count of `d2v2_scale/model/flops.py`; MFU = achieved FLOP/s per device
 divided by `--peak-tflops` (989: H100/H200 SXM bf16 dense).  Memory: CUDA peak allocated after
@@ -199,6 +200,9 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
     compile_status = "off"
     if compile:
         compile_status = compile_blocks(tr)
+    if info.pp_size > 1:
+        # stages overlap micro-batches (1F1B): a per-part split of one rank's time would mislead
+        breakdown = False
     clock = _Clock(breakdown)
     instrument(tr, clock)
     batches = [synthetic_batch(cfg, step=i) for i in range(cfg.optim.grad_accum)]
