@@ -283,3 +283,52 @@ def test_text_pretrain_export_probe(tmp_path):
     r = _export_roundtrip_probe(run, feats, manifest, tmp_path)
     _sane(r, 15)
     assert r["modality"] == "text" and r["n_test"] > 600
+
+
+def test_probe_layer_option():
+    """--layer: block k's output, the data2vec targets, the final output (no training: init twins
+    on real rows of the shared prepared corpora)."""
+    from d2v2_scale.data.shards import ShardSet
+    from d2v2_scale.export.probe import (
+        MODALITY_INPUTS,
+        ProbeError,
+        check_layer,
+        features,
+        parse_args,
+        torch_init,
+    )
+    from d2v2_scale.model.targets import make_targets
+
+    def setup(kind, n):
+        cfg = dataclasses.asdict(data_fixtures.tiny_cfg(kind, Path("unused")).model)
+        shards = ShardSet(data_fixtures.prepared(kind) / "manifest.json")
+        read = MODALITY_INPUTS[kind][0]
+        return torch_init(cfg, 0), cfg, [read(shards, i, cfg) for i in range(n)]
+
+    assert parse_args(["x", "--data", "m"]).layer == "final"
+    # image (targets end with a layer norm over channels: their mean pool is a feature)
+    enc, cfg, samples = setup("image", 12)
+    got = {k: features(enc, samples, layer=k) for k in ("final", 0, 1, "targets")}
+    for f in got.values():
+        assert f.shape == (12, cfg["embed_dim"]) and np.isfinite(f).all()
+    np.testing.assert_array_equal(got[cfg["depth"] - 1], got["final"])  # post-LN: last block = output
+    assert not np.allclose(got[0], got["final"], atol=1e-3) and not np.allclose(got["targets"], got[0], atol=1e-3)
+    with torch.no_grad():
+        out = enc(torch.from_numpy(np.stack(samples)))
+        ref = make_targets([f[:, 1:] for f in out["ffn"][-cfg["top_k_layers"]:]], enc.c).mean(1)
+        np.testing.assert_allclose(got["targets"], ref.numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[0], out["hidden"][0][:, 1:].mean(1).numpy(), atol=1e-5)
+    assert features(enc, samples, "cls", layer=0).shape == (12, cfg["embed_dim"])
+    with pytest.raises(ProbeError, match="no CLS token"):
+        features(enc, samples, "cls", layer="targets")
+    with pytest.raises(ProbeError, match="blocks 0..1"):
+        check_layer("2", cfg)
+    with pytest.raises(ProbeError, match="expected final, targets or a block index"):
+        check_layer("last", cfg)
+    # text: block 0 differs from the output; the targets end with an instance norm over time,
+    # so their mean pool would be 0: refused
+    enc, cfg, samples = setup("text", 8)
+    f0, ff = features(enc, samples, layer="0"), features(enc, samples)
+    assert f0.shape == ff.shape == (8, cfg["embed_dim"]) and not np.allclose(f0, ff, atol=1e-3)
+    with pytest.raises(ProbeError, match="instance norm over time"):
+        features(enc, samples, layer="targets")

@@ -1,15 +1,17 @@
 """`d2v2-probe`: linear-probe evaluation of an exported encoder (frozen features).
 
-    d2v2-probe EXPORT_DIR --data SHARDS/manifest.json [--pool mean|cls] [--baseline init|torch|none]
+    d2v2-probe EXPORT_DIR --data SHARDS/manifest.json [--pool mean|cls] [--layer final|K|targets]
+               [--baseline init|torch|none]
 
 1. features: every labelled row of the d2v2-prep shards goes through the exported plain twin,
    with the model input training uses, minus augmentation (one function per modality below):
    images: the whole image resized to model.image_size (bilinear), ImageNet mean/std, no crop
    or flip; audio: the whole waveform of the row, zero mean / unit variance; text: the row's
-   token ids (cut to model.max_positions).  The final encoder output is pooled: `mean` over the
-   tokens (patches / frames / tokens; default) or the `cls` token (image models only: audio and
-   text encoders have none).  Batches hold inputs of one length only, so nothing is padded and
-   a row's features never depend on its batch-mates;
+   token ids (cut to model.max_positions).  The final encoder output (`--layer final`, default),
+   the output of block K (`--layer K`) or the data2vec targets (`--layer targets`) is pooled:
+   `mean` over the tokens (patches / frames / tokens; default) or the `cls` token (image models
+   only: audio and text encoders have none).  Batches hold inputs of one length only, so nothing
+   is padded and a row's features never depend on its batch-mates;
 2. a stratified train/test split (`--test-fraction`, `--seed`; classes with fewer than 2 labelled
    rows are left out);
 3. standardize + multinomial logistic regression (scikit-learn) on the train split; accuracy on
@@ -148,9 +150,60 @@ def load_labelled(manifest: str | Path, config: dict, max_samples: int | None = 
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_layer(layer) -> str | int:
+    """--layer value -> "final" | "targets" | block index (int)."""
+    if isinstance(layer, int) or layer in ("final", "targets"):
+        return layer
+    try:
+        return int(layer)
+    except (TypeError, ValueError):
+        raise ProbeError(f"--layer {layer!r}: expected final, targets or a block index") from None
+
+
+def check_layer(layer, config, pool: str = "mean") -> str | int:
+    """Validate --layer for this encoder config; -> the parsed layer."""
+    layer = parse_layer(layer)
+    n = config["depth"] + config["prenet_depth"]
+    if isinstance(layer, int) and not 0 <= layer < n:
+        raise ProbeError(f"--layer {layer}: this encoder has blocks 0..{n - 1}")
+    if layer == "targets":
+        if pool == "cls":
+            raise ProbeError("--layer targets has no CLS token (the targets drop the extra tokens): "
+                             "use --pool mean")
+        if not 1 <= config["top_k_layers"] <= n:
+            raise ProbeError(f"--layer targets: top_k_layers {config['top_k_layers']} for {n} blocks")
+        # the last normalization over time zero-means every channel of every sample: a mean pool
+        # of such targets is 0 (up to rounding), not a feature
+        if config["instance_norm_targets"] or (config["instance_norm_target_layer"] and not (
+                config["layer_norm_target_layer"] or config["layer_norm_targets"])):
+            raise ProbeError("--layer targets: this model's targets end with an instance norm over time "
+                             "(instance_norm_target_layer without a later layer norm, or instance_norm_targets), "
+                             "so their mean over the tokens is 0 for every input; probe a block instead")
+    return layer
+
+
+def representation(encoder, out: dict, layer) -> torch.Tensor:
+    """The [B, E+T, D] (final / block k) or [B, T, D] (targets) tensor --layer names."""
+    if layer == "final":
+        return out["x"]
+    if layer == "targets":
+        from ..model.targets import make_targets
+
+        e = encoder.extra_tokens.shape[1] if encoder.extra_tokens is not None else 0
+        k = encoder.c.top_k_layers
+        return make_targets([f[:, e:] for f in out["ffn"][-k:]], encoder.c, out["padding"])
+    return out["hidden"][layer]
+
+
 @torch.no_grad()
-def features(encoder, samples, pool: str = "mean", batch_size: int = 64) -> np.ndarray:
-    """Pooled final-layer features float32 [N, D] of `samples` (a list from load_labelled).
+def features(encoder, samples, pool: str = "mean", batch_size: int = 64,
+             layer: str | int = "final") -> np.ndarray:
+    """Pooled features float32 [N, D] of `samples` (a list from load_labelled).
+
+    layer: which representation is pooled: "final" (the encoder output, out["x"]), an int k (the
+    output of block k, 0-based, before final_norm for pre-LN models) or "targets" (the data2vec
+    teacher targets: the average of the top-K instance-normed FFN outputs, model/targets.py; no
+    CLS token).
 
     A batch only holds samples of one length, so no sample is ever padded: the audio encoder is
     not padding-invariant (the 2nd+ layers of its conv positional encoder see the outputs at the
@@ -163,6 +216,8 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64) -> np.n
     if pool == "cls" and not e:
         raise ProbeError(f"--pool cls: this {encoder.c.modality} encoder has no CLS token (use --pool mean)")
     config = vars(encoder.c)
+    layer = check_layer(layer, config, pool)
+    e = 0 if layer == "targets" else e  # the targets hold the T tokens only
     lengths = np.array([len(x) for x in samples])
     order = np.argsort(lengths, kind="stable")
     out = np.zeros((len(samples), encoder.c.embed_dim), dtype=np.float32)
@@ -172,7 +227,7 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64) -> np.n
         j = i + int(np.searchsorted(lengths[order[i:j]], lengths[order[i]], side="right"))  # same length only
         b = order[i:j]
         src, pad = collate([samples[k] for k in b], config)
-        h = encoder(src, pad)["x"]
+        h = representation(encoder, encoder(src, pad), layer)
         out[b] = (h[:, 0] if pool == "cls" else h[:, e:].mean(1)).float().numpy()
         i = j
     return out
@@ -221,7 +276,7 @@ def fit_probe(feats: np.ndarray, labels: np.ndarray, train_idx, test_idx, c: flo
 
 def run_probe(export_dir: str | Path, manifest: str | Path, pool: str = "mean", baseline: str = "init",
               test_fraction: float = 0.5, seed: int = 0, c: float = 1.0, max_samples: int | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, layer: str | int = "final") -> dict:
     from sklearn.model_selection import train_test_split
 
     from .consolidate import load_export
@@ -230,17 +285,18 @@ def run_probe(export_dir: str | Path, manifest: str | Path, pool: str = "mean", 
         torch.set_num_threads(threads)
     enc, config, _ = load_export(export_dir)
     prov = config.get("d2v2_export", {})
+    layer = check_layer(layer, config, pool)  # before the (slow) reading of the data
     samples, y, _ = load_labelled(manifest, config, max_samples, seed)
     tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
     res = {"export": str(export_dir), "data": str(manifest), "modality": config["modality"], "pool": pool,
-           "n_train": len(tr), "n_test": len(te), "classes": int(len(np.unique(y))), "step": prov.get("step"),
-           "which": prov.get("which"), "seed": seed, "C": c}
-    res["accuracy"] = fit_probe(features(enc, samples, pool), y, tr, te, c)
+           "layer": layer, "n_train": len(tr), "n_test": len(te), "classes": int(len(np.unique(y))),
+           "step": prov.get("step"), "which": prov.get("which"), "seed": seed, "C": c}
+    res["accuracy"] = fit_probe(features(enc, samples, pool, layer=layer), y, tr, te, c)
     if baseline != "none":
         init_seed = prov.get("seed", 1) if prov.get("seed") is not None else 1
         rnd = training_init(config, init_seed) if baseline == "init" else torch_init(config, init_seed)
         res["baseline"] = baseline
-        res["baseline_accuracy"] = fit_probe(features(rnd, samples, pool), y, tr, te, c)
+        res["baseline_accuracy"] = fit_probe(features(rnd, samples, pool, layer=layer), y, tr, te, c)
         res["margin"] = res["accuracy"] - res["baseline_accuracy"]
     res["chance"] = float(np.bincount(y[te]).max() / len(te))
     return res
@@ -254,6 +310,11 @@ def parse_args(argv=None):
                                                   "DIR/manifest.json")
     p.add_argument("--pool", choices=["mean", "cls"], default="mean",
                    help="mean over the tokens (default) or the CLS token of the final layer (images only)")
+    p.add_argument("--layer", default="final",
+                   help="representation to pool: final (the encoder output, default), K (the output of block "
+                        "K, 0-based) or targets (the data2vec targets: average of the top-K instance-normed "
+                        "FFN outputs; mean pool only, and only for models whose targets do not end with an "
+                        "instance norm over time, i.e. not the audio/text presets)")
     p.add_argument("--baseline", choices=["init", "torch", "none"], default="init",
                    help="random-init twin: the training init with the run's seed (default), PyTorch's "
                         "default init, or none")
@@ -272,12 +333,13 @@ def main(argv=None) -> int:
 
     try:
         res = run_probe(args.export, args.data, args.pool, args.baseline, args.test_fraction, args.seed, args.c,
-                        args.max_samples)
+                        args.max_samples, layer=args.layer)
     except (ProbeError, ExportError, FileNotFoundError) as e:
         print(f"d2v2-probe: error: {e}", file=sys.stderr)
         return 2
-    line = (f"linear probe ({res['modality']}, {res['pool']} pool, {res['n_train']} train / {res['n_test']} test, "
-            f"{res['classes']} classes): {res['which']} step {res['step']}: accuracy {res['accuracy']:.4f}")
+    line = (f"linear probe ({res['modality']}, layer {res['layer']}, {res['pool']} pool, {res['n_train']} train / "
+            f"{res['n_test']} test, {res['classes']} classes): {res['which']} step {res['step']}: "
+            f"accuracy {res['accuracy']:.4f}")
     if "baseline_accuracy" in res:
         line += f"; random init ({res['baseline']}): {res['baseline_accuracy']:.4f}; margin {res['margin']:+.4f}"
     print(line + f"; chance {res['chance']:.4f}")

@@ -8,7 +8,8 @@ tested.
     cfg = types.SimpleNamespace(**exported_config)   # the ModelConfig fields listed below
     enc = PlainEncoder(cfg)
     enc.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-    out = enc(source, padding_mask)   # {"x": [B, E+T, D], "padding": [B, T] | None, "ffn": [...]}
+    out = enc(source, padding_mask)   # {"x": [B, E+T, D], "padding": [B, T] | None, "ffn": [...],
+                                      #  "hidden": [...]}
 
 Config fields read: modality, depth, prenet_depth, embed_dim, num_heads, mlp_ratio,
 layer_norm_eps, pre_ln, alibi, image_size, patch_size, in_chans, conv_feature_layers,
@@ -239,7 +240,9 @@ class PlainEncoder(nn.Module):
                                     for _ in range(c.depth + c.prenet_depth))
 
     def forward(self, source, padding_mask=None):
-        """-> {"x": [B, E + T, D], "padding": [B, T] | None, "ffn": [FFN output of every block]}."""
+        """-> {"x": [B, E + T, D], "padding": [B, T] | None, "ffn": [FFN output of every block],
+        "hidden": [output of every block, [B, E + T, D]]}.  x is the last block's output (after
+        final_norm for pre-LN models); ffn[k] is block k's MLP output before its residual add."""
         x, pad = self.local(source, padding_mask)
         if self.pos_table is not None:
             x = x + self.pos_table
@@ -262,10 +265,11 @@ class PlainEncoder(nn.Module):
             kp[:, e:] = kp[:, e:].masked_fill(pad, float("-inf"))
             kp = kp[:, None, None, :]
             bias = kp if bias is None else bias + kp
-        ffn = []
+        ffn, hidden = [], []
         for blk in self.blocks:
             x, f = blk(x, bias)
             ffn.append(f)
+            hidden.append(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return {"x": x, "padding": pad, "ffn": ffn}
+        return {"x": x, "padding": pad, "ffn": ffn, "hidden": hidden}
