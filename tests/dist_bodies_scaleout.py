@@ -47,3 +47,34 @@ def modes_body(modes: str, preset: str, *overrides: str):
         del tr
         gc.collect()
     save_result(res)
+
+
+def tp_dropout_body():
+    """TP=2: the same q/k/v through attention with dropout on both TP ranks.  Returns whether the
+    outputs (dropout masks) differ between the ranks and the default generator's next draws
+    (which must stay identical on both: replicated tensors use it)."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from d2v2_scale.distributed import init_distributed
+    from d2v2_scale.model.attention import SDPACoreAttention
+    from d2v2_scale.model.tp_random import TP_RANDOM
+
+    info = init_distributed(tp=2)
+    torch.manual_seed(0)
+    TP_RANDOM.seed(0, info.tp_rank, info.tp_size)
+    attn = SDPACoreAttention(types.SimpleNamespace(attention_dropout=0.5)).train()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(16, 2, 2, 8, generator=g) for _ in range(3))  # [T, B, h, d]
+    out = attn(q, k, v, None)
+    both = [torch.empty_like(out) for _ in range(2)]
+    dist.all_gather(both, out)
+    TP_RANDOM.seed(0, 0, 1)  # off: the plain default generator on both ranks
+    torch.manual_seed(0)
+    off = attn(q, k, v, None)
+    off_both = [torch.empty_like(off) for _ in range(2)]
+    dist.all_gather(off_both, off)
+    save_result({"differ_on": not torch.equal(both[0], both[1]), "differ_off": not torch.equal(*off_both),
+                 "next_default": torch.rand(4).tolist()})

@@ -25,8 +25,8 @@ COMMON = ["max_steps=10", "checkpoint.every_steps=1000", "logging.every_steps=5"
           "ema.end_decay=0.95"]
 # Dropout on for the activation-checkpointing runs (image presets have 0): the recompute must
 # replay the same dropout masks.  Not for TP: attention dropout draws a [B, H/tp, T, T] mask per
-# TP rank, a different random stream from TP=1's [B, H, T, T], so TP=2 cannot reproduce TP=1's
-# dropout (it still stays in step across TP ranks: the 4 ranks' losses are compared below).
+# TP rank from a per-rank stream (model/tp_random.py), not TP=1's [B, H, T, T], so TP=2 cannot
+# reproduce TP=1's dropout (the TP ranks still stay in step: the 4 ranks' losses are compared).
 DROPOUT = "model.dropout=0.1"
 
 
@@ -106,6 +106,26 @@ def _ds(*overrides, dp=2):
 
     cfg = build_config("image-tiny", overrides=list(overrides))
     return student_ds_config(cfg, dp)
+
+
+def test_tp_attention_dropout_draws_per_tp_rank():
+    """Attention dropout on a TP slice uses a stream seeded per TP rank (model/tp_random.py): the
+    two ranks' masks differ, as the masks of different heads do at TP=1; without it they are
+    identical.  The default generator (replicated tensors) stays in step on both ranks."""
+    res = run_distributed(f"{BODY}:tp_dropout_body", nproc=2, timeout=120)
+    assert res[0]["differ_on"] and not res[0]["differ_off"]
+    assert res[0]["next_default"] == res[1]["next_default"]
+
+
+def test_tp2_activation_checkpointing_replays_tp_dropout(image_manifest, tmp_path):
+    """TP=2 with dropout: full and selective recompute replay the per-TP-rank attention dropout
+    masks of the forward (the stream is restored for the replay): losses equal to no checkpointing."""
+    res = _fit(2, image_manifest, tmp_path, "parallel.zero_stage=1", "parallel.tp=2", DROPOUT, "max_steps=4",
+               body="modes_body", extra=["none,full,selective"])
+    modes = {m: np.array([l for _, l in v]) for m, v in res[0].items()}
+    assert len(modes["none"]) == 4
+    np.testing.assert_array_equal(modes["full"], modes["none"])
+    np.testing.assert_array_equal(modes["selective"], modes["none"])
 
 
 def test_ds_config_json_is_read_and_merged():

@@ -5,7 +5,8 @@
 heads that live on this TP rank, and projects the result with its `linear_proj`.  We call
 `torch.nn.functional.scaled_dot_product_attention`: it needs no CUDA-only RNG tracker or memory
 buffer (Megatron's stock `DotProductAttention` does, see cpu-distributed-facts.md) and it is the
-flash / memory-efficient kernel on GPU.
+flash / memory-efficient kernel on GPU.  Its dropout draws from the per-TP-rank stream of
+`tp_random.py` (this rank's heads drop independently of the other ranks' heads).
 
 The bias is built once per forward by the encoder (`attention_bias`) and shared by every block:
   * key padding: -inf on padded keys;
@@ -16,12 +17,15 @@ Under tensor parallelism each rank builds the bias for its own heads only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .tp_random import TP_RANDOM
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -88,9 +92,10 @@ class SDPACoreAttention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.dropout_p if self.training else 0.0,
-                                             scale=self.softmax_scale)
+        p = self.dropout_p if self.training else 0.0
+        # this rank's heads drop independently of the other TP ranks' (model/tp_random.py)
+        with TP_RANDOM.fork() if p > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.softmax_scale)
         t, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(t, b, -1)  # [T, B, h*d]
 
@@ -99,5 +104,6 @@ class SDPACoreAttention(nn.Module):
                 **kwargs) -> Tensor:
         bias = attention_mask if attention_bias is None else attention_bias
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self._attend, query, key, value, bias, use_reentrant=False)
+            return checkpoint(self._attend, query, key, value, bias, use_reentrant=False,
+                              context_fn=TP_RANDOM.checkpoint_contexts)
         return self._attend(query, key, value, bias)

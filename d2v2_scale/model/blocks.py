@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .attention import SDPACoreAttention
 
 from .layers import INIT_STD
+from .tp_random import TP_RANDOM
 
 
 def init_normal(std: float = INIT_STD):
@@ -127,5 +128,5 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.checkpointing == "full" and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, bias, use_reentrant=False)
+            return checkpoint(self._forward, x, bias, use_reentrant=False, context_fn=TP_RANDOM.checkpoint_contexts)
         return self._forward(x, bias)

@@ -62,8 +62,11 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    from ..model.tp_random import TP_RANDOM
+
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tp_random": TP_RANDOM.state_dict()}
 
 
 def set_rng_state(s: dict) -> None:
@@ -72,6 +75,10 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+    if "tp_random" in s:
+        from ..model.tp_random import TP_RANDOM
+
+        TP_RANDOM.load_state_dict(s["tp_random"])
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -67,6 +67,9 @@ class Trainer:
 
         # ---- model: the same seed on every rank, so every rank builds the same weights ----
         seed_everything(cfg.seed)
+        from ..model.tp_random import TP_RANDOM
+
+        TP_RANDOM.seed(cfg.seed, info.tp_rank, info.tp_size)  # attention dropout per TP slice
         zero3 = cfg.parallel.zero_stage == 3
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
         ds_cfg = student_ds_config(cfg, info.dp_size)
