@@ -114,30 +114,11 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
     return table(s), table(t)
 
 
-FIRST_STAGE_ONLY = ("encoder.local.", "encoder.positions.", "encoder.extra_tokens", "encoder.context_norm.")
-LAST_STAGE_ONLY = ("encoder.final_norm.", "decoder.")
-
-
 def stage_table(params: list[ParamInfo], total_blocks: int, pp: int, rank: int) -> list[ParamInfo]:
-    """The parameters pipeline stage `rank` holds (train/pipeline.py's split: equal contiguous
-    block ranges, front end on the first stage, decoder and final norm on the last, the rest --
-    the ALiBi scale -- replicated)."""
-    from .train.pipeline import stage_blocks
+    """The parameters pipeline stage `rank` holds (train/pipeline.py's split)."""
+    from .train.pipeline import on_stage
 
-    owned = set(stage_blocks(total_blocks, pp, rank))
-    out = []
-    for p in params:
-        if p.block is not None:
-            keep = p.block in owned
-        elif p.name.startswith(FIRST_STAGE_ONLY):
-            keep = rank == 0
-        elif p.name.startswith(LAST_STAGE_ONLY):
-            keep = rank == pp - 1
-        else:
-            keep = True
-        if keep:
-            out.append(p)
-    return out
+    return [p for p in params if on_stage(p.name, p.block, total_blocks, pp, rank)]
 
 
 # --------------------------------------------------------------------------------------------

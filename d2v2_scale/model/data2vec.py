@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .encoder import Encoder, kept_indices
 from .modality import get_modality
-from .targets import accumulate_layers, finish_targets, make_targets
+from .targets import accumulate_layers, finish_targets
 
 MASK_NOISE_STD = 0.01  # decoder input at masked slots: N(0, 0.01^2)
 
@@ -71,10 +71,7 @@ class Data2Vec2Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
-        if self.encoder.local is not None:
-            x, padding = self.encoder.local_features(x, padding)
-        _, layers = self.encoder.forward_full(x, padding, self.mcfg.top_k_layers)
-        return make_targets(layers, self.mcfg, padding)
+        return self.forward_stage(x, padding)  # the whole model is one stage without pipelining
 
     @torch.no_grad()
     def forward_stage(self, x: Tensor, padding: Tensor | None, partial: Tensor | None = None):
@@ -86,7 +83,7 @@ class Data2Vec2Teacher(nn.Module):
         m = self.mcfg
         if self.first_stage:
             if self.encoder.local is not None:
-                x, _ = self.encoder.local_features(x, padding)
+                x, padding = self.encoder.local_features(x, padding)
             x = self.encoder.contextualize(x, keep=None, zero=padding).transpose(0, 1)
         s, b = x.shape[:2]
         bias = self.encoder.bias(b, s, None, padding, x.dtype, x.device)

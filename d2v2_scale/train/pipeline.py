@@ -40,6 +40,26 @@ from ..compat import cuda_calls_on_cpu
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
 FIRST_ONLY = ("local", "positions", "extra_tokens", "context_norm")
 LAST_ONLY = ("final_norm",)
+FIRST_ONLY_PARAMS = tuple(f"encoder.{p}" for p in FIRST_ONLY)  # parameter-name prefixes
+LAST_ONLY_PARAMS = ("decoder.",) + tuple(f"encoder.{p}" for p in LAST_ONLY)
+
+
+def on_stage(name: str, block: int | None, total_blocks: int, pp: int, rank: int) -> bool:
+    """Does pipeline stage `rank` of `pp` hold parameter `name` (of block `block`, or None)?
+    Blocks by range; the front end on the first stage; decoder and final norm on the last; the
+    rest (the ALiBi scale) on every stage.  prune_to_stage and d2v2-plan both follow this rule."""
+    if block is not None:
+        return block in stage_blocks(total_blocks, pp, rank)
+    if name.startswith(FIRST_ONLY_PARAMS):
+        return rank == 0
+    if name.startswith(LAST_ONLY_PARAMS):
+        return rank == pp - 1
+    return True
+
+
+def replicated(name: str) -> bool:
+    """A parameter every stage holds (not a block's, not the first's or last's own)."""
+    return not name.startswith(("encoder.blocks.",) + FIRST_ONLY_PARAMS + LAST_ONLY_PARAMS)
 
 
 def stage_blocks(total_blocks: int, pp: int, rank: int) -> range:
@@ -69,9 +89,7 @@ def prune_to_stage(model: nn.Module, rank: int, size: int) -> list[str]:
         if getattr(model, "decoder", None) is not None:
             model.decoder = None
     model.first_stage, model.last_stage = first, last
-    stage_only = ("encoder.blocks.", "decoder.") + tuple(f"encoder.{p}." for p in FIRST_ONLY + LAST_ONLY) \
-        + tuple(f"encoder.{p}" for p in FIRST_ONLY + LAST_ONLY)
-    return [n for n, _ in model.named_parameters() if not n.startswith(stage_only)]
+    return [n for n, _ in model.named_parameters() if replicated(n)]
 
 
 def mark_replicated(model: nn.Module, names: list[str], first_stage: bool) -> None:
@@ -130,7 +148,6 @@ class PipelineRunner:
 
         self.student, self.teacher, self.dtype = student, teacher, dtype
         self.first, self.last = student.first_stage, student.last_stage
-        self.pp_group = ps.get_pipeline_model_parallel_group()
         cuda = torch.cuda.is_available()
         base = make_transformer_config(mcfg)
         common = dict(pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
