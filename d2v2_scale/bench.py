@@ -152,14 +152,30 @@ def instrument(trainer, clock: _Clock) -> None:
 
 
 def compile_blocks(trainer) -> str:
-    """torch.compile each student block in place; returns "ok" or the reason it was not done."""
+    """torch.compile each transformer block of the student and of the teacher, in place; returns
+    "ok" or the reason it was not done.  Blocks only: the masking, gather and decoder around them
+    change shape every step (kept counts, padding), which would recompile a whole-model graph."""
     try:
-        blocks = trainer.engine.module.encoder.blocks
-        for blk in blocks:
-            blk.compile()
+        teacher = trainer.teacher.module
+        for module in (trainer.engine.module, teacher):
+            for blk in module.encoder.blocks:
+                blk.compile()
         return "ok"
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         return f"failed: {type(e).__name__}: {e}"
+
+
+def check_compile(cfg) -> None:
+    """Refuse --compile where it is known not to work, before any step is spent."""
+    from .config import ConfigError
+
+    if cfg.parallel.zero_stage == 3:
+        # measured (docs/BENCHMARKS.md): dynamo traces DeepSpeed's ZeRO-3 gather/release hooks
+        # around every block, recompiles on each call until torch._dynamo's recompile limit, then
+        # runs those frames eagerly: slower than no compile at all
+        raise ConfigError("--compile with parallel.zero_stage=3: torch.compile traces DeepSpeed's ZeRO-3 "
+                          "parameter hooks around each block and hits dynamo's recompile limit (slower than "
+                          "eager); benchmark --compile with parallel.zero_stage=0, 1 or 2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +211,8 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
     if not any(o.split("=", 1)[0].lstrip("-") == "logging.tensorboard" for o in ov):
         ov.append("logging.tensorboard=false")
     cfg = build_config(preset, overrides=ov)
+    if compile:
+        check_compile(cfg)
     tr = Trainer(cfg, build_data=False)
     info = tr.info
     compile_status = "off"
@@ -207,7 +225,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
     instrument(tr, clock)
     batches = [synthetic_batch(cfg, step=i) for i in range(cfg.optim.grad_accum)]
 
-    times, parts = [], []
+    times, parts, losses = [], [], []
     for i in range(warmup + steps):
         if i == warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -215,7 +233,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         _sync()
         t0 = time.perf_counter()
         try:
-            tr.train_step(batches)
+            scalars = tr.train_step(batches)
         except Exception as e:  # a compile failure shows up at the first step
             if compile and i == 0:
                 raise RuntimeError(f"--compile: the first step failed ({type(e).__name__}: {e}); "
@@ -223,6 +241,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
             raise
         _sync()
         dt = time.perf_counter() - t0
+        losses.append(scalars.get("loss/total", float("nan")))
         if i >= warmup:
             times.append(dt)
             parts.append(dict(clock.parts))
@@ -248,7 +267,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         "samples_per_s": samples / med, "tokens_per_s": samples * tokens_per_sample(cfg) / med,
         "flops_per_step": flops_step, "flops_split": {k2: v * k for k2, v in sf.items()},
         "tflops_per_device": tflops_dev, "peak_tflops": peak_tflops, "mfu": tflops_dev / peak_tflops,
-        "peak_memory_gib": peak_memory_gib(),
+        "peak_memory_gib": peak_memory_gib(), "losses": losses,
         "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
         "torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
@@ -303,15 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each student block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (student and teacher; not with ZeRO-3)")
     ap.add_argument("--no-breakdown", action="store_true", help="time only whole steps (no per-part syncs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None, help="write the result row (JSON) here")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     a = ap.parse_args(argv)
-    row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
-                    breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir)
+    from .config import ConfigError
+
+    try:
+        row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
+                        breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir)
+    except ConfigError as e:
+        print(f"d2v2-bench: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_row(row), flush=True)
         if a.json:

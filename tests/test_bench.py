@@ -66,3 +66,29 @@ def test_bench_cli_three_presets(tmp_path):
         assert named <= row["step_s_median"] * 1.5  # parts are medians of their own
         for key in ("torch", "deepspeed", "date", "device"):
             assert row[key]
+
+
+def test_compile_matches_eager_and_refuses_zero3(tmp_path):
+    """--compile (torch.compile of every student and teacher block) runs real steps and gives the
+    eager losses (inductor may reorder float sums: 1e-4 relative); with ZeRO-3 it is refused up
+    front with the stage to use instead."""
+    script = (
+        "import sys, warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
+        + "".join(f"assert main(['--preset', 'image-tiny', '--steps', '2', '--warmup', '1', '--no-breakdown', "
+                  f"'--json', r'{tmp_path / n}.json', '--output-dir', r'{tmp_path / n}', "
+                  f"'parallel.zero_stage=1'{extra}]) == 0\n"
+                  for n, extra in (("eager", ""), ("compiled", ", '--compile'")))
+        + "import torch._dynamo.utils as u\nassert u.counters['stats']['unique_graphs'] > 0, 'nothing was compiled'\n"
+        + "assert main(['--preset', 'image-tiny', '--compile', 'parallel.zero_stage=3']) == 2\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--compile with parallel.zero_stage=3" in r.stderr and "zero_stage=0, 1 or 2" in r.stderr
+    eager, compiled = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "compiled"))
+    assert eager["compile"] == "off" and compiled["compile"] == "ok"
+    assert len(eager["losses"]) == 3 and all(np.isfinite(eager["losses"]))
+    np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=1e-4)
+    assert eager["losses"][0] != eager["losses"][-1]  # the steps trained

@@ -39,6 +39,20 @@ from .layers import INIT_STD
 from .tp_random import TP_RANDOM
 
 
+class GroupedRowParallelLinear(RowParallelLinear):
+    """Megatron-core's RowParallelLinear, handing its own TP group to the matmul.
+
+    Megatron-core 0.16's `RowParallelLinear.forward` passes `tp_group=None` on, and for frozen
+    weights (the teacher's) the matmul then looks the group up through a function that issues a
+    DeprecationWarning on every call: in a torch.compile'd teacher block that call is a graph
+    break.  The group is the same one; only the lookup goes."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def init_normal(std: float = INIT_STD):
     def init_(t: Tensor) -> Tensor:
         return nn.init.normal_(t, mean=0.0, std=std)
@@ -87,14 +101,14 @@ class Block(nn.Module):
         self.self_attention = SelfAttention(
             tcfg,
             SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                                    linear_proj=RowParallelLinear),
+                                    linear_proj=GroupedRowParallelLinear),
             layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask,
         )
         self.norm1 = nn.LayerNorm(d, eps=mcfg.layer_norm_eps)
         from megatron.core import parallel_state as ps
 
-        self.mlp = MLP(tcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        self.mlp = MLP(tcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=GroupedRowParallelLinear),
                        ffn_hidden_size=tcfg.ffn_hidden_size, tp_group=ps.get_tensor_model_parallel_group())
         self.norm2 = nn.LayerNorm(d, eps=mcfg.layer_norm_eps)
         self.drop = nn.Dropout(mcfg.dropout)  # residual-branch dropout (attention and MLP)
