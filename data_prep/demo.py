@@ -7,11 +7,17 @@
   lexicographer file (45 topics: noun.animal, verb.motion, ...) as `label<TAB>text` lines for
   `d2v2-prep text --format tsv` (`write_wordnet_lexnames`).
 
-(Speech needs no writer: the asterisk prompt folders already are a tree that
-`d2v2-prep audio --label-from parent|stem` reads.)"""
+* speech: the ten digit words spoken by espeak-ng (package espeak-ng) in 8 English accents x 10
+  voice variants x 2 speeds, as a `<word>/<accent>_<variant>_<speed>.wav` tree for
+  `d2v2-prep audio --label-from parent` (`write_espeak_digits`): synthetic, but many "speakers"
+  per class, which the one-speaker asterisk prompts (already a labelled folder tree) lack."""
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +82,36 @@ def write_wordnet_lexnames(path: str | Path, wordnet_dir: str | Path = "/usr/sha
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{lab}\t{' '.join(text.split())}\n" for lab, text in docs), encoding="utf-8")
     return path
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
+                  "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = ("Alex", "Andy", "Annie", "belinda", "benjamin", "boris", "caleb", "croak", "david", "ed")
+
+
+def write_espeak_digits(root: str | Path, accents=ESPEAK_ACCENTS, variants=ESPEAK_VARIANTS,
+                        speeds=(140, 180), words=DIGIT_WORDS, workers: int = 4) -> Path:
+    """root/<word>/<accent>_<variant>_<speed>.wav spoken by espeak-ng (22.05 kHz mono wav; d2v2-prep
+    resamples).  The defaults make 8 x 10 x 2 = 160 clips per word, 1600 in all, in ~20 s.
+
+    Deterministic: espeak-ng synthesizes the same samples for the same voice, speed and text.
+    Returns root.  Needs the `espeak-ng` program (Debian/Ubuntu package espeak-ng)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise FileNotFoundError("espeak-ng is not installed: apt-get install espeak-ng")
+    root = Path(root)
+    for w in words:
+        (root / w).mkdir(parents=True, exist_ok=True)
+
+    def speak(job) -> None:
+        accent, variant, speed, word = job
+        path = root / word / f"{accent}_{variant}_{speed}.wav"
+        tmp = path.with_name(path.name + ".part")  # not *.wav: d2v2-prep never reads it
+        subprocess.run([exe, "-v", f"{accent}+{variant}", "-s", str(speed), "-w", str(tmp), word], check=True,
+                       capture_output=True)
+        tmp.rename(path)  # a finished file or none: an interrupted run leaves no half-written wav
+
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(speak, itertools.product(accents, variants, speeds, words)))
+    return root

@@ -4,6 +4,8 @@
   (upscaled x4 so crops have something to work with);
 * speech: asterisk-core-sounds-en-wav (8 kHz wav: exercises resampling), installed with apt
   when missing;
+* spoken digits: the ten digit words synthesized by espeak-ng (many voices), installed with apt
+  when missing;
 * text: WordNet glosses from wordnet-base, installed with apt when missing.
 """
 
@@ -49,6 +51,15 @@ def make_speech_folder(root: Path, n: int = 40) -> Path:
     for p in asterisk_wavs(n):
         shutil.copy(p, root / p.name)
     return root
+
+
+def espeak_digits(root: Path) -> Path:
+    """root/<digit word>/*.wav: 1600 clips from espeak-ng (installed with apt when missing)."""
+    from data_prep.demo import write_espeak_digits
+
+    if shutil.which("espeak-ng") is None:
+        apt_install("espeak-ng")
+    return write_espeak_digits(root)
 
 
 def wordnet_glosses(n: int | None = 3000) -> list[str]:
