@@ -17,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("image-tiny", "audio-tiny", "text-tiny")
 
 
+def _run_script(script: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh single-process Python (no launcher variables), asserting success."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_synthetic_batch_shapes_and_exact_masks(preset):
     from d2v2_scale.bench import synthetic_batch
@@ -46,12 +57,7 @@ def test_bench_cli_three_presets(tmp_path):
         "import sys, warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
         + "".join(f"main(['--preset', '{p}', '--steps', '2', '--warmup', '1', '--json', "
                   f"r'{tmp_path / p}.json', '--output-dir', r'{tmp_path / p}'])\n" for p in PRESETS))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _run_script(script, tmp_path, timeout=120)
     assert r.stdout.count("| step s (median) |") == 3
     for p in PRESETS:
         row = json.loads((tmp_path / f"{p}.json").read_text())
@@ -80,12 +86,7 @@ def test_compile_matches_eager_and_refuses_zero3(tmp_path):
                   for n, extra in (("eager", ""), ("compiled", ", '--compile'")))
         + "import torch._dynamo.utils as u\nassert u.counters['stats']['unique_graphs'] > 0, 'nothing was compiled'\n"
         + "assert main(['--preset', 'image-tiny', '--compile', 'parallel.zero_stage=3']) == 2\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _run_script(script, tmp_path, timeout=300)
     assert "--compile with parallel.zero_stage=3" in r.stderr and "zero_stage=0, 1 or 2" in r.stderr
     eager, compiled = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "compiled"))
     assert eager["compile"] == "off" and compiled["compile"] == "ok"
