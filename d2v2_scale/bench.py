@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (student and teacher; not with ZeRO-3)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each transformer block (student and teacher; not with ZeRO-3)")
     ap.add_argument("--no-breakdown", action="store_true", help="time only whole steps (no per-part syncs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None, help="write the result row (JSON) here")
