@@ -5,8 +5,7 @@
   UCI optical digits set) as an ImageFolder tree of PNGs (`write_digit_folder`);
 * text: WordNet's definitions (Debian/Ubuntu package wordnet-base) labelled with their
   lexicographer file (45 topics: noun.animal, verb.motion, ...) as `label<TAB>text` lines for
-  `d2v2-prep text --format tsv` (`write_wordnet_lexnames`).
-
+  `d2v2-prep text --format tsv` (`write_wordnet_lexnames`);
 * speech: the ten digit words spoken by espeak-ng (package espeak-ng) in 8 English accents x 10
   voice variants x 2 speeds, as a `<word>/<accent>_<variant>_<speed>.wav` tree for
   `d2v2-prep audio --label-from parent` (`write_espeak_digits`): synthetic, but many "speakers"
@@ -63,15 +62,20 @@ def wordnet_lexname_docs(wordnet_dir: str | Path = "/usr/share/wordnet",
     The definition is the gloss without its quoted examples (the text after '| ' up to the first
     '; "'), so a document is the definition the lexname classifies."""
     out = []
+    for line in wordnet_synset_lines(wordnet_dir, parts):
+        gloss = line.split("| ", 1)[1].split('; "', 1)[0].strip()
+        if gloss:
+            out.append((LEXNAMES[int(line.split(" ", 3)[1])], gloss))
+    return out
+
+
+def wordnet_synset_lines(wordnet_dir: str | Path = "/usr/share/wordnet", parts=("noun", "verb", "adj", "adv")):
+    """The synset lines of data.<part> in file order (the licence header skipped); the gloss is
+    the text after '| '."""
     for part in parts:
         for line in (Path(wordnet_dir) / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(" ") or "| " not in line:
-                continue  # licence header
-            fields = line.split(" ", 3)
-            gloss = line.split("| ", 1)[1].split('; "', 1)[0].strip()
-            if gloss:
-                out.append((LEXNAMES[int(fields[1])], gloss))
-    return out
+            if not line.startswith(" ") and "| " in line:
+                yield line
 
 
 def write_wordnet_lexnames(path: str | Path, wordnet_dir: str | Path = "/usr/share/wordnet",

@@ -66,14 +66,13 @@ def wordnet_glosses(n: int | None = 3000) -> list[str]:
     """Definitions (the text after '| ') from WordNet's data.noun/verb, in file order."""
     if not (WORDNET_DIR / "data.noun").is_file():
         apt_install("wordnet-base")
+    from data_prep.demo import wordnet_synset_lines
+
     out = []
-    for part in ("noun", "verb", "adj", "adv"):
-        for line in (WORDNET_DIR / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(" ") or "| " not in line:
-                continue  # licence header
-            out.append(line.split("| ", 1)[1].strip())
-            if n and len(out) >= n:
-                return out
+    for line in wordnet_synset_lines(WORDNET_DIR):
+        out.append(line.split("| ", 1)[1].strip())
+        if n and len(out) >= n:
+            return out
     return out
 
 
