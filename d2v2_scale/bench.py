@@ -194,7 +194,8 @@ def peak_memory_gib() -> float:
 
 
 def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool = False,
-              breakdown: bool = True, peak_tflops: float = 989.0, output_dir: str | None = None) -> dict:
+              breakdown: bool = True, peak_tflops: float = 989.0, output_dir: str | None = None,
+              profile: str | None = None) -> dict:
     import tempfile
 
     import deepspeed
@@ -246,6 +247,9 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
             times.append(dt)
             parts.append(dict(clock.parts))
 
+    if profile:
+        write_profile(tr, batches, profile)
+
     world = info.world_size
     sf = step_flops(cfg)
     k = cfg.optim.grad_accum * info.dp_size
@@ -285,6 +289,29 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         }
         row["parts_s"]["other"] = med - sum(row["parts_s"].values())
     return row
+
+
+def write_profile(trainer, batches, path: str, steps: int = 3, top: int = 40) -> None:
+    """Run `steps` more training steps under torch.profiler and write the operators that took the
+    most device time (host time on CPU) to `path` (rank 0's view), with a Chrome trace beside it."""
+    from torch.profiler import ProfilerActivity, profile as _profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync()
+    with _profile(activities=acts) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        _sync()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"# d2v2-bench --profile: {steps} steps, sorted by {key}\n{table}\n")
+    os.replace(tmp, path)
+    prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")
 
 
 def format_row(row: dict) -> str:
@@ -328,13 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None, help="write the result row (JSON) here")
     ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="after the timed steps, profile 3 more and write the top operators by device time "
+                         "here (and a Chrome trace beside it)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     a = ap.parse_args(argv)
     from .config import ConfigError
 
     try:
         row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
-                        breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir)
+                        breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir,
+                        profile=a.profile)
     except ConfigError as e:
         print(f"d2v2-bench: {e}", file=sys.stderr)
         return 2

@@ -40,12 +40,6 @@ def _skip_deepspeed_shm_build() -> None:
     mod.build_shm_op = lambda: None
 
 
-def megatron_cpu_kwargs() -> dict:
-    """Extra `TransformerConfig` kwargs: on CPU, Megatron must build weights on the CPU
-    (otherwise `Torch not compiled with CUDA enabled` from RowParallelLinear)."""
-    return {"use_cpu_initialization": True} if on_cpu() else {}
-
-
 def quiet_known_warnings() -> None:
     """Silence third-party warnings a user can do nothing about, which otherwise repeat every
     step and bury the training log: torch's deprecation notices for the collectives DeepSpeed

@@ -90,7 +90,7 @@ def test_resume_is_exact_and_survives_a_kill_during_save(image_manifest, tmp_pat
         assert resumed[s] == ref[s], (s, resumed[s], ref[s])
 
 
-@pytest.mark.parametrize("zero,where", [(3, "loss"), (3, "grad"), (1, "grad")])
+@pytest.mark.parametrize("zero,where", [(3, "loss"), (3, "grad"), (2, "grad"), (1, "grad"), (0, "grad")])
 def test_nonfinite_steps_are_skipped_then_stop(image_manifest, tmp_path, zero, where):
     common = [f"data.manifest={image_manifest}", f"parallel.zero_stage={zero}", "checkpoint.every_steps=1000",
               "guards.max_consecutive_nonfinite=3", "max_steps=10"]

@@ -62,9 +62,12 @@ def init_normal(std: float = INIT_STD):
 
 def make_transformer_config(mcfg, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Megatron `TransformerConfig` for our blocks, from `ModelConfig`."""
-    kw = {}
-    if not torch.cuda.is_available():
-        kw["use_cpu_initialization"] = True  # else RowParallelLinear calls CUDA at build time
+    # Build on the host, always: Megatron's CPU init draws the whole [out, in] weight from the
+    # default generator and keeps this rank's slice, so every TP size (and a CPU run) starts from
+    # the same weights.  Its GPU init draws per slice from the model-parallel CUDA RNG tracker
+    # instead (TP=2 would differ from TP=1, and the tracker must be seeded first).  The trainer
+    # builds whole, then partitions and moves (see Trainer.__init__).
+    kw = {"use_cpu_initialization": True}
     return TransformerConfig(
         num_layers=mcfg.total_blocks,
         hidden_size=mcfg.embed_dim,

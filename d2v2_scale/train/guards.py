@@ -20,29 +20,42 @@ class TrainingStopped(RuntimeError):
     """Raised after the trainer saved a checkpoint and decided the run cannot go on."""
 
 
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (a bool, or a 0-d device tensor: one host sync)."""
+    t = (flag.reshape(1).to(device, torch.float32) if torch.is_tensor(flag)
+         else torch.tensor([1.0 if flag else 0.0], device=device))
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
+def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: does any tensor hold a NaN or an Inf?  max |x| over all of them
+    (NaN propagates through max) in one multi-tensor launch per dtype, rather than the handful
+    of kernels per tensor that DeepSpeed's per-gradient check launches (measured: ~1,800 small
+    launches per ViT-L step, host-bound on an H100)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.nn.utils.get_total_norm(tensors, float("inf"), foreach=True).isfinite()
+
+
 def grads_nonfinite(engine, device: torch.device) -> bool:
     """True on every rank if any rank holds a non-finite gradient after backward.
 
-    Under ZeRO-1/2/3 the reduced gradients live in the optimizer's partitions; DeepSpeed's own
-    overflow check (the fp16 machinery, which bf16/fp32 runs do not call) reads them and agrees
-    across ranks.  Without ZeRO the gradients are on the parameters.
+    Under ZeRO-1/2 the reduced gradients are this rank's partitions (`averaged_gradients`); under
+    ZeRO-3 DeepSpeed's own overflow check reads its partitions and agrees across ranks (the fp16
+    machinery, which bf16/fp32 runs do not call on their own).  Without ZeRO the gradients are on
+    the parameters.
     """
     opt = engine.optimizer
-    if engine.zero_optimization_stage() >= 1 and hasattr(opt, "has_overflow"):
+    stage = engine.zero_optimization_stage()
+    if stage in (1, 2) and isinstance(getattr(opt, "averaged_gradients", None), dict):
+        grads = [g for gs in opt.averaged_gradients.values() if gs is not None for g in gs if g is not None]
+        return any_rank_true(_any_nonfinite(grads), device)
+    if stage >= 1 and hasattr(opt, "has_overflow"):
         return bool(opt.has_overflow(partition_gradients=True))
-    bad = False
-    for p in engine.module.parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            bad = True
-            break
-    return any_rank_true(bad, device)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return any_rank_true(_any_nonfinite(grads), device)
 
 
 class Guard:
