@@ -52,13 +52,19 @@ def test_synthetic_batch_shapes_and_exact_masks(preset):
 
 
 def test_bench_cli_three_presets(tmp_path):
-    """The CLI (main) on image/audio/text-tiny in one process: 2 timed steps after 1 warmup."""
+    """The CLI (main) on image/audio/text-tiny in one process: 2 timed steps after 1 warmup;
+    image-tiny also writes a --profile table of the operators (and a Chrome trace)."""
+    prof = tmp_path / "image.prof.txt"
     script = (
         "import sys, warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
         + "".join(f"main(['--preset', '{p}', '--steps', '2', '--warmup', '1', '--json', "
-                  f"r'{tmp_path / p}.json', '--output-dir', r'{tmp_path / p}'])\n" for p in PRESETS))
+                  f"r'{tmp_path / p}.json', '--output-dir', r'{tmp_path / p}'"
+                  + (f", '--profile', r'{prof}'" if p == "image-tiny" else "") + "])\n" for p in PRESETS))
     r = _run_script(script, tmp_path, timeout=120)
     assert r.stdout.count("| step s (median) |") == 3
+    table = prof.read_text()
+    assert table.startswith("# d2v2-bench --profile: 3 steps") and "aten::mm" in table
+    assert json.loads((tmp_path / "image.prof.trace.json").read_text())["traceEvents"]
     for p in PRESETS:
         row = json.loads((tmp_path / f"{p}.json").read_text())
         assert row["preset"] == p and row["steps"] == 2 and row["dtype"] == "float32"
