@@ -43,13 +43,14 @@ def grads_nonfinite(engine, device: torch.device) -> bool:
     """True on every rank if any rank holds a non-finite gradient after backward.
 
     Under ZeRO-1/2 the reduced gradients are this rank's partitions (`averaged_gradients`); under
-    ZeRO-3 DeepSpeed's own overflow check reads its partitions and agrees across ranks (the fp16
-    machinery, which bf16/fp32 runs do not call on their own).  Without ZeRO the gradients are on
-    the parameters.
+    ZeRO-3 and with optimizer offload DeepSpeed's own overflow check reads its partitions and
+    agrees across ranks (the fp16 machinery, which bf16/fp32 runs do not call on their own).
+    Without ZeRO the gradients are on the parameters.
     """
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
-    if stage in (1, 2) and isinstance(getattr(opt, "averaged_gradients", None), dict):
+    if stage in (1, 2) and not getattr(opt, "cpu_offload", False) and \
+            isinstance(getattr(opt, "averaged_gradients", None), dict):
         grads = [g for gs in opt.averaged_gradients.values() if gs is not None for g in gs if g is not None]
         return any_rank_true(_any_nonfinite(grads), device)
     if stage >= 1 and hasattr(opt, "has_overflow"):

@@ -121,7 +121,7 @@ class Trainer:
         else:
             # fused on a GPU: one kernel for all tensors (the foreach default launches several)
             optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                          fused=torch.cuda.is_available() or None)
+                                          fused=True if torch.cuda.is_available() else None)
         scheduler = deepspeed.runtime.lr_schedules.WarmupCosineLR(
             optimizer, total_num_steps=cfg.optim.total_steps, warmup_min_ratio=0.0,
             warmup_num_steps=max(cfg.optim.warmup_steps, 1), cos_min_ratio=cfg.optim.min_lr_ratio,
