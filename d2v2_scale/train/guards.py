@@ -42,10 +42,11 @@ def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 def grads_nonfinite(engine, device: torch.device) -> bool:
     """True on every rank if any rank holds a non-finite gradient after backward.
 
-    Under ZeRO-1/2 the reduced gradients are this rank's partitions (`averaged_gradients`); under
-    ZeRO-3 and with optimizer offload DeepSpeed's own overflow check reads its partitions and
-    agrees across ranks (the fp16 machinery, which bf16/fp32 runs do not call on their own).
-    Without ZeRO the gradients are on the parameters.
+    Under ZeRO-1/2 the reduced gradients are this rank's partitions (`averaged_gradients`).  Under
+    ZeRO-3 DeepSpeed's own overflow check is already one test of its flat gradient buffer, and
+    with optimizer offload the partitions are on the host: there its check (the fp16 machinery,
+    which bf16/fp32 runs do not call on their own) reads them and agrees across ranks.  Without
+    ZeRO the gradients are on the parameters.
     """
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()

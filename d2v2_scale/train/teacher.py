@@ -40,8 +40,7 @@ class EmaTeacher:
             self.engine, *_ = deepspeed.initialize(model=teacher_module, config=ds_config, mpu=mpu)
             self.module = self.engine.module
         else:
-            # built on the host like the student; the student's engine has moved that to its device
-            self.module = teacher_module.to(device=student_engine.device, dtype=dtype)
+            self.module = teacher_module.to(dtype=dtype)
             self.engine = None
         self.module.eval()
         for p in self.module.parameters():
