@@ -26,6 +26,19 @@ def fit_body(preset: str, *overrides: str):
                  "skipped": tr.guard.skipped_total})
 
 
+def stop_body(preset: str, *overrides: str):
+    """Train with fit() until a guard stops the run; return why and where."""
+    from d2v2_scale.train.trainer import TrainingStopped
+
+    tr = _trainer(preset, overrides)
+    stopped = None
+    try:
+        tr.fit()
+    except TrainingStopped as e:
+        stopped = str(e)
+    save_result({"step": tr.step, "stopped": stopped})
+
+
 def ema_check(tr) -> dict:
     """The shard-local EMA vs the same update computed on gathered weights.
 

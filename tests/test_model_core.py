@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v2_scale.config import load_preset
+from d2v2_scale.model.data2vec import position_share
 from tests.dist_bodies_model import make_batch
 
 
@@ -199,6 +200,50 @@ def test_loss_scaling_and_cls_weight(name, beta):
     assert stats["masked_tokens"].item() == lpos.sum().item()
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
     assert stats["target_var"] > 0.1 and stats["pred_var"] > 0.01
+    torch.testing.assert_close(stats["target_position_share"], position_share(y.float(), pad))
+
+
+def _share_by_hand(y, valid):
+    """Adjusted R^2 of y on position, one position at a time: y [B, T, D], valid [B, T] bool."""
+    pts = [(t, y[b, t].double()) for b in range(y.shape[0]) for t in range(y.shape[1]) if valid[b, t]]
+    allv = torch.stack([v for _, v in pts])
+    mu, n = allv.mean(0), len(pts)
+    total = ((allv - mu) ** 2).sum()
+    groups = sorted({t for t, _ in pts})
+    between = sum(len(g) * ((torch.stack(g).mean(0) - mu) ** 2).sum()
+                  for g in ([v for t, v in pts if t == t0] for t0 in groups))
+    return 1 - (1 - between / total) * (n - 1) / (n - len(groups))
+
+
+def test_position_share():
+    """stats/target_position_share: ~0 for inputs unrelated to position, ~1 for a function of
+    position, the share in between; padding ignored; equal to the textbook formula."""
+    g = torch.Generator().manual_seed(0)
+    b, t, d = 16, 32, 8
+    noise = torch.randn(b, t, d, generator=g)
+    pos = torch.randn(1, t, d, generator=g).expand(b, t, d)
+    assert abs(position_share(noise).item()) < 0.03
+    assert position_share(pos + 0.01 * noise).item() > 0.999
+    assert position_share(pos + noise).item() == pytest.approx(0.5, abs=0.06)
+    lengths = torch.randint(8, t + 1, (b,), generator=g)
+    padding = torch.arange(t)[None] >= lengths[:, None]  # [B, T] True = pad
+    y = pos + 0.5 * noise
+    share = position_share(y.masked_fill(padding[..., None], 1e6), padding)  # pad values must not count
+    torch.testing.assert_close(share.double(), _share_by_hand(y, ~padding), rtol=1e-5, atol=1e-5)
+    assert math.isnan(position_share(noise[:1]).item())  # one sample: nothing to compare
+
+
+def test_position_share_guard_is_opt_in():
+    from d2v2_scale.config import GuardConfig
+    from d2v2_scale.train.guards import Guard
+
+    on = Guard(GuardConfig(collapse_check=True, collapse_after_steps=10, max_target_position_share=0.9))
+    assert "positional collapse" in on.collapse_reason(10, 1.0, 1.0, 0.95)
+    assert on.collapse_reason(9, 1.0, 1.0, 0.95) is None  # not before collapse_after_steps
+    assert on.collapse_reason(10, 1.0, 1.0, 0.5) is None
+    assert on.collapse_reason(10, 1.0, 1.0, math.nan) is None
+    off = Guard(GuardConfig(collapse_check=True, collapse_after_steps=10))
+    assert off.collapse_reason(10, 1.0, 1.0, 0.99) is None
 
 
 def test_ema_schedule_values():

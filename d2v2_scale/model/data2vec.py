@@ -42,6 +42,28 @@ def compute_var(y: Tensor) -> Tensor:
     return torch.sqrt(y.var(dim=0) + 1e-6).mean()
 
 
+def position_share(y: Tensor, padding: Tensor | None = None) -> Tensor:
+    """Share of the targets' variance that position alone explains: the adjusted R^2 of a
+    per-position mean over the batch's samples.  y [B, T, D], padding [B, T] (True = pad) | None.
+
+    ~0 when targets vary with the input, ~1 when every sample gets the same target at a given
+    position.  This catches a collapse `compute_var` cannot: targets that are a function of the
+    position only (learned positions outgrowing the token embeddings, measured on tiny text
+    runs) keep their per-channel variance.  Adjusted (x (n-1)/(n-G), G positions seen) so a
+    batch of unrelated samples reads ~0, not ~G/n."""
+    y = y.float()
+    w = (torch.ones(y.shape[:2], device=y.device) if padding is None else (~padding).float()).unsqueeze(-1)
+    n_t = w.sum(0)  # [T, 1] samples at each position
+    n = n_t.sum()
+    g = (n_t > 0).sum()
+    if n <= g:  # one sample (or one token per position): nothing to compare
+        return y.new_full((), float("nan"))
+    yc = (y - (y * w).sum((0, 1)) / n) * w
+    total = yc.square().sum().clamp_min(1e-12)
+    between = (yc.sum(0).square() / n_t.clamp_min(1)).sum()  # sum_t n_t * |mean_t|^2
+    return 1 - (1 - between / total) * (n - 1) / (n - g)
+
+
 def fill_masked(x_kept: Tensor, mask: Tensor, std: float = MASK_NOISE_STD) -> Tensor:
     """Student outputs at kept positions [N, T_keep, D] -> [N, T, D] in the original order, masked
     slots filled with N(0, std^2) noise.  Kept positions are ascending (see kept_indices), and
@@ -138,7 +160,7 @@ class Data2Vec2(nn.Module):
     def stat_names(self) -> list[str]:
         """The keys of the stats dict forward returns, in a fixed order (pipeline stages that
         compute no loss still take part in the collective that spreads them)."""
-        names = ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var"]
+        names = ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var", "target_position_share"]
         if self.mcfg.cls_loss_weight > 0 and self.encoder.num_extra_tokens > 0:
             names.append("loss_cls")
         return names
@@ -219,7 +241,8 @@ class Data2Vec2(nn.Module):
         loss_reg = self.token_loss(p, y).sum() / max(n, 1)
         loss = loss_reg
         stats = {"loss_regression": loss_reg.detach(), "masked_tokens": p.new_tensor(float(n), dtype=torch.float32),
-                 "target_var": compute_var(y).detach(), "pred_var": compute_var(p.detach()).detach()}
+                 "target_var": compute_var(y).detach(), "pred_var": compute_var(p.detach()).detach(),
+                 "target_position_share": position_share(targets, lay.padding).detach()}
 
         if self.mcfg.cls_loss_weight > 0 and e > 0:
             # the final CLS output regresses the mean target over the sample's (real) positions

@@ -3,7 +3,9 @@
 * Non-finite loss or gradient: the step is skipped on every rank (no update, no EMA, no LR
   step) and counted; K in a row stop the run with a checkpoint of the last good weights.
 * Collapse (spec section 6): after `collapse_after_steps` updates, target variance below
-  `min_target_var` or prediction variance below `min_pred_var` stops the run with a checkpoint.
+  `min_target_var` or prediction variance below `min_pred_var` stops the run with a checkpoint;
+  so does, opt-in, a target position share above `max_target_position_share` (targets that
+  have become a function of the position: their variance looks healthy).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class Guard:
     def record_ok(self) -> None:
         self.consecutive_nonfinite = 0
 
-    def collapse_reason(self, step: int, target_var: float, pred_var: float) -> str | None:
+    def collapse_reason(self, step: int, target_var: float, pred_var: float,
+                        position_share: float = math.nan) -> str | None:
         c = self.cfg
         if not c.collapse_check or step < c.collapse_after_steps:
             return None
@@ -85,6 +88,10 @@ class Guard:
         if not math.isfinite(pred_var) or pred_var < c.min_pred_var:
             return (f"prediction variance {pred_var:.4g} < guards.min_pred_var={c.min_pred_var} after {step} "
                     f"updates: the student's predictions collapsed")
+        if c.max_target_position_share is not None and position_share > c.max_target_position_share:
+            return (f"position alone explains {position_share:.3f} > guards.max_target_position_share="
+                    f"{c.max_target_position_share} of the target variance after {step} updates: the teacher's "
+                    f"targets collapsed to a function of the position (positional collapse)")
         return None
 
     def state_dict(self) -> dict:

@@ -74,6 +74,7 @@ class Metrics:
 def format_line(step: int, total: int, s: dict[str, float]) -> str:
     return (f"step {step}/{total} loss {s.get('loss/total', float('nan')):.4f} "
             f"tvar {s.get('stats/target_var', float('nan')):.3f} pvar {s.get('stats/pred_var', float('nan')):.3f} "
+            f"tpos {s.get('stats/target_position_share', float('nan')):.3f} "
             f"lr {s.get('opt/lr', 0):.2e} ema {s.get('opt/ema_decay', 0):.6f} gnorm {s.get('opt/grad_norm', 0):.3f} "
             f"{s['perf/samples_per_s']:.1f} samples/s {s['perf/tokens_per_s']:.0f} tok/s "
             f"mfu {100 * s['perf/mfu']:.3g}% mem {s['perf/memory_gib']:.2f}GiB "

@@ -207,7 +207,8 @@ class Trainer:
                     "opt/ema_decay": decay, "opt/grad_norm": float(gn) if gn is not None else 0.0,
                     "guard/skipped_total": self.guard.skipped_total})
         reason = self.guard.collapse_reason(self.updates, out.get("stats/target_var", math.inf),
-                                            out.get("stats/pred_var", math.inf))
+                                            out.get("stats/pred_var", math.inf),
+                                            out.get("stats/target_position_share", math.nan))
         if reason:
             self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
         return out
