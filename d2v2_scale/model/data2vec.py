@@ -56,12 +56,12 @@ def position_share(y: Tensor, padding: Tensor | None = None) -> Tensor:
     n_t = w.sum(0)  # [T, 1] samples at each position
     n = n_t.sum()
     g = (n_t > 0).sum()
-    if n <= g:  # one sample (or one token per position): nothing to compare
-        return y.new_full((), float("nan"))
     yc = (y - (y * w).sum((0, 1)) / n) * w
     total = yc.square().sum().clamp_min(1e-12)
     between = (yc.sum(0).square() / n_t.clamp_min(1)).sum()  # sum_t n_t * |mean_t|^2
-    return 1 - (1 - between / total) * (n - 1) / (n - g)
+    share = 1 - (1 - between / total) * (n - 1) / (n - g).clamp_min(1)
+    # one sample (or one token per position): nothing to compare.  No `if`: no host sync per step
+    return torch.where(n > g, share, torch.full_like(share, float("nan")))
 
 
 def fill_masked(x_kept: Tensor, mask: Tensor, std: float = MASK_NOISE_STD) -> Tensor:
