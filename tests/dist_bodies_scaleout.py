@@ -14,6 +14,7 @@ def fit_body(preset: str, *overrides: str):
     out = tr.fit()
     i = tr.info
     save_result({"losses": out["losses"], "step": tr.step, "grad_norm": out["last"].get("opt/grad_norm"),
+                 "skipped": tr.guard.skipped_total, "last": out["last"],
                  "tp": [i.tp_rank, i.tp_size], "dp": [i.dp_rank, i.dp_size],
                  "ds_zero": tr.ds_cfg["zero_optimization"]})
 

@@ -48,6 +48,14 @@ def image_pp1(tmp_path_factory):
     return _fit("image", 1, tmp_path_factory.mktemp("pp1"))
 
 
+def test_pp2_one_sample_micro_batches_are_not_skipped(tmp_path):
+    """Micro-batches of one sample: the target position share is undefined there (NaN), and
+    only a non-finite loss may skip a pipelined step, as without pipelining."""
+    res = _fit("image", 2, tmp_path / "pp2b1", "parallel.pp=2", "data.batch_size=1", steps=3)
+    assert res[0]["step"] == 3 and res[0]["skipped"] == 0, res[0]
+    assert all(np.isfinite(_losses(res)))
+
+
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_pp2_matches_pp1(modality, tmp_path, request):
     ref = request.getfixturevalue("image_pp1") if modality == "image" else _fit(modality, 1, tmp_path / "pp1")
