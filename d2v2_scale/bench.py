@@ -291,6 +291,33 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
     return row
 
 
+def run_count_ops(preset: str, overrides: list[str], warmup: int = 2, output_dir: str | None = None) -> dict:
+    """One update of `preset` under the operator counter (d2v2_scale/opcount.py), after `warmup`
+    uncounted updates (DeepSpeed and the optimizer allocate their state on the first ones)."""
+    import tempfile
+
+    from .config import build_config
+    from .opcount import count_update
+    from .train.trainer import Trainer
+
+    ov = list(overrides)
+    if output_dir is None:
+        output_dir = tempfile.mkdtemp(prefix="d2v2ops-")
+    for key, val in (("output_dir", output_dir), ("logging.tensorboard", "false")):
+        if not any(o.split("=", 1)[0].lstrip("-") == key for o in ov):
+            ov.append(f"{key}={val}")
+    cfg = build_config(preset, overrides=ov)
+    tr = Trainer(cfg, build_data=False)
+    batches = [synthetic_batch(cfg, step=i) for i in range(cfg.optim.grad_accum)]
+    for _ in range(warmup):
+        tr.train_step(batches)
+    counts = count_update(tr, batches)
+    return {"preset": preset, "overrides": list(overrides), "warmup": warmup, "world_size": tr.info.world_size,
+            "zero_stage": cfg.parallel.zero_stage, "batch_per_rank": cfg.data.batch_size,
+            "clone_batch": cfg.model.clone_batch, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "counts": counts}
+
+
 def write_profile(trainer, batches, path: str, steps: int = 3, top: int = 40) -> None:
     """Run `steps` more training steps under torch.profiler and write the operators that took the
     most device time (host time on CPU) to `path` (rank 0's view), with a Chrome trace beside it."""
@@ -358,10 +385,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="after the timed steps, profile 3 more and write the top operators by device time "
                          "here (and a Chrome trace beside it)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="instead of timing: count, for one update after the warmup, the operators dispatched, "
+                         "host synchronisations, collectives and Python time outside operators, per phase")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     a = ap.parse_args(argv)
     from .config import ConfigError
 
+    if a.count_ops:
+        try:
+            row = run_count_ops(a.preset, a.overrides, warmup=a.warmup, output_dir=a.output_dir)
+        except ConfigError as e:
+            print(f"d2v2-bench: {e}", file=sys.stderr)
+            return 2
+        if int(os.environ.get("RANK", "0")) == 0:
+            from .opcount import format_counts
+
+            print(format_counts(row), flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(row, f, indent=1)
+        return 0
     try:
         row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
                         breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir,

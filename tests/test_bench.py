@@ -124,3 +124,42 @@ def test_bf16_zero3_computes_in_bf16_like_zero1(tmp_path):
     assert z1["dtype"] == z3["dtype"] == "bfloat16" and len(z1["losses"]) == 3
     assert z3["losses"][:2] == z1["losses"][:2], (z3["losses"], z1["losses"])
     np.testing.assert_allclose(z3["losses"], z1["losses"], rtol=1e-3)
+
+
+def test_op_counter_counts_syncs_and_phases():
+    """The counter sees each operator once, files `.item()`, boolean-mask indexing and `nonzero`
+    as host syncs (they are on a GPU), and leaves plain arithmetic alone."""
+    import torch
+
+    from d2v2_scale.opcount import OpCounter
+
+    x = torch.arange(6.0)
+    with OpCounter() as c:
+        y = x * 2 + 1  # 2 operators, no sync
+    assert sum(c.ops.values()) == 2 and not c.syncs
+    with OpCounter() as c:
+        with c.in_phase("student_fwd"):
+            float(x.sum())  # sum + _local_scalar_dense
+            x[x > 2]  # gt + a boolean index
+            torch.nonzero(x)
+        x.repeat_interleave(2)  # an int repeat count: the output size is known, no sync
+    names = {n for (_, n) in c.syncs}
+    assert {"aten::_local_scalar_dense", "aten::nonzero"} <= names
+    assert sum(c.syncs.values()) == 3 and all(p == "student_fwd" for (p, _) in c.syncs)
+    assert any(p == "other" for (p, _) in c.ops)
+
+
+def test_bench_count_ops_cli(tmp_path):
+    """d2v2-bench --count-ops on image-tiny under ZeRO-1: operators in every phase of the update,
+    the logging all-reduce among the collectives, and the JSON row."""
+    out = tmp_path / "ops.json"
+    script = ("import sys, warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
+              f"sys.exit(main(['--preset', 'image-tiny', '--count-ops', '--warmup', '1', '--json', '{out}', "
+              f"'--output-dir', '{tmp_path / 'run'}', 'parallel.zero_stage=1']))\n")
+    r = _run_script(script, tmp_path, timeout=300)
+    assert "| operators |" in r.stdout and "host syncs" in r.stdout
+    c = json.loads(out.read_text())["counts"]
+    for phase in ("teacher", "student_fwd", "backward", "optimizer", "ema"):
+        assert c["ops_per_phase"][phase] > 0, phase
+    assert c["ops_total"] == sum(c["ops_per_phase"].values())
+    assert c["collectives_total"] >= 1 and 0 < c["op_s"] <= c["wall_s"]
