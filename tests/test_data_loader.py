@@ -77,6 +77,32 @@ def test_image_batch_contract():
     assert np.allclose(x[:, 0] * 0.229 + 0.485, x[:, 1] * 0.224 + 0.456, atol=1e-5)
 
 
+def test_image_crop_is_reference_random_resized_crop():
+    """Spec 12 D5: RandomResizedCrop with scale (0.2, 1.0) and bicubic resampling."""
+    from PIL import Image
+
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.data import augment, rng
+
+    for name in ("image-base", "image-tiny"):
+        d = load_preset(name).data
+        assert (d.crop_scale_min, d.crop_scale_max) == (0.2, 1.0)
+    # the box area over the image area covers [0.2, 1.0] and nothing below
+    u = rng.uniform(rng.make_keys(1, 0, np.arange(4000)), 40, rng.STREAM_CROP)
+    frac = np.array([(b[2] - b[0]) * (b[3] - b[1]) / 200 ** 2
+                     for b in (augment.crop_box(x, 200, 200, (0.2, 1.0)) for x in u)])
+    assert frac.min() > 0.19 and frac.min() < 0.22 and frac.max() > 0.95
+    # the crop is resized bicubically: one image through augment_images == PIL bicubic of the box
+    img = (np.arange(48 * 40 * 3) * 37 % 251).astype(np.uint8).reshape(48, 40, 3)
+    keys = rng.make_keys(5, 0, np.arange(1))
+    x = augment.augment_images([{"pixels": img.reshape(-1), "pix_height": 48, "pix_width": 40, "pix_channels": 3}],
+                               keys, 16, 3, (0.2, 1.0), hflip=False)
+    box = augment.crop_box(rng.uniform(keys, 40, rng.STREAM_CROP)[0], 40, 48, (0.2, 1.0))
+    ref = np.asarray(Image.fromarray(img).resize((16, 16), Image.Resampling.BICUBIC, box=box)).astype(np.float32)
+    ref = (ref / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    np.testing.assert_allclose(x[0], ref.transpose(2, 0, 1), atol=1e-5)
+
+
 def test_audio_batch_contract():
     cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0)
     loader = build_loader(cfg, 0, 1)
