@@ -168,6 +168,9 @@ class DataConfig:
     max_seconds: float = 20.0
     # text blocks (tokens)
     max_tokens: int = 512
+    # text: each sample is `<s>` + a window of max_tokens - 1 stream tokens (the reference's 511-token
+    # blocks with <s> prepended, spec 12 D10; d2v2-prep text packs blocks of 511 by default)
+    prepend_bos: bool = True
 
 
 @dataclass
@@ -544,6 +547,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"ema.decay={e.decay} and ema.end_decay={e.end_decay} must satisfy 0 <= decay <= end_decay <= 1")
     if cfg.data.batch_size < 1:
         errs.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if cfg.data.prepend_bos and cfg.data.max_tokens < 2:
+        errs.append(f"data.max_tokens={cfg.data.max_tokens} leaves no text after <s>: use >= 2 or data.prepend_bos=false")
     if cfg.data.min_seconds > cfg.data.max_seconds:
         errs.append(f"data.min_seconds={cfg.data.min_seconds} > data.max_seconds={cfg.data.max_seconds}")
     if cfg.data.verify not in ("fast", "full", "none"):

@@ -138,7 +138,10 @@ def test_text_batch_contract():
             assert mask[r * m.clone_batch:(r + 1) * m.clone_batch][:, pad[r]].all()
         s = ShardSet(fx.prepared("text"))
         for r, i in enumerate(b["index"].tolist()):
-            assert (src[r, ~pad[r]] == np.asarray(s.get(i)["tokens"])).all()  # blocks of 64 = max_tokens
+            # spec 12 D10: <s> + a window of max_tokens - 1 = 63 stream tokens of the (64-token) block
+            row, got = np.asarray(s.get(i)["tokens"]), src[r, ~pad[r]]
+            assert got[0] == s.manifest["bos_id"] == 0 and len(got) == min(len(row) + 1, cfg.data.max_tokens)
+            assert any((row[o:o + len(got) - 1] == got[1:]).all() for o in range(len(row) - len(got) + 2))
 
 
 # ---- exact resume, worker independence ---------------------------------------------------------

@@ -209,3 +209,16 @@ def test_d9_init():
     _torch_default(audio.proj, "audio local.proj")
     cls = get_modality(load_preset("image-base").model).build_extra_tokens()
     assert abs(cls.std().item() - 1.0) < 0.1 and abs(cls.mean().item()) < 0.15
+
+
+# ---- D10 ----------------------------------------------------------------------------------
+
+def test_d10_text_blocks_are_511_stream_tokens_after_bos():
+    """d2v2-prep text packs 511-token blocks by default and the loader prepends <s>: 512 in all
+    (the batch contract test checks the loader on real shards)."""
+    from data_prep.cli import build_parser
+
+    assert build_parser().parse_args(["text", "x", "--out", "y"]).block_size == 511
+    for name in ("text-base", "text-large"):
+        d = load_preset(name).data
+        assert d.prepend_bos and d.max_tokens == 512

@@ -11,7 +11,9 @@ are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` line
   audio: source float32 [B, S] (per-sample zero mean / unit variance, zeros at padding);
          padding_mask bool [B, S] (True = padding); mask bool [B*M, T],
          T = model.audio_frames(S), frames >= audio_frames(valid samples) are padding (True).
-  text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens);
+  text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens); with
+         data.prepend_bos each row is <s> + a random window of max_tokens - 1 stream tokens
+         (the reference's 511 + 1, spec 12 D10);
          padding_mask bool [B, T]; mask bool [B*M, T].
 Every mask row of a batch keeps exactly the same number of positions, and kept positions are
 never padding: each row first gets the spec's exact count over its own unpadded length,
@@ -46,6 +48,10 @@ class BatchBuilder:
         self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
             shards.manifest.get("num_classes", 0) > 0
         self.audio_dtype_scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
+        self.bos_id = int(shards.manifest.get("bos_id", -1))
+        if self.modality == "text" and cfg.data.prepend_bos and self.bos_id < 0:
+            raise DataError(f"{shards.manifest_path} names no <s> token (bos_id) but data.prepend_bos is set: "
+                            "prepare with d2v2-prep text (its vocabulary has <s>=0) or set data.prepend_bos=false")
 
     def __call__(self, epoch: int, indices: np.ndarray) -> dict:
         indices = np.asarray(indices, dtype=np.int64)
@@ -107,11 +113,12 @@ class BatchBuilder:
     def _text(self, epoch, indices):
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         u_off = rng.uniform(rng.make_keys(d.seed, epoch, indices, 0), 1, rng.STREAM_TEXT_CROP)[:, 0]
+        bos = [self.bos_id] if d.prepend_bos else []
         toks = []
         for b, i in enumerate(indices):
             t = self.shards.get(int(i), ["tokens"])["tokens"]
-            s, e = augment.crop_window(len(t), d.max_tokens, u_off[b])
-            toks.append(t[s:e])
+            s, e = augment.crop_window(len(t), d.max_tokens - len(bos), u_off[b])
+            toks.append(np.concatenate([np.asarray(bos, dtype=np.int64), np.asarray(t[s:e], dtype=np.int64)]))
         valid = np.array([len(t) for t in toks], dtype=np.int64)
         T = int(valid.max())
         src = np.full((len(toks), T), m.pad_token_id, dtype=np.int64)
