@@ -162,10 +162,13 @@ class DataConfig:
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     hflip: bool = True
-    # audio random crops, seconds
+    # audio, seconds: clips under min_seconds are dropped; "batch_min" cuts every clip of a batch to
+    # the batch's shortest (at most max_seconds) at a random start, so batches carry no padding
+    # (the reference, spec 12 D6); "random_length" draws one length per batch in [min, max] and pads
     sample_rate: int = 16000
     min_seconds: float = 2.0
     max_seconds: float = 20.0
+    audio_crop: str = "batch_min"
     # text blocks (tokens)
     max_tokens: int = 512
     # text: each sample is `<s>` + a window of max_tokens - 1 stream tokens (the reference's 511-token
@@ -551,6 +554,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"data.max_tokens={cfg.data.max_tokens} leaves no text after <s>: use >= 2 or data.prepend_bos=false")
     if cfg.data.min_seconds > cfg.data.max_seconds:
         errs.append(f"data.min_seconds={cfg.data.min_seconds} > data.max_seconds={cfg.data.max_seconds}")
+    if cfg.data.audio_crop not in ("batch_min", "random_length"):
+        errs.append(f"data.audio_crop={cfg.data.audio_crop!r}: use 'batch_min' (the reference) or 'random_length'")
     if cfg.data.verify not in ("fast", "full", "none"):
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
     if p.precision not in ("auto", "bf16", "fp32"):
