@@ -1,7 +1,8 @@
 """The reference's training details D1-D10 (data2vec2-spec.md section 12), each against its
 definition.  D4 (weight decay) is in test_model_core.test_weight_decay_groups, D5 (image crop) in
 test_data_loader.test_image_crop_is_reference_random_resized_crop, D8 (Adam eps) in
-test_config.test_spec_table_numbers; D6 and D10 (data) further below."""
+test_config.test_spec_table_numbers, D6 (audio batches) in test_data_loader.test_audio_batch_contract,
+D10's loader side in test_data_loader.test_text_batch_contract."""
 
 import math
 
