@@ -49,6 +49,13 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     dropout: float = 0.0  # residual/attention/activation dropout in the blocks
+    # Dropout on the encoder input (spec 12 D3/D7): audio/image after the context LayerNorm, per
+    # clone; text on the embeddings once per sample, before cloning (the teacher sees the same
+    # tensor).  None: model.dropout (the reference uses 0.1 for audio/text, 0 for images).
+    encoder_input_dropout: float | None = None
+    # Dropout on the student output before the decoder fills the masked slots (spec 12 D2).
+    # None: model.dropout.
+    decoder_input_dropout: float | None = None
     layer_norm_eps: float = 1e-6
     layerdrop: float = 0.0
     pre_ln: bool = False  # spec default is post-LN; pre-LN allowed for very large models
@@ -86,6 +93,10 @@ class ModelConfig:
     decoder_residual: bool = True
     # masked slots enter the decoder as N(0, std^2) noise (spec: 0.01)
     decoder_noise_std: float = 0.01
+    # the decoder's final projection (spec 12 D1): 1 = Linear(decoder_dim, D); 2 (text) =
+    # Linear(decoder_dim, ratio * decoder_dim) -> GELU -> Linear(ratio * decoder_dim, D)
+    decoder_projection_layers: int = 1
+    decoder_projection_ratio: float = 2.0
 
     # loss
     loss_beta: float = 0.0  # > 0: smooth-L1 with this beta
@@ -98,6 +109,14 @@ class ModelConfig:
     @property
     def total_blocks(self) -> int:
         return self.depth + self.prenet_depth
+
+    @property
+    def input_dropout(self) -> float:
+        return self.dropout if self.encoder_input_dropout is None else self.encoder_input_dropout
+
+    @property
+    def decoder_dropout(self) -> float:
+        return self.dropout if self.decoder_input_dropout is None else self.decoder_input_dropout
 
     @property
     def num_patches(self) -> int:
@@ -138,16 +157,23 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 1
     verify: str = "fast"  # "fast" (size + footer hash) | "full" | "none"
-    # image augmentation (random-resized-crop + flip, reference scale range)
-    crop_scale_min: float = 0.08
+    # image augmentation (random-resized-crop + flip, bicubic): the reference's scale range
+    # (0.2, 1.0) (spec 12 D5; torchvision's default would be 0.08)
+    crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     hflip: bool = True
-    # audio random crops, seconds
+    # audio, seconds: clips under min_seconds are dropped; "batch_min" cuts every clip of a batch to
+    # the batch's shortest (at most max_seconds) at a random start, so batches carry no padding
+    # (the reference, spec 12 D6); "random_length" draws one length per batch in [min, max] and pads
     sample_rate: int = 16000
     min_seconds: float = 2.0
     max_seconds: float = 20.0
+    audio_crop: str = "batch_min"
     # text blocks (tokens)
     max_tokens: int = 512
+    # text: each sample is `<s>` + a window of max_tokens - 1 stream tokens (the reference's 511-token
+    # blocks with <s> prepended, spec 12 D10; d2v2-prep text packs blocks of 511 by default)
+    prepend_bos: bool = True
 
 
 @dataclass
@@ -255,7 +281,8 @@ _IMAGE = dict(
     model=dict(modality="image", layer_norm_eps=1e-6, dropout=0.0, instance_norm_target_layer=True,
                layer_norm_targets=True, instance_norm_targets=False, cls_loss_weight=0.01,
                decoder_residual=True),
-    optim=dict(betas=(0.9, 0.95), weight_decay=0.05, clip_grad=4.0, warmup_steps=50_040),
+    # eps 1e-8: the image yamls leave fairseq's Adam default (audio/text set 1e-6; spec 12 D8)
+    optim=dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, clip_grad=4.0, warmup_steps=50_040),
     guards=dict(collapse_check=False),
 )
 _AUDIO = dict(
@@ -269,7 +296,8 @@ _TEXT = dict(
     model=dict(modality="text", layer_norm_eps=1e-5, dropout=0.1, instance_norm_target_layer=True,
                layer_norm_targets=False, instance_norm_targets=False, cls_loss_weight=0.0,
                decoder_dim=768, decoder_kernel=9, decoder_layers=5, decoder_groups=1,
-               decoder_residual=False, loss_scale=1.0, vocab_size=50000, max_positions=512),
+               decoder_residual=False, decoder_projection_layers=2, decoder_projection_ratio=2.0,
+               loss_scale=1.0, vocab_size=50000, max_positions=512),
     masking=dict(adjust=0.0, length=1),
     optim=dict(betas=(0.9, 0.98), weight_decay=0.01, clip_grad=1.0, warmup_steps=4000),
     guards=dict(collapse_check=True),
@@ -504,6 +532,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"model.variant={m.variant!r}: use 'data2vec2' or 'data2vec1'")
     if m.modality == "image" and m.image_size % m.patch_size:
         errs.append(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    for key in ("dropout", "encoder_input_dropout", "decoder_input_dropout"):
+        v = getattr(m, key)
+        if v is not None and not 0.0 <= v < 1.0:
+            errs.append(f"model.{key}={v} must be in [0, 1)")
+    if m.decoder_projection_layers not in (1, 2):
+        errs.append(f"model.decoder_projection_layers={m.decoder_projection_layers}: use 1 (one Linear) or 2 "
+                    "(Linear -> GELU -> Linear, the text presets)")
     if m.decoder_dim % max(m.decoder_groups, 1):
         errs.append(f"model.decoder_dim={m.decoder_dim} is not divisible by model.decoder_groups={m.decoder_groups}")
     if not 0.0 < cfg.masking.ratio < 1.0:
@@ -515,8 +550,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"ema.decay={e.decay} and ema.end_decay={e.end_decay} must satisfy 0 <= decay <= end_decay <= 1")
     if cfg.data.batch_size < 1:
         errs.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if cfg.data.prepend_bos and cfg.data.max_tokens < 2:
+        errs.append(f"data.max_tokens={cfg.data.max_tokens} leaves no text after <s>: use >= 2 or data.prepend_bos=false")
     if cfg.data.min_seconds > cfg.data.max_seconds:
         errs.append(f"data.min_seconds={cfg.data.min_seconds} > data.max_seconds={cfg.data.max_seconds}")
+    if cfg.data.audio_crop not in ("batch_min", "random_length"):
+        errs.append(f"data.audio_crop={cfg.data.audio_crop!r}: use 'batch_min' (the reference) or 'random_length'")
     if cfg.data.verify not in ("fast", "full", "none"):
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
     if p.precision not in ("auto", "bf16", "fp32"):

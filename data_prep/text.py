@@ -289,7 +289,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
                    help="train sentencepiece on at most this many documents (even subsample)")
     p.add_argument("--mode", choices=["pack", "doc"], default="pack")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per packed block")
+    p.add_argument("--block-size", type=int, default=511,
+                   help="tokens per packed block (511: the loader prepends <s> for 512, spec 12 D10)")
     p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append </s> to documents")
 
 

@@ -28,6 +28,9 @@ def test_spec_table_numbers():
     assert t.model.layer_norm_target_layer and t.model.instance_norm_targets and not t.model.instance_norm_target_layer
     assert load_preset("text-base").model.loss_scale == 1.0 and b.model.loss_scale is None
     assert b.optim.betas == (0.9, 0.95) and load_preset("audio-base").optim.betas == (0.9, 0.98)
+    # spec 12 D8: image Adam eps 1e-8 (fairseq default), audio/text yamls 1e-6
+    assert {n: load_preset(n).optim.eps for n in SPEC_PRESETS} == {
+        n: 1e-8 if n.startswith("image") else 1e-6 for n in SPEC_PRESETS}
 
 
 @pytest.mark.parametrize("style", ["flag", "flag_eq", "dotted"])

@@ -77,22 +77,69 @@ def test_image_batch_contract():
     assert np.allclose(x[:, 0] * 0.229 + 0.485, x[:, 1] * 0.224 + 0.456, atol=1e-5)
 
 
+def test_image_crop_is_reference_random_resized_crop():
+    """Spec 12 D5: RandomResizedCrop with scale (0.2, 1.0) and bicubic resampling."""
+    from PIL import Image
+
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.data import augment, rng
+
+    for name in ("image-base", "image-tiny"):
+        d = load_preset(name).data
+        assert (d.crop_scale_min, d.crop_scale_max) == (0.2, 1.0)
+    # the box area over the image area covers [0.2, 1.0] and nothing below
+    u = rng.uniform(rng.make_keys(1, 0, np.arange(4000)), 40, rng.STREAM_CROP)
+    frac = np.array([(b[2] - b[0]) * (b[3] - b[1]) / 200 ** 2
+                     for b in (augment.crop_box(x, 200, 200, (0.2, 1.0)) for x in u)])
+    assert frac.min() > 0.19 and frac.min() < 0.22 and frac.max() > 0.95
+    # the crop is resized bicubically: one image through augment_images == PIL bicubic of the box
+    img = (np.arange(48 * 40 * 3) * 37 % 251).astype(np.uint8).reshape(48, 40, 3)
+    keys = rng.make_keys(5, 0, np.arange(1))
+    x = augment.augment_images([{"pixels": img.reshape(-1), "pix_height": 48, "pix_width": 40, "pix_channels": 3}],
+                               keys, 16, 3, (0.2, 1.0), hflip=False)
+    box = augment.crop_box(rng.uniform(keys, 40, rng.STREAM_CROP)[0], 40, 48, (0.2, 1.0))
+    ref = np.asarray(Image.fromarray(img).resize((16, 16), Image.Resampling.BICUBIC, box=box)).astype(np.float32)
+    ref = (ref / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    np.testing.assert_allclose(x[0], ref.transpose(2, 0, 1), atol=1e-5)
+
+
 def test_audio_batch_contract():
-    cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0)
+    """Spec 12 D6 (data.audio_crop="batch_min", the default): no padding, every clip cut to the
+    batch's shortest clip (at most data.max_seconds) at its own offset, out of the whole file
+    normalized to zero mean / unit variance; clips under data.min_seconds never appear."""
+    from d2v2_scale.data import augment
+
+    cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0, min_seconds=1.0, max_seconds=2.0)
+    assert cfg.data.audio_crop == "batch_min"
     loader = build_loader(cfg, 0, 1)
+    shards = ShardSet(fx.prepared("audio"))
+    lengths = shards.lengths()
+    assert (lengths < 16000).sum() > 0 and len(loader) == (lengths >= 16000).sum() // cfg.data.batch_size
     m = cfg.model
-    for b in _take(iter(loader), 6):
+    crops = []
+    for b in _take(iter(loader), 8):
         src, pad = b["source"].numpy(), b["padding_mask"].numpy()
         B, S = src.shape
-        assert B == cfg.data.batch_size and pad.shape == (B, S) and src.dtype == np.float32
-        assert S <= cfg.data.max_seconds * cfg.data.sample_rate
+        assert B == cfg.data.batch_size and pad.shape == (B, S) and src.dtype == np.float32 and not pad.any()
+        n = lengths[b["index"].numpy()]
+        assert n.min() >= 16000 and S == min(n.min(), 2 * 16000)
         mask = _check_common(b, cfg)
         assert mask.shape[1] == m.audio_frames(S)
+        for r, i in enumerate(b["index"].tolist()):
+            whole = augment.normalize_wave(shards.get(i)["audio"].astype(np.float32) / 32768.0)
+            cand = np.flatnonzero(whole[:len(whole) - S + 1] == src[r, 0])
+            offs = [o for o in cand if np.array_equal(whole[o:o + S], src[r])]
+            assert offs, (r, i)
+            crops.append((len(whole) - S, offs[0]))
+    assert any(o > 0 for _, o in crops) and any(room > 0 for room, _ in crops)  # random starts, not all 0
+    # the padded mode (one random length per batch) is still there
+    cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0, audio_crop="random_length")
+    for b in _take(iter(build_loader(cfg, 0, 1)), 6):
+        src, pad = b["source"].numpy(), b["padding_mask"].numpy()
+        assert src.shape[1] <= cfg.data.max_seconds * cfg.data.sample_rate and (src[pad] == 0).all()
+        mask = _check_common(b, cfg)
         valid = (~pad).sum(1)
-        assert (src[pad] == 0).all()
-        for r in range(B):
-            v = src[r, :valid[r]]
-            assert abs(v.mean()) < 1e-3 and abs(v.std() - 1) < 1e-2
+        for r in range(src.shape[0]):
             rows = mask[r * m.clone_batch:(r + 1) * m.clone_batch]
             assert rows[:, m.audio_frames(valid[r]):].all()  # frame padding is masked, never kept
 
@@ -112,7 +159,10 @@ def test_text_batch_contract():
             assert mask[r * m.clone_batch:(r + 1) * m.clone_batch][:, pad[r]].all()
         s = ShardSet(fx.prepared("text"))
         for r, i in enumerate(b["index"].tolist()):
-            assert (src[r, ~pad[r]] == np.asarray(s.get(i)["tokens"])).all()  # blocks of 64 = max_tokens
+            # spec 12 D10: <s> + a window of max_tokens - 1 = 63 stream tokens of the (64-token) block
+            row, got = np.asarray(s.get(i)["tokens"]), src[r, ~pad[r]]
+            assert got[0] == s.manifest["bos_id"] == 0 and len(got) == min(len(row) + 1, cfg.data.max_tokens)
+            assert any((row[o:o + len(got) - 1] == got[1:]).all() for o in range(len(row) - len(got) + 2))
 
 
 # ---- exact resume, worker independence ---------------------------------------------------------

@@ -1,7 +1,9 @@
 """Per-sample augmentations; every random draw comes from a counter-based key (see rng.py).
 
 image: random-resized-crop (torchvision's algorithm: 10 tries at scale x aspect in
-       [3/4, 4/3], else a centre crop) straight to the model size, horizontal flip, then
+       [3/4, 4/3], else a centre crop) straight to the model size with bicubic resampling
+       (the reference's `RandomResizedCrop(scale=(0.2, 1.0), interpolation=BICUBIC)`, spec 12
+       D5), horizontal flip, then
        ImageNet mean/std normalization of the whole batch.
 audio: a random window of at most `crop_len` samples, then zero mean / unit variance.
 text:  a random window of at most `max_tokens` tokens.
@@ -23,6 +25,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _NORM_LUT = {3: ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None]),
              1: ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN.mean()) / IMAGENET_STD.mean())}
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+CROP_RESAMPLE = Image.Resampling.BICUBIC  # spec 12 D5
 
 
 def decode_image(row: dict, channels: int) -> Image.Image:
@@ -71,7 +74,7 @@ def augment_images(rows: list[dict], keys: np.ndarray, size: int, channels: int,
     for b, row in enumerate(rows):
         im = decode_image(row, channels)
         box = crop_box(u_crop[b], im.width, im.height, scale)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        im = im.resize((size, size), CROP_RESAMPLE, box=box)
         if hflip and u_flip[b] < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         a = np.asarray(im)

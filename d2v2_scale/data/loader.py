@@ -8,10 +8,14 @@ Batch contract (B = data.batch_size per data-parallel rank, M = model.clone_batc
 are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` lines them up):
   image: source float32 [B, C, H, W]; mask bool [B*M, L] (L = model.num_patches,
          True = masked); label int64 [B] (when the corpus has labels); index int64 [B].
-  audio: source float32 [B, S] (per-sample zero mean / unit variance, zeros at padding);
-         padding_mask bool [B, S] (True = padding); mask bool [B*M, T],
+  audio: source float32 [B, S] (each file normalized to zero mean / unit variance as a whole,
+         then cropped; zeros at padding); padding_mask bool [B, S] (True = padding; all False
+         with data.audio_crop="batch_min", the default: every clip is cut to the batch's
+         shortest, at most data.max_seconds, at a random start, spec 12 D6); mask bool [B*M, T],
          T = model.audio_frames(S), frames >= audio_frames(valid samples) are padding (True).
-  text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens);
+  text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens); with
+         data.prepend_bos each row is <s> + a random window of max_tokens - 1 stream tokens
+         (the reference's 511 + 1, spec 12 D10);
          padding_mask bool [B, T]; mask bool [B*M, T].
 Every mask row of a batch keeps exactly the same number of positions, and kept positions are
 never padding: each row first gets the spec's exact count over its own unpadded length,
@@ -19,8 +23,9 @@ then longer rows get extra random positions masked down to the batch minimum.
 
 Randomness: all draws (crop, flip, audio/text windows, masks) are keyed on (data.seed,
 epoch, global sample index, clone index), so results do not depend on the worker count,
-prefetching or resuming.  The audio crop length is drawn once per batch (keyed on the
-batch's first sample) so that rows are cut to a common length and padding stays small.
+prefetching or resuming.  Audio clips shorter than data.min_seconds are never sampled; the
+crop length is the batch's shortest clip (capped at data.max_seconds), or with
+data.audio_crop="random_length" drawn once per batch (keyed on the batch's first sample).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class BatchBuilder:
         self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
             shards.manifest.get("num_classes", 0) > 0
         self.audio_dtype_scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
+        self.bos_id = int(shards.manifest.get("bos_id", -1))
+        if self.modality == "text" and cfg.data.prepend_bos and self.bos_id < 0:
+            raise DataError(f"{shards.manifest_path} names no <s> token (bos_id) but data.prepend_bos is set: "
+                            "prepare with d2v2-prep text (its vocabulary has <s>=0) or set data.prepend_bos=false")
 
     def __call__(self, epoch: int, indices: np.ndarray) -> dict:
         indices = np.asarray(indices, dtype=np.int64)
@@ -77,14 +86,22 @@ class BatchBuilder:
     def _audio(self, epoch, indices):
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         sr = d.sample_rate
-        u_len = rng.uniform(rng.make_keys(d.seed, epoch, indices[:1], _BATCH_CLONE), 1, rng.STREAM_AUDIO_CROP)[0, 0]
-        crop_len = int(round((d.min_seconds + (d.max_seconds - d.min_seconds) * u_len) * sr))
+        # each file is normalized whole (zero mean, unit variance), then cropped (spec 12 D6)
+        waves = [augment.normalize_wave(self.shards.get(int(i), ["audio"])["audio"].astype(np.float32)
+                                        * self.audio_dtype_scale) for i in indices]
+        cap = int(round(d.max_seconds * sr))
+        if d.audio_crop == "batch_min":
+            # the reference: every clip cut to the batch's shortest (at most max_seconds), so the
+            # batch has no padding; the sampler's length buckets keep the waste small
+            crop_len = min(min(len(w) for w in waves), cap)
+        else:  # "random_length": one length per batch in [min, max] s, shorter clips padded
+            u_len = rng.uniform(rng.make_keys(d.seed, epoch, indices[:1], _BATCH_CLONE), 1, rng.STREAM_AUDIO_CROP)[0, 0]
+            crop_len = int(round((d.min_seconds + (d.max_seconds - d.min_seconds) * u_len) * sr))
+        # a random start per clip, keyed on (seed, epoch, sample): the same after a resume
         u_off = rng.uniform(rng.make_keys(d.seed, epoch, indices, 0), 1, rng.STREAM_AUDIO_CROP)[:, 0]
-        waves = []
-        for b, i in enumerate(indices):
-            a = self.shards.get(int(i), ["audio"])["audio"]
-            s, e = augment.crop_window(len(a), crop_len, u_off[b])
-            waves.append(augment.normalize_wave(a[s:e].astype(np.float32) * self.audio_dtype_scale))
+        for b, w in enumerate(waves):
+            s, e = augment.crop_window(len(w), crop_len, u_off[b])
+            waves[b] = w[s:e]
         valid = np.array([len(w) for w in waves], dtype=np.int64)
         S = int(valid.max())
         src = np.zeros((len(waves), S), dtype=np.float32)
@@ -107,11 +124,12 @@ class BatchBuilder:
     def _text(self, epoch, indices):
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         u_off = rng.uniform(rng.make_keys(d.seed, epoch, indices, 0), 1, rng.STREAM_TEXT_CROP)[:, 0]
+        bos = [self.bos_id] if d.prepend_bos else []
         toks = []
         for b, i in enumerate(indices):
             t = self.shards.get(int(i), ["tokens"])["tokens"]
-            s, e = augment.crop_window(len(t), d.max_tokens, u_off[b])
-            toks.append(t[s:e])
+            s, e = augment.crop_window(len(t), d.max_tokens - len(bos), u_off[b])
+            toks.append(np.concatenate([np.asarray(bos, dtype=np.int64), np.asarray(t[s:e], dtype=np.int64)]))
         valid = np.array([len(t) for t in toks], dtype=np.int64)
         T = int(valid.max())
         src = np.full((len(toks), T), m.pad_token_id, dtype=np.int64)
@@ -173,8 +191,17 @@ class Loader:
         self.shards = ShardSet(cfg.data.manifest, verify=cfg.data.verify)
         self.manifest = self.shards.manifest
         check_compatible(self.manifest, self.shards.manifest_path, cfg)
+        lengths = self.shards.lengths()
+        eligible = None
+        if self.manifest["modality"] == "audio":  # clips under data.min_seconds are dropped (spec 12 D6)
+            eligible = np.flatnonzero(lengths >= cfg.data.min_seconds * cfg.data.sample_rate)
+            if len(eligible) < cfg.data.batch_size * dp_size:
+                raise DataError(f"{self.shards.manifest_path}: only {len(eligible)} of {len(lengths)} clips are at "
+                                f"least data.min_seconds={cfg.data.min_seconds} s long, fewer than data.batch_size x "
+                                f"data-parallel ranks = {cfg.data.batch_size * dp_size}: lower data.min_seconds or "
+                                "prepare longer clips")
         self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
-                                           cfg.data.seed, lengths=self.shards.lengths())
+                                           cfg.data.seed, lengths=lengths, eligible=eligible)
         self.builder = BatchBuilder(cfg, self.shards)
         self.epoch, self.position = 0, 0
         self._keys = _EpochKeys(self.sampler)

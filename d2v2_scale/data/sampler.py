@@ -19,9 +19,13 @@ import numpy as np
 
 class ShardedBatchSampler:
     def __init__(self, num_samples: int, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 lengths: np.ndarray | None = None, bucket_batches: int = 64):
+                 lengths: np.ndarray | None = None, bucket_batches: int = 64, eligible: np.ndarray | None = None):
+        """lengths: per global sample index; eligible: the global indices to draw from (default
+        all; audio leaves out clips under data.min_seconds, spec 12 D6)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        self.eligible = None if eligible is None else np.asarray(eligible, dtype=np.int64)
+        num_samples = num_samples if eligible is None else len(self.eligible)
         per_rank = num_samples // dp_size
         if per_rank < batch_size:
             raise ValueError(f"{num_samples} samples over {dp_size} data-parallel ranks leave {per_rank} per rank, "
@@ -36,6 +40,8 @@ class ShardedBatchSampler:
     def rank_indices(self, epoch: int) -> np.ndarray:
         """This rank's sample indices for `epoch`, in visiting order before batching."""
         perm = np.random.default_rng([self.seed, epoch, 0x5A3D]).permutation(self.n)
+        if self.eligible is not None:
+            perm = self.eligible[perm]
         return perm[self.rank::self.world][:self.per_rank]
 
     def epoch_batches(self, epoch: int) -> np.ndarray:

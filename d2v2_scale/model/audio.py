@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import BertLinear, KaimingConv1d
+from .layers import KaimingConv1d
 from .modality import Modality, register
 
 
@@ -67,7 +67,8 @@ class AudioLocal(nn.Module):
         c = self.conv_layers[-1][0]
         self.cnn = ConvFeatureExtractor(self.conv_layers)
         self.norm = nn.LayerNorm(c, eps=mcfg.layer_norm_eps)
-        self.proj = BertLinear(c, mcfg.embed_dim)
+        # PyTorch's default Linear init: the reference resets this projection after its BERT init (spec 12 D9)
+        self.proj = nn.Linear(c, mcfg.embed_dim)
 
     def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         feats = self.cnn(source)

@@ -19,6 +19,7 @@ The CLS term is summed over the N rows, not averaged: data2vec 2.0 weights it by
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,8 +31,25 @@ from torch import Tensor, nn
 from .encoder import Encoder, kept_indices
 from .modality import get_modality
 from .targets import accumulate_layers, finish_targets
+from .tp_random import _default_state as default_rng_state
+from .tp_random import _set_default_state as set_default_rng_state
 
 MASK_NOISE_STD = 0.01  # decoder input at masked slots: N(0, 0.01^2)
+FRONT_RNG_KEY = "_front_rng"  # batch key: generator state the teacher pass drew the front end's dropout with
+
+
+@contextlib.contextmanager
+def replay_rng(state: Tensor | None):
+    """Run the body from generator `state` (None: as is); the generator then continues where it was."""
+    if state is None:
+        yield
+        return
+    saved = default_rng_state()
+    set_default_rng_state(state)
+    try:
+        yield
+    finally:
+        set_default_rng_state(saved)
 
 
 def compute_var(y: Tensor) -> Tensor:
@@ -176,11 +194,21 @@ class Data2Vec2(nn.Module):
     @torch.no_grad()
     def teacher_source(self, batch: dict) -> Tensor:
         """The tensor the teacher starts from: the raw input, or (teacher without its own front end)
-        the student's local features, detached."""
+        the student's local features, detached.  Pipeline only: the teacher pass runs before the
+        student's, so the generator state is kept in the batch for the student's front end to
+        draw the same dropout mask (text, spec 12 D7: the teacher sees the post-dropout input)."""
         if "local" in self.modality.teacher_parts:
             return self.modality.teacher_input(batch, None)
+        batch[FRONT_RNG_KEY] = default_rng_state()
         features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
         return self.modality.teacher_input(batch, features)
+
+    def front_end(self, batch: dict) -> Tensor:
+        """Local features [B, T, D] of the batch, once per sample (with the front end's dropout
+        replayed from the teacher pass under pipelining, see teacher_source)."""
+        with replay_rng(batch.get(FRONT_RNG_KEY)):
+            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+        return features
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, features: Tensor, padding: Tensor | None,
@@ -203,7 +231,7 @@ class Data2Vec2(nn.Module):
         m = self.clone_batch
         if self.first_stage:
             # 1. local features, once per sample: [B, T, D]
-            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+            features = self.front_end(batch)
             b, t, d = features.shape
             if lay.mask.shape != (b * m, t):
                 raise ValueError(f"batch['mask'] is {tuple(lay.mask.shape)}, expected [B*M, T] = [{b * m}, {t}] "
@@ -231,7 +259,9 @@ class Data2Vec2(nn.Module):
         e = self.encoder.num_extra_tokens
 
         # 5. decoder: noise at masked slots, original order, one prediction per position
-        pred = self.decoder(fill_masked(x[:, e:], mask, self.mcfg.decoder_noise_std))  # [N, T, D]
+        # (dropout on the student output first, before the noise: spec 12 D2)
+        x_dec = self.decoder.input_dropout(x[:, e:])
+        pred = self.decoder(fill_masked(x_dec, mask, self.mcfg.decoder_noise_std))  # [N, T, D]
 
         # 6. loss at masked, non-padded positions against the (repeated) teacher targets
         loss_pos = mask if pad is None else mask & ~pad

@@ -1,11 +1,20 @@
 """The light convolutional decoder (spec section 5), 1-D (audio, text) or 2-D (image grid).
 
-    x [N, T, D] -> per layer: Conv(k, padding k//2, groups g) -> LayerNorm(no affine) -> GELU
+    x [N, T, D] (input_dropout applied by the caller, see below)
+                -> per layer: Conv(k, padding k//2, groups g) -> LayerNorm(no affine) -> GELU
                    (+ residual when in/out shapes match and residual is on)
-                -> Linear(decoder_dim, D) -> [N, T, D]
+                -> proj -> [N, T, D]
+    proj: Linear(decoder_dim, D)                                 (projection_layers = 1)
+          Sequential(Linear(decoder_dim, r * decoder_dim), GELU, Linear(r * decoder_dim, D))
+                                                                 (projection_layers = 2: text, D1)
+The two-layer head's modules are `proj.0` and `proj.2`, the reference's names.
 
-No position information is added: the input already has masked slots filled with noise and the
-original order restored (see data2vec.py).  Init: xavier-uniform weights, zero biases.
+`input_dropout` is a module without parameters that data2vec.py applies to the student output
+before the masked slots get their noise; no position information is added.
+
+Init (spec 12 D9): the convs keep PyTorch's default init (the reference's BERT init touches
+Linear/Embedding only); image/audio reset `proj` to PyTorch's default, the text head keeps the
+BERT N(0, 0.02) init (`bert_proj=True`).
 """
 
 from __future__ import annotations
@@ -13,20 +22,31 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import XavierConv1d, XavierConv2d, XavierLinear
+from .layers import BertLinear
+
+
+def projection_head(dim: int, out_dim: int, layers: int, ratio: float, bert_init: bool) -> nn.Module:
+    """Linear(dim, out_dim), or (layers=2) Linear(dim, ratio*dim) -> GELU -> Linear(ratio*dim, out_dim)."""
+    linear = BertLinear if bert_init else nn.Linear
+    if layers == 1:
+        return linear(dim, out_dim)
+    hidden = int(dim * ratio)
+    return nn.Sequential(linear(dim, hidden), nn.GELU(), linear(hidden, out_dim))
 
 
 class ConvDecoder(nn.Module):
     def __init__(self, in_dim: int, dim: int, kernel: int, layers: int, groups: int, residual: bool,
-                 ndim: int = 1, grid: tuple[int, int] | None = None):
+                 ndim: int = 1, grid: tuple[int, int] | None = None, input_dropout: float = 0.0,
+                 projection_layers: int = 1, projection_ratio: float = 2.0, bert_proj: bool = False):
         super().__init__()
         assert ndim in (1, 2)
-        conv = XavierConv1d if ndim == 1 else XavierConv2d
+        conv = nn.Conv1d if ndim == 1 else nn.Conv2d
         self.ndim, self.grid, self.kernel, self.residual = ndim, grid, kernel, residual
+        self.input_dropout = nn.Dropout(input_dropout)
         self.convs = nn.ModuleList(
             conv(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
             for i in range(layers))
-        self.proj = XavierLinear(dim, in_dim)
+        self.proj = projection_head(dim, in_dim, projection_layers, projection_ratio, bert_proj)
 
     def _trim(self, x: Tensor) -> Tensor:
         # an even kernel with padding k//2 yields one extra position per spatial dim: drop it

@@ -1,5 +1,5 @@
 """The encoder shared by student and teacher: local features -> positions -> (gather kept) ->
-extra tokens -> context LayerNorm -> prenet + shared blocks.
+extra tokens -> context LayerNorm -> input dropout -> prenet + shared blocks.
 
 Parts (the teacher builds a subset; names are the same in both, see model/__init__.py):
     local          modality front end (patch embed / CNN + projection / token embedding)
@@ -117,12 +117,13 @@ class Encoder(nn.Module):
             x = self.positions(x, zero)
         if keep is not None:
             x = gather_tokens(x, keep)
-        x = self.input_dropout(x)
         if self.extra_tokens is not None:
             x = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.context_norm is not None:
             x = self.context_norm(x)
-        return x
+        # after the context LayerNorm, as the reference's BlockEncoder does (spec 12 D3); the
+        # tensor is replicated over TP ranks, so the default generator (same on every rank) draws it
+        return self.input_dropout(x)
 
     def bias(self, n: int, t: int, positions: Tensor | None, padding: Tensor | None, dtype, device):
         """Additive attention bias shared by all blocks ([N, H_local|1, T, T]) or None."""

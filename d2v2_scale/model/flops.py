@@ -35,6 +35,9 @@ def _decoder_flops(m, t: int) -> float:
     for _ in range(m.decoder_layers):
         total += 2 * t * (c_in // m.decoder_groups) * k * m.decoder_dim
         c_in = m.decoder_dim
+    if m.decoder_projection_layers == 2:  # Linear(dec, r*dec) -> GELU -> Linear(r*dec, D) (text, spec 12 D1)
+        hidden = int(m.decoder_dim * m.decoder_projection_ratio)
+        return total + 2 * t * hidden * (m.decoder_dim + m.embed_dim)
     return total + 2 * t * m.decoder_dim * m.embed_dim
 
 

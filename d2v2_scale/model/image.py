@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .decoder import ConvDecoder
-from .layers import INIT_STD, XavierConv2d
+from .layers import XavierConv2d
 from .modality import Modality, register
+
+
+CLS_INIT_STD = 1.0
 
 
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -68,13 +70,12 @@ class Image(Modality):
         return FixedPositions2d(self.mcfg)
 
     def build_extra_tokens(self) -> nn.Parameter:
-        return nn.Parameter(torch.empty(1, 1, self.mcfg.embed_dim).normal_(0.0, INIT_STD))
+        # N(0, 1): the reference's nn.init.normal_ on the CLS token (spec 12 D9), not BERT's 0.02
+        return nn.Parameter(torch.empty(1, 1, self.mcfg.embed_dim).normal_(0.0, CLS_INIT_STD))
 
-    def build_decoder(self) -> nn.Module:
-        m = self.mcfg
-        g = m.image_size // m.patch_size
-        return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
-                           m.decoder_residual, ndim=2, grid=(g, g))
+    def build_decoder(self, ndim: int = 2, grid: tuple[int, int] | None = None) -> nn.Module:
+        g = self.mcfg.image_size // self.mcfg.patch_size
+        return super().build_decoder(ndim=2, grid=(g, g))
 
     def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
         return batch["source"]

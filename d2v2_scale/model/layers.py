@@ -36,16 +36,6 @@ def _xavier(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class XavierLinear(nn.Linear):
-    def reset_parameters(self) -> None:
-        _xavier(self)
-
-
-class XavierConv1d(nn.Conv1d):
-    def reset_parameters(self) -> None:
-        _xavier(self)
-
-
 class XavierConv2d(nn.Conv2d):
     def reset_parameters(self) -> None:
         _xavier(self)

@@ -10,7 +10,8 @@ A `Modality` builds:
   * `build_decoder()`   -> module: [N, T, D] (masked slots filled) -> predictions [N, T, D].
 and says:
   * `context_norm`: LayerNorm after positions/extra tokens, before the prenet (post-LN models);
-  * `input_dropout`: dropout on the encoder input (text: 0.1 on the embeddings);
+  * `input_dropout`: dropout on the encoder input after the context LayerNorm, per clone (audio
+    0.1, spec 12 D3; text applies it in its front end instead, once per sample, D7);
   * `teacher_parts`: which encoder parts the teacher owns besides its blocks;
   * `teacher_input(batch, features)`: the tensor the teacher is called with;
   * `token_padding(batch, T)`: the padding `build_local()` returns, from the batch alone (pipeline
@@ -49,9 +50,13 @@ class Modality:
     def __init__(self, mcfg):
         self.mcfg = mcfg
 
+    # spec 12 D9: image/audio reset the decoder projection to PyTorch's default init; text keeps BERT's
+    bert_decoder_proj = False
+
     @property
     def input_dropout(self) -> float:
-        return 0.0
+        """Encoder input dropout after the context LayerNorm, per clone (spec 12 D3)."""
+        return self.mcfg.input_dropout
 
     def build_local(self) -> nn.Module:
         raise NotImplementedError
@@ -62,11 +67,13 @@ class Modality:
     def build_extra_tokens(self) -> nn.Parameter | None:
         return None
 
-    def build_decoder(self) -> nn.Module:
-        """Default: 1-D convs over the sequence (audio, text); images override with 2-D convs."""
+    def build_decoder(self, ndim: int = 1, grid: tuple[int, int] | None = None) -> nn.Module:
+        """1-D convs over the sequence (audio, text); images call it with ndim=2 and the patch grid."""
         m = self.mcfg
         return ConvDecoder(m.embed_dim, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups,
-                           m.decoder_residual, ndim=1)
+                           m.decoder_residual, ndim=ndim, grid=grid, input_dropout=m.decoder_dropout,
+                           projection_layers=m.decoder_projection_layers,
+                           projection_ratio=m.decoder_projection_ratio, bert_proj=self.bert_decoder_proj)
 
     def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
         """[B, T] True = padding, or None; default: nothing is padded (fixed-size inputs)."""

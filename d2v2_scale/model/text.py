@@ -1,6 +1,8 @@
-"""Text modality: token embedding + learned absolute positions + LayerNorm (+ dropout 0.1 on the
-student's input), 1-D conv decoder.  The teacher is blocks only (`ema_encoder_only`), fed with the
-student's embeddings BEFORE dropout (the teacher runs in eval mode), detached.
+"""Text modality: token embedding + learned absolute positions + LayerNorm + dropout 0.1, 1-D conv
+decoder ending in a two-layer projection head (spec 12 D1).  The teacher is blocks only
+(`ema_encoder_only`), fed with the student's embeddings AFTER dropout, detached (spec 12 D7): the
+dropout runs once per sample in the front end, before the M clones are made, so every clone and
+the teacher see the same dropout mask.
 
 Positions are 0..T-1 for every row (padding included; padded positions are never kept by the
 student and are key-masked in the teacher).  The embedding table is replicated over TP ranks.
@@ -30,13 +32,14 @@ class TextLocal(nn.Module):
         self.tokens = BertEmbedding(mcfg.vocab_size, mcfg.embed_dim, padding_idx=mcfg.pad_token_id)
         self.positions = BertEmbedding(mcfg.max_positions, mcfg.embed_dim)
         self.norm = nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps)
+        self.dropout = nn.Dropout(mcfg.input_dropout)  # once per sample (D7), replicated over TP ranks
 
     def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         t = source.shape[1]
         if t > self.positions.num_embeddings:
             raise ValueError(f"text of {t} tokens exceeds model.max_positions={self.positions.num_embeddings}")
         x = self.tokens(source) + self.positions.weight[:t][None]
-        return self.norm(x), token_padding(source, padding_mask, self.pad)
+        return self.dropout(self.norm(x)), token_padding(source, padding_mask, self.pad)
 
 
 @register
@@ -45,10 +48,11 @@ class Text(Modality):
     num_extra_tokens = 0
     context_norm = False  # the embedding LayerNorm already normalizes the input (no prenet)
     teacher_parts = frozenset()
+    bert_decoder_proj = True  # the reference re-initializes only image/audio decoder heads (D9)
 
     @property
     def input_dropout(self) -> float:
-        return self.mcfg.dropout
+        return 0.0  # applied by TextLocal, once per sample, before cloning (D7)
 
     def build_local(self) -> nn.Module:
         return TextLocal(self.mcfg)
