@@ -1,7 +1,8 @@
 """`d2v2-prep image|audio|text ...`: prepare Arrow shards + manifest for d2v2-scale.
+`d2v2-prep verify MANIFEST`: check a prepared corpus offline (every shard and every row).
 
-Every subcommand shares --out, --shard-size-mb, --workers, --overwrite.  Re-running the same
-command after an interruption resumes it (see docs/DATA.md).
+Every prepare subcommand shares --out, --shard-size-mb, --workers, --overwrite.  Re-running the
+same command after an interruption resumes it (see docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import audio, image, text
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2v2-prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="modality", required=True, metavar="{image,audio,text}")
+    sub = p.add_subparsers(dest="modality", required=True, metavar="{image,audio,text,verify}")
     for name, mod in (("image", image), ("audio", audio), ("text", text)):
         sp = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0],
                             description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,13 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true",
                         help="start over even if --out holds a finished or interrupted run")
         sp.set_defaults(main=mod.main)
+    vp = sub.add_parser("verify", help="check every shard and row of a prepared corpus; exit 1 on any problem",
+                        description=verify.__doc__)
+    vp.add_argument("manifest", help="manifest.json of a prepared corpus, or its folder")
+    vp.set_defaults(main=verify)
     return p
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Read the whole corpus: each shard's size, footer hash and sha256, and each row's checksum.
+    Prints one line per problem (shard, row, source path, reason) and exits 1 if there is any."""
+    from d2v2_scale.data.manifest import DataError
+    from d2v2_scale.data.shards import ShardSet
+
+    try:
+        s = ShardSet(args.manifest, verify="none")
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    problems = s.scan()
+    for b in problems:
+        where = b["shard"] if b["row"] is None else f"{b['shard']} row {b['row']} ({b['source']})"
+        print(f"{where}: {b['reason']}")
+    rows = "every row's checksum" if s.has_row_crc else "no rows (no per-row checksums in this manifest)"
+    print(f"{s.manifest_path}: {len(problems)} problems; checked {len(s.shard_rows)} shards and {rows} "
+          f"({len(s)} rows)")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.main(args)
-    return 0
+    rc = args.main(args)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, VERSION, footer_sha256, sha256_file,
-                                      write_json_atomic)
+from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, ROW_CRC, VERSION, footer_sha256,
+                                      sha256_file, write_json_atomic)
+from d2v2_scale.data.shards import row_crc32, table_columns
 
 PROGRESS_NAME = ".progress.json"
 # Test hook: exit abruptly (no cleanup, like a kill) after this many shards were written.
@@ -118,8 +119,17 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def with_row_crc(table: pa.Table) -> pa.Table:
+    """`table` plus the ROW_CRC column, computed from the Arrow buffers themselves with the
+    function the loader checks it with (so both see exactly the same bytes)."""
+    cols = table_columns(table)
+    crc = np.fromiter((row_crc32(cols, r) for r in range(table.num_rows)), dtype=np.uint32, count=table.num_rows)
+    return table.append_column(pa.field(ROW_CRC, pa.uint32()), pa.array(crc, type=pa.uint32()))
+
+
 def _write_shard(path: Path, rows: list[dict], schema: pa.Schema) -> dict:
-    table = rows_to_table(rows, schema)
+    """`schema` includes the trailing ROW_CRC field; the rows do not."""
+    table = with_row_crc(rows_to_table(rows, pa.schema(list(schema)[:-1])))
     tmp = path.with_name("." + path.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, schema) as w:
@@ -142,6 +152,7 @@ def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Call
     """Run the pipeline into out_dir and return the manifest dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    schema = schema.append(pa.field(ROW_CRC, pa.uint32()))  # in the fingerprint: no resume across versions
     fp = fingerprint({"args": args_fingerprint, "n_items": len(items), "schema": schema.to_string()})
     progress_path = out / PROGRESS_NAME
     manifest_path = out / MANIFEST_NAME
@@ -228,7 +239,8 @@ def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Call
     manifest = {"format": FORMAT, "version": VERSION, "modality": modality,
                 "schema": {f.name: str(f.type) for f in schema},
                 "num_rows": report["rows"], "shards": state["shards"],
-                "skipped": len(skips), "report": REPORT_NAME, "fingerprint": fp}
+                "skipped": len(skips), "report": REPORT_NAME, "fingerprint": fp,
+                "row_checksum": f"{ROW_CRC}: zlib.crc32 of each row's other columns in schema order"}
     manifest.update(manifest_extra)
     write_json_atomic(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
