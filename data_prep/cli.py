@@ -14,23 +14,27 @@ import sys
 from . import audio, image, text
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Docstrings as written, and every option's default in --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="d2v2-prep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="d2v2-prep", description=__doc__, formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="modality", required=True, metavar="{image,audio,text,verify}")
     for name, mod in (("image", image), ("audio", audio), ("text", text)):
         sp = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0],
-                            description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=mod.__doc__, formatter_class=_HelpFormatter)
         mod.add_args(sp)
-        sp.add_argument("--out", required=True, help="output folder (shards, manifest.json, report.json)")
+        sp.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                        help="output folder (shards, manifest.json, report.json); required")
         sp.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (MiB)")
         sp.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="worker processes (default: CPUs - 1)")
+                        help="worker processes (CPUs - 1 on this machine)")
         sp.add_argument("--overwrite", action="store_true",
-                        help="start over even if --out holds a finished or interrupted run")
-        sp.set_defaults(main=mod.main)
+                        help="start over even if --out holds a finished or interrupted run, or other files")
+        sp.set_defaults(main=mod.main, out_checked=True)
     vp = sub.add_parser("verify", help="check every shard and row of a prepared corpus; exit 1 on any problem",
-                        description=verify.__doc__)
+                        description=verify.__doc__, formatter_class=_HelpFormatter)
     vp.add_argument("manifest", help="manifest.json of a prepared corpus, or its folder")
     vp.set_defaults(main=verify)
     return p
@@ -58,6 +62,10 @@ def verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "out_checked", False):  # before any work (text trains sentencepiece into --out)
+        from .pipeline import check_out
+
+        check_out(args.out, args.overwrite)
     rc = args.main(args)
     return rc if isinstance(rc, int) else 0
 
