@@ -11,6 +11,9 @@ core; the DataLoader multiplies it by data.num_workers):
             sentencepiece encode) -> the same augment + mask
   hf        the same rows through HuggingFace `datasets` (Arrow, memory-mapped) if installed
   masks     mask generation alone (masks/s = mask rows per second) and its share of `shards`
+  row checks  `shards` with the per-row crc32 checks off and on (on is the default,
+            data.verify=fast), interleaved passes, and the checksum alone in us per row
+            (--row-checks-only: just this table)
 Corpora: sklearn digits written as 256x256 JPEGs, the asterisk 8 kHz prompts, WordNet glosses
 (see tests/data_fixtures.py); prepared once under --work.
 """
@@ -179,6 +182,25 @@ def hf_rows(prep_dir: Path):
     return HF()
 
 
+def row_check_cost(shards, builder, batches, repeats):
+    """(samp/s checks off, samp/s checks on, us per row for the checksum alone); off/on passes
+    interleave so that the shared machine's load drifts affect both alike."""
+    off, on = [], []
+    for _ in range(repeats):
+        for flag, acc in ((False, off), (True, on)):
+            shards.check_rows = flag
+            acc.append(time_batches(builder, batches, 1))
+    shards.check_rows = True
+    idx = [int(i) for b in batches for i in b]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in idx:
+            shards.row_ok(i)
+        times.append((time.perf_counter() - t) / len(idx))
+    return 1 / statistics.median(off), 1 / statistics.median(on), statistics.median(times) * 1e6
+
+
 def mask_rate(cfg, batch_rows, lengths=None, repeats=20):
     """mask rows per second for one batch shape."""
     M = cfg.model.clone_batch
@@ -205,11 +227,12 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "d2v2-bench-loader"))
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--row-checks-only", action="store_true", help="only the row checksum table")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     corpora = make_corpora(work)
-    rows = []
+    rows, checks = [], []
     for kind, preset in (("image", "image-base"), ("image-pixels", "image-base"), ("audio", "audio-base"),
                          ("text", "text-base")):
         raw, pdir = corpora[kind]
@@ -223,6 +246,9 @@ def main(argv=None):
         # warm the page cache / decoders once, then time
         b_shard = BatchBuilder(cfg, shards)
         b_shard(0, batches[0])
+        checks.append((kind, *row_check_cost(shards, b_shard, batches, args.repeats)))
+        if args.row_checks_only:
+            continue
         t_shard = time_batches(b_shard, batches, args.repeats)
         files = FileRows(shards, raw)
         b_files = BatchBuilder(cfg, shards)
@@ -251,12 +277,17 @@ def main(argv=None):
                      None if t_hf is None else 1 / t_hf, mps, share, 1 / r_shard, 1 / r_files))
     hdr = ("modality", "B", "M", "shards samp/s", "files samp/s", "shards/files", "HF datasets samp/s",
            "shards/HF", "read+decode only: shards / files samp/s", "masks/s", "mask share")
-    print("| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
+    if rows:
+        print("| " + " | ".join(hdr) + " |")
+        print("|" + "---|" * len(hdr))
     for kind, B, M, s, f, h, mps, share, rs, rf in rows:
         print(f"| {kind} | {B} | {M} | {s:,.0f} | {f:,.0f} | {s / f:.1f}x | "
               f"{'-' if h is None else f'{h:,.0f}'} | {'-' if h is None else f'{s / h:.1f}x'} | "
               f"{rs:,.0f} / {rf:,.0f} ({rs / rf:.1f}x) | {mps:,.0f} | {share:.1%} |")
+    print("\n| modality | row checks off samp/s | on samp/s | cost | crc32 alone us/row |")
+    print("|---|---|---|---|---|")
+    for kind, off, on, us in checks:
+        print(f"| {kind} | {off:,.0f} | {on:,.0f} | {off / on - 1:+.1%} | {us:.1f} |")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ class DataConfig:
     batch_size: int = 16  # samples per data-parallel rank per micro-step (before x M)
     num_workers: int = 2
     seed: int = 1
-    verify: str = "fast"  # "fast" (size + footer hash) | "full" | "none"
+    verify: str = "fast"  # "fast" (size + footer hash) | "full" | "none"; rows: checksum on read unless "none"
+    max_bad_rows: int = 100  # rows failing their checksum that are replaced (and logged) before the run stops
     # image augmentation (random-resized-crop + flip, bicubic): the reference's scale range
     # (0.2, 1.0) (spec 12 D5; torchvision's default would be 0.08)
     crop_scale_min: float = 0.2
@@ -558,6 +559,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"data.audio_crop={cfg.data.audio_crop!r}: use 'batch_min' (the reference) or 'random_length'")
     if cfg.data.verify not in ("fast", "full", "none"):
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
+    if cfg.data.max_bad_rows < 0:
+        errs.append(f"data.max_bad_rows={cfg.data.max_bad_rows} must be >= 0 (0 stops at the first bad row)")
     if p.precision not in ("auto", "bf16", "fp32"):
         errs.append(f"parallel.precision={p.precision!r}: use 'auto', 'bf16' or 'fp32'")
     if cfg.optim.grad_accum < 1:

@@ -72,6 +72,8 @@ def list_inputs(src: str) -> list[tuple[str, str, int]]:
             n = int(parts[1]) if len(parts) > 1 and parts[1].strip().isdigit() else -1
             out.append((str(root / parts[0]), parts[0], n))
         return sorted(out, key=lambda t: t[1])
+    if not p.exists():
+        raise SystemExit(f"error: audio input {src} does not exist")
     raise SystemExit(f"error: audio input {src} is neither a folder nor a tsv manifest")
 
 
@@ -186,19 +188,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="skip files at other rates instead of resampling them")
     p.add_argument("--min-seconds", type=float, default=1.0, help="skip shorter files")
     p.add_argument("--max-seconds", type=float, default=30.0, help="split (or skip) longer files")
-    p.add_argument("--long", choices=["split", "skip"], default="split")
-    p.add_argument("--dtype", choices=["int16", "float16"], default="int16")
+    p.add_argument("--long", choices=["split", "skip"], default="split",
+                   help="files longer than --max-seconds: split into pieces or skip")
+    p.add_argument("--dtype", choices=["int16", "float16"], default="int16", help="stored sample type")
     p.add_argument("--label-from", choices=["parent", "stem", "filelist"], default=None,
                    help="store a label column: the parent folder name, the file stem, or --label-list")
-    p.add_argument("--label-list", metavar="FILE",
+    p.add_argument("--label-list", metavar="FILE", default=None,
                    help="path<TAB>label lines (names or integers; paths relative to SRC); "
                         "implies --label-from filelist")
 
 
 def main(args: argparse.Namespace) -> dict:
     items = list_inputs(args.src)
+    items, ignored = pipeline.real_files_once(items)
+    if Path(args.src).is_dir():
+        ignored = sorted(ignored + pipeline.unsupported_files(args.src, AUDIO_EXTS), key=lambda s: s.source)
     if not items:
-        raise SystemExit(f"error: no audio files found under {args.src}")
+        raise SystemExit(f"error: no audio files found under {args.src}"
+                         + (f" ({len(ignored)} files with other extensions)" if ignored else ""))
     label_from = args.label_from or ("filelist" if args.label_list else None)
     if args.label_list and label_from != "filelist":
         raise SystemExit(f"error: --label-list goes with --label-from filelist, not {label_from}")
@@ -218,4 +225,4 @@ def main(args: argparse.Namespace) -> dict:
                         schema=schema(args.dtype, labels is not None),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra=extra,
-                        desc="audio", overwrite=args.overwrite)
+                        desc="audio", overwrite=args.overwrite, ignored=ignored)

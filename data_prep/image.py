@@ -36,6 +36,8 @@ def schema(pixels: bool) -> pa.Schema:
 def list_inputs(src: str | None, file_list: str | None) -> tuple[list[tuple[str, str, int]], list[str]]:
     """Sorted (absolute path, display path, label) items and the class names (may be empty)."""
     if file_list:
+        if not Path(file_list).is_file():
+            raise SystemExit(f"error: --file-list {file_list} does not exist")
         base = Path(file_list).parent
         items, labels = [], {}
         for line in Path(file_list).read_text().splitlines():
@@ -53,6 +55,8 @@ def list_inputs(src: str | None, file_list: str | None) -> tuple[list[tuple[str,
                for p, d, lab in items]
         return sorted(out, key=lambda t: t[1]), names
     root = Path(src)
+    if not root.exists():
+        raise SystemExit(f"error: image input {root} does not exist")
     if not root.is_dir():
         raise SystemExit(f"error: image input {root} is not a directory (give an ImageFolder-style tree "
                          "or --file-list)")
@@ -111,10 +115,10 @@ def process(item: tuple[str, str, int], max_side: int | None, pixels: int | None
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", nargs="?", help="ImageFolder-style root: one subfolder per class (loose files: label -1)")
-    p.add_argument("--file-list", help="text file of 'path[<TAB>label]' lines instead of a folder")
+    p.add_argument("--file-list", default=None, help="text file of 'path[<TAB>label]' lines instead of a folder")
     p.add_argument("--max-side", type=int, default=None,
                    help="re-encode images whose longer side exceeds this (JPEG stays JPEG, others become PNG)")
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality when re-encoding (--max-side)")
     p.add_argument("--pixels", type=int, default=None, metavar="SIDE",
                    help="also store decoded uint8 pixels resized to shorter side SIDE (faster loading, bigger)")
 
@@ -123,8 +127,12 @@ def main(args: argparse.Namespace) -> dict:
     if not args.src and not args.file_list:
         raise SystemExit("error: give an image folder or --file-list")
     items, classes = list_inputs(args.src, args.file_list)
+    items, ignored = pipeline.real_files_once(items)
+    if not args.file_list:
+        ignored = sorted(ignored + pipeline.unsupported_files(args.src, IMAGE_EXTS), key=lambda s: s.source)
     if not items:
-        raise SystemExit(f"error: no images found under {args.src or args.file_list}")
+        raise SystemExit(f"error: no images found under {args.src or args.file_list}"
+                         + (f" ({len(ignored)} files with other extensions)" if ignored else ""))
     proc = functools.partial(process, max_side=args.max_side, pixels=args.pixels, quality=args.jpeg_quality)
     fp = {"modality": "image", "items": [(d, lab) for _, d, lab in items], "max_side": args.max_side,
           "pixels": args.pixels, "quality": args.jpeg_quality, "shard_size_mb": args.shard_size_mb}
@@ -132,4 +140,4 @@ def main(args: argparse.Namespace) -> dict:
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra={"classes": classes, "num_classes": len(classes),
                                         "source": str(args.src or args.file_list), "pixels_side": args.pixels},
-                        desc="image", overwrite=args.overwrite)
+                        desc="image", overwrite=args.overwrite, ignored=ignored)

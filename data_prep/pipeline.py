@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, VERSION, footer_sha256, sha256_file,
-                                      write_json_atomic)
+from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, ROW_CRC, VERSION, footer_sha256,
+                                      sha256_file, write_json_atomic)
+from d2v2_scale.data.shards import row_crc32, table_columns
 
 PROGRESS_NAME = ".progress.json"
 # Test hook: exit abruptly (no cleanup, like a kill) after this many shards were written.
@@ -42,6 +44,11 @@ class Skip:
 
     source: str
     reason: str
+
+    def __post_init__(self):
+        # some library messages embed an object's address ("<_io.BytesIO object at 0x7f..>"):
+        # drop it so that report.json is byte-identical between identical runs
+        self.reason = re.sub(r" at 0x[0-9a-fA-F]+", "", self.reason)
 
 
 @dataclass
@@ -89,6 +96,60 @@ def label_ids(raw: list[str | None]) -> tuple[list[int], list[str]]:
 LABEL_FIELD = ("label", pa.int64())
 
 
+OURS = re.compile(r"shard-\d+\.arrow|manifest\.json|report\.json|spm\.model|\.progress\.json|\..*\.tmp")
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or a folder holding files d2v2-prep did not write
+    (unless --overwrite): a typo must not mix shards into an unrelated folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder: give a new or empty folder")
+    started = (out / MANIFEST_NAME).exists() or (out / PROGRESS_NAME).exists()  # a d2v2-prep run was let in
+    if out.is_dir() and not overwrite and not started:
+        foreign = sorted(p.name for p in out.iterdir() if not OURS.fullmatch(p.name))
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise SystemExit(f"error: --out {out} holds files d2v2-prep did not write ({', '.join(foreign[:3])}"
+                             f"{more}): give a new or empty folder, or pass --overwrite to write there anyway")
+
+
+def real_files_once(items: list[tuple], disp_of=lambda t: t[1]) -> tuple[list[tuple], list[Skip]]:
+    """Keep the first (in `items` order) of inputs that are the same file on disk (symlinks such
+    as fortune's `*.u8 -> *`, hard links); the others become 'alias of ...' entries for the
+    report.  items: tuples starting with the path; inputs that cannot be stat'ed are kept (the
+    worker reports them unreadable)."""
+    seen: dict[tuple[int, int], str] = {}
+    kept, aliases = [], []
+    for it in items:
+        try:
+            st = os.stat(it[0])
+        except OSError:
+            kept.append(it)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            aliases.append(Skip(disp_of(it), f"alias of {seen[key]} (same file, read once)"))
+        else:
+            seen[key] = disp_of(it)
+            kept.append(it)
+    return kept, aliases
+
+
+def unsupported_files(root: str | os.PathLike, exts: set[str], rel_to: str | os.PathLike | None = None) -> list[Skip]:
+    """Files under `root` whose extension is not in `exts` (what a folder walk leaves out), as
+    report entries with paths relative to `rel_to` (default `root`), sorted."""
+    root = Path(root)
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            ext = Path(f).suffix.lower()
+            if ext not in exts:
+                out.append(Skip(str((Path(dirpath) / f).relative_to(rel_to or root)),
+                                f"unsupported extension '{ext}'" if ext else "unsupported extension (none)"))
+    return sorted(out, key=lambda s: s.source)
+
+
 def row_nbytes(row: dict) -> int:
     n = 0
     for v in row.values():
@@ -118,8 +179,17 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def with_row_crc(table: pa.Table) -> pa.Table:
+    """`table` plus the ROW_CRC column, computed from the Arrow buffers themselves with the
+    function the loader checks it with (so both see exactly the same bytes)."""
+    cols = table_columns(table)
+    crc = np.fromiter((row_crc32(cols, r) for r in range(table.num_rows)), dtype=np.uint32, count=table.num_rows)
+    return table.append_column(pa.field(ROW_CRC, pa.uint32()), pa.array(crc, type=pa.uint32()))
+
+
 def _write_shard(path: Path, rows: list[dict], schema: pa.Schema) -> dict:
-    table = rows_to_table(rows, schema)
+    """`schema` includes the trailing ROW_CRC field; the rows do not."""
+    table = with_row_crc(rows_to_table(rows, pa.schema(list(schema)[:-1])))
     tmp = path.with_name("." + path.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, schema) as w:
@@ -138,10 +208,15 @@ def fingerprint(obj: Any) -> str:
 def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Callable[[Any], ItemResult],
         schema: pa.Schema, shard_size_mb: float, workers: int, args_fingerprint: dict,
         manifest_extra: dict, pre_skips: Iterable[Skip] = (), packer: Packer | None = None,
-        desc: str = "prep", overwrite: bool = False, progress_extra: dict | None = None) -> dict:
-    """Run the pipeline into out_dir and return the manifest dict."""
+        desc: str = "prep", overwrite: bool = False, progress_extra: dict | None = None,
+        ignored: Iterable[Skip] = ()) -> dict:
+    """Run the pipeline into out_dir and return the manifest dict.
+
+    ignored: files found but not inputs (aliases, unsupported extensions, hidden files), listed
+    in report.json under "ignored"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    schema = schema.append(pa.field(ROW_CRC, pa.uint32()))  # in the fingerprint: no resume across versions
     fp = fingerprint({"args": args_fingerprint, "n_items": len(items), "schema": schema.to_string()})
     progress_path = out / PROGRESS_NAME
     manifest_path = out / MANIFEST_NAME
@@ -220,15 +295,26 @@ def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Call
         flush(len(items))
 
     skips = state["skips"]
+    ignored = [vars(s) for s in ignored]
     report = {"modality": modality, "items": len(items), "rows": sum(s["rows"] for s in state["shards"]),
               "shards": len(state["shards"]), "skipped": len(skips),
               "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skips)),
-              "skips": skips, "notes": state["notes"]}
+              "skips": skips, "notes": state["notes"], "ignored": len(ignored),
+              "ignored_by_reason": dict(Counter(s["reason"].split(" (")[0].split(" of ")[0] for s in ignored)),
+              "ignored_files": ignored}
     write_json_atomic(out / REPORT_NAME, report)
+    if ignored:
+        print(f"ignored {len(ignored)} files ({', '.join(f'{k}: {v}' for k, v in report['ignored_by_reason'].items())}"
+              f"), see {out / REPORT_NAME}", file=sys.stderr)
+    if report["rows"] == 0:
+        progress_path.unlink(missing_ok=True)
+        raise SystemExit(f"error: no rows written: all {len(items)} inputs were skipped ({len(skips)} skips, "
+                         f"reasons in {out / REPORT_NAME}); no manifest was written")
     manifest = {"format": FORMAT, "version": VERSION, "modality": modality,
                 "schema": {f.name: str(f.type) for f in schema},
                 "num_rows": report["rows"], "shards": state["shards"],
-                "skipped": len(skips), "report": REPORT_NAME, "fingerprint": fp}
+                "skipped": len(skips), "report": REPORT_NAME, "fingerprint": fp,
+                "row_checksum": f"{ROW_CRC}: zlib.crc32 of each row's other columns in schema order"}
     manifest.update(manifest_extra)
     write_json_atomic(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)

@@ -49,19 +49,27 @@ def schema(wide: bool, labels: bool = False) -> pa.Schema:
     return pa.schema(fields + ([pipeline.LABEL_FIELD] if labels else []))
 
 
-def list_files(srcs: list[str]) -> list[tuple[str, str]]:
-    out = []
+def list_files(srcs: list[str]) -> tuple[list[tuple[str, str]], list[Skip]]:
+    """Sorted (path, display path) of the input files, each real file once (symlinked aliases
+    are reported, not read twice), and the report entries for what was left out."""
+    out, ignored = [], []
     for s in srcs:
         p = Path(s)
+        if not p.exists():
+            raise SystemExit(f"error: text source {p} does not exist")
         if p.is_dir():
             for dirpath, _, files in os.walk(p):
                 for f in files:
                     fp = Path(dirpath) / f
-                    if not f.startswith("."):  # any non-hidden file; bad bytes are reported per document
-                        out.append((str(fp), str(fp.relative_to(p.parent))))
-        elif p.is_file() or not p.exists():
+                    disp = str(fp.relative_to(p.parent))
+                    if f.startswith("."):
+                        ignored.append(Skip(disp, "hidden file"))
+                    else:  # any other file; bad bytes are reported per document
+                        out.append((str(fp), disp))
+        else:
             out.append((str(p), p.name))
-    return sorted(set(out), key=lambda t: t[1])
+    files, aliases = pipeline.real_files_once(sorted(set(out), key=lambda t: t[1]))
+    return files, sorted(ignored + aliases, key=lambda k: k.source)
 
 
 def chunk_file(path: str, disp: str, sep: bytes) -> list[tuple[str, str, int, int]]:
@@ -282,20 +290,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "tsv", "jsonl"], default="text", dest="fmt",
                    help="text: plain documents; tsv: 'label<TAB>text' lines; jsonl: {\"text\": ..., "
                         "\"label\": ...} lines (labels stored with --mode doc)")
-    p.add_argument("--doc-per", choices=["line", "paragraph"], default="line")
-    p.add_argument("--spm-model", help="existing sentencepiece .model (default: train one)")
+    p.add_argument("--doc-per", choices=["line", "paragraph"], default="line",
+                   help="a document is a line, or a blank-line separated paragraph")
+    p.add_argument("--spm-model", default=None, help="existing sentencepiece .model; None: train one")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size of the trained model")
-    p.add_argument("--spm-type", choices=["unigram", "bpe"], default="unigram")
+    p.add_argument("--spm-type", choices=["unigram", "bpe"], default="unigram",
+                   help="sentencepiece model type of the trained model")
     p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
                    help="train sentencepiece on at most this many documents (even subsample)")
-    p.add_argument("--mode", choices=["pack", "doc"], default="pack")
+    p.add_argument("--mode", choices=["pack", "doc"], default="pack",
+                   help="pack: blocks of --block-size tokens; doc: one row per document")
     p.add_argument("--block-size", type=int, default=511,
                    help="tokens per packed block (511: the loader prepends <s> for 512, spec 12 D10)")
-    p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append </s> to documents")
+    p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append </s> to documents (default: append, add_eos=%(default)s)")
 
 
 def main(args: argparse.Namespace) -> dict:
-    files = list_files(args.src)
+    files, ignored = list_files(args.src)
     if not files:
         raise SystemExit(f"error: no text files under {' '.join(args.src)}")
     fmt = getattr(args, "fmt", "text")
@@ -350,4 +361,4 @@ def main(args: argparse.Namespace) -> dict:
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra=extra,
                         packer=packer, desc="text", overwrite=args.overwrite,
-                        progress_extra={"spm_args": fp_base})
+                        progress_extra={"spm_args": fp_base}, ignored=ignored)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ def test_cli_help():
     for sub in ("image", "audio", "text"):
         r = subprocess.run([sys.executable, "-m", "data_prep.cli", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--out" in r.stdout and "--shard-size-mb" in r.stdout
+        assert "(default: 256.0)" in " ".join(r.stdout.split())
+    # every option of every subcommand shows its default (required --out says "required")
+    from data_prep.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if a.dest == "modality").choices
+    for name, sp in subs.items():
+        fmt = sp._get_formatter()
+        for a in sp._actions:
+            if a.option_strings and a.dest not in ("help", "out"):
+                assert "%(default)" in fmt._get_help_string(a), (name, a.option_strings)
 
 
 def test_image_round_trip():
@@ -149,7 +160,8 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     s = ShardSet(tmp_path / "ao")
     st = [s.get(i) for i in range(len(s)) if s.get(i)["path"] == "stereo44k.flac"]
     assert len(st) == 1 and st[0]["n_samples"] == 32000
-    prep(["audio", str(wav), "--out", str(tmp_path / "ao2"), "--no-resample", "--min-seconds", "0.5"])
+    with pytest.raises(SystemExit, match="no rows written: all 7 inputs were skipped"):  # nothing at 16 kHz
+        prep(["audio", str(wav), "--out", str(tmp_path / "ao2"), "--no-resample", "--min-seconds", "0.5"])
     rep = json.loads((tmp_path / "ao2" / "report.json").read_text())
     assert rep["skipped_by_reason"]["wrong sample rate"] == 4  # three 8 kHz prompts + the 44.1 kHz file
 
@@ -193,3 +205,87 @@ def test_kill_and_restart_gives_identical_shards(kind, tmp_path):
     # running again is a no-op
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "nothing to do" in r.stderr
+
+
+# ---- prep papercuts -----------------------------------------------------------------------------
+
+def _text_spm():
+    return str(fx.prepared("text") / "spm.model")  # a trained model: these tests need no training
+
+
+def test_text_symlink_aliases_are_read_once_and_reported(tmp_path):
+    d = tmp_path / "fortunes"
+    d.mkdir()
+    g = fx.wordnet_glosses(60)
+    (d / "art").write_text("\n".join(g[:40]) + "\n")
+    (d / "zen").write_text("\n".join(g[40:]) + "\n")
+    (d / "art.u8").symlink_to("art")  # the fortunes package's layout
+    (d / "zen.u8").symlink_to(d / "zen")
+    (d / ".hidden").write_text("not a document\n")
+    prep(["text", str(d), "--out", str(tmp_path / "o"), "--mode", "doc", "--spm-model", _text_spm(),
+          "--workers", "1"])
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["num_rows"] == 60 and m["source"] == ["fortunes/art", "fortunes/zen"]
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["ignored_files"] == [
+        {"source": "fortunes/.hidden", "reason": "hidden file"},
+        {"source": "fortunes/art.u8", "reason": "alias of fortunes/art (same file, read once)"},
+        {"source": "fortunes/zen.u8", "reason": "alias of fortunes/zen (same file, read once)"}]
+    assert rep["ignored_by_reason"] == {"hidden file": 1, "alias": 2}
+
+
+def test_image_unsupported_files_listed_and_report_is_reproducible(tmp_path):
+    src = tmp_path / "img"
+    (src / "a").mkdir(parents=True)
+    for p in sorted(fx.raw("image").rglob("*.png"))[:3]:
+        (src / "a" / p.name).write_bytes(p.read_bytes())
+    (src / "a" / "notes.txt").write_text("x")
+    (src / "a" / "scan.heic").write_bytes(b"x")
+    (src / "a" / "alias.png").symlink_to(src / "a" / p.name)
+    (src / "a" / "corrupt.png").write_bytes(b"not an image at all" * 8)  # PIL names a BytesIO at 0x...
+    outs = [tmp_path / "o1", tmp_path / "o2"]
+    for o in outs:
+        prep(["image", str(src), "--out", str(o), "--workers", "1"])
+    rep = json.loads((outs[0] / "report.json").read_text())
+    assert {(x["source"], x["reason"].split(" (")[0]) for x in rep["ignored_files"]} == {
+        ("a/notes.txt", "unsupported extension '.txt'"), ("a/scan.heic", "unsupported extension '.heic'"),
+        ("a/alias.png", f"alias of a/{p.name}")}
+    assert rep["rows"] == 3 and [x["source"] for x in rep["skips"]] == ["a/corrupt.png"]
+    assert (outs[0] / "report.json").read_bytes() == (outs[1] / "report.json").read_bytes()
+    assert "0x" not in (outs[0] / "report.json").read_text()
+
+
+def test_out_and_source_errors(tmp_path, capsys):
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n".join(fx.wordnet_glosses(20)) + "\n")
+    base = ["text", str(txt), "--spm-model", _text_spm(), "--workers", "1", "--mode", "doc"]
+
+    def fails(argv, match):
+        with pytest.raises(SystemExit) as e:
+            prep(argv)
+        msg = str(e.value.code)
+        assert "\n" not in msg and msg.startswith("error:"), msg
+        assert re.search(match, msg), msg
+
+    fails(base + ["--out", str(txt)], rf"--out {re.escape(str(txt))} is a file, not a folder")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("x")
+    fails(base + ["--out", str(busy)], r"holds files d2v2-prep did not write \(thesis.tex\).*--overwrite")
+    assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]  # nothing written
+    prep(base + ["--out", str(busy), "--overwrite"])
+    assert (busy / "manifest.json").exists() and (busy / "thesis.tex").exists()
+    prep(base + ["--out", str(busy)])  # only its own files now: a re-run is fine
+    fails(["text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")], r"nope.txt does not exist")
+    fails(["image", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], r"nope does not exist")
+    fails(["audio", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], r"nope does not exist")
+    # all inputs bad: a non-zero exit (report written, no manifest)
+    bad = tmp_path / "bad"
+    (bad / "a").mkdir(parents=True)
+    (bad / "a" / "x.png").write_bytes(b"junk")
+    (bad / "a" / "y.jpg").write_bytes(b"")
+    fails(["image", str(bad), "--out", str(tmp_path / "bo"), "--workers", "1"], r"no rows written: all 2 inputs")
+    assert (tmp_path / "bo" / "report.json").exists() and not (tmp_path / "bo" / "manifest.json").exists()
+    r = subprocess.run([sys.executable, "-m", "data_prep.cli", "image", str(bad), "--out", str(tmp_path / "bo2"),
+                        "--workers", "1"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: no rows written")

@@ -21,6 +21,13 @@ Every mask row of a batch keeps exactly the same number of positions, and kept p
 never padding: each row first gets the spec's exact count over its own unpadded length,
 then longer rows get extra random positions masked down to the batch minimum.
 
+Bad rows: a row whose bytes do not match its checksum (shards.py) is replaced by
+`ShardSet.substitute` (the next good sample; a rule of the index alone, so the batch stays
+dense and a resumed run builds the same batches) and the worker adds a `bad_rows` list to the
+batch; the Loader removes that key in the main process, logs each bad row once (shard, row,
+source path), keeps the list in its state, and raises DataError once there are more than
+`data.max_bad_rows` (counted per data-parallel rank).
+
 Randomness: all draws (crop, flip, audio/text windows, masks) are keyed on (data.seed,
 epoch, global sample index, clone index), so results do not depend on the worker count,
 prefetching or resuming.  Audio clips shorter than data.min_seconds are never sampled; the
@@ -29,6 +36,8 @@ data.audio_crop="random_length" drawn once per batch (keyed on the batch's first
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
@@ -40,6 +49,7 @@ from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
 
 _BATCH_CLONE = 1 << 31  # clone id used for per-batch draws (never a real clone index)
+BAD_ROWS_KEY = "bad_rows"  # batch key (worker -> main process only): the bad rows this batch replaced
 
 
 class BatchBuilder:
@@ -57,8 +67,18 @@ class BatchBuilder:
                             "prepare with d2v2-prep text (its vocabulary has <s>=0) or set data.prepend_bos=false")
 
     def __call__(self, epoch: int, indices: np.ndarray) -> dict:
-        indices = np.asarray(indices, dtype=np.int64)
-        return getattr(self, "_" + self.modality)(epoch, indices)
+        indices = np.array(indices, dtype=np.int64)  # a copy: bad rows are replaced in place
+        bad = []
+        if self.shards.check_rows:
+            for b, i in enumerate(indices.tolist()):
+                if not self.shards.row_ok(i):
+                    indices[b] = self.shards.substitute(i)
+                    bad.append(dict(self.shards.describe(i), reason="row checksum mismatch",
+                                    used=int(indices[b])))
+        out = getattr(self, "_" + self.modality)(epoch, indices)
+        if bad:
+            out[BAD_ROWS_KEY] = bad
+        return out
 
     def _mask_keys(self, epoch: int, indices: np.ndarray) -> np.ndarray:
         m = self.cfg.model.clone_batch
@@ -204,6 +224,7 @@ class Loader:
                                            cfg.data.seed, lengths=lengths, eligible=eligible)
         self.builder = BatchBuilder(cfg, self.shards)
         self.epoch, self.position = 0, 0
+        self.bad_rows: dict[tuple[str, int], dict] = {}  # (shard file, row) -> describe() + reason
         self._keys = _EpochKeys(self.sampler)
         self._generation = 0
         nw = cfg.data.num_workers
@@ -222,7 +243,8 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.data.seed,
-                "num_samples": len(self.shards), "batches_per_epoch": len(self.sampler)}
+                "num_samples": len(self.shards), "batches_per_epoch": len(self.sampler),
+                "bad_rows": list(self.bad_rows.values())}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last consumed batch; an iterator in progress restarts from here."""
@@ -230,7 +252,26 @@ class Loader:
             raise DataError(f"the loader state is for {state['num_samples']} samples but {self.shards.manifest_path} "
                             f"holds {len(self.shards)}: resume with the same data")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.bad_rows = {(b["shard"], b["row"]): b for b in state.get("bad_rows", [])}
         self._generation += 1
+
+    def _record_bad(self, bad: list[dict]) -> None:
+        """Log bad rows seen for the first time; stop past data.max_bad_rows."""
+        limit = self.cfg.data.max_bad_rows
+        for b in bad:
+            key = (b["shard"], b["row"])
+            if key in self.bad_rows:
+                continue
+            self.bad_rows[key] = b
+            print(f"warning: bad row skipped: {b['shard']} row {b['row']} (source {b['source']}) in "
+                  f"{self.shards.manifest_path}: {b['reason']}; sample {b['used']} used instead "
+                  f"[{len(self.bad_rows)} bad rows, data.max_bad_rows={limit}]", file=sys.stderr, flush=True)
+        if len(self.bad_rows) > limit:
+            rows = "; ".join(f"{b['shard']} row {b['row']} ({b['source']})" for b in self.bad_rows.values())
+            raise DataError(f"{len(self.bad_rows)} bad rows in {self.shards.manifest_path}, more than "
+                            f"data.max_bad_rows={limit}: {rows}. List them all with `d2v2-prep verify "
+                            f"{self.shards.manifest_path}`, rebuild the corpus (re-run d2v2-prep with "
+                            "--overwrite) or restore the shards, or raise data.max_bad_rows")
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the Loader is garbage collected)."""
@@ -250,6 +291,9 @@ class Loader:
                 if self._generation != gen:
                     stale = True
                     break
+                bad = batch.pop(BAD_ROWS_KEY, None)
+                if bad:
+                    self._record_bad(bad)
                 self.position += 1  # consumed by the trainer from here on
                 yield batch
                 if self._generation != gen:

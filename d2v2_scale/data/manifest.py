@@ -4,6 +4,8 @@ A prepared corpus is a directory with Arrow IPC files `shard-00000.arrow`, ... a
 `manifest.json` (written last, atomically) holding: modality, Arrow schema, per-shard row
 count, size in bytes, sha256 of the whole file and sha256 of its footer, plus per-modality
 facts (audio sample rate; text vocab size, pad id and the sentencepiece model's path and hash).
+From version 2 every shard also holds a per-row checksum column (ROW_CRC) that the loader
+checks on every read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import struct
 from pathlib import Path
 
 FORMAT = "d2v2-shards"
-VERSION = 1
+# 2: every shard has a `row_crc32` column (zlib.crc32 of the row, see shards.row_crc32); 1 had none
+VERSION = 2
+ROW_CRC = "row_crc32"
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 ARROW_MAGIC = b"ARROW1"

@@ -4,16 +4,24 @@ Each shard (an Arrow IPC file holding one record batch) is opened with `pyarrow.
 so rows are views into the page cache: binary and list columns become (offsets, values)
 numpy views and a row is two slices, no copy and no Python objects per element.  Sample i
 of the corpus lives in shard `searchsorted(row_offsets, i)`.
+
+Row checksums (manifest version >= 2): each shard has a `row_crc32` column, the zlib.crc32 of
+the row's other columns' bytes in schema order (`row_crc32`).  The shard-level checks on open
+read only the footer, so a flipped byte inside a row is found here, when the row is read.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import zlib
 
 import numpy as np
 import pyarrow as pa
 
-from .manifest import DataError, footer_sha256, load_manifest, sha256_file
+from .manifest import ROW_CRC, DataError, footer_sha256, load_manifest, sha256_file
+
+_NOTED_NO_CRC: set[str] = set()  # manifests already reported as lacking row checksums (once per process)
 
 
 class _Column:
@@ -22,19 +30,19 @@ class _Column:
     def __init__(self, arr: pa.Array):
         t = arr.type
         self.kind = "scalar"
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            bufs = arr.buffers()
-            odt = np.int64 if pa.types.is_large_binary(t) else np.int32
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or \
+                pa.types.is_large_string(t):
+            bufs = arr.buffers()  # strings share the binary layout: int offsets + a byte buffer
+            odt = np.int64 if pa.types.is_large_binary(t) or pa.types.is_large_string(t) else np.int32
             self.offsets = np.frombuffer(bufs[1], dtype=odt)[arr.offset:arr.offset + len(arr) + 1]
             self.values = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-            self.kind = "binary"
+            self.kind = "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else "binary"
+            if self.kind == "string":
+                self.arr = arr
         elif pa.types.is_list(t) or pa.types.is_large_list(t):
             self.offsets = arr.offsets.to_numpy()
             self.values = arr.values.to_numpy(zero_copy_only=True)
             self.kind = "list"
-        elif pa.types.is_string(t) or pa.types.is_large_string(t):
-            self.arr = arr
-            self.kind = "string"
         else:
             self.values = arr.to_numpy(zero_copy_only=False)
 
@@ -44,6 +52,32 @@ class _Column:
         if self.kind == "string":
             return self.arr[i].as_py()
         return self.values[i]
+
+    def raw(self, i: int) -> np.ndarray:
+        """Row i's bytes as a contiguous numpy view (what the row checksum covers)."""
+        if self.kind == "scalar":
+            return self.values[i:i + 1]
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+def table_columns(table: pa.Table) -> dict[str, _Column]:
+    """{name: column views} of a table, in schema order."""
+    table = table.combine_chunks()  # no-op for d2v2-prep shards (one batch per file)
+    return {name: _Column(table.column(name).chunk(0) if table.column(name).num_chunks else
+                          pa.array([], type=table.schema.field(name).type))
+            for name in table.column_names}
+
+
+def row_crc32(cols: dict[str, _Column], r: int) -> int:
+    """zlib.crc32 of row r over every column but ROW_CRC, in column (schema) order.
+
+    Covers labels and sizes as well as the payload: a flipped label trains as silently as a
+    flipped pixel.  One pass over the row's bytes, no copies."""
+    crc = 0
+    for name, col in cols.items():
+        if name != ROW_CRC:
+            crc = zlib.crc32(col.raw(r), crc)
+    return crc
 
 
 class ShardSet:
@@ -61,31 +95,46 @@ class ShardSet:
         self.shard_rows = np.array([s["rows"] for s in self.manifest["shards"]], dtype=np.int64)
         self.row_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
         self._cols: list[dict[str, _Column] | None] = [None] * len(self.shard_rows)
+        self.has_row_crc = ROW_CRC in self.manifest["schema"]
+        self.check_rows = verify != "none" and self.has_row_crc  # row checksums checked on every read
         if verify != "none":
             self.verify(full=(verify == "full"))
+        if not self.has_row_crc and str(self.manifest_path) not in _NOTED_NO_CRC:
+            _NOTED_NO_CRC.add(str(self.manifest_path))
+            print(f"note: {self.manifest_path} has no per-row checksums (manifest version "
+                  f"{self.manifest.get('version', 1)}, an older d2v2-prep): a corrupt row cannot be found or "
+                  f"skipped; {self._fix()} to add them", file=sys.stderr)
 
     # ---- verification -------------------------------------------------------------------
     def _fix(self) -> str:
         return (f"re-run the d2v2-prep {self.modality} command that made {self.root} (with --overwrite) to "
                 "rebuild it, or restore the shard from a copy")
 
+    def shard_problem(self, k: int, full: bool = False) -> str | None:
+        """What is wrong with shard k as a whole (missing, size, footer, sha256 if `full`), or None."""
+        s = self.manifest["shards"][k]
+        p = self.root / s["file"]
+        if not p.is_file():
+            return f"shard {p} listed in {self.manifest_path} is missing"
+        size = p.stat().st_size
+        if size != s["bytes"]:
+            return f"shard {p} is corrupt: {size} bytes, manifest says {s['bytes']}"
+        try:
+            fh = footer_sha256(p)
+        except DataError as e:
+            return f"shard {p} is corrupt ({e})"
+        if fh != s["footer_sha256"]:
+            return f"shard {p} is corrupt: its footer hash does not match the manifest"
+        if full and sha256_file(p) != s["sha256"]:
+            return f"shard {p} is corrupt: its sha256 does not match the manifest"
+        return None
+
     def verify(self, full: bool = False) -> None:
         """Raise DataError naming the first missing or corrupt shard."""
-        for s in self.manifest["shards"]:
-            p = self.root / s["file"]
-            if not p.is_file():
-                raise DataError(f"shard {p} listed in {self.manifest_path} is missing: {self._fix()}")
-            size = p.stat().st_size
-            if size != s["bytes"]:
-                raise DataError(f"shard {p} is corrupt: {size} bytes, manifest says {s['bytes']}: {self._fix()}")
-            try:
-                fh = footer_sha256(p)
-            except DataError as e:
-                raise DataError(f"shard {p} is corrupt ({e}): {self._fix()}") from None
-            if fh != s["footer_sha256"]:
-                raise DataError(f"shard {p} is corrupt: its footer hash does not match the manifest: {self._fix()}")
-            if full and sha256_file(p) != s["sha256"]:
-                raise DataError(f"shard {p} is corrupt: its sha256 does not match the manifest: {self._fix()}")
+        for k in range(len(self.shard_rows)):
+            problem = self.shard_problem(k, full)
+            if problem:
+                raise DataError(f"{problem}: {self._fix()}")
 
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -104,10 +153,7 @@ class ShardSet:
                 table = pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all()
             except (OSError, pa.ArrowInvalid) as e:
                 raise DataError(f"cannot read shard {p}: {e}: {self._fix()}") from None
-            table = table.combine_chunks()  # no-op for d2v2-prep shards (one batch per file)
-            cols = {name: _Column(table.column(name).chunk(0) if table.column(name).num_chunks else
-                                  pa.array([], type=table.schema.field(name).type))
-                    for name in table.column_names}
+            cols = table_columns(table)
             self._cols[k] = cols
         return cols
 
@@ -123,6 +169,55 @@ class ShardSet:
         cols = self._open(k)
         names = columns if columns is not None else list(cols)
         return {n: cols[n].get(r) for n in names}
+
+    # ---- row checksums ------------------------------------------------------------------
+    def row_ok(self, i: int) -> bool:
+        """Whether sample i's bytes match its stored checksum (True when there is none)."""
+        if not self.has_row_crc:
+            return True
+        k, r = self.locate(i)
+        cols = self._open(k)
+        return row_crc32(cols, r) == int(cols[ROW_CRC].values[r])
+
+    def describe(self, i: int) -> dict:
+        """{shard, row, source, index} naming sample i for a human (source: the input it came from)."""
+        k, r = self.locate(i)
+        cols = self._open(k)
+        name = next((n for n in ("path", "source") if n in cols), None)
+        # raw bytes, decoded leniently: the row (and so its source string) may be the corrupt part
+        src = bytes(cols[name].raw(r)).decode("utf-8", "replace") if name else "?"
+        return {"shard": self.manifest["shards"][k]["file"], "row": r, "source": src, "index": int(i)}
+
+    def substitute(self, i: int) -> int:
+        """The sample read in place of a bad sample i: the next good one after it (wrapping
+        around the corpus), a rule that depends only on the index and the data, so batches
+        stay dense and resume stays exact."""
+        n = len(self)
+        for d in range(1, n):
+            j = (i + d) % n
+            if self.row_ok(j):
+                return j
+        raise DataError(f"no row of {self.manifest_path} matches its checksum: {self._fix()}")
+
+    def scan(self) -> list[dict]:
+        """Every problem of the corpus, reading all of it (`d2v2-prep verify`): per shard its
+        whole-file checks (row None) and, when it can be read, every row's checksum; as dicts
+        {shard, row, source, reason} (describe() plus reason, index for rows)."""
+        out = []
+        for k, s in enumerate(self.manifest["shards"]):
+            problem = self.shard_problem(k, full=True)
+            if problem:
+                out.append({"shard": s["file"], "row": None, "source": None, "reason": problem})
+            try:
+                self._open(k)
+            except DataError as e:
+                if not problem:
+                    out.append({"shard": s["file"], "row": None, "source": None, "reason": str(e)})
+                continue
+            start = int(self.row_offsets[k])
+            out += [dict(self.describe(i), reason="row checksum mismatch")
+                    for i in range(start, start + int(self.shard_rows[k])) if not self.row_ok(i)]
+        return out
 
     def column(self, name: str) -> np.ndarray:
         """A numeric column over the whole corpus (e.g. lengths for bucketing), as one array."""
