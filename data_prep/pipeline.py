@@ -114,11 +114,11 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> None:
                              f"{more}): give a new or empty folder, or pass --overwrite to write there anyway")
 
 
-def real_files_once(items: list[tuple], disp_of=lambda t: t[1]) -> tuple[list[tuple], list[Skip]]:
+def real_files_once(items: list[tuple]) -> tuple[list[tuple], list[Skip]]:
     """Keep the first (in `items` order) of inputs that are the same file on disk (symlinks such
     as fortune's `*.u8 -> *`, hard links); the others become 'alias of ...' entries for the
-    report.  items: tuples starting with the path; inputs that cannot be stat'ed are kept (the
-    worker reports them unreadable)."""
+    report.  items: (path, display path, ...) tuples; inputs that cannot be stat'ed are kept
+    (the worker reports them unreadable)."""
     seen: dict[tuple[int, int], str] = {}
     kept, aliases = [], []
     for it in items:
@@ -129,23 +129,23 @@ def real_files_once(items: list[tuple], disp_of=lambda t: t[1]) -> tuple[list[tu
             continue
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            aliases.append(Skip(disp_of(it), f"alias of {seen[key]} (same file, read once)"))
+            aliases.append(Skip(it[1], f"alias of {seen[key]} (same file, read once)"))
         else:
-            seen[key] = disp_of(it)
+            seen[key] = it[1]
             kept.append(it)
     return kept, aliases
 
 
-def unsupported_files(root: str | os.PathLike, exts: set[str], rel_to: str | os.PathLike | None = None) -> list[Skip]:
+def unsupported_files(root: str | os.PathLike, exts: set[str]) -> list[Skip]:
     """Files under `root` whose extension is not in `exts` (what a folder walk leaves out), as
-    report entries with paths relative to `rel_to` (default `root`), sorted."""
+    report entries with paths relative to `root`, sorted."""
     root = Path(root)
     out = []
     for dirpath, _, files in os.walk(root):
         for f in files:
             ext = Path(f).suffix.lower()
             if ext not in exts:
-                out.append(Skip(str((Path(dirpath) / f).relative_to(rel_to or root)),
+                out.append(Skip(str((Path(dirpath) / f).relative_to(root)),
                                 f"unsupported extension '{ext}'" if ext else "unsupported extension (none)"))
     return sorted(out, key=lambda s: s.source)
 

@@ -83,6 +83,7 @@ def test_yaml_round_trip(tmp_path):
     (["parallel.pp=2", "parallel.zero_stage=2"], 4, r"zero_stage=2 with parallel.pp=2"),
     (["model.top_k_layers=11"], 1, r"top_k_layers=11 must be between 1 and model.depth=10"),
     (["guards.max_target_position_share=1.5"], 1, r"guards.max_target_position_share=1.5 must be in \(0, 1\)"),
+    (["data.max_bad_rows=-1"], 1, r"data.max_bad_rows=-1 must be >= 0"),
 ])
 def test_invalid_layouts(overrides, world, message):
     base = ["model.depth=10", "model.prenet_depth=0"] if "parallel.pp=4" in overrides else []

@@ -282,26 +282,45 @@ def _epoch_indices(loader, n):
     return [b["index"].numpy() for b in _take(it, n)]
 
 
-def _jpeg_corpus(tmp_path):
-    """20 JPEGs (the digit PNGs re-encoded) prepared into one shard."""
+def _small_corpus(tmp_path, fmt):
+    """20 digit images as PNG or JPEG files, prepared (encoded bytes only, no --pixels: the
+    loader decodes them) into one shard."""
     from PIL import Image
 
     from data_prep.cli import main as prep
 
-    src = tmp_path / "jpg"
+    src = tmp_path / fmt
     for p in sorted(fx.raw("image").rglob("*.png"))[::10]:
         (src / p.parent.name).mkdir(parents=True, exist_ok=True)
-        Image.open(p).convert("RGB").save(src / p.parent.name / (p.stem + ".jpg"), quality=90)
-    prep(["image", str(src), "--out", str(tmp_path / "jo"), "--workers", "1"])
-    return tmp_path / "jo"
+        if fmt == "png":
+            (src / p.parent.name / p.name).write_bytes(p.read_bytes())
+        else:
+            Image.open(p).convert("RGB").save(src / p.parent.name / (p.stem + ".jpg"), quality=90)
+    prep(["image", str(src), "--out", str(tmp_path / (fmt + "-shards")), "--workers", "1"])
+    return tmp_path / (fmt + "-shards")
+
+
+def _strip_row_crc(d):
+    """Rewrite corpus d as a version-1 corpus (no row_crc32 column), as an older d2v2-prep made it."""
+    import pyarrow as pa
+
+    from d2v2_scale.data.manifest import ROW_CRC, footer_sha256, sha256_file
+
+    m = json.loads((d / "manifest.json").read_text())
+    for s in m["shards"]:
+        p = d / s["file"]
+        t = pa.ipc.open_file(pa.BufferReader(p.read_bytes())).read_all().drop_columns([ROW_CRC])  # not mapped
+        with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t)
+        s.update(bytes=p.stat().st_size, sha256=sha256_file(p), footer_sha256=footer_sha256(p))
+    m["version"] = 1
+    del m["schema"][ROW_CRC], m["row_checksum"]
+    (d / "manifest.json").write_text(json.dumps(m))
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_corrupt_row_is_skipped_and_named_under_default_verify(fmt, tmp_path, capfd):
-    if fmt == "png":
-        d, shard, row = _copy(fx.prepared("image"), tmp_path / "c"), "shard-00001.arrow", 3
-    else:
-        d, shard, row = _jpeg_corpus(tmp_path), "shard-00000.arrow", 5
+    d, shard, row = _small_corpus(tmp_path, fmt), "shard-00000.arrow", 5
     bad, path = _corrupt_row(d, shard, row)
     assert path.endswith("." + ("png" if fmt == "png" else "jpg"))
     cfg = fx.tiny_cfg("image", d, num_workers=1 if fmt == "jpeg" else 0)  # jpeg: through a worker process
@@ -329,8 +348,8 @@ def test_corrupt_row_is_skipped_and_named_under_default_verify(fmt, tmp_path, ca
     r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(d / "manifest.json")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and f"{shard} row {row} ({path}): row checksum mismatch" in r.stdout, r.stdout
+    assert "sha256 does not match" in r.stdout  # the whole-file hash sees it too
     if fmt == "png":
-        assert "sha256 does not match" in r.stdout  # the whole-file hash sees it too
         r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(fx.prepared("image"))],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "0 problems" in r.stdout, r.stdout
@@ -338,21 +357,8 @@ def test_corrupt_row_is_skipped_and_named_under_default_verify(fmt, tmp_path, ca
 
 def test_manifest_without_row_checksums_still_loads(tmp_path, capfd):
     """A version-1 corpus (no row_crc32 column) loads, with one note, and gives the same batches."""
-    import pyarrow as pa
-
-    from d2v2_scale.data.manifest import ROW_CRC, footer_sha256, sha256_file
-
     d = _copy(fx.prepared("image"), tmp_path / "v1")
-    m = json.loads((d / "manifest.json").read_text())
-    for s in m["shards"]:
-        p = d / s["file"]
-        t = pa.ipc.open_file(pa.BufferReader(p.read_bytes())).read_all().drop_columns([ROW_CRC])  # not mapped
-        with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
-            w.write_table(t)
-        s.update(bytes=p.stat().st_size, sha256=sha256_file(p), footer_sha256=footer_sha256(p))
-    m["version"] = 1
-    del m["schema"][ROW_CRC], m["row_checksum"]
-    (d / "manifest.json").write_text(json.dumps(m))
+    _strip_row_crc(d)
     cfg = fx.tiny_cfg("image", d, num_workers=0)
     a = _take(iter(build_loader(cfg, 0, 1)), 2)
     a2 = _take(iter(build_loader(cfg, 0, 1)), 2)
@@ -362,3 +368,11 @@ def test_manifest_without_row_checksums_still_loads(tmp_path, capfd):
     for x, y, z in zip(a, a2, ref):
         _same(x, z)
         _same(x, y)
+    # without checksums a corrupt PNG row cannot be skipped, but the decode error names it
+    d = _small_corpus(tmp_path, "png")
+    _strip_row_crc(d)
+    _, path = _corrupt_row(d, "shard-00000.arrow", 5)
+    cfg = fx.tiny_cfg("image", d, num_workers=0)
+    cfg.data.batch_size = 4
+    with pytest.raises(DataError, match=rf"cannot decode shard-00000\.arrow row 5 \(source {path}\)"):
+        _epoch_indices(build_loader(cfg, 0, 1), 5)

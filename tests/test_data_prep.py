@@ -198,6 +198,7 @@ def test_kill_and_restart_gives_identical_shards(kind, tmp_path):
     m_ref = json.loads((ref / "manifest.json").read_text())
     m_new = json.loads((out / "manifest.json").read_text())
     assert m_new["shards"] == m_ref["shards"]  # names, rows, sizes, sha256 all equal
+    assert ShardSet(out).scan() == []  # every row matches the checksum written with it
     for sh in m_ref["shards"]:
         assert (out / sh["file"]).read_bytes() == (ref / sh["file"]).read_bytes()
     assert json.loads((out / "report.json").read_text())["skips"] == \

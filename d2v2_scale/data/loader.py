@@ -91,8 +91,11 @@ class BatchBuilder:
                                      if "pixels" in self.shards.manifest["schema"] else [])
         rows = [self.shards.get(int(i), cols) for i in indices]
         keys = rng.make_keys(cfg.data.seed, epoch, indices, 0)
-        src = augment.augment_images(rows, keys, cfg.model.image_size, cfg.model.in_chans,
-                                     (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip)
+        try:
+            src = augment.augment_images(rows, keys, cfg.model.image_size, cfg.model.in_chans,
+                                         (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip)
+        except Exception as e:  # PIL raises many types for corrupt bytes
+            raise self._undecodable(rows, indices, e) from None
         grid = masking.grid_side(cfg.model.num_patches)
         mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
                                           cfg.masking.adjust, cfg.masking.length)
@@ -101,6 +104,20 @@ class BatchBuilder:
         if self.has_labels:
             out["label"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
         return out
+
+    def _undecodable(self, rows: list[dict], indices: np.ndarray, err: Exception) -> Exception:
+        """A DataError naming the row that does not decode (only reachable without row
+        checksums: a manifest of version 1 or data.verify=none), else `err` itself."""
+        for row, i in zip(rows, indices.tolist()):
+            try:
+                augment.decode_image(row, self.cfg.model.in_chans).load()
+            except Exception as e:
+                d = self.shards.describe(i)
+                return DataError(f"cannot decode {d['shard']} row {d['row']} (source {d['source']}) of "
+                                 f"{self.shards.manifest_path}: {type(e).__name__}: {e}. The row is corrupt; "
+                                 f"`d2v2-prep verify` checks a corpus, and re-running d2v2-prep adds the per-row "
+                                 "checksums that let training skip such rows")
+        return err
 
     # ---- audio --------------------------------------------------------------------------
     def _audio(self, epoch, indices):

@@ -12,6 +12,7 @@ read only the footer, so a flipped byte inside a row is found here, when the row
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import zlib
@@ -94,6 +95,7 @@ class ShardSet:
         self.modality: str = self.manifest["modality"]
         self.shard_rows = np.array([s["rows"] for s in self.manifest["shards"]], dtype=np.int64)
         self.row_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        self._starts: list[int] = self.row_offsets.tolist()
         self._cols: list[dict[str, _Column] | None] = [None] * len(self.shard_rows)
         self.has_row_crc = ROW_CRC in self.manifest["schema"]
         self.check_rows = verify != "none" and self.has_row_crc  # row checksums checked on every read
@@ -158,10 +160,13 @@ class ShardSet:
         return cols
 
     def locate(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
+        """(shard, row in shard) of sample i.  bisect on a list: ~10x cheaper than
+        np.searchsorted for one scalar, and it runs for every row read (twice with row checks)."""
+        i, starts = int(i), self._starts
+        if not 0 <= i < starts[-1]:
             raise IndexError(f"sample {i} out of range for {len(self)} samples in {self.manifest_path}")
-        k = int(np.searchsorted(self.row_offsets, i, side="right") - 1)
-        return k, int(i - self.row_offsets[k])
+        k = bisect.bisect_right(starts, i) - 1
+        return k, i - starts[k]
 
     def get(self, i: int, columns: list[str] | None = None) -> dict:
         """Row i as {column: value}; binary/list values are read-only numpy views."""
