@@ -67,7 +67,8 @@ def test_config_rejects_impossible_beit_values(field, value, msg):
 def test_vit_b_parameter_count(dist):
     """Spec A.3: ViT-B student with the Linear(768, 768) head and the mask token: 86,256,720;
     7,088,640 per block.  Built on the meta device (no memory, no init)."""
-    from d2v2_scale.model.beit import BeitBlock, BeitEncoder, beit_encoder_params
+    from d2v2_scale.model.beit import BeitBlock, BeitEncoder
+    from d2v2_scale.model.flops import beit_encoder_params, encoder_params_analytic
     from d2v2_scale.model.plain_beit import PlainBeitEncoder
 
     m = vit_b_config()
@@ -79,7 +80,11 @@ def test_vit_b_parameter_count(dist):
     n = sum(p.numel() for p in enc.parameters())
     assert n + head == 86_256_720
     assert sum(p.numel() for p in blk.parameters()) == 7_088_640
-    assert sum(p.numel() for p in twin.parameters()) == n == beit_encoder_params(m)
+    assert sum(p.numel() for p in twin.parameters()) == n == beit_encoder_params(m) == encoder_params_analytic(m)
+    m.layer_scale_init, m.shared_rel_pos_bias = 0.0, False  # no gammas, one table per block
+    with torch.device("meta"):
+        n2 = sum(p.numel() for p in BeitEncoder(m).parameters())
+    assert n2 == beit_encoder_params(m) == n - 12 * 2 * 768 + 11 * 732 * 12
     assert tuple(enc.rel_pos_bias.table.shape) == (732, 12)
     assert tuple(enc.mask_token.shape) == tuple(enc.cls_token.shape) == (1, 1, 768)
 
@@ -451,3 +456,91 @@ def test_mask_generator_10000_draws():
     assert np.array_equal(beit_block_mask(keys[sub]), mask[sub])
     # (not all distinct: a single 120-cell rectangle, e.g. 10 x 12, recurs now and then)
     assert len({m.tobytes() for m in mask[:1000]}) > 990
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing, pipeline stages
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_step(enc, images, mask, seed=3):
+    torch.manual_seed(seed)  # drop path and attention dropout draw from here (TP=1)
+    out, taps = enc(images, mask, top_k=2)
+    (out.square().mean() + sum(t.mean() for t in taps)).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_replays_the_same_step(dist, mode):
+    """Recomputation replays drop path and attention dropout: same output and gradients."""
+    from d2v2_scale.model.beit import BeitEncoder
+
+    m = beit_model_config(depth=2, drop_path=0.3, attention_dropout=0.2)
+    torch.manual_seed(0)
+    enc = BeitEncoder(m).train()
+    perturb_(enc)
+    images, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 64) < 0.5
+    out0, g0 = _train_step(enc, images, mask)
+    enc.zero_grad(set_to_none=True)
+    enc.set_checkpointing(mode)
+    assert all(b.checkpointing == mode for b in enc.blocks)
+    out1, g1 = _train_step(enc, images, mask)
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-7, rtol=1e-6, msg=k)
+
+
+def test_pipeline_stages_compose_to_the_whole_encoder(dist):
+    """prune_to_stage (train/pipeline.py) on the BEiT encoder: stage 0 keeps the front end (patch
+    embedding, CLS, mask token) and blocks 0-1, stage 1 blocks 2-3 and the final norm, both the
+    shared relative position table (replicated: gradients summed over stages); stage 0 then
+    stage 1 gives the unsplit encoder's output and taps."""
+    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.train.pipeline import prune_to_stage
+
+    m = beit_model_config(depth=4, drop_path=0.3)
+    models = []
+    for _ in range(3):  # the whole encoder, stage 0, stage 1 (Megatron modules do not deepcopy)
+        models.append(torch.nn.Module())
+        models[-1].encoder = BeitEncoder(m).train()
+    whole, stages = models[0], models[1:]
+    perturb_(whole)
+    for s in stages:
+        s.load_state_dict(whole.state_dict())
+    replicated = [prune_to_stage(s, r, 2) for r, s in enumerate(stages)]
+    assert replicated == [["encoder.rel_pos_bias.table"]] * 2
+    names = [{n for n, _ in s.named_parameters()} for s in stages]
+    assert {"encoder.mask_token", "encoder.extra_tokens", "encoder.local.proj.weight"} <= names[0]
+    assert not any(n.startswith(("encoder.mask_token", "encoder.local", "encoder.extra_tokens")) for n in names[1])
+    assert stages[0].encoder.blocks.indices() == [0, 1] and stages[1].encoder.blocks.indices() == [2, 3]
+    assert stages[0].encoder.final_norm is None and stages[1].encoder.final_norm is not None
+    images, mask = torch.randn(2, 3, 32, 32), torch.rand(2, 64) < 0.5
+    with torch.no_grad():
+        torch.manual_seed(5)
+        out, taps = whole.encoder(images, mask, top_k=3)
+        torch.manual_seed(5)
+        h, taps0 = stages[0].encoder.run_blocks_tbd(stages[0].encoder.embed(images, mask).transpose(0, 1), 3)
+        h, taps1 = stages[1].encoder.run_blocks_tbd(h, 3)
+    torch.testing.assert_close(h.transpose(0, 1), out, atol=0, rtol=0)
+    assert len(taps0) == 1 and len(taps1) == 2
+    for a, b in zip(taps0 + taps1, taps):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_step_flops_beit_base():
+    """d2v2-bench / d2v2-plan count a BEiT config by beit_step_flops: teacher 1x and student 3x the
+    encoder on all 1 + 196 tokens (M = 1), no decoder."""
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.model.flops import beit_encoder_flops, block_flops, step_flops, train_step_flops
+
+    cfg = load_preset("image-base")
+    cfg.model.image_block, cfg.model.pre_ln, cfg.model.prenet_depth, cfg.model.depth = "beit", True, 0, 12
+    cfg.validate()
+    patch = 2 * 196 * 3 * 16 * 16 * 768
+    assert beit_encoder_flops(cfg.model) == patch + 12 * block_flops(197, 768)
+    f = step_flops(cfg, batch_size=128)
+    assert f["teacher"] == 128 * beit_encoder_flops(cfg.model)
+    assert f["student"] == 3 * 128 * 12 * block_flops(197, 768) and f["local"] == 3 * 128 * patch
+    assert f["decoder"] == 0 and f["total"] == pytest.approx(4 * 128 * beit_encoder_flops(cfg.model))
+    assert train_step_flops(cfg) == step_flops(cfg, batch_size=cfg.data.batch_size)["total"]
+    print(f"BEiT-B encoder forward: {beit_encoder_flops(cfg.model) / 1e9:.2f} GFLOP per image")

@@ -323,16 +323,5 @@ class BeitEncoder(nn.Module):
         return self.run_blocks(self.embed(images, mask), top_k)
 
 
-def beit_encoder_params(mcfg) -> int:
-    """Parameter count of `BeitEncoder(mcfg)` from the config alone (TP=1), no model built."""
-    d, f, h = mcfg.embed_dim, int(mcfg.embed_dim * mcfg.mlp_ratio), mcfg.num_heads
-    table = num_relative_distances(patch_grid(mcfg)) * h
-    per_block = (3 * d * d + 2 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-    per_block += 2 * d if mcfg.layer_scale_init > 0 else 0
-    per_block += 0 if mcfg.shared_rel_pos_bias else table
-    front = mcfg.in_chans * mcfg.patch_size ** 2 * d + d + 2 * d  # patch embed, CLS, mask token
-    return front + (table if mcfg.shared_rel_pos_bias else 0) + mcfg.total_blocks * per_block + 2 * d
-
-
 __all__ = ["BeitBlock", "BeitEncoder", "DropPath", "QVBiasColumnParallelLinear", "SharedRelativePositionBias",
-           "beit_encoder_params", "drop_path_rates", "num_relative_distances", "relative_position_index"]
+           "drop_path_rates", "num_relative_distances", "relative_position_index"]
