@@ -316,10 +316,27 @@ def test_plain_twin_matches_megatron(dist, shared):
     mask = torch.rand(2, 64) < 0.5
     with torch.no_grad():
         out, taps = enc(images, mask, top_k=3)
-        ref = twin(images, mask)
+        ref = twin(images, mask=mask)
     torch.testing.assert_close(out, ref["x"], atol=1e-5, rtol=1e-5)
     for a, b in zip(taps, ref["hidden"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # d2v2-export's path: names and shapes checked against the BEiT twin, then load_export
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from d2v2_scale.export import consolidate
+
+    tensors = consolidate.to_plain(full, m, consolidate.plain_keys(m), "test")
+    d = tempfile.mkdtemp(prefix="d2v2beit-export-")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{d}/{consolidate.WEIGHTS}")
+    with open(f"{d}/{consolidate.CONFIG}", "w") as f:
+        json.dump(dataclasses.asdict(m), f)
+    loaded, _, _ = consolidate.load_export(d)
+    assert type(loaded).__name__ == "PlainBeitEncoder"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, mask=mask)["x"], ref["x"], atol=0, rtol=0)
 
 
 def test_plain_beit_is_standalone():
@@ -544,3 +561,21 @@ def test_step_flops_beit_base():
     assert f["decoder"] == 0 and f["total"] == pytest.approx(4 * 128 * beit_encoder_flops(cfg.model))
     assert train_step_flops(cfg) == step_flops(cfg, batch_size=cfg.data.batch_size)["total"]
     print(f"BEiT-B encoder forward: {beit_encoder_flops(cfg.model) / 1e9:.2f} GFLOP per image")
+
+
+def test_probe_reads_the_beit_twin():
+    """d2v2-probe on a BEiT export: the twin is PlainBeitEncoder, final / block / CLS features
+    work, and --layer targets (data2vec 2.0 FFN targets) is refused with a message."""
+    import dataclasses
+
+    from d2v2_scale.export import probe
+
+    config = dataclasses.asdict(beit_model_config(depth=2))
+    enc = probe.torch_init(config, seed=0)
+    assert type(enc).__name__ == "PlainBeitEncoder"
+    samples = [np.random.default_rng(i).standard_normal((3, 32, 32)).astype(np.float32) for i in range(3)]
+    for layer, pool in (("final", "mean"), (1, "cls")):
+        f = probe.features(enc, samples, pool=pool, layer=layer)
+        assert f.shape == (3, 64) and np.isfinite(f).all()
+    with pytest.raises(probe.ProbeError, match="BEiT"):
+        probe.check_layer("targets", config)

@@ -103,12 +103,22 @@ def model_namespace(info: dict) -> types.SimpleNamespace:
     return types.SimpleNamespace(**info["config"]["model"])
 
 
-def plain_keys(mcfg) -> dict[str, tuple]:
-    """{plain name: shape} of PlainEncoder(mcfg), built on the meta device (no memory)."""
+def plain_encoder_class(mcfg) -> type:
+    """The plain twin of a model config: PlainEncoder (model/plain.py), or PlainBeitEncoder
+    (model/plain_beit.py) for the BEiT-style image encoder of data2vec 1.0."""
+    if getattr(mcfg, "image_block", "vit2") == "beit":
+        from ..model.plain_beit import PlainBeitEncoder
+
+        return PlainBeitEncoder
     from ..model.plain import PlainEncoder
 
+    return PlainEncoder
+
+
+def plain_keys(mcfg) -> dict[str, tuple]:
+    """{plain name: shape} of the plain twin of `mcfg`, built on the meta device (no memory)."""
     with torch.device("meta"):
-        enc = PlainEncoder(mcfg)
+        enc = plain_encoder_class(mcfg)(mcfg)
     return {k: tuple(v.shape) for k, v in enc.state_dict().items()}
 
 
@@ -365,15 +375,15 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
 
 
 def load_export(path: str | os.PathLike, strict: bool = True):
-    """-> (PlainEncoder in eval mode, config dict, decoder tensors {decoder.*})."""
+    """-> (PlainEncoder (PlainBeitEncoder for a BEiT config) in eval mode, config dict, decoder
+    tensors {decoder.*})."""
     from safetensors.torch import load_file
-
-    from ..model.plain import PlainEncoder
 
     path = Path(path)
     config = json.loads((path / CONFIG).read_text())
     sd = load_file(str(path / WEIGHTS))
     dec = {k: v for k, v in sd.items() if k.startswith("decoder.")}
-    enc = PlainEncoder(types.SimpleNamespace(**config))
+    mcfg = types.SimpleNamespace(**config)
+    enc = plain_encoder_class(mcfg)(mcfg)
     enc.load_state_dict({k: v for k, v in sd.items() if k not in dec}, strict=strict)
     return enc.eval(), config, dec

@@ -7,7 +7,7 @@ as the training model (fp32 parity is tested).
     cfg = types.SimpleNamespace(**exported_config)   # the ModelConfig fields listed below
     enc = PlainBeitEncoder(cfg)
     enc.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-    out = enc(images, mask=None)   # {"x": [B, 1 + P, D] after the final LayerNorm,
+    out = enc(images, mask=None)   # {"x": [B, 1 + P, D] after the final LayerNorm, "padding": None,
                                    #  "hidden": [each block's output, [B, 1 + P, D]]}
 
 Config fields read: depth, embed_dim, num_heads, mlp_ratio, layer_norm_eps, image_size,
@@ -132,6 +132,7 @@ class PlainBeitEncoder(nn.Module):
     def __init__(self, c):
         super().__init__()
         d, g = c.embed_dim, c.image_size // c.patch_size
+        self.c = c
         self.local = PatchLocal(c)
         self.extra_tokens = nn.Parameter(torch.zeros(1, 1, d))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -141,10 +142,12 @@ class PlainBeitEncoder(nn.Module):
                                     for _ in range(c.depth + getattr(c, "prenet_depth", 0)))
         self.final_norm = nn.LayerNorm(d, eps=c.layer_norm_eps)
 
-    def forward(self, images, mask=None):
-        """images [B, C, H, W], mask [B, P] bool (True = masked patch -> mask_token) | None ->
-        {"x": [B, 1 + P, D] final-normed, "hidden": [each block's output [B, 1 + P, D]]}; CLS at 0."""
-        x = self.local(images)
+    def forward(self, source, padding_mask=None, mask=None):
+        """source: images [B, C, H, W]; padding_mask: unused (fixed-size images; the argument keeps
+        PlainEncoder's call); mask [B, P] bool (True = masked patch -> mask_token) | None ->
+        {"x": [B, 1 + P, D] final-normed, "padding": None, "hidden": [each block's output
+        [B, 1 + P, D]]}; CLS at 0."""
+        x = self.local(source)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token * w
@@ -154,4 +157,4 @@ class PlainBeitEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, bias)
             hidden.append(x)
-        return {"x": self.final_norm(x), "hidden": hidden}
+        return {"x": self.final_norm(x), "padding": None, "hidden": hidden}
