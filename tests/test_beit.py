@@ -579,3 +579,20 @@ def test_probe_reads_the_beit_twin():
         assert f.shape == (3, 64) and np.isfinite(f).all()
     with pytest.raises(probe.ProbeError, match="BEiT"):
         probe.check_layer("targets", config)
+
+
+def test_weight_decay_groups_follow_beit(dist):
+    """Spec A.3 (timm optimizer): no decay on 1-D parameters (norms, biases, q/v biases, layer
+    scales) and the CLS token; the mask token (3-D) and the relative position table (2-D) decay."""
+    from d2v2_scale.model import param_groups_for_weight_decay
+    from d2v2_scale.model.beit import BeitEncoder
+
+    model = torch.nn.Module()
+    model.encoder = BeitEncoder(beit_model_config(depth=1))
+    decay, no_decay = param_groups_for_weight_decay(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)] for p in no_decay["params"]}
+    assert got == {n for n, p in model.named_parameters() if p.ndim == 1} | {"encoder.extra_tokens"}
+    assert {"encoder.mask_token", "encoder.rel_pos_bias.table", "encoder.local.proj.weight",
+            "encoder.blocks.0.self_attention.linear_qkv.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert {"encoder.blocks.0.gamma_1", "encoder.blocks.0.self_attention.linear_qkv.q_bias"} <= got
