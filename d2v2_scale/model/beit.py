@@ -249,9 +249,10 @@ class BeitEncoder(nn.Module):
             (out [B, 1 + P, D] after the final LayerNorm, taps: the "end" outputs [B, 1 + P, D]
              of the last `top_k` blocks, oldest first, before the final LayerNorm; CLS at 0)
 
-    Pipeline stages (train/pipeline.py prune_to_stage) delete the blocks they do not own and
-    the front end (`local`, `extra_tokens`) or `final_norm`; `embed` runs on the first stage,
-    `run_blocks_tbd` on every stage."""
+    Pipeline stages (train/pipeline.py prune_to_stage) delete the blocks they do not own, and
+    the front end (`local`, `extra_tokens`, `mask_token`: all but the first stage) or
+    `final_norm` (all but the last); `embed` runs on the first stage, `run_blocks_tbd` on every
+    stage (each holds the shared relative position table)."""
 
     num_extra_tokens = 1
 
