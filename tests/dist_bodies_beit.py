@@ -22,6 +22,7 @@ def beit_model_config(depth: int = 2, **kw):
     cfg = load_preset("image-tiny")
     m = cfg.model
     m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, depth, depth
+    m.variant = "data2vec1"
     m.drop_path, m.layer_scale_init = 0.2, 1e-4
     for k, v in kw.items():
         setattr(m, k, v)

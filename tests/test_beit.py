@@ -27,6 +27,7 @@ def vit_b_config():
     cfg = load_preset("image-base")
     m = cfg.model
     m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, 12, 6
+    m.variant = "data2vec1"
     cfg.validate()
     return m
 
@@ -43,12 +44,13 @@ def vit_b_config():
     ("layer_scale_init", -1.0, "model.layer_scale_init=-1.0"),
     ("pre_ln", False, "pre-LN block"),
     ("dropout", 0.1, "model.dropout=0.1"),
+    ("variant", "data2vec2", "set model.variant=data2vec1"),
 ])
 def test_config_rejects_impossible_beit_values(field, value, msg):
     from d2v2_scale.config import ConfigError, load_preset
 
     cfg = load_preset("image-tiny")
-    cfg.model.image_block, cfg.model.pre_ln = "beit", True
+    cfg.model.image_block, cfg.model.pre_ln, cfg.model.variant = "beit", True, "data2vec1"
     cfg.validate()
     setattr(cfg.model, field, value)
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
@@ -552,6 +554,7 @@ def test_step_flops_beit_base():
 
     cfg = load_preset("image-base")
     cfg.model.image_block, cfg.model.pre_ln, cfg.model.prenet_depth, cfg.model.depth = "beit", True, 0, 12
+    cfg.model.variant = "data2vec1"
     cfg.validate()
     patch = 2 * 196 * 3 * 16 * 16 * 768
     assert beit_encoder_flops(cfg.model) == patch + 12 * block_flops(197, 768)
