@@ -564,9 +564,6 @@ def _beit_errors(m: ModelConfig) -> list[str]:
     if m.modality != "image":
         errs.append(f"model.image_block='beit' is an image encoder, but model.modality={m.modality!r}: "
                     "set model.image_block=vit2")
-    if m.variant != "data2vec1":
-        errs.append(f"model.image_block='beit' is the data2vec 1.0 vision encoder, but model.variant="
-                    f"{m.variant!r} (whose student builds the 2.0 ViT): set model.variant=data2vec1")
     if not m.pre_ln:
         errs.append("model.image_block='beit' is a pre-LN block: set model.pre_ln=true")
     if m.prenet_depth:

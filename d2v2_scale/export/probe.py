@@ -237,12 +237,12 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64,
 
 
 def training_init(config: dict, seed: int):
-    """The plain twin holding the training model's initialization (d2v2 Megatron student, seed)."""
+    """PlainEncoder holding the training model's initialization (d2v2 Megatron student, seed)."""
     from ..config import RunConfig
     from ..distributed import init_distributed
     from ..model import build_student, mapping
     from ..train.trainer import seed_everything
-    from .consolidate import plain_encoder_class
+    from .consolidate import plain_encoder
 
     fields = {k: v for k, v in config.items() if k != "d2v2_export"}
     cfg = RunConfig.from_dict({"model": fields, "seed": seed})
@@ -250,18 +250,16 @@ def training_init(config: dict, seed: int):
     seed_everything(seed)
     student = build_student(cfg)
     sd = mapping.megatron_to_plain(mapping.gather_tp_state_dict(student), cfg.model.num_heads)
-    mcfg = types.SimpleNamespace(**fields)
-    enc = plain_encoder_class(mcfg)(mcfg)
+    enc = plain_encoder(types.SimpleNamespace(**fields))
     enc.load_state_dict(sd, strict=True)
     return enc.eval()
 
 
 def torch_init(config: dict, seed: int):
-    from .consolidate import plain_encoder_class
+    from .consolidate import plain_encoder
 
     torch.manual_seed(seed)
-    mcfg = types.SimpleNamespace(**config)
-    return plain_encoder_class(mcfg)(mcfg).eval()
+    return plain_encoder(types.SimpleNamespace(**config)).eval()
 
 
 # ---------------------------------------------------------------------------------------------
