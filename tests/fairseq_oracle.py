@@ -209,9 +209,13 @@ def build_case(case: str, out: Path) -> None:
     with torch.no_grad():
         # move every weight away from its init (norms at 1/0, biases at 0 would hide mistakes)
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # fixed tables (image sin-cos positions) stay as fairseq builds them
+                continue
             p.add_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         # the teacher is a *different* set of weights than the student (as after many EMA steps)
         for name, p in model.ema.model.named_parameters():
+            if "fixed_positional_encoder" in name:
+                continue
             p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         model.ema.build_fp32_params()
     # fairseq's trainer halves the model for fp16 training; the EMA copy stays fp32
