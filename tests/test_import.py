@@ -151,3 +151,57 @@ def test_parse_feature_spec():
     for bad in ["[(512, 10, 5)] * (10**10)", "[(1, 2, 3)] + open('x')", "[(1.5, 2, 3)]", "[(1, 2)]", "x"]:
         with pytest.raises(ImportRefused, match="feature_encoder_spec"):
             parse_feature_spec(bad)
+
+
+@pytest.fixture(scope="module")
+def dist():
+    from d2v2_scale.distributed import init_distributed
+
+    return init_distributed()
+
+
+@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio"])
+def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
+    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
+    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.export.importer import decoder_state, import_state
+    from d2v2_scale.model import build_student, build_teacher, mapping
+
+    ck = load_fairseq(oracle / case / "checkpoint.pt")
+    ref = torch.load(oracle / case / "oracle.pt")
+    student, mcfg, _ = import_state(ck, "student")
+    teacher, _, _ = import_state(ck, "teacher")
+    cfg = load_preset(f"{mcfg['modality']}-tiny")
+    for k, v in mcfg.items():
+        setattr(cfg.model, k, v)
+    cfg.model.decoder_noise_std = 0.0
+    torch.manual_seed(0)
+    s, t = build_student(cfg), build_teacher(cfg)
+    full = mapping.plain_to_megatron(student, cfg.model.num_heads)
+    full.update(decoder_state(ck, mcfg))
+    mapping.load_full_state_dict(s, full, strict=True)
+    tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
+    own = set(mapping.clean_state_dict(t.state_dict()))
+    mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    batch = {"source": ref["source"], "mask": ref["mask"].bool()}
+    with torch.no_grad():
+        loss, stats = s.eval()(batch, teacher=t)
+    mod = mcfg["modality"].upper()
+    want_reg = ref["losses"][f"{mod}_regression"]
+    assert abs(stats["loss_regression"].item() - want_reg) < 1e-5 * max(1.0, abs(want_reg)), \
+        (stats["loss_regression"].item(), want_reg)
+    if "cls" in ref["losses"]:
+        assert abs(stats["loss_cls"].item() - ref["losses"]["cls"]) < 1e-5
+    assert abs(loss.item() - sum(ref["losses"].values())) < 1e-5 * max(1.0, abs(loss.item()))
+    assert int(stats["masked_tokens"].item()) == ref["sample_size"]
+
+
+def test_text_decoder_projection_refused(oracle):
+    from d2v2_scale.export.importer import decoder_state, import_state
+
+    ck = load_fairseq(oracle / "text" / "checkpoint.pt")
+    _, mcfg, _ = import_state(ck, "student")
+    with pytest.raises(ImportRefused, match="projection_layers=2"):
+        decoder_state(ck, mcfg)

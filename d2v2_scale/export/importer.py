@@ -351,6 +351,40 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
     return {k: v.contiguous() for k, v in tensors.items()}, mcfg, from_student
 
 
+def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The student's convolutional decoder -> the training model's names (fp32):
+        M decoder.blocks.{i}.0.{weight,bias} -> decoder.convs.{i}.*   (Conv, then LN/GELU: no params)
+        M decoder.proj.{weight,bias}         -> decoder.proj.*
+    Refused: no decoder in the file (released audio files may be stripped), or the text recipe's
+    2-layer projection (projection_layers > 1, spec D1), which the training decoder lacks."""
+    mod = mcfg["modality"].upper()
+    M = f"modality_encoders.{mod}.decoder."
+    dec = (ck["cfg"]["model"]["modalities"][mcfg["modality"]] or {}).get("decoder") or {}
+    n_proj = int(dec.get("projection_layers", 1))
+    if mod == "TEXT" and n_proj > 1:
+        raise ImportRefused(f"model.modalities.text.decoder.projection_layers={n_proj} is not supported: the "
+                            f"training decoder ends in one Linear (the text recipe's 2-layer projection, spec D1, "
+                            f"is not implemented here yet)")
+    for f in ("add_positions_masked", "add_positions_all"):
+        if dec.get(f):
+            raise ImportRefused(f"model.modalities.{mcfg['modality']}.decoder.{f}=True is not supported: the "
+                                f"decoder adds no positions")
+    out = {}
+    for k, v in ck["model"].items():
+        if not k.startswith(M):
+            continue
+        r = k[len(M):]
+        if mt := re.match(r"^blocks\.(\d+)\.0\.(weight|bias)$", r):
+            out[f"decoder.convs.{mt.group(1)}.{mt.group(2)}"] = v.float()
+        elif mt := re.match(r"^proj\.(weight|bias)$", r):
+            out[f"decoder.proj.{mt.group(1)}"] = v.float()
+        else:
+            raise ImportRefused(f"{where}: decoder parameter {k!r} has no place in the training decoder")
+    if not out:
+        raise ImportRefused(f"{where}: the file has no decoder ({M}*): nothing to continue pretraining from")
+    return out
+
+
 def _ns(mcfg: dict):
     import types
 
