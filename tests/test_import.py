@@ -205,3 +205,38 @@ def test_text_decoder_projection_refused(oracle):
     _, mcfg, _ = import_state(ck, "student")
     with pytest.raises(ImportRefused, match="projection_layers=2"):
         decoder_state(ck, mcfg)
+
+
+@pytest.mark.parametrize("case,layout", [("image_p1", ["parallel.tp=2", "parallel.zero_stage=1", "data.batch_size=2"]),
+                                         ("audio", ["parallel.zero_stage=3", "data.batch_size=1"])],
+                         ids=["image-prenet-tp2", "audio-zero3-dp2"])
+def test_to_run_resumes_with_fairseq_loss(oracle, tmp_path, case, layout):
+    """`d2v2-import --to-run RUN --preset P` -> the trainer (--resume auto) starts from the file's
+    student, EMA teacher and decoder (fresh optimizer, step 0) and its first loss on fairseq's batch
+    and masks is fairseq's loss, under TP=2 and under ZeRO-3 with the batch split over 2 ranks."""
+    from d2v2_scale.testing import run_distributed
+    from d2v2_scale.export.importer import load_fairseq, import_state
+
+    run = tmp_path / "run"
+    preset = f"{case.split('_')[0]}-tiny"
+    assert main([str(oracle / case / "checkpoint.pt"), "--to-run", str(run), "--preset", preset]) == 0
+    assert (run / "checkpoints" / "imported" / "weights.safetensors").is_file()
+    res = run_distributed("tests.dist_bodies_import:resume_import_body", nproc=2, timeout=240, args=[
+        str(run), str(oracle / case), "model.decoder_noise_std=0", "optim.warmup_steps=1", *layout])
+    ref = torch.load(oracle / case / "oracle.pt")
+    mod = case.split("_")[0].upper()
+    for r in res.values():
+        assert r["step"] == 1 and r["updates"] == 1
+        assert abs(r["reg"] - ref["losses"][f"{mod}_regression"]) < 1e-4, (r, ref["losses"])
+        if r["dp"] == 1:
+            assert abs(r["loss"] - sum(ref["losses"].values())) < 1e-4, (r, ref["losses"])
+    # the trainer's teacher started as the file's EMA teacher, not as a copy of the student
+    teacher, _, _ = import_state(load_fairseq(oracle / case / "checkpoint.pt"), "teacher")
+    sums = res[0]["teacher_sums"]
+    names = [k for k in sums if k.endswith("self_attention.linear_proj.bias")]  # replicated under TP
+    assert names
+    for k in names:
+        plain = k.replace("encoder.", "").replace(".self_attention.linear_proj.", ".attn.proj.")
+        assert abs(sums[k] - teacher[plain].sum().item()) < 1e-4, k
+    # a second import into a run that has one is refused without --force
+    assert main([str(oracle / case / "checkpoint.pt"), "--to-run", str(run), "--preset", preset]) == 2

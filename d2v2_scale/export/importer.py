@@ -423,6 +423,114 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
     return mcfg
 
 
+# ---------------------------------------------------------------------------------------------
+# --to-run: continued pretraining from a fairseq checkpoint
+# ---------------------------------------------------------------------------------------------
+
+RUN_IMPORT = "imported"  # <run>/checkpoints/imported/: what `d2v2-train --resume auto` starts from
+RUN_WEIGHTS = "weights.safetensors"
+RUN_META = "import.json"
+RUN_YAML = "import.yaml"
+# the ModelConfig fields that decide parameter names and shapes: the run must use the file's
+STRUCTURE = ("modality", "depth", "prenet_depth", "embed_dim", "num_heads", "mlp_ratio", "pre_ln", "alibi",
+             "image_size", "patch_size", "in_chans", "conv_feature_layers", "conv_pos_width", "conv_pos_groups",
+             "conv_pos_depth", "vocab_size", "max_positions", "decoder_dim", "decoder_kernel", "decoder_layers",
+             "decoder_groups", "decoder_residual")
+
+
+def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: str, force: bool = False) -> dict:
+    """Write <run_dir>/checkpoints/imported/ (student + decoder, EMA teacher, in the training model's
+    full, unsharded names) and <run_dir>/import.yaml (the preset + the file's model config).
+    `d2v2-train --config <run_dir>/import.yaml --output-dir <run_dir> --resume auto` then starts
+    from these weights under any ZeRO/TP/PP layout, with a fresh optimizer and LR schedule."""
+    import json
+    import shutil
+    import tempfile
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from ..config import ConfigError, load_preset
+    from ..model import mapping
+    from ..train.checkpoint import complete_checkpoints
+
+    run = Path(run_dir)
+    ckdir = run / "checkpoints"
+    if ckdir.is_dir() and complete_checkpoints(ckdir):
+        raise ExportError(f"{run} already has training checkpoints ({complete_checkpoints(ckdir)[-1].name}): "
+                          f"--resume auto would continue from those; give a new run dir")
+    dest = ckdir / RUN_IMPORT
+    if dest.exists() and not force:
+        raise ExportError(f"{dest} already exists; pass --force to replace it")
+    ck = load_fairseq(src)
+    student, mcfg, _ = import_state(ck, "student", str(src))
+    teacher, _, from_student = import_state(ck, "teacher", str(src))
+    model = {k: v for k, v in mcfg.items()}
+    try:
+        cfg = load_preset(preset)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    if cfg.model.modality != mcfg["modality"]:
+        raise ExportError(f"--preset {preset} is a {cfg.model.modality} preset; the file holds a "
+                          f"{mcfg['modality']} model")
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ExportError(f"the file's model config does not validate with --preset {preset}: {e}") from None
+    heads = mcfg["num_heads"]
+    tensors = {f"student.{k}": v for k, v in mapping.plain_to_megatron(student, heads).items()}
+    tensors.update({f"student.{k}": v for k, v in decoder_state(ck, mcfg, str(src)).items()})
+    tensors.update({f"teacher.{k}": v for k, v in mapping.plain_to_megatron(teacher, heads).items()})
+    hist = ck.get("optimizer_history") or [{}]
+    meta = {"source": str(Path(src).resolve()), "format": "fairseq-data2vec2", "model": model,
+            "fairseq_updates": int(hist[-1].get("num_updates", 0)) if isinstance(hist[-1], dict) else 0,
+            "teacher_from_student": from_student}
+    ckdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{RUN_IMPORT}.tmp-", dir=ckdir))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / RUN_WEIGHTS))
+        (tmp / RUN_META).write_text(json.dumps(meta, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    y = run / RUN_YAML
+    y.write_text(yaml.safe_dump({"preset": preset, "model": model}, sort_keys=False))
+    return meta
+
+
+def load_run_import(ckpt_dir: Path, cfg, student, teacher) -> dict[str, torch.Tensor] | None:
+    """Trainer side, before ZeRO/PP touch the modules: load <ckpt_dir>/imported/ into the freshly
+    built (TP-sharded, whole) student and teacher.  -> the teacher's fp32 weights as this TP rank
+    holds them (the EMA masters, see EmaTeacher.set_masters), or None when there is no import."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..model import mapping
+
+    folder = Path(ckpt_dir) / RUN_IMPORT
+    if not (folder / RUN_META).is_file():
+        return None
+    meta = json.loads((folder / RUN_META).read_text())
+    for k in STRUCTURE:
+        want, have = meta["model"].get(k), getattr(cfg.model, k)
+        if (list(map(list, want)) if k == "conv_feature_layers" else want) != \
+                (list(map(list, have)) if k == "conv_feature_layers" else have):
+            raise ValueError(f"{folder} holds a model with model.{k}={want!r} but this run has {have!r}: "
+                             f"start it with --config {folder.parent.parent / RUN_YAML}")
+    sd = load_file(str(folder / RUN_WEIGHTS))
+    mapping.load_full_state_dict(student, {k[8:]: v for k, v in sd.items() if k.startswith("student.")})
+    own = set(mapping.clean_state_dict(teacher.state_dict()))
+    mapping.load_full_state_dict(teacher, {k[8:]: v for k, v in sd.items()
+                                           if k.startswith("teacher.") and k[8:] in own})
+    return {n: p.detach().float().clone() for n, p in teacher.named_parameters()}
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -430,12 +538,30 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec 2.0 checkpoint "
                                 "(Data2VecMultiModel: image, audio, text) as a plain-PyTorch export (docs/EXPORT.md)")
     p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt)")
-    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json [+ dict.txt])")
+    p.add_argument("--out", help="output folder (model.safetensors + config.json [+ dict.txt])")
+    p.add_argument("--to-run", help="instead: a new training output dir that `d2v2-train --resume auto` continues "
+                                    "from (student, EMA teacher, decoder; fresh optimizer and LR schedule)")
+    p.add_argument("--preset", help="with --to-run: the training preset (data, optimizer, parallelism) to use")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher",
                    help="the EMA teacher (default, model['_ema']) or the student (what fairseq fine-tunes)")
     p.add_argument("--dict", dest="dict_path", help="text models: the fairseq dict.txt (stored in the export)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     a = p.parse_args(argv)
+    if bool(a.out) == bool(a.to_run):
+        p.error("give exactly one of --out DIR and --to-run RUN_DIR")
+    if a.to_run:
+        if not a.preset:
+            p.error("--to-run needs --preset (e.g. image-base)")
+        try:
+            meta = import_to_run(a.checkpoint, a.to_run, a.preset, force=a.force)
+        except ExportError as e:
+            print(f"d2v2-import: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {Path(a.to_run) / 'checkpoints' / RUN_IMPORT} (student, EMA teacher, decoder of "
+              f"{a.checkpoint}, fairseq update {meta['fairseq_updates']}); continue pretraining with:\n"
+              f"  d2v2-train --config {Path(a.to_run) / RUN_YAML} --output-dir {a.to_run} --resume auto "
+              f"--data.manifest YOUR/manifest.json")
+        return 0
     try:
         cfg = import_checkpoint(a.checkpoint, a.out, which=a.which, dict_path=a.dict_path, force=a.force)
     except ExportError as e:
