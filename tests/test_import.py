@@ -85,6 +85,10 @@ def test_import_matches_fairseq(oracle, case, tmp_path):
         assert cfg["vocab_size"] == 24 and cfg["max_positions"] == 24
     if case == "image_p1":
         assert cfg["prenet_depth"] == 1 and cfg["depth"] == 3
+    if case == "image_p0":  # d2v2-probe's random-init baseline builds the training model from config.json
+        from d2v2_scale.export.probe import training_init
+
+        assert set(training_init(cfg, 1).state_dict()) == set(enc.state_dict())
 
 
 def _resave(oracle, case, tmp_path, edit) -> Path:
