@@ -54,6 +54,7 @@ def test_import_matches_fairseq(oracle, case, tmp_path):
     ref = torch.load(oracle / case / "oracle.pt")
     src = ref["source"]
     enc, cfg, _ = _import(oracle, case, "student", tmp_path)
+    assert all(v.dtype == torch.float32 for v in enc.state_dict().values())  # the fp16 student, cast
     e = 1 if cfg["modality"] == "image" else 0
     with torch.no_grad():
         x = enc(src)["x"][:, e:]
@@ -147,6 +148,24 @@ def test_import_refuses_disallowed_pickle_and_missing_dict(oracle, tmp_path, cap
     with pytest.raises(Exception, match="not this model's dictionary"):
         import_checkpoint(ck, tmp_path / "t", dict_path=bad)
     assert not (tmp_path / "t").exists()
+
+
+def test_import_reads_numpy1_era_pickles(oracle, tmp_path):
+    """Released files were pickled under numpy 1.x: their numpy scalars name
+    numpy.core.multiarray.scalar (numpy 2 writes numpy._core): the allow-list takes both."""
+    import io
+
+    ck = torch.load(oracle / "image_p0" / "checkpoint.pt", weights_only=False)
+    buf = io.BytesIO()
+    torch.save(ck, buf, _use_new_zipfile_serialization=False)  # one pickle stream: GLOBAL lines editable
+    raw = buf.getvalue()
+    assert b"numpy._core.multiarray\nscalar" in raw
+    p = tmp_path / "old.pt"
+    p.write_bytes(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    assert float(load_fairseq(p)["extra_state"]["previous_training_time"]) == 12.5
+    import_checkpoint(p, tmp_path / "out", which="student")
+    _, cfg, _ = load_export(tmp_path / "out")
+    assert cfg["d2v2_export"]["which"] == "student"
 
 
 def test_parse_feature_spec():

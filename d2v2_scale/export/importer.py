@@ -62,17 +62,19 @@ class ImportRefused(ExportError):
 
 
 def _allowed_globals() -> list:
-    """numpy scalars and dtypes: fairseq pickles meter values and trainer state as numpy scalars."""
+    """numpy scalars and dtypes: fairseq pickles meter values and trainer state as numpy scalars.
+    Files written under numpy 1.x name them `numpy.core.multiarray.*` (numpy 2: `numpy._core`):
+    both names are allowed, for the same two reconstruction functions."""
     import numpy as np
 
+    try:
+        from numpy._core import multiarray as ma
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray as ma
     allowed = [np.dtype, np.ndarray]
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            m = __import__(mod, fromlist=["scalar", "_reconstruct"])
-            allowed += [m.scalar, m._reconstruct]
-            break
-        except (ImportError, AttributeError):
-            continue
+    for fn in (ma.scalar, ma._reconstruct):
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            allowed.append((fn, f"{mod}.{fn.__name__}"))
     allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")]
     return allowed
 
