@@ -192,6 +192,14 @@ def model_config(fcfg: dict) -> dict:
         out.update(decoder_dim=int(dec["decoder_dim"]), decoder_kernel=int(dec["decoder_kernel"]),
                    decoder_layers=int(dec["decoder_layers"]), decoder_groups=int(dec["decoder_groups"]),
                    decoder_residual=bool(dec.get("decoder_residual", True)))
+    # spec 12 D1-D3/D7 fields, where this version of ModelConfig has them: the file's values
+    if "decoder_projection_layers" in out and dec:
+        out.update(decoder_projection_layers=int(dec.get("projection_layers", 1)),
+                   decoder_projection_ratio=float(dec.get("projection_ratio", 2.0)))
+    if "decoder_input_dropout" in out and dec:
+        out["decoder_input_dropout"] = float(dec.get("input_dropout", 0.0))
+    if "encoder_input_dropout" in out:  # fairseq: the context encoder's dropout; text: the embeddings'
+        out["encoder_input_dropout"] = float(m.get("dropout", 0.1) if mod == "TEXT" else m.get("prenet_dropout", 0.0))
     if mod == "IMAGE":
         ped = int(m.get("embed_dim", d))
         _need(ped == d, f"{pre}.embed_dim", ped,
@@ -357,16 +365,18 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
     """The student's convolutional decoder -> the training model's names (fp32):
         M decoder.blocks.{i}.0.{weight,bias} -> decoder.convs.{i}.*   (Conv, then LN/GELU: no params)
         M decoder.proj.{weight,bias}         -> decoder.proj.*
-    Refused: no decoder in the file (released audio files may be stripped), or the text recipe's
-    2-layer projection (projection_layers > 1, spec D1), which the training decoder lacks."""
+        M decoder.proj.{0,2}.*               -> decoder.proj.{0,2}.*   (text: 2-layer head, spec D1)
+    Refused: no decoder in the file (released audio files may be stripped), or a 2-layer head when
+    this version's ModelConfig has no decoder_projection_layers (the training decoder then ends
+    in one Linear)."""
     mod = mcfg["modality"].upper()
     M = f"modality_encoders.{mod}.decoder."
     dec = (ck["cfg"]["model"]["modalities"][mcfg["modality"]] or {}).get("decoder") or {}
     n_proj = int(dec.get("projection_layers", 1))
-    if mod == "TEXT" and n_proj > 1:
-        raise ImportRefused(f"model.modalities.text.decoder.projection_layers={n_proj} is not supported: the "
-                            f"training decoder ends in one Linear (the text recipe's 2-layer projection, spec D1, "
-                            f"is not implemented here yet)")
+    if n_proj > 1 and "decoder_projection_layers" not in mcfg:
+        raise ImportRefused(f"model.modalities.{mcfg['modality']}.decoder.projection_layers={n_proj} is not "
+                            f"supported: the training decoder ends in one Linear (the text recipe's 2-layer "
+                            f"projection, spec D1, is not implemented in this version)")
     for f in ("add_positions_masked", "add_positions_all"):
         if dec.get(f):
             raise ImportRefused(f"model.modalities.{mcfg['modality']}.decoder.{f}=True is not supported: the "
@@ -378,7 +388,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
         r = k[len(M):]
         if mt := re.match(r"^blocks\.(\d+)\.0\.(weight|bias)$", r):
             out[f"decoder.convs.{mt.group(1)}.{mt.group(2)}"] = v.float()
-        elif mt := re.match(r"^proj\.(weight|bias)$", r):
+        elif mt := re.match(r"^proj\.((?:\d+\.)?(?:weight|bias))$", r):  # proj.* or the D1 head's proj.{0,2}.*
             out[f"decoder.proj.{mt.group(1)}"] = v.float()
         else:
             raise ImportRefused(f"{where}: decoder parameter {k!r} has no place in the training decoder")
@@ -519,7 +529,9 @@ def load_run_import(ckpt_dir: Path, cfg, student, teacher) -> dict[str, torch.Te
     if not (folder / RUN_META).is_file():
         return None
     meta = json.loads((folder / RUN_META).read_text())
-    for k in STRUCTURE:
+    for k in STRUCTURE + ("decoder_projection_layers",):
+        if not hasattr(cfg.model, k):
+            continue
         want, have = meta["model"].get(k), getattr(cfg.model, k)
         if (list(map(list, want)) if k == "conv_feature_layers" else want) != \
                 (list(map(list, have)) if k == "conv_feature_layers" else have):
