@@ -88,8 +88,9 @@ def load_fairseq(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_allowed_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+(?: [\w.]+)?)", str(e))
-        what = m.group(1).replace(" ", ".") if m else str(e).splitlines()[0]
+        # torch: "... Unsupported global: GLOBAL posix.getcwd was not an allowed global ..."
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = m.group(1) if m else str(e).splitlines()[0]
         raise ImportRefused(f"{path}: refusing to unpickle {what}: only tensors, plain containers and numpy "
                             f"scalars are allowed (a checkpoint that needs more is not a plain fairseq "
                             f"data2vec 2.0 file, or it is not safe to load)") from None
