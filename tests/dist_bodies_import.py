@@ -15,7 +15,13 @@ def resume_import_body(run_dir: str, oracle_case: str, *overrides: str):
 
     cfg = build_config(None, f"{run_dir}/import.yaml", list(overrides))
     cfg.output_dir, cfg.checkpoint.resume = run_dir, "auto"
-    tr = Trainer(cfg, build_data=False)
+    import contextlib
+    import io
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        tr = Trainer(cfg, build_data=False)
+    fresh = tr.step == 0 and tr.updates == 0 and not any(len(v) for v in tr.optimizer.state.values())
     ref = torch.load(f"{oracle_case}/oracle.pt")
     m, dp, r = cfg.model.clone_batch, tr.info.dp_size, tr.info.dp_rank
     per = ref["source"].shape[0] // dp
@@ -23,4 +29,5 @@ def resume_import_body(run_dir: str, oracle_case: str, *overrides: str):
     teacher0 = {k: v.sum().item() for k, v in tr.teacher.gathered_state_dict().items()}
     out = tr.train_step([batch])
     save_result({"loss": out["loss/total"], "reg": out["loss/regression"], "cls": out.get("loss/cls"),
-                 "step": tr.step, "updates": tr.updates, "teacher_sums": teacher0, "dp": dp})
+                 "step": tr.step, "updates": tr.updates, "teacher_sums": teacher0, "dp": dp,
+                 "log": log.getvalue(), "fresh": fresh})

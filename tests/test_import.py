@@ -263,10 +263,11 @@ def test_to_run_resumes_with_fairseq_loss(oracle, tmp_path, case, layout):
     ref = torch.load(oracle / case / "oracle.pt")
     mod = case.split("_")[0].upper()
     for r in res.values():
-        assert r["step"] == 1 and r["updates"] == 1
+        assert r["fresh"] and r["step"] == 1 and r["updates"] == 1
         assert abs(r["reg"] - ref["losses"][f"{mod}_regression"]) < 1e-4, (r, ref["losses"])
         if r["dp"] == 1:
             assert abs(r["loss"] - sum(ref["losses"].values())) < 1e-4, (r, ref["losses"])
+    assert "fresh optimizer and LR schedule from step 0" in res[0]["log"]
     # the trainer's teacher started as the file's EMA teacher, not as a copy of the student
     teacher, _, _ = import_state(load_fairseq(oracle / case / "checkpoint.pt"), "teacher")
     sums = res[0]["teacher_sums"]
