@@ -63,7 +63,10 @@ def ensure_fairseq(cache: Path) -> dict:
                        check=True, timeout=600)
         (tgz,) = (cache / "dl").glob("fairseq_fixed-*.tar.gz")
         with tarfile.open(tgz) as t:
-            t.extractall(cache / "unpacked", filter="data")
+            try:
+                t.extractall(cache / "unpacked", filter="data")  # no links/paths out of the folder
+            except TypeError:  # Python < 3.11.4 has no extraction filters
+                t.extractall(cache / "unpacked")
         (root,) = (cache / "unpacked").iterdir()
         _patch_examples(root)
         # data2vec imports `examples.data2vec...`: expose fairseq/examples as a top-level package
