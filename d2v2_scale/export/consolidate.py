@@ -341,8 +341,6 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
                       with_decoder: bool = False, force: bool = False) -> dict:
     """Export `src` (checkpoint folder or output dir) to the folder `out`.  Returns the config
     written (model fields + d2v2_export)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -351,16 +349,33 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
     tensors, prov = assemble(folder, info, which, with_decoder)
     config = dict(info["config"]["model"])
     config["d2v2_export"] = prov
+    write_export(out, tensors, config, force=force)
+    return config
+
+
+def write_export(out: str | os.PathLike, tensors: dict, config: dict, force: bool = False,
+                 extra_files: dict[str, bytes] | None = None) -> None:
+    """Write model.safetensors + config.json (+ extra_files {name: bytes}) to the folder `out`,
+    under a temp name then renamed; an existing `out` only with force=True."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    prov = config["d2v2_export"]
+    files = [WEIGHTS, CONFIG] + sorted(extra_files or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "which": which,
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "which": prov["which"],
                                                           "step": str(prov["step"])})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
-        for f in (WEIGHTS, CONFIG):
+        for f in files:
             os.chmod(tmp / f, 0o666 & ~umask)
         if out.exists():  # force: move the old one aside first, delete it once the new one is in place
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -372,7 +387,6 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return config
 
 
 def load_export(path: str | os.PathLike, strict: bool = True):

@@ -93,6 +93,20 @@ class EmaTeacher:
             self._local(t).copy_(self.master[name])
 
     @torch.no_grad()
+    def set_masters(self, weights: dict[str, torch.Tensor], dp_rank: int) -> None:
+        """Teacher := given fp32 weights (an imported EMA teacher), each as this TP rank holds the
+        parameter; under ZeRO-3 this rank keeps its flat slice (the same cut as the student's)."""
+        self._release_gathered()
+        for name, t, _ in self.pairs:
+            w = weights[name].float().reshape(-1)
+            if self.zero3:
+                n = t.ds_tensor.numel()
+                part = w[dp_rank * n:(dp_rank + 1) * n]
+                w = torch.cat([part, part.new_zeros(n - part.numel())])  # the last shard's padding
+            self.master[name].copy_(w.view_as(self.master[name]))
+            self._local(t).copy_(self.master[name])
+
+    @torch.no_grad()
     def update(self, decay: float) -> None:
         """One EMA step; skipped (by the caller) once decay == 1."""
         self._release_gathered()

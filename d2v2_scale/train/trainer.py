@@ -84,6 +84,12 @@ class Trainer:
         # is one full fp32 copy per process on the host (ViT-H: 2.5 GB), freed by partitioning.
         student = build_student(cfg)
         teacher = build_teacher(cfg)
+        # `d2v2-import --to-run`: a fairseq model to continue from, loaded before PP/ZeRO cut it up
+        imported_teacher = None
+        if cfg.checkpoint.resume == "auto" and not ckpt.complete_checkpoints(self.ckpt_dir):
+            from ..export.importer import load_run_import
+
+            imported_teacher = load_run_import(self.ckpt_dir, cfg, student, teacher)
         self.pipeline = None
         self.pipeline_replicated: list[str] = []
         if info.pp_size > 1:
@@ -131,6 +137,11 @@ class Trainer:
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
                                    mpu=mpu)
+        if imported_teacher is not None:
+            self.teacher.set_masters(imported_teacher, info.dp_rank)
+            if self.main:
+                print(f"initialized from the imported checkpoint in {self.ckpt_dir / 'imported'} (student, EMA "
+                      f"teacher, decoder); fresh optimizer and LR schedule from step 0", flush=True)
         if info.pp_size > 1:
             from .pipeline import PipelineRunner
 

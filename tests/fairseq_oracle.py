@@ -1,0 +1,291 @@
+"""fairseq's own data2vec 2.0 (Data2VecMultiModel) as the oracle for `d2v2-import`.
+
+Two halves:
+  * `ensure_fairseq(cache)` (runs in the test process, touches only files): `pip download` the
+    fairseq-fixed sdist from the package registry, unpack it, patch two Python 3.11 / NumPy 2
+    incompatibilities in its examples folder (mutable dataclass defaults -> default_factory,
+    np.float -> np.float64), and `pip install --no-deps --target` fairseq's pure-Python
+    dependencies (hydra, omegaconf, timm, ...) next to it.  Nothing is compiled; nothing is
+    installed into the test venv.
+  * `python tests/fairseq_oracle.py OUT` (run in a SUBPROCESS with PYTHONPATH = that source +
+    those deps, so fairseq never enters the test process): builds tiny Data2VecMultiModels
+    (image with and without prenet blocks, audio, text), perturbs every weight away from its
+    init, saves each the way fairseq's trainer does ({"args": None, "cfg": plain dict, "model":
+    fp16 student state + "_ema": fp32 teacher, ...}), and records fairseq's own outputs on a
+    fixed input: student features (unmasked encoder), the EMA teacher's targets (captured from
+    `make_targets` inside the real pretraining forward) and the loss on a fixed batch/mask.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+SDIST = "fairseq-fixed==0.12.3.1"
+# fairseq's runtime imports (top-level `import fairseq` pulls in every task/model module), pinned
+# to versions that import with the test venv's torch/numpy.  torchvision is only imported (by
+# timm); its compiled ops are never used (the registry's wheel is CUDA-linked and cannot load them).
+DEPS = ["hydra-core==1.3.8", "omegaconf==2.4.0", "antlr4-python3-runtime==4.9.3", "timm==1.0.31",
+        "torchvision==0.15.2", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
+        "bitarray", "sacrebleu", "regex", "portalocker", "tabulate", "colorama", "lxml"]
+CASES = ["image_p0", "image_p1", "audio", "text"]
+
+_MUTABLE = re.compile(r"^(\s+\w+: [^=\n]+)= ([A-Z]\w*)\(\)\s*$", re.M)
+
+
+def _patch_examples(src: Path) -> None:
+    """Python 3.11 refuses dataclass instances as defaults; NumPy 2 has no np.float."""
+    for f in (src / "fairseq" / "examples" / "data2vec").rglob("*.py"):
+        text = f.read_text()
+        new = _MUTABLE.sub(r"\1= field(default_factory=\2)", text)
+        new = re.sub(r"\bnp\.float\b", "np.float64", new)
+        if new != text:
+            if "field(default_factory" in new and not re.search(r"^from dataclasses import .*\bfield\b", new, re.M):
+                new = "from dataclasses import field\n" + new
+            f.write_text(new)
+
+
+def ensure_fairseq(cache: Path) -> dict:
+    """-> {"PYTHONPATH": ...} for the oracle subprocess; builds `cache` once (marker file)."""
+    cache = Path(cache)
+    done = cache / "READY"
+    src, deps = cache / "src", cache / "deps"
+    if not done.is_file():
+        shutil.rmtree(cache, ignore_errors=True)
+        (cache / "dl").mkdir(parents=True)
+        pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+        subprocess.run(pip + ["download", SDIST, "--no-deps", "--no-build-isolation", "-d", str(cache / "dl")],
+                       check=True, timeout=600)
+        (tgz,) = (cache / "dl").glob("fairseq_fixed-*.tar.gz")
+        with tarfile.open(tgz) as t:
+            try:
+                t.extractall(cache / "unpacked", filter="data")  # no links/paths out of the folder
+            except TypeError:  # Python < 3.11.4 has no extraction filters
+                t.extractall(cache / "unpacked")
+        (root,) = (cache / "unpacked").iterdir()
+        _patch_examples(root)
+        # data2vec imports `examples.data2vec...`: expose fairseq/examples as a top-level package
+        # (the sdist's own top-level examples/ folder holds only unrelated operators)
+        src.mkdir()
+        (src / "fairseq").symlink_to(root / "fairseq", target_is_directory=True)
+        (src / "examples").symlink_to(root / "fairseq" / "examples", target_is_directory=True)
+        subprocess.run(pip + ["install", "--no-deps", "--target", str(deps)] + DEPS, check=True, timeout=900)
+        done.write_text("ok\n")
+    return {"PYTHONPATH": f"{src}{os.pathsep}{deps}"}
+
+
+def run_oracle(cache: Path, out: Path, timeout: int = 600) -> None:
+    env = dict(os.environ, **ensure_fairseq(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=str(out.parent))
+    if r.returncode != 0:
+        raise RuntimeError(f"fairseq oracle failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+
+
+# -------------------------------------------------------------------------------------------------
+# subprocess side: everything below imports fairseq
+# -------------------------------------------------------------------------------------------------
+
+DICT_WORDS = [f"w{i}" for i in range(19)]
+
+
+def _plain(obj):
+    """dataclass config -> plain dict as fairseq stores it (OmegaConf.to_container(enum_to_str))."""
+    import dataclasses
+    import enum
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.name
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+def _config(case: str):
+    from examples.data2vec.data.modality import Modality
+    from examples.data2vec.models.data2vec2 import Data2VecMultiConfig
+
+    c = Data2VecMultiConfig()
+    mod = case.split("_")[0]
+    c.depth, c.embed_dim, c.num_heads, c.mlp_ratio = 3, 32, 4, 2.0
+    # dropout off everywhere: the oracle's outputs must be deterministic
+    c.encoder_dropout = c.post_mlp_drop = c.attention_dropout = c.activation_dropout = c.dropout_input = 0.0
+    c.layerdrop = 0.0
+    c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step, c.max_update, c.seed = 0.999, 0.9999, 1000, 1000, 1
+    c.clone_batch = 2
+    c.loss_beta, c.loss_scale = 0.0, None
+    c.average_top_k_layers = 2
+    c.supported_modality = Modality[mod.upper()]
+    for m in ("audio", "image", "text"):
+        mc = getattr(c.modalities, m)
+        mc.num_alibi_heads, mc.model_depth = c.num_heads, c.depth
+        mc.decoder.input_dropout = 0.0
+        mc.prenet_dropout = 0.0
+        # masked slots enter the decoder as N(0, std^2) noise: 0 makes the loss reproducible outside
+        # fairseq (the two implementations draw their noise from different generators)
+        mc.mask_noise_std = 0.0
+    if mod == "image":
+        c.norm_eps = 1e-6
+        c.ema_encoder_only = False
+        c.instance_norm_target_layer, c.layer_norm_targets = True, True
+        c.cls_loss = 0.01
+        m = c.modalities.image
+        m.input_size, m.patch_size, m.in_chans, m.embed_dim = 32, 8, 3, 32
+        m.prenet_depth = 1 if case == "image_p1" else 0
+        m.num_extra_tokens, m.ema_local_encoder, m.inverse_mask = 1, True, True
+        m.decoder.decoder_dim, m.decoder.decoder_kernel, m.decoder.decoder_layers = 16, 3, 2
+        m.decoder.decoder_groups = 4
+    elif mod == "audio":
+        c.norm_eps = 1e-5
+        c.ema_encoder_only = False
+        c.instance_norm_target_layer = True
+        m = c.modalities.audio
+        m.feature_encoder_spec = "[(16, 10, 5)] + [(16, 3, 2)] * 2 + [(16,2,2)]"
+        m.conv_pos_width, m.conv_pos_depth, m.conv_pos_groups = 10, 2, 4  # kernel max(3, 10 // 2) = 5
+        m.prenet_depth = 1
+        m.use_alibi_encoder, m.learned_alibi_scale, m.learned_alibi_scale_per_head = True, True, True
+        m.ema_local_encoder = False
+        m.decoder.decoder_dim, m.decoder.decoder_kernel, m.decoder.decoder_layers = 16, 3, 2
+        m.decoder.decoder_groups = 4
+    else:
+        c.norm_eps = 1e-5
+        c.ema_encoder_only = True
+        c.layer_norm_target_layer, c.instance_norm_targets = True, True
+        c.loss_scale = 1.0
+        m = c.modalities.text
+        m.max_source_positions, m.prenet_depth, m.dropout = 24, 0, 0.0
+        m.mask_length = 1
+        m.decoder.decoder_dim, m.decoder.decoder_kernel, m.decoder.decoder_layers = 16, 3, 2
+        m.decoder.decoder_groups, m.decoder.decoder_residual = 1, False
+        m.decoder.projection_layers, m.decoder.projection_ratio = 2, 2.0
+    return c
+
+
+def _inputs(case: str, model, gen):
+    import torch
+
+    mod = case.split("_")[0]
+    if mod == "image":
+        src = torch.randn(2, 3, 32, 32, generator=gen)
+        return src, None
+    if mod == "audio":
+        src = torch.randn(2, 1200, generator=gen)
+        return src, None
+    d = model.modality_encoders["TEXT"].local_encoder.embed_tokens.weight.shape[0]
+    src = torch.randint(4, d - 1, (2, 20), generator=gen)
+    src[:, 0] = 0  # <s>
+    return src, None
+
+
+def _masks(n_rows: int, t: int, n_masked: int, gen):
+    import torch
+
+    keys = torch.rand(n_rows, t, generator=gen)
+    idx = keys.argsort(1)[:, :n_masked]
+    m = torch.zeros(n_rows, t)
+    m.scatter_(1, idx, 1.0)
+    return m
+
+
+def build_case(case: str, out: Path) -> None:
+    import numpy as np
+    import torch
+    from examples.data2vec.models.data2vec2 import Data2VecMultiModel
+    from fairseq.data import Dictionary
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    cfg = _config(case)
+    task = None
+    if case == "text":
+        (out / "dict.txt").write_text("".join(f"{w} {100 - i}\n" for i, w in enumerate(DICT_WORDS)))
+        d = Dictionary.load(str(out / "dict.txt"))
+        d.add_symbol("<mask>")
+        import types
+
+        task = types.SimpleNamespace(source_dictionary=d)
+    model = Data2VecMultiModel.build_model(cfg, task)
+    with torch.no_grad():
+        # move every weight away from its init (norms at 1/0, biases at 0 would hide mistakes)
+        for name, p in model.named_parameters():
+            if not p.requires_grad:  # fixed tables (image sin-cos positions) stay as fairseq builds them
+                continue
+            p.add_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
+        # the teacher is a *different* set of weights than the student (as after many EMA steps)
+        for name, p in model.ema.model.named_parameters():
+            if "fixed_positional_encoder" in name:
+                continue
+            p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
+        model.ema.build_fp32_params()
+    # fairseq's trainer halves the model for fp16 training; the EMA copy stays fp32
+    model.half()
+    state = model.state_dict()
+    ckpt = {
+        "args": None,
+        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
+                "common": {"fp16": True, "seed": 1}},
+        "model": state,
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 7}],
+        "task_state": {},
+        "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
+                        "train_iterator": {"epoch": 1, "iterations_in_epoch": 7, "shuffle": True}},
+    }
+    torch.save(ckpt, out / "checkpoint.pt")
+    model.float()
+
+    mod = case.split("_")[0].upper()
+    src, pad = _inputs(case, model, gen)
+    model.eval()
+    with torch.no_grad():
+        feats = model.extract_features(src, mode=mod, padding_mask=pad, mask=False, remove_extra_tokens=True)
+    # the real pretraining forward with a fixed mask (dropout is 0); capture fairseq's targets
+    captured = {}
+    orig = model.make_targets
+
+    def grab(y, k):
+        captured["layers"] = [t.detach().clone() for t in y]
+        t = orig(y, k)
+        captured["targets"] = t.detach().clone()
+        return t
+
+    model.make_targets = grab
+    enc = model.modality_encoders[mod]
+    with torch.no_grad():
+        local = enc.local_features(src)
+    t = local.shape[1]
+    n_masked = int(t * 0.5)
+    mask = _masks(src.shape[0] * cfg.clone_batch, t, n_masked, gen)
+    model.train()
+    with torch.no_grad():
+        res = model(src, mode=mod, padding_mask=pad, precomputed_mask=mask)
+    n = res["sample_size"].float()
+    losses = {k: (v.float().sum() / n).item() for k, v in res["losses"].items()}
+    torch.save({"source": src, "features": feats["x"].float(), "targets": captured["targets"].float(),
+                "mask": mask, "losses": losses, "sample_size": int(n)}, out / "oracle.pt")
+
+
+def main(argv):
+    out = Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    cases = argv[2:] or CASES
+    for case in cases:
+        d = out / case
+        d.mkdir(exist_ok=True)
+        build_case(case, d)
+        print(f"built {case}", flush=True)
+
+
+if __name__ == "__main__":
+    # the unpacked fairseq is on PYTHONPATH; drop this tests/ folder from sys.path[0] so that
+    # a `tests` package here cannot shadow anything of fairseq's
+    sys.path.pop(0)
+    main(sys.argv)

@@ -1,0 +1,280 @@
+"""d2v2-import against fairseq itself: checkpoints written by fairseq's Data2VecMultiModel (built
+tiny, random, saved the way fairseq's trainer saves them, tests/fairseq_oracle.py) are imported
+and the plain twin's student features and teacher targets are compared with fairseq's own."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v2_scale.export.consolidate import load_export
+from d2v2_scale.export.importer import ImportRefused, import_checkpoint, load_fairseq, main, parse_feature_spec
+from d2v2_scale.model.targets import make_targets
+
+from . import fairseq_oracle
+
+CACHE = Path(os.environ.get("D2V2_FAIRSEQ_CACHE", Path.home() / ".cache" / "d2v2-scale" / "fairseq-oracle"))
+# fp16-stored student weights are cast to fp32 on both sides, so both compute in fp32 from the same
+# numbers; what remains is summation order (measured: <= 3e-6)
+TOL = 2e-5
+# except one thing: the file's fp16 *student* stores the fixed image sin-cos table rounded to fp16
+# and fairseq adds that rounded table; the twin recomputes it exactly (measured: 2.8e-4)
+TOL_IMAGE_STUDENT = 1e-3
+
+
+@pytest.fixture(scope="session")
+def oracle() -> Path:
+    """fairseq's checkpoints + outputs, built once and cached by the oracle script's content."""
+    key = hashlib.sha256(Path(fairseq_oracle.__file__).read_bytes()).hexdigest()[:12]
+    out = CACHE / f"cases-{key}"
+    if not (out / "DONE").is_file():
+        fairseq_oracle.run_oracle(CACHE / "fairseq", out)
+        (out / "DONE").write_text("ok\n")
+    return out
+
+
+def _import(oracle, case, which, tmp_path):
+    dict_path = oracle / case / "dict.txt" if case == "text" else None
+    argv = [str(oracle / case / "checkpoint.pt"), "--out", str(tmp_path / f"{case}-{which}"), "--which", which]
+    if dict_path:
+        argv += ["--dict", str(dict_path)]
+    assert main(argv) == 0
+    return load_export(tmp_path / f"{case}-{which}")
+
+
+@pytest.mark.parametrize("case", fairseq_oracle.CASES)
+def test_import_matches_fairseq(oracle, case, tmp_path):
+    """Student features (unmasked encoder output, CLS dropped) and the EMA teacher's targets
+    (captured inside fairseq's pretraining forward) equal fairseq's, fp32, |diff| < TOL."""
+    ref = torch.load(oracle / case / "oracle.pt")
+    src = ref["source"]
+    enc, cfg, _ = _import(oracle, case, "student", tmp_path)
+    assert all(v.dtype == torch.float32 for v in enc.state_dict().values())  # the fp16 student, cast
+    e = 1 if cfg["modality"] == "image" else 0
+    with torch.no_grad():
+        x = enc(src)["x"][:, e:]
+    assert x.shape == ref["features"].shape
+    diff_s = (x - ref["features"]).abs().max().item()
+    assert diff_s < (TOL_IMAGE_STUDENT if e else TOL), f"{case} student features differ from fairseq by {diff_s}"
+
+    tenc, tcfg, _ = _import(oracle, case, "teacher", tmp_path)
+    with torch.no_grad():
+        out = tenc(src)
+    ns = types.SimpleNamespace(**tcfg)
+    y = make_targets([f[:, e:] for f in out["ffn"][-ns.top_k_layers:]], ns, out["padding"])
+    diff_t = (y - ref["targets"]).abs().max().item()
+    assert diff_t < TOL, f"{case} teacher targets differ from fairseq by {diff_t}"
+    # the teacher is not the student (the fixture perturbs them apart): the import took _ema
+    with torch.no_grad():
+        ys = make_targets([f[:, e:] for f in enc(src)["ffn"][-ns.top_k_layers:]], ns, None)
+    assert (ys - ref["targets"]).abs().max().item() > 100 * TOL
+    prov = tcfg["d2v2_export"]
+    assert prov["source"] == "fairseq" and prov["fp16_student"] and prov["step"] == 7
+    if case == "audio":  # the teacher has no CNN front end: it reads the student's local features
+        assert any(k.startswith("local.cnn.") for k in prov["from_student"])
+        assert cfg["conv_feature_layers"] == [[16, 10, 5], [16, 3, 2], [16, 3, 2], [16, 2, 2]]
+        assert cfg["conv_pos_width"] == 5 and cfg["alibi"]
+    if case == "text":  # blocks-only EMA: embeddings from the student, dictionary stored
+        assert sorted(prov["from_student"]) == ["local.norm.bias", "local.norm.weight", "local.positions.weight",
+                                                "local.tokens.weight"]
+        assert (tmp_path / "text-teacher" / "dict.txt").read_text() == (oracle / "text" / "dict.txt").read_text()
+        assert cfg["vocab_size"] == 24 and cfg["max_positions"] == 24
+    if case == "image_p1":
+        assert cfg["prenet_depth"] == 1 and cfg["depth"] == 3
+    if case == "image_p0":  # d2v2-probe's random-init baseline builds the training model from config.json
+        from d2v2_scale.export.probe import training_init
+
+        assert set(training_init(cfg, 1).state_dict()) == set(enc.state_dict())
+
+
+def _resave(oracle, case, tmp_path, edit) -> Path:
+    ck = torch.load(oracle / case / "checkpoint.pt", weights_only=False)
+    edit(ck)
+    p = tmp_path / f"{case}-edited.pt"
+    torch.save(ck, p)
+    return p
+
+
+def _m(ck, mod):
+    return ck["cfg"]["model"]["modalities"][mod]
+
+
+def _per_layer_alibi(ck):
+    _m(ck, "audio")["learned_alibi_scale_per_layer"] = True
+    ck["model"]["modality_encoders.AUDIO.alibi_scale"] = torch.ones(4, 1, 4, 1, 1).half()
+
+
+REFUSALS = [
+    ("audio", _per_layer_alibi, "learned_alibi_scale_per_layer"),
+    ("image_p0", lambda ck: _m(ck, "image").update(embed_dim=48), "model.modalities.image.embed_dim=48"),
+    ("image_p0", lambda ck: ck["cfg"]["model"].update(layer_norm_first=True), "model.layer_norm_first"),
+    ("image_p0", lambda ck: ck["cfg"]["model"].update(supported_modality="VIDEO"), "model.supported_modality"),
+    ("audio", lambda ck: _m(ck, "audio").update(feature_encoder_spec="[(16, 10, 5)] + __import__('os').getcwd()"),
+     "feature_encoder_spec"),
+    ("image_p0", lambda ck: ck["model"]["modality_encoders.IMAGE.fixed_positional_encoder.positions"].add_(0.1),
+     "fixed_positional_encoder.positions"),
+    ("image_p0", lambda ck: ck["model"].update({"modality_encoders.IMAGE.head.weight": torch.zeros(2)}),
+     "modality_encoders.IMAGE.head.weight"),
+]
+
+
+@pytest.mark.parametrize("case,edit,field", REFUSALS, ids=[r[2].split(".")[-1].split("=")[0] for r in REFUSALS])
+def test_import_refuses(oracle, tmp_path, case, edit, field):
+    """What the plain twin cannot express is refused, naming the field; nothing is written."""
+    p = _resave(oracle, case, tmp_path, edit)
+    with pytest.raises(ImportRefused, match=field.replace(".", r"\.").replace("(", r"\(")):
+        import_checkpoint(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_disallowed_pickle_and_missing_dict(oracle, tmp_path, capsys):
+    """weights_only loading: a global outside the allow-list is refused by name (never called)."""
+    p = _resave(oracle, "image_p0", tmp_path, lambda ck: ck["extra_state"].update(hook=os.getcwd))
+    with pytest.raises(ImportRefused, match=r"refusing to unpickle posix\.getcwd: "):
+        load_fairseq(p)
+    assert main([str(p), "--out", str(tmp_path / "o")]) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    # text needs its dictionary; a wrong one is refused
+    ck = oracle / "text" / "checkpoint.pt"
+    with pytest.raises(Exception, match="--dict"):
+        import_checkpoint(ck, tmp_path / "t")
+    bad = tmp_path / "dict.txt"
+    bad.write_text("".join(f"x{i} 1\n" for i in range(40)))
+    with pytest.raises(Exception, match="not this model's dictionary"):
+        import_checkpoint(ck, tmp_path / "t", dict_path=bad)
+    assert not (tmp_path / "t").exists()
+
+
+def test_import_reads_numpy1_era_pickles(oracle, tmp_path):
+    """Released files were pickled under numpy 1.x: their numpy scalars name
+    numpy.core.multiarray.scalar (numpy 2 writes numpy._core): the allow-list takes both."""
+    import io
+
+    ck = torch.load(oracle / "image_p0" / "checkpoint.pt", weights_only=False)
+    buf = io.BytesIO()
+    torch.save(ck, buf, _use_new_zipfile_serialization=False)  # one pickle stream: GLOBAL lines editable
+    raw = buf.getvalue()
+    assert b"numpy._core.multiarray\nscalar" in raw
+    p = tmp_path / "old.pt"
+    p.write_bytes(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    assert float(load_fairseq(p)["extra_state"]["previous_training_time"]) == 12.5
+    import_checkpoint(p, tmp_path / "out", which="student")
+    _, cfg, _ = load_export(tmp_path / "out")
+    assert cfg["d2v2_export"]["which"] == "student"
+
+
+def test_parse_feature_spec():
+    assert parse_feature_spec("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]") == \
+        [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    for bad in ["[(512, 10, 5)] * (10**10)", "[(1, 2, 3)] + open('x')", "[(1.5, 2, 3)]", "[(1, 2)]", "x"]:
+        with pytest.raises(ImportRefused, match="feature_encoder_spec"):
+            parse_feature_spec(bad)
+
+
+@pytest.fixture(scope="module")
+def dist():
+    from d2v2_scale.distributed import init_distributed
+
+    return init_distributed()
+
+
+def _has_text_head() -> bool:
+    from d2v2_scale.config import ModelConfig
+
+    return "decoder_projection_layers" in {f.name for f in __import__("dataclasses").fields(ModelConfig)}
+
+
+@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio", "text"])
+def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
+    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
+    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.export.importer import decoder_state, import_state
+    from d2v2_scale.model import build_student, build_teacher, mapping
+
+    if case == "text" and not _has_text_head():
+        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
+    ck = load_fairseq(oracle / case / "checkpoint.pt")
+    ref = torch.load(oracle / case / "oracle.pt")
+    student, mcfg, _ = import_state(ck, "student")
+    teacher, _, _ = import_state(ck, "teacher")
+    cfg = load_preset(f"{mcfg['modality']}-tiny")
+    for k, v in mcfg.items():
+        setattr(cfg.model, k, v)
+    cfg.model.decoder_noise_std = 0.0
+    torch.manual_seed(0)
+    s, t = build_student(cfg), build_teacher(cfg)
+    full = mapping.plain_to_megatron(student, cfg.model.num_heads)
+    full.update(decoder_state(ck, mcfg))
+    mapping.load_full_state_dict(s, full, strict=True)
+    tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
+    own = set(mapping.clean_state_dict(t.state_dict()))
+    mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    batch = {"source": ref["source"], "mask": ref["mask"].bool()}
+    with torch.no_grad():
+        loss, stats = s.eval()(batch, teacher=t)
+    mod = mcfg["modality"].upper()
+    want_reg = ref["losses"][f"{mod}_regression"]
+    assert abs(stats["loss_regression"].item() - want_reg) < 1e-5 * max(1.0, abs(want_reg)), \
+        (stats["loss_regression"].item(), want_reg)
+    if "cls" in ref["losses"]:
+        assert abs(stats["loss_cls"].item() - ref["losses"]["cls"]) < 1e-5
+    assert abs(loss.item() - sum(ref["losses"].values())) < 1e-5 * max(1.0, abs(loss.item()))
+    assert int(stats["masked_tokens"].item()) == ref["sample_size"]
+
+
+def test_text_decoder_head(oracle):
+    """The text recipe's 2-layer decoder head (spec D1) maps to decoder.proj.{0,2} where the
+    training decoder has it, and is refused, naming the field, where it does not."""
+    from d2v2_scale.export.importer import decoder_state, import_state
+
+    ck = load_fairseq(oracle / "text" / "checkpoint.pt")
+    _, mcfg, _ = import_state(ck, "student")
+    if _has_text_head():
+        assert mcfg["decoder_projection_layers"] == 2
+        assert {"decoder.proj.0.weight", "decoder.proj.2.weight"} <= set(decoder_state(ck, mcfg))
+    else:
+        with pytest.raises(ImportRefused, match="projection_layers=2"):
+            decoder_state(ck, mcfg)
+
+
+@pytest.mark.parametrize("case,layout", [("image_p1", ["parallel.tp=2", "parallel.zero_stage=1", "data.batch_size=2"]),
+                                         ("audio", ["parallel.zero_stage=3", "data.batch_size=1"])],
+                         ids=["image-prenet-tp2", "audio-zero3-dp2"])
+def test_to_run_resumes_with_fairseq_loss(oracle, tmp_path, case, layout):
+    """`d2v2-import --to-run RUN --preset P` -> the trainer (--resume auto) starts from the file's
+    student, EMA teacher and decoder (fresh optimizer, step 0) and its first loss on fairseq's batch
+    and masks is fairseq's loss, under TP=2 and under ZeRO-3 with the batch split over 2 ranks."""
+    from d2v2_scale.testing import run_distributed
+    from d2v2_scale.export.importer import load_fairseq, import_state
+
+    run = tmp_path / "run"
+    preset = f"{case.split('_')[0]}-tiny"
+    assert main([str(oracle / case / "checkpoint.pt"), "--to-run", str(run), "--preset", preset]) == 0
+    assert (run / "checkpoints" / "imported" / "weights.safetensors").is_file()
+    res = run_distributed("tests.dist_bodies_import:resume_import_body", nproc=2, timeout=240, args=[
+        str(run), str(oracle / case), "model.decoder_noise_std=0", "optim.warmup_steps=1", *layout])
+    ref = torch.load(oracle / case / "oracle.pt")
+    mod = case.split("_")[0].upper()
+    for r in res.values():
+        assert r["fresh"] and r["step"] == 1 and r["updates"] == 1
+        assert abs(r["reg"] - ref["losses"][f"{mod}_regression"]) < 1e-4, (r, ref["losses"])
+        if r["dp"] == 1:
+            assert abs(r["loss"] - sum(ref["losses"].values())) < 1e-4, (r, ref["losses"])
+    assert "fresh optimizer and LR schedule from step 0" in res[0]["log"]
+    # the trainer's teacher started as the file's EMA teacher, not as a copy of the student
+    teacher, _, _ = import_state(load_fairseq(oracle / case / "checkpoint.pt"), "teacher")
+    sums = res[0]["teacher_sums"]
+    names = [k for k in sums if k.endswith("self_attention.linear_proj.bias")]  # replicated under TP
+    assert names
+    for k in names:
+        plain = k.replace("encoder.", "").replace(".self_attention.linear_proj.", ".attn.proj.")
+        assert abs(sums[k] - teacher[plain].sum().item()) < 1e-4, k
+    # a second import into a run that has one is refused without --force
+    assert main([str(oracle / case / "checkpoint.pt"), "--to-run", str(run), "--preset", preset]) == 2
