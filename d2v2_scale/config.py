@@ -521,6 +521,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
     if p.precision not in ("auto", "bf16", "fp32"):
         errs.append(f"parallel.precision={p.precision!r}: use 'auto', 'bf16' or 'fp32'")
+    if not cfg.optim.lr > 0:
+        errs.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate)")
     if cfg.optim.grad_accum < 1:
         errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
     if cfg.optim.warmup_steps > cfg.optim.total_steps:

@@ -33,9 +33,30 @@ def parse_args(argv=None):
     return args, overrides
 
 
+def preflight(cfg) -> str | None:
+    """What can be checked on the files alone, before any process group or model exists (the
+    same checks run again later, inside the trainer): the data's manifest against the config,
+    and an explicit --resume folder.  Returns the one-line error, or None."""
+    from pathlib import Path
+
+    from ..data.loader import check_data
+    from ..data.manifest import DataError
+    from .checkpoint import resolve_resume
+
+    try:
+        check_data(cfg)
+        if cfg.checkpoint.resume and cfg.checkpoint.resume != "auto":
+            resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
+    except (DataError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     from ..compat import quiet_known_warnings
+    from .runlock import die_with_launcher
 
+    die_with_launcher()  # first: a launcher killed from here on takes this rank with it
     quiet_known_warnings()
     args, overrides = parse_args(argv)
     try:
@@ -55,6 +76,29 @@ def main(argv=None) -> int:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
               "--data.manifest PATH/manifest.json", file=sys.stderr)
         return 2
+    err = preflight(cfg)
+    if err:
+        print(f"d2v2-train: {err}", file=sys.stderr)
+        return 2
+    from ..distributed import resolve_launch_env
+    from .runlock import RunLock, RunLockedError
+
+    lock = None
+    if resolve_launch_env()[1]["RANK"] == "0":  # one owner per run; the other ranks follow it
+        try:
+            lock = RunLock.acquire(cfg.output_dir)
+        except RunLockedError as e:
+            print(f"d2v2-train: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg) -> int:
+    from ..data.manifest import DataError
     from .guards import TrainingStopped
     from .trainer import Trainer, install_signal_handlers
 
@@ -62,7 +106,7 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, DataError) as e:
         print(f"d2v2-train: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

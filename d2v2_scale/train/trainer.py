@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -297,7 +298,7 @@ class Trainer:
         return folder
 
     def resume(self, spec: str | None) -> Path | None:
-        folder = ckpt.resolve_resume(spec, self.ckpt_dir)
+        folder = ckpt.resolve_resume(spec, self.ckpt_dir, warn=self._warn)
         if folder is None:
             return None
         client = ckpt.load(self.engine, folder, self.info.rank, self.info.world_size)
@@ -308,6 +309,17 @@ class Trainer:
             self.loader.load_state_dict(client["loader"])
         ckpt.set_rng_state(client["rng"])
         return folder
+
+    def _warn(self, msg: str) -> None:
+        if self.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _write_losses(self, history: list) -> None:
+        """losses.json: (step, loss) for every step of the run so far, across resumes."""
+        if self.main:
+            tmp = self.out / "losses.json.tmp"
+            tmp.write_text(json.dumps(history))
+            tmp.replace(self.out / "losses.json")
 
     def _stop(self, reason: str) -> None:
         self.stopped_reason = reason
@@ -323,6 +335,11 @@ class Trainer:
         it = iter(self.loader)
         total = cfg.steps
         losses: list[tuple[int, float]] = []
+        # the steps before the resume point come from the previous runs' losses.json (steps after
+        # it, from a run that went on past its last checkpoint, are redone and replaced)
+        earlier = []
+        if resumed and (self.out / "losses.json").is_file():
+            earlier = [tuple(x) for x in json.loads((self.out / "losses.json").read_text()) if x[0] <= self.step]
         last = {}
         try:
             while self.step < total:
@@ -338,6 +355,7 @@ class Trainer:
                 preempted = _save_requested()
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
                     folder = self.save()
+                    self._write_losses(earlier + losses)
                     if self.main:
                         print(f"checkpoint {folder}", flush=True)
                     if preempted:
@@ -345,8 +363,7 @@ class Trainer:
                         break
         finally:
             self.metrics.close()
-        if self.main:
-            (self.out / "losses.json").write_text(json.dumps(losses))
+        self._write_losses(earlier + losses)
         return {"step": self.step, "losses": losses, "last": last}
 
 

@@ -1,0 +1,109 @@
+"""What keeps a user's restart safe: damaged checkpoints are skipped, data errors come first and
+in one line, a second run on a live run's output directory is refused, and ranks end with their
+launcher.  Every run here is the real `d2v2-train` command (DeepSpeed, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import data_fixtures
+
+
+def _cli(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
+def _train(*args, timeout=300, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
+        e.pop(k, None)
+    return subprocess.run([_cli("d2v2-train"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+@pytest.fixture(scope="module")
+def image_manifest():
+    return data_fixtures.prepared("image") / "manifest.json"
+
+
+# ---- item: a damaged newest checkpoint -------------------------------------------------------
+def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
+    """4 checkpoints; the newest three damaged three ways (model states deleted, an optimizer
+    shard deleted, a client file truncated): --resume auto warns about each, naming the file, and
+    resumes from the intact one with the uninterrupted run's losses; an explicit --resume to a
+    damaged one is a one-line error naming the file; losses.json keeps every step."""
+    out = tmp_path / "run"
+    common = ["--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", out,
+              "parallel.zero_stage=1", "checkpoint.every_steps=2", "checkpoint.keep_last=4",
+              "logging.every_steps=2", "data.batch_size=4"]
+    r = _train(*common, "max_steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = dict(map(tuple, json.loads((out / "losses.json").read_text())))
+    assert sorted(ref) == list(range(1, 9))
+    ck = out / "checkpoints"
+    marker = json.loads((ck / "step_00000008" / "COMPLETE").read_text())
+    assert "mp_rank_00_model_states.pt" in marker["files"] and "client_rank00000.pt" in marker["files"]
+    assert all(size > 0 for size in marker["files"].values())
+
+    (ck / "step_00000008" / "mp_rank_00_model_states.pt").unlink()
+    optim = sorted((ck / "step_00000006").glob("*optim_states.pt"))
+    assert optim
+    optim[0].unlink()
+    client = ck / "step_00000004" / "client_rank00000.pt"
+    client.write_bytes(client.read_bytes()[:100])
+
+    # explicit --resume to a damaged checkpoint: one line naming the file, before any work
+    r = _train(*common, "max_steps=8", "--resume", ck / "step_00000008", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "mp_rank_00_model_states.pt is missing" in r.stderr
+
+    r = _train(*common, "max_steps=8", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert len(warnings) == 3, r.stderr[-3000:]
+    assert "mp_rank_00_model_states.pt is missing" in warnings[0]
+    assert optim[0].name in warnings[1] and "is missing" in warnings[1]
+    assert "client_rank00000.pt is 100 bytes" in warnings[2]
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
+    history = dict(map(tuple, json.loads((out / "losses.json").read_text())))
+    assert sorted(history) == list(range(1, 9)), "losses.json keeps the steps before the resume"
+    for s in range(1, 9):  # the resumed steps reproduce the uninterrupted run
+        assert history[s] == ref[s], (s, history[s], ref[s])
+
+
+# ---- item: data errors before any process group, one line, exit 2 ------------------------------
+def _manifest_like(src: Path, dst: Path, **fields) -> Path:
+    m = json.loads(src.read_text()) | fields
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst / "manifest.json"
+
+
+def test_data_errors_are_one_line_before_any_process_group(image_manifest, tmp_path):
+    cases = {
+        "missing": ("image-tiny", tmp_path / "nowhere" / "manifest.json", [], "no manifest at"),
+        "modality": ("text-tiny", image_manifest, [], "holds image data but the config's model.modality is 'text'"),
+        "vocab": ("text-tiny", _manifest_like(image_manifest, tmp_path / "t", modality="text", vocab_size=5000),
+                  [], "set model.vocab_size=5000"),
+        "sample_rate": ("audio-tiny", _manifest_like(image_manifest, tmp_path / "a", modality="audio",
+                                                     sample_rate=8000), [], "set data.sample_rate=8000"),
+        "lr": ("image-tiny", image_manifest, ["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    }
+    for name, (preset, manifest, extra, expect) in cases.items():
+        out = tmp_path / f"out-{name}"
+        r = _train("--preset", preset, f"data.manifest={manifest}", "--output-dir", out, *extra, timeout=60)
+        assert r.returncode == 2, (name, r.stderr[-2000:])
+        assert expect in r.stderr, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        # config errors list their fields under one heading line; data errors are one line
+        assert len(lines) == (2 if name == "lr" else 1), (name, r.stderr)
+        assert "Traceback" not in r.stderr and "[rank0]" not in r.stderr
+        assert not out.exists(), f"{name}: the run started (output dir created) before the check"
