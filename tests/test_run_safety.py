@@ -107,3 +107,147 @@ def test_data_errors_are_one_line_before_any_process_group(image_manifest, tmp_p
         assert len(lines) == (2 if name == "lr" else 1), (name, r.stderr)
         assert "Traceback" not in r.stderr and "[rank0]" not in r.stderr
         assert not out.exists(), f"{name}: the run started (output dir created) before the check"
+
+
+# ---- item: ranks end with their launcher; one live run per output directory -------------------
+def _descendants(pid: int) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.add(k)
+            todo.append(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image_manifest, tmp_path):
+    """torchrun x 2 ranks (each with a loader worker) training; a second d2v2-train on the same
+    output dir is refused naming the owner; `kill -9` of torchrun: every rank and worker is gone
+    within a few seconds; then the dead owner's lock is taken over."""
+    import signal
+    import socket
+    import time
+
+    from d2v2_scale.distributed import free_port
+    from d2v2_scale.train.runlock import RunLock
+
+    out = tmp_path / "run"
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "torchrun.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "d2v2_scale.train", "--preset", "image-tiny", f"data.manifest={image_manifest}",
+                          "--output-dir", str(out), "max_steps=100000", "logging.every_steps=1",
+                          "checkpoint.every_steps=100000", "parallel.zero_stage=0"],
+                         env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "step 2/" not in (tmp_path / "torchrun.log").read_text():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
+            time.sleep(1)
+        procs = _descendants(p.pid)
+        assert len(procs) >= 4, procs  # 2 ranks + their loader workers
+
+        r = _train("--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", out, timeout=60)
+        assert r.returncode == 2 and "is in use by another run" in r.stderr, r.stderr
+        owner = json.loads((out / "RUN.lock").read_text())
+        assert owner["pid"] in procs and f"host {socket.gethostname()}, pid {owner['pid']}" in r.stderr
+
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.time() + 12  # the loader workers notice within torch's 5 s check
+        while [q for q in procs if _alive(q)] and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [q for q in procs if _alive(q)], "ranks or workers outlived their launcher"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    lock = RunLock.acquire(out)  # the dead owner's lock is taken over
+    assert json.loads((out / "RUN.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / "RUN.lock").exists()
+
+
+def test_run_lock_owners(tmp_path, monkeypatch):
+    """A live owner refuses; a reused pid (other start time) and the same SLURM job (requeue)
+    are taken over; a live owner of another SLURM job is refused."""
+    from d2v2_scale.train.runlock import RunLock, RunLockedError, _start_time
+
+    lock = tmp_path / "RUN.lock"
+    me = RunLock.acquire(tmp_path)
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        RunLock.acquire(tmp_path)  # a live owner (this very process)
+    rec = json.loads(lock.read_text())
+    lock.write_text(json.dumps(rec | {"start_time": "1"}))  # its pid, since reused by another process
+    RunLock.acquire(tmp_path)
+    live_parent = rec | {"pid": os.getppid(), "start_time": _start_time(os.getppid()), "slurm_job_id": "4242"}
+    lock.write_text(json.dumps(live_parent))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert RunLock.acquire(tmp_path).record["slurm_job_id"] == "4242"  # a requeued job takes its lock over
+    lock.write_text(json.dumps(live_parent))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(RunLockedError, match="SLURM job 4242"):
+        RunLock.acquire(tmp_path)
+    me.release()  # not the owner any more: leaves the lock alone
+    assert lock.exists()
+
+
+def test_killed_deepspeed_runner_takes_its_ranks(image_manifest, tmp_path):
+    """The deepspeed launcher: runner -> launch.py -> ranks (started with --local_rank=N).  Once
+    every rank watches its launchers, `kill -9` of the runner (launch.py lives on) ends them."""
+    import signal
+    import time
+
+    from d2v2_scale.distributed import free_port
+
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                          "--master_port", str(free_port()), "--module", "d2v2_scale.train", "--preset",
+                          "image-tiny", f"data.manifest={image_manifest}", "--output-dir", str(tmp_path / "run"),
+                          "max_steps=100000"], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+    def ranks():
+        return [q for q in _descendants(p.pid) if "--local_rank" in Path(f"/proc/{q}/cmdline").read_text()]
+
+    def watching(q):
+        try:
+            return any((t / "comm").read_text().startswith("d2v2-launcher") for t in Path(f"/proc/{q}/task").iterdir())
+        except OSError:
+            return False
+
+    try:
+        deadline = time.time() + 120
+        while not (len(ranks()) == 2 and all(map(watching, ranks()))):
+            assert p.poll() is None and time.time() < deadline, "the ranks did not start"
+            time.sleep(0.5)
+        procs = _descendants(p.pid)
+        os.kill(p.pid, signal.SIGKILL)
+        deadline = time.time() + 12
+        while [q for q in procs if _alive(q)] and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [q for q in procs if _alive(q)], "ranks outlived the deepspeed runner"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()

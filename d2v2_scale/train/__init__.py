@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="where logs and checkpoints go")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     if not args.preset and not args.config:
         p.error("give --preset or --config")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 LOCK_NAME = "RUN.lock"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 class RunLockedError(RuntimeError):
@@ -35,12 +36,13 @@ class RunLockedError(RuntimeError):
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None when
+    it is gone or a zombie (dead, not yet reaped by its parent)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name; 22 is index 19
+    return None if fields[0] in ("Z", "X") else fields[19]  # after the command name: state, ..., field 22
 
 
 def _boot_id() -> str:
@@ -125,7 +127,7 @@ class RunLock:
 
 
 # ---- ranks end with their launcher ------------------------------------------------------------
-_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed", "slurmstepd")
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed", "slurmstepd", "pretrain.sh")
 _watching = False
 
 
@@ -167,6 +169,10 @@ def die_with_launcher(poll_s: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch():
+        try:  # the OS-level thread name, so `ps -L` (and a test) can see the watchdog
+            ctypes.CDLL(None).prctl(_PR_SET_NAME, b"d2v2-launcher-w", 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
         while True:
             for a, start in ancestors:
                 if _start_time(a) != start:
