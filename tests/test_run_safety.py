@@ -46,6 +46,14 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
               "logging.every_steps=2", "data.batch_size=4"]
     r = _train(*common, "max_steps=8")
     assert r.returncode == 0, r.stderr[-3000:]
+    # the papercuts: nothing a user cannot act on; the short schedule said up front; no GPU MFU
+    # on a CPU; the time each step waited for data
+    assert "Setting accelerator to CPU" not in r.stdout + r.stderr
+    assert "get learning rate from scheduler" not in r.stdout + r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("run: 1 processes") and "max_steps=8 stops at 8 of the 300-update LR schedule" in first
+    steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 4 and all(" data " in line and "mfu" not in line for line in steps), steps
     ref = dict(map(tuple, json.loads((out / "losses.json").read_text())))
     assert sorted(ref) == list(range(1, 9))
     ck = out / "checkpoints"
@@ -87,7 +95,7 @@ def _manifest_like(src: Path, dst: Path, **fields) -> Path:
     return dst / "manifest.json"
 
 
-def test_data_errors_are_one_line_before_any_process_group(image_manifest, tmp_path):
+def test_data_errors_are_one_line_before_any_process_group(image_manifest, tmp_path, capsys):
     cases = {
         "missing": ("image-tiny", tmp_path / "nowhere" / "manifest.json", [], "no manifest at"),
         "modality": ("text-tiny", image_manifest, [], "holds image data but the config's model.modality is 'text'"),
@@ -96,16 +104,28 @@ def test_data_errors_are_one_line_before_any_process_group(image_manifest, tmp_p
         "sample_rate": ("audio-tiny", _manifest_like(image_manifest, tmp_path / "a", modality="audio",
                                                      sample_rate=8000), [], "set data.sample_rate=8000"),
         "lr": ("image-tiny", image_manifest, ["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+        "batch": ("image-tiny", image_manifest, ["optim.reference_global_batch=20", "optim.match_reference_batch=true"],
+                  "the reference global batch 20 is not a multiple of 1 data-parallel ranks x data.batch_size=8"),
     }
+    from d2v2_scale.train import main
+
     for name, (preset, manifest, extra, expect) in cases.items():
         out = tmp_path / f"out-{name}"
-        r = _train("--preset", preset, f"data.manifest={manifest}", "--output-dir", out, *extra, timeout=60)
-        assert r.returncode == 2, (name, r.stderr[-2000:])
-        assert expect in r.stderr, (name, r.stderr)
-        lines = r.stderr.strip().splitlines()
+        argv = ["--preset", preset, f"data.manifest={manifest}", "--output-dir", str(out), *extra]
+        if name == "missing":  # the installed command, in its own process
+            r = _train(*argv, timeout=60)
+            rc, err = r.returncode, r.stderr
+        else:  # the same main(), in this process (seconds less each)
+            capsys.readouterr()
+            rc = main(argv)
+            err = capsys.readouterr().err
+        assert rc == 2, (name, err[-2000:])
+        assert expect in err, (name, err)
+        assert err.startswith("d2v2-train: "), (name, err)
+        lines = err.strip().splitlines()
         # config errors list their fields under one heading line; data errors are one line
         assert len(lines) == (2 if name == "lr" else 1), (name, r.stderr)
-        assert "Traceback" not in r.stderr and "[rank0]" not in r.stderr
+        assert "Traceback" not in err and "[rank0]" not in err
         assert not out.exists(), f"{name}: the run started (output dir created) before the check"
 
 
@@ -153,7 +173,8 @@ def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           "-m", "d2v2_scale.train", "--preset", "image-tiny", f"data.manifest={image_manifest}",
                           "--output-dir", str(out), "max_steps=100000", "logging.every_steps=1",
-                          "checkpoint.every_steps=100000", "parallel.zero_stage=0"],
+                          "checkpoint.every_steps=100000", "parallel.zero_stage=0", "data.batch_size=4",
+                          "optim.reference_global_batch=16", "optim.match_reference_batch=true"],
                          env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -162,6 +183,9 @@ def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image
             time.sleep(1)
         procs = _descendants(p.pid)
         assert len(procs) >= 4, procs  # 2 ranks + their loader workers
+        # optim.match_reference_batch: 2 ranks x 4 x grad_accum 2 = the reference's 16
+        assert ("global batch 2 x 4 x 2 (dp x data.batch_size x optim.grad_accum) = 16 samples per update; "
+                "the image-tiny reference: 16\n") in (tmp_path / "torchrun.log").read_text()
 
         r = _train("--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", out, timeout=60)
         assert r.returncode == 2 and "is in use by another run" in r.stderr, r.stderr
@@ -251,3 +275,24 @@ def test_killed_deepspeed_runner_takes_its_ranks(image_manifest, tmp_path):
         except ProcessLookupError:
             pass
         p.wait()
+
+
+def test_reference_global_batch_per_preset_and_matching():
+    """Spec section 9 (batch/GPU x GPUs; audio's per-GPU seconds stand as the preset's clips per
+    GPU) and optim.match_reference_batch on fewer GPUs than the reference."""
+    from d2v2_scale.config import ConfigError, build_config, match_reference_batch
+
+    want = {"image-base": 16 * 16, "image-large": 8 * 16, "image-huge": 8 * 32, "audio-base": 8 * 8,
+            "audio-large": 2 * 48, "text-base": 4 * 16, "text-large": 2 * 32, "image-tiny": None}
+    for preset, ref in want.items():
+        assert build_config(preset).optim.reference_global_batch == ref, preset
+    cfg = match_reference_batch(build_config("image-base", overrides=["optim.match_reference_batch=true"]), 4)
+    assert cfg.optim.grad_accum == 4  # 4 GPUs x 16 x 4 = 256, the reference's 16 GPUs x 16
+    cfg = match_reference_batch(build_config("image-base", overrides=["optim.match_reference_batch=true",
+                                                                      "parallel.tp=2"]), 8)
+    assert cfg.optim.grad_accum == 4  # 8 GPUs at TP 2 are 4 data-parallel ranks
+    assert match_reference_batch(build_config("image-base"), 4).optim.grad_accum == 1  # off by default
+    with pytest.raises(ConfigError, match="not a multiple of 3 data-parallel ranks"):
+        match_reference_batch(build_config("image-base", overrides=["optim.match_reference_batch=true"]), 3)
+    with pytest.raises(ConfigError, match="needs optim.reference_global_batch"):
+        build_config("image-tiny", overrides=["optim.match_reference_batch=true"]).validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, build_config, preset_names
+from ..config import ConfigError, build_config, match_reference_batch, preset_names
 
 USAGE = """d2v2-train --preset PRESET [--config FILE.yaml] [--resume auto|DIR] [section.key=VALUE ...]
 
@@ -56,6 +56,7 @@ def preflight(cfg) -> str | None:
 
 def main(argv=None) -> int:
     from ..compat import quiet_known_warnings
+    from ..distributed import resolve_launch_env
     from .runlock import die_with_launcher
 
     die_with_launcher()  # first: a launcher killed from here on takes this rank with it
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
             cfg.checkpoint.resume = args.resume
         if args.output_dir:
             cfg.output_dir = args.output_dir
-        cfg.validate()
+        world = int(resolve_launch_env()[1]["WORLD_SIZE"])
+        cfg.validate(world_size=world)
+        match_reference_batch(cfg, world)  # its error, too, before any process group
     except ConfigError as e:
         print(f"d2v2-train: {e}", file=sys.stderr)
         return 2
@@ -82,7 +85,6 @@ def main(argv=None) -> int:
     if err:
         print(f"d2v2-train: {err}", file=sys.stderr)
         return 2
-    from ..distributed import resolve_launch_env
     from .runlock import RunLock, RunLockedError
 
     lock = None

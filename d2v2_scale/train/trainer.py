@@ -13,6 +13,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import deepspeed
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig
+from ..config import RunConfig, match_reference_batch
 from ..distributed import MegatronMPU, init_distributed
 from . import checkpoint as ckpt
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
@@ -52,6 +53,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
         cfg.validate(world_size=info.world_size)
+        match_reference_batch(cfg, info.world_size)  # optim.match_reference_batch: sets grad_accum
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.main = info.rank == 0
@@ -153,7 +155,8 @@ class Trainer:
         self.metrics = Metrics(self.out / "tensorboard", enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                flops_per_step=self.flops_per_step, samples_per_step=samples,
                                tokens_per_step=tokens * samples, world_size=info.world_size,
-                               peak_tflops=cfg.logging.peak_tflops)
+                               # a GPU's peak means nothing for a CPU run: no MFU there
+                               peak_tflops=cfg.logging.peak_tflops if torch.cuda.is_available() else None)
         self.stopped_reason: str | None = None
 
     # ------------------------------------------------------------------------------------
@@ -310,6 +313,24 @@ class Trainer:
         ckpt.set_rng_state(client["rng"])
         return folder
 
+    def run_summary(self) -> str:
+        """The first log line: layout, the global batch against the preset's reference, and an
+        LR schedule that max_steps cuts short."""
+        cfg, info, o = self.cfg, self.info, self.cfg.optim
+        line = (f"run: {info.world_size} processes (dp {info.dp_size} x tp {info.tp_size} x pp {info.pp_size}), "
+                f"global batch {info.dp_size} x {cfg.data.batch_size} x {o.grad_accum} (dp x data.batch_size x "
+                f"optim.grad_accum) = {self.samples_per_step} samples per update")
+        if o.reference_global_batch:
+            line += f"; the {cfg.preset} reference: {o.reference_global_batch}"
+            if o.reference_global_batch != self.samples_per_step:
+                line += " (optim.match_reference_batch=true matches it; docs/SCALING.md)"
+        if cfg.steps < o.total_steps:
+            line += (f"; max_steps={cfg.steps} stops at {cfg.steps} of the {o.total_steps}-update LR schedule "
+                     f"(optim.total_steps): the LR will not decay to its end; set optim.total_steps={cfg.steps} "
+                     + (f"and optim.warmup_steps below it " if o.warmup_steps > cfg.steps else "")
+                     + "for a complete schedule")
+        return line
+
     def _warn(self, msg: str) -> None:
         if self.main:
             print(msg, file=sys.stderr, flush=True)
@@ -329,6 +350,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.main:
+            print(self.run_summary(), flush=True)
         resumed = self.resume(cfg.checkpoint.resume)
         if resumed and self.main:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
@@ -343,8 +366,11 @@ class Trainer:
         last = {}
         try:
             while self.step < total:
+                t0 = time.perf_counter()
                 batches = [next(it) for _ in range(cfg.optim.grad_accum)]
+                data_wait = time.perf_counter() - t0  # > 0 only when the loader falls behind
                 scalars = self.train_step(batches)
+                scalars["perf/data_wait_s"] = data_wait
                 if "loss/total" in scalars:
                     losses.append((self.step, scalars["loss/total"]))
                 self.metrics.accumulate(scalars)
