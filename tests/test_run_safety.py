@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,14 +158,31 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _kill_launcher(p: subprocess.Popen, procs: set[int], reap: bool) -> list[int]:
+    """SIGKILL the launcher; -> the processes of `procs` still alive 12 s later (the loader
+    workers notice a dead parent within torch's 5 s check)."""
+    os.kill(p.pid, signal.SIGKILL)
+    if reap:
+        p.wait()
+    deadline = time.time() + 12
+    while [q for q in procs if _alive(q)] and time.time() < deadline:
+        time.sleep(0.2)
+    return [q for q in procs if _alive(q)]
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """Cleanup: whatever the test started, gone (its own session)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image_manifest, tmp_path):
     """torchrun x 2 ranks (each with a loader worker) training; a second d2v2-train on the same
     output dir is refused naming the owner; `kill -9` of torchrun: every rank and worker is gone
     within a few seconds; then the dead owner's lock is taken over."""
-    import signal
-    import socket
-    import time
-
     from d2v2_scale.distributed import free_port
     from d2v2_scale.train.runlock import RunLock
 
@@ -192,17 +212,9 @@ def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image
         owner = json.loads((out / "RUN.lock").read_text())
         assert owner["pid"] in procs and f"host {socket.gethostname()}, pid {owner['pid']}" in r.stderr
 
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        deadline = time.time() + 12  # the loader workers notice within torch's 5 s check
-        while [q for q in procs if _alive(q)] and time.time() < deadline:
-            time.sleep(0.2)
-        assert not [q for q in procs if _alive(q)], "ranks or workers outlived their launcher"
+        assert not _kill_launcher(p, procs, reap=True), "ranks or workers outlived their launcher"
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(p)
         log.close()
     lock = RunLock.acquire(out)  # the dead owner's lock is taken over
     assert json.loads((out / "RUN.lock").read_text())["pid"] == os.getpid()
@@ -237,9 +249,6 @@ def test_run_lock_owners(tmp_path, monkeypatch):
 def test_killed_deepspeed_runner_takes_its_ranks(image_manifest, tmp_path):
     """The deepspeed launcher: runner -> launch.py -> ranks (started with --local_rank=N).  Once
     every rank watches its launchers, `kill -9` of the runner (launch.py lives on) ends them."""
-    import signal
-    import time
-
     from d2v2_scale.distributed import free_port
 
     e = dict(os.environ, OMP_NUM_THREADS="1")
@@ -263,18 +272,10 @@ def test_killed_deepspeed_runner_takes_its_ranks(image_manifest, tmp_path):
         while not (len(ranks()) == 2 and all(map(watching, ranks()))):
             assert p.poll() is None and time.time() < deadline, "the ranks did not start"
             time.sleep(0.5)
-        procs = _descendants(p.pid)
-        os.kill(p.pid, signal.SIGKILL)
-        deadline = time.time() + 12
-        while [q for q in procs if _alive(q)] and time.time() < deadline:
-            time.sleep(0.2)
-        assert not [q for q in procs if _alive(q)], "ranks outlived the deepspeed runner"
+        # not reaped: a launcher that is dead but still a zombie counts as dead too
+        assert not _kill_launcher(p, _descendants(p.pid), reap=False), "ranks outlived the deepspeed runner"
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+        _kill_group(p)
 
 
 def test_reference_global_batch_per_preset_and_matching():

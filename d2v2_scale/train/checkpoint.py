@@ -133,13 +133,23 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last:
     _atomic_torch_save(client, folder / f"client_rank{rank:05d}.pt")
     _kill_point("after_client", step)
     dist.barrier()
+    # One listing per node, merged by taking each file's largest size: a node sees its own
+    # writes at once, while another node's view of them may lag (NFS attribute caching), and a
+    # too-small size in the marker would later pass for damage.
+    views: list = [None] * world_size
+    local = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    dist.all_gather_object(views, file_sizes(folder) if local else {})
+    files: dict[str, int] = {}
+    for v in views:
+        for name, size in v.items():
+            files[name] = max(size, files.get(name, 0))
     if rank == 0:
         marker = folder / MARKER
         tmp = folder / (MARKER + ".tmp")
         # the file list lets a resume tell a damaged checkpoint (a file lost or cut later) from a
         # good one before DeepSpeed trips over it with a bare assertion
         tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta,
-                                   "files": file_sizes(folder)}))
+                                   "files": files}))
         os.replace(tmp, marker)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
