@@ -100,6 +100,15 @@ class RunLock:
                     return cls(path, me)
                 except FileExistsError:
                     pass
+                except OSError:  # a filesystem without hard links: exclusive create, then write
+                    try:
+                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        pass
+                    else:
+                        with os.fdopen(fd, "w") as f:
+                            f.write(json.dumps(me))
+                        return cls(path, me)
                 try:
                     owner = json.loads(path.read_text())
                 except FileNotFoundError:

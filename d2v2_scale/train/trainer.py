@@ -327,7 +327,7 @@ class Trainer:
         if cfg.steps < o.total_steps:
             line += (f"; max_steps={cfg.steps} stops at {cfg.steps} of the {o.total_steps}-update LR schedule "
                      f"(optim.total_steps): the LR will not decay to its end; set optim.total_steps={cfg.steps} "
-                     + (f"and optim.warmup_steps below it " if o.warmup_steps > cfg.steps else "")
+                     + ("and optim.warmup_steps below it " if o.warmup_steps > cfg.steps else "")
                      + "for a complete schedule")
         return line
 
@@ -361,7 +361,7 @@ class Trainer:
         # the steps before the resume point come from the previous runs' losses.json (steps after
         # it, from a run that went on past its last checkpoint, are redone and replaced)
         earlier = []
-        if resumed and (self.out / "losses.json").is_file():
+        if resumed and self.main and (self.out / "losses.json").is_file():
             earlier = [tuple(x) for x in json.loads((self.out / "losses.json").read_text()) if x[0] <= self.step]
         last = {}
         try:
