@@ -51,6 +51,13 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, message=r"full scope is deprecated")
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"Warning: tp_group is None")
+    # DeepSpeed's logger: on every CPU command "Setting accelerator to CPU. If you have GPU ..."
+    # (a CPU run is what the user asked for), and at start "Attempting to get learning rate from
+    # scheduler before it has started" (DeepSpeed's own query at engine creation).
+    import logging
+
+    noise = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
+    logging.getLogger("DeepSpeed").addFilter(lambda record: not str(record.msg).startswith(noise))
 
 
 @contextlib.contextmanager

@@ -195,6 +195,12 @@ class OptimConfig:
     total_steps: int = 375_300  # optimizer updates
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
+    # The public config's global batch in samples per update (spec section 9: batch/GPU x GPUs),
+    # which its LR, warmup and EMA steps were tuned for; None: unknown (nothing to compare).
+    reference_global_batch: int | None = None
+    # true: set grad_accum so that data-parallel ranks x data.batch_size x grad_accum equals
+    # reference_global_batch on however many GPUs this run has (docs/SCALING.md)
+    match_reference_batch: bool = False
 
 
 @dataclass
@@ -319,7 +325,8 @@ PRESETS: dict[str, dict] = {
         masking=dict(ratio=0.8, adjust=0.07, length=3),
         ema=dict(decay=0.9998, end_decay=0.99999, anneal_end_step=100_000),
         data=dict(batch_size=16),
-        optim=_IMAGE["optim"] | dict(lr=1e-3, total_steps=375_300),
+        optim=_IMAGE["optim"] | dict(lr=1e-3, total_steps=375_300,
+                                     reference_global_batch=256),
     ),
     "image-large": _IMAGE | dict(
         model=_IMAGE["model"] | dict(depth=24, prenet_depth=0, embed_dim=1024, num_heads=16, clone_batch=16,
@@ -328,7 +335,8 @@ PRESETS: dict[str, dict] = {
         masking=dict(ratio=0.75, adjust=0.1, length=3),
         ema=dict(decay=0.9998, end_decay=0.99999, anneal_end_step=150_000),
         data=dict(batch_size=8),
-        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=375_300),
+        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=375_300,
+                                     reference_global_batch=128),
     ),
     "image-huge": _IMAGE | dict(
         model=_IMAGE["model"] | dict(depth=32, prenet_depth=0, embed_dim=1280, num_heads=16, clone_batch=16,
@@ -337,7 +345,8 @@ PRESETS: dict[str, dict] = {
         masking=dict(ratio=0.75, adjust=0.1, length=3),
         ema=dict(decay=0.9998, end_decay=1.0, anneal_end_step=300_000),
         data=dict(batch_size=8),
-        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=500_000),
+        optim=_IMAGE["optim"] | dict(lr=4e-4, total_steps=500_000,
+                                     reference_global_batch=256),
     ),
     "audio-base": _AUDIO | dict(
         model=_AUDIO["model"] | dict(depth=12, prenet_depth=0, embed_dim=768, num_heads=12, clone_batch=8,
@@ -346,7 +355,8 @@ PRESETS: dict[str, dict] = {
         masking=dict(ratio=0.5, adjust=0.05, length=5),
         ema=dict(decay=0.999, end_decay=0.99999, anneal_end_step=75_000),
         data=dict(batch_size=8, min_seconds=2.0, max_seconds=20.0),
-        optim=_AUDIO["optim"] | dict(lr=7.5e-4, clip_grad=0.0, warmup_steps=8000, total_steps=400_000),
+        optim=_AUDIO["optim"] | dict(lr=7.5e-4, clip_grad=0.0, warmup_steps=8000, total_steps=400_000,
+                                     reference_global_batch=64),
     ),
     "audio-large": _AUDIO | dict(
         model=_AUDIO["model"] | dict(depth=16, prenet_depth=8, embed_dim=1024, num_heads=16, clone_batch=12,
@@ -355,14 +365,16 @@ PRESETS: dict[str, dict] = {
         masking=dict(ratio=0.55, adjust=0.1, length=5),
         ema=dict(decay=0.9997, end_decay=1.0, anneal_end_step=300_000),
         data=dict(batch_size=2, min_seconds=2.0, max_seconds=20.0),
-        optim=_AUDIO["optim"] | dict(lr=4e-4, clip_grad=1.0, warmup_steps=10_000, total_steps=600_000),
+        optim=_AUDIO["optim"] | dict(lr=4e-4, clip_grad=1.0, warmup_steps=10_000, total_steps=600_000,
+                                     reference_global_batch=96),
     ),
     "text-base": _TEXT | dict(
         model=_TEXT["model"] | dict(depth=12, embed_dim=768, num_heads=12, clone_batch=8, top_k_layers=12),
         masking=_TEXT["masking"] | dict(ratio=0.48),
         ema=dict(decay=0.9999, end_decay=0.99999, anneal_end_step=100_000),
         data=dict(batch_size=4, max_tokens=512),
-        optim=_TEXT["optim"] | dict(lr=2e-4, total_steps=1_000_000),
+        optim=_TEXT["optim"] | dict(lr=2e-4, total_steps=1_000_000,
+                                    reference_global_batch=64),
     ),
     "text-large": _TEXT | dict(
         model=_TEXT["model"] | dict(depth=24, embed_dim=1024, num_heads=16, clone_batch=8, top_k_layers=24,
@@ -371,13 +383,14 @@ PRESETS: dict[str, dict] = {
         masking=_TEXT["masking"] | dict(ratio=0.5),
         ema=dict(decay=0.9999, end_decay=0.99999, anneal_end_step=100_000),
         data=dict(batch_size=2, max_tokens=512),
-        optim=_TEXT["optim"] | dict(lr=1e-4, total_steps=600_000),
+        optim=_TEXT["optim"] | dict(lr=1e-4, total_steps=600_000,
+                                    reference_global_batch=64),
     ),
 }
 
 _TINY = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2, clone_batch=4,
              decoder_dim=32, decoder_layers=2, decoder_groups=4)
-_TINY_OPT = dict(lr=1e-3, warmup_steps=10, total_steps=300)
+_TINY_OPT = dict(lr=1e-3, warmup_steps=10, total_steps=300, reference_global_batch=None)
 _TINY_CKPT = dict(every_steps=100, keep_last=2)
 PRESETS["image-tiny"] = PRESETS["image-base"] | dict(
     model=PRESETS["image-base"]["model"] | _TINY | dict(image_size=32, patch_size=4, decoder_kernel=3),
@@ -571,6 +584,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"data.max_bad_rows={cfg.data.max_bad_rows} must be >= 0 (0 stops at the first bad row)")
     if p.precision not in ("auto", "bf16", "fp32"):
         errs.append(f"parallel.precision={p.precision!r}: use 'auto', 'bf16' or 'fp32'")
+    if cfg.optim.match_reference_batch and not cfg.optim.reference_global_batch:
+        errs.append("optim.match_reference_batch=true needs optim.reference_global_batch (this preset has no "
+                    "reference): set optim.reference_global_batch=N, or optim.grad_accum yourself")
+    if not cfg.optim.lr > 0:
+        errs.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate)")
     if cfg.optim.grad_accum < 1:
         errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
     if cfg.optim.warmup_steps > cfg.optim.total_steps:
@@ -615,6 +633,24 @@ def _beit_errors(m: ModelConfig) -> list[str]:
         errs.append(f"model.dropout={m.dropout} / model.layerdrop={m.layerdrop} apply to the 2.0 blocks; "
                     "BEiT blocks use model.attention_dropout and model.drop_path: set both to 0")
     return errs
+
+
+def match_reference_batch(cfg: RunConfig, world_size: int) -> RunConfig:
+    """With optim.match_reference_batch, set optim.grad_accum so that the global batch
+    (data-parallel ranks x data.batch_size x grad_accum) equals optim.reference_global_batch;
+    ConfigError when no whole number of micro-batches does.  Otherwise nothing changes."""
+    o = cfg.optim
+    if not o.match_reference_batch or not o.reference_global_batch:
+        return cfg
+    dp = max(world_size // (cfg.parallel.tp * cfg.parallel.pp), 1)
+    per_update = dp * cfg.data.batch_size
+    if o.reference_global_batch % per_update:
+        raise ConfigError(f"optim.match_reference_batch: the reference global batch {o.reference_global_batch} is not "
+                          f"a multiple of {dp} data-parallel ranks x data.batch_size={cfg.data.batch_size}: choose "
+                          f"data.batch_size so that {dp} x data.batch_size divides {o.reference_global_batch} "
+                          f"(or set optim.grad_accum yourself)")
+    o.grad_accum = o.reference_global_batch // per_update
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

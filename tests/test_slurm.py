@@ -174,3 +174,44 @@ def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
     second = log[m.end():]
     steps = sorted(_step_losses(second))
     assert steps and steps[0] > resumed_at and steps[-1] == total, steps
+
+
+def test_killed_srun_takes_its_tasks(slurm, manifest, tmp_path):
+    """`kill -9` of the job's srun (the launcher of the tasks): every training task is gone
+    within seconds, and the job ends.  SLURM itself ends the step when its srun goes (measured:
+    the same with the ranks' own launcher watch turned off); the ranks' PR_SET_PDEATHSIG covers
+    their slurmstepd dying."""
+    import signal
+
+    job = _submit(slurm, tmp_path, manifest, "max_steps=100000", "checkpoint.every_steps=100000",
+                  "logging.every_steps=1")
+    t0 = time.time()
+    while "step 2/" not in _log(tmp_path, job):
+        assert time.time() - t0 < 300 and not _done(_job(slurm, job)), _log(tmp_path, job)[-3000:]
+        time.sleep(1)
+    out = str(tmp_path / "run")
+
+    def procs(name):
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if d.name.isdigit() and out in cmd and (d / "comm").read_text().strip() == name:
+                found.append(int(d.name))
+        return found
+
+    def ppid(p):
+        return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    tasks = [p for p in procs("python") + procs("python3")]
+    sruns = procs("srun")
+    srun = [p for p in sruns if ppid(p) not in sruns]  # srun's own helper process is its child
+    assert len(tasks) >= 4 and len(srun) == 1, (tasks, sruns)
+    os.kill(srun[0], signal.SIGKILL)
+    t0 = time.time()
+    while [p for p in tasks if Path(f"/proc/{p}").exists()] and time.time() - t0 < 15:
+        time.sleep(0.5)
+    assert not [p for p in tasks if Path(f"/proc/{p}").exists()], "tasks outlived srun"
+    _wait(slurm, job, _done, 120, "the end")

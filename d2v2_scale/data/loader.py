@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import augment, masking, rng
-from .manifest import DataError
+from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
 
@@ -215,6 +215,16 @@ class _EpochKeys(Sampler):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # PIL/numpy work is single-threaded; avoid oversubscription
+
+
+def check_data(cfg) -> None:
+    """The manifest-level checks (exists, modality, vocabulary, sample rate) on their own: cheap
+    (one JSON read), so `d2v2-train` runs them before any process group or model exists."""
+    if not cfg.data.manifest:
+        raise DataError("data.manifest is not set: prepare data with `d2v2-prep image|audio|text ... --out DIR` "
+                        "and set data.manifest=DIR/manifest.json")
+    manifest, root = load_manifest(cfg.data.manifest)
+    check_compatible(manifest, root / "manifest.json", cfg)
 
 
 class Loader:

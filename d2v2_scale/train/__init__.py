@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, build_config, preset_names
+from ..config import ConfigError, build_config, match_reference_batch, preset_names
 
 USAGE = """d2v2-train --preset PRESET [--config FILE.yaml] [--resume auto|DIR] [section.key=VALUE ...]
 
@@ -27,15 +27,39 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="where logs and checkpoints go")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     if not args.preset and not args.config:
         p.error("give --preset or --config")
     return args, overrides
 
 
+def preflight(cfg) -> str | None:
+    """What can be checked on the files alone, before any process group or model exists (the
+    same checks run again later, inside the trainer): the data's manifest against the config,
+    and an explicit --resume folder.  Returns the one-line error, or None."""
+    from pathlib import Path
+
+    from ..data.loader import check_data
+    from ..data.manifest import DataError
+    from .checkpoint import resolve_resume
+
+    try:
+        check_data(cfg)
+        if cfg.checkpoint.resume and cfg.checkpoint.resume != "auto":
+            resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
+    except (DataError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     from ..compat import quiet_known_warnings
+    from ..distributed import resolve_launch_env
+    from .runlock import die_with_launcher
 
+    die_with_launcher()  # first: a launcher killed from here on takes this rank with it
     quiet_known_warnings()
     args, overrides = parse_args(argv)
     try:
@@ -44,7 +68,9 @@ def main(argv=None) -> int:
             cfg.checkpoint.resume = args.resume
         if args.output_dir:
             cfg.output_dir = args.output_dir
-        cfg.validate()
+        world = int(resolve_launch_env()[1]["WORLD_SIZE"])
+        cfg.validate(world_size=world)
+        match_reference_batch(cfg, world)  # its error, too, before any process group
     except ConfigError as e:
         print(f"d2v2-train: {e}", file=sys.stderr)
         return 2
@@ -55,6 +81,28 @@ def main(argv=None) -> int:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
               "--data.manifest PATH/manifest.json", file=sys.stderr)
         return 2
+    err = preflight(cfg)
+    if err:
+        print(f"d2v2-train: {err}", file=sys.stderr)
+        return 2
+    from .runlock import RunLock, RunLockedError
+
+    lock = None
+    if resolve_launch_env()[1]["RANK"] == "0":  # one owner per run; the other ranks follow it
+        try:
+            lock = RunLock.acquire(cfg.output_dir)
+        except RunLockedError as e:
+            print(f"d2v2-train: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg) -> int:
+    from ..data.manifest import DataError
     from .guards import TrainingStopped
     from .trainer import Trainer, install_signal_handlers
 
@@ -62,7 +110,7 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, DataError) as e:
         print(f"d2v2-train: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

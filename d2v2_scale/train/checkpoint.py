@@ -6,12 +6,15 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/            DeepSpeed's tag folder (mp_rank_*, zero_pp_rank_* files)
         client_rank00003.pt   per rank: RNG states, data-loader state, teacher EMA masters
-        COMPLETE              written last, by rank 0, after every rank finished (json)
+        COMPLETE              written last, by rank 0, after every rank finished (json; lists
+                              every file of the folder with its size)
     latest                    DeepSpeed's pointer (not trusted for resume: see below)
 
-A checkpoint counts only once its COMPLETE marker exists; `resume="auto"` takes the newest
-complete one, so a save killed halfway (no marker) is ignored and the previous one is used.
-Old complete checkpoints beyond `keep_last` are deleted after the new one is complete.
+A checkpoint counts only once its COMPLETE marker exists and every file it lists is there with
+its size; `resume="auto"` takes the newest intact one, so a save killed halfway (no marker) or a
+checkpoint damaged later (a file deleted or truncated) is skipped with a warning naming what is
+wrong, and the previous one is used.  Old complete checkpoints beyond `keep_last` are deleted
+after the new one is complete.
 """
 
 from __future__ import annotations
@@ -44,20 +47,51 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
-    """None -> no resume; "auto" -> newest complete checkpoint or None; else a checkpoint dir."""
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under a checkpoint folder (relative path -> bytes), the marker excluded."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in (MARKER, MARKER + ".tmp")}
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (one phrase naming the file), or None."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} marker (the save was interrupted)"
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{marker} is unreadable ({e})"
+    for name, size in info.get("files", {}).items():  # markers before the file list: not checked
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, the marker says {size} (truncated or overwritten)"
+    return None
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None:
+    """None -> no resume; "auto" -> newest intact checkpoint or None (damaged newer ones skipped,
+    each reported through `warn(message)`); else that checkpoint dir, which must be intact."""
     if not resume:
         return None
     if resume == "auto":
-        done = complete_checkpoints(ckpt_dir)
-        return done[-1] if done else None
+        for folder in reversed(complete_checkpoints(ckpt_dir)):
+            why = damage(folder)
+            if why is None:
+                return folder
+            if warn is not None:
+                warn(f"warning: skipping checkpoint {folder}: {why}; trying an older one")
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint folder (use --resume auto to take the "
                                 f"newest complete one under {ckpt_dir})")
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"--resume {path}: checkpoint is incomplete (no {MARKER} marker: the save was "
-                                f"interrupted); use an older one or --resume auto")
+    why = damage(path)
+    if why is not None:
+        raise FileNotFoundError(f"--resume {path}: the checkpoint is damaged: {why}; resume from an older one "
+                                f"or use --resume auto (it skips damaged checkpoints)")
     return path
 
 
@@ -99,10 +133,23 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last:
     _atomic_torch_save(client, folder / f"client_rank{rank:05d}.pt")
     _kill_point("after_client", step)
     dist.barrier()
+    # One listing per node, merged by taking each file's largest size: a node sees its own
+    # writes at once, while another node's view of them may lag (NFS attribute caching), and a
+    # too-small size in the marker would later pass for damage.
+    views: list = [None] * world_size
+    local = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    dist.all_gather_object(views, file_sizes(folder) if local else {})
+    files: dict[str, int] = {}
+    for v in views:
+        for name, size in v.items():
+            files[name] = max(size, files.get(name, 0))
     if rank == 0:
         marker = folder / MARKER
         tmp = folder / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta}))
+        # the file list lets a resume tell a damaged checkpoint (a file lost or cut later) from a
+        # good one before DeepSpeed trips over it with a bare assertion
+        tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta,
+                                   "files": files}))
         os.replace(tmp, marker)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

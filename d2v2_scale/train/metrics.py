@@ -20,7 +20,7 @@ class Metrics:
     """Rank 0 writes; the others only time.  Scalars are averaged over the logging window."""
 
     def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, flops_per_step: float,
-                 samples_per_step: int, tokens_per_step: int, world_size: int, peak_tflops: float):
+                 samples_per_step: int, tokens_per_step: int, world_size: int, peak_tflops: float | None):
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
@@ -56,7 +56,8 @@ class Metrics:
         out["perf/tokens_per_s"] = self.tokens_per_step / step_time
         tflops_per_device = self.flops_per_step / step_time / self.world_size / 1e12
         out["perf/tflops_per_device"] = tflops_per_device
-        out["perf/mfu"] = tflops_per_device / self.peak_tflops
+        if self.peak_tflops:  # None: no known peak for this device (a CPU), so no MFU
+            out["perf/mfu"] = tflops_per_device / self.peak_tflops
         out["perf/memory_gib"] = peak_memory_gib()
         if self.writer is not None:
             for k, v in out.items():
@@ -77,5 +78,6 @@ def format_line(step: int, total: int, s: dict[str, float]) -> str:
             f"tpos {s.get('stats/target_position_share', float('nan')):.3f} "
             f"lr {s.get('opt/lr', 0):.2e} ema {s.get('opt/ema_decay', 0):.6f} gnorm {s.get('opt/grad_norm', 0):.3f} "
             f"{s['perf/samples_per_s']:.1f} samples/s {s['perf/tokens_per_s']:.0f} tok/s "
-            f"mfu {100 * s['perf/mfu']:.3g}% mem {s['perf/memory_gib']:.2f}GiB "
+            + (f"mfu {100 * s['perf/mfu']:.3g}% " if "perf/mfu" in s else "")
+            + f"data {1000 * s.get('perf/data_wait_s', 0):.0f}ms mem {s['perf/memory_gib']:.2f}GiB "
             f"skipped {int(s.get('guard/skipped_total', 0))}")

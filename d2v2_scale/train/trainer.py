@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
+import time
 from pathlib import Path
 
 import deepspeed
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig
+from ..config import RunConfig, match_reference_batch
 from ..distributed import MegatronMPU, init_distributed
 from . import checkpoint as ckpt
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
@@ -51,6 +53,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
         cfg.validate(world_size=info.world_size)
+        match_reference_batch(cfg, info.world_size)  # optim.match_reference_batch: sets grad_accum
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.main = info.rank == 0
@@ -163,7 +166,8 @@ class Trainer:
         self.metrics = Metrics(self.out / "tensorboard", enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                flops_per_step=self.flops_per_step, samples_per_step=samples,
                                tokens_per_step=tokens * samples, world_size=info.world_size,
-                               peak_tflops=cfg.logging.peak_tflops)
+                               # a GPU's peak means nothing for a CPU run: no MFU there
+                               peak_tflops=cfg.logging.peak_tflops if torch.cuda.is_available() else None)
         self.stopped_reason: str | None = None
 
     # ------------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ class Trainer:
         return folder
 
     def resume(self, spec: str | None) -> Path | None:
-        folder = ckpt.resolve_resume(spec, self.ckpt_dir)
+        folder = ckpt.resolve_resume(spec, self.ckpt_dir, warn=self._warn)
         if folder is None:
             return None
         client = ckpt.load(self.engine, folder, self.info.rank, self.info.world_size)
@@ -320,6 +324,35 @@ class Trainer:
         ckpt.set_rng_state(client["rng"])
         return folder
 
+    def run_summary(self) -> str:
+        """The first log line: layout, the global batch against the preset's reference, and an
+        LR schedule that max_steps cuts short."""
+        cfg, info, o = self.cfg, self.info, self.cfg.optim
+        line = (f"run: {info.world_size} processes (dp {info.dp_size} x tp {info.tp_size} x pp {info.pp_size}), "
+                f"global batch {info.dp_size} x {cfg.data.batch_size} x {o.grad_accum} (dp x data.batch_size x "
+                f"optim.grad_accum) = {self.samples_per_step} samples per update")
+        if o.reference_global_batch:
+            line += f"; the {cfg.preset} reference: {o.reference_global_batch}"
+            if o.reference_global_batch != self.samples_per_step:
+                line += " (optim.match_reference_batch=true matches it; docs/SCALING.md)"
+        if cfg.steps < o.total_steps:
+            line += (f"; max_steps={cfg.steps} stops at {cfg.steps} of the {o.total_steps}-update LR schedule "
+                     f"(optim.total_steps): the LR will not decay to its end; set optim.total_steps={cfg.steps} "
+                     + ("and optim.warmup_steps below it " if o.warmup_steps > cfg.steps else "")
+                     + "for a complete schedule")
+        return line
+
+    def _warn(self, msg: str) -> None:
+        if self.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _write_losses(self, history: list) -> None:
+        """losses.json: (step, loss) for every step of the run so far, across resumes."""
+        if self.main:
+            tmp = self.out / "losses.json.tmp"
+            tmp.write_text(json.dumps(history))
+            tmp.replace(self.out / "losses.json")
+
     def _stop(self, reason: str) -> None:
         self.stopped_reason = reason
         folder = self.save()
@@ -328,17 +361,27 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.main:
+            print(self.run_summary(), flush=True)
         resumed = self.resume(cfg.checkpoint.resume)
         if resumed and self.main:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
         it = iter(self.loader)
         total = cfg.steps
         losses: list[tuple[int, float]] = []
+        # the steps before the resume point come from the previous runs' losses.json (steps after
+        # it, from a run that went on past its last checkpoint, are redone and replaced)
+        earlier = []
+        if resumed and self.main and (self.out / "losses.json").is_file():
+            earlier = [tuple(x) for x in json.loads((self.out / "losses.json").read_text()) if x[0] <= self.step]
         last = {}
         try:
             while self.step < total:
+                t0 = time.perf_counter()
                 batches = [next(it) for _ in range(cfg.optim.grad_accum)]
+                data_wait = time.perf_counter() - t0  # > 0 only when the loader falls behind
                 scalars = self.train_step(batches)
+                scalars["perf/data_wait_s"] = data_wait
                 if "loss/total" in scalars:
                     losses.append((self.step, scalars["loss/total"]))
                 self.metrics.accumulate(scalars)
@@ -349,6 +392,7 @@ class Trainer:
                 preempted = _save_requested()
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
                     folder = self.save()
+                    self._write_losses(earlier + losses)
                     if self.main:
                         print(f"checkpoint {folder}", flush=True)
                     if preempted:
@@ -356,8 +400,7 @@ class Trainer:
                         break
         finally:
             self.metrics.close()
-        if self.main:
-            (self.out / "losses.json").write_text(json.dumps(losses))
+        self._write_losses(earlier + losses)
         return {"step": self.step, "losses": losses, "last": last}
 
 
