@@ -255,3 +255,11 @@ def test_modality_and_vocab_mismatch(tmp_path):
     cfg.model.vocab_size = 500
     with pytest.raises(DataError, match="vocabulary of 1000.*model.vocab_size=1000"):
         build_loader(cfg, 0, 1)
+
+
+def test_audio_too_few_clips_above_min_seconds():
+    """Clips under data.min_seconds are dropped (spec 12 D6); when too few are left the error
+    names the field before any worker starts."""
+    cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0, min_seconds=5.0, max_seconds=20.0)
+    with pytest.raises(DataError, match=r"only 0 of 78 clips are at least data.min_seconds=5.0 s long"):
+        build_loader(cfg, 0, 1)
