@@ -84,6 +84,9 @@ def test_yaml_round_trip(tmp_path):
     (["model.top_k_layers=11"], 1, r"top_k_layers=11 must be between 1 and model.depth=10"),
     (["guards.max_target_position_share=1.5"], 1, r"guards.max_target_position_share=1.5 must be in \(0, 1\)"),
     (["data.max_bad_rows=-1"], 1, r"data.max_bad_rows=-1 must be >= 0"),
+    (["model.decoder_input_dropout=1.0"], 1, r"model.decoder_input_dropout=1.0 must be in \[0, 1\)"),
+    (["model.decoder_projection_layers=3"], 1, r"model.decoder_projection_layers=3: use 1 .* or 2"),
+    (["data.audio_crop=pad"], 1, r"data.audio_crop='pad': use 'batch_min'"),
 ])
 def test_invalid_layouts(overrides, world, message):
     base = ["model.depth=10", "model.prenet_depth=0"] if "parallel.pp=4" in overrides else []

@@ -376,3 +376,11 @@ def test_manifest_without_row_checksums_still_loads(tmp_path, capfd):
     cfg.data.batch_size = 4
     with pytest.raises(DataError, match=rf"cannot decode shard-00000\.arrow row 5 \(source {path}\)"):
         _epoch_indices(build_loader(cfg, 0, 1), 5)
+
+
+def test_audio_too_few_clips_above_min_seconds():
+    """Clips under data.min_seconds are dropped (spec 12 D6); when too few are left the error
+    names the field before any worker starts."""
+    cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0, min_seconds=5.0, max_seconds=20.0)
+    with pytest.raises(DataError, match=r"only 0 of 78 clips are at least data.min_seconds=5.0 s long"):
+        build_loader(cfg, 0, 1)

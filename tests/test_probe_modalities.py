@@ -273,7 +273,8 @@ def test_speech_digits_pretrained_beats_random_init(tmp_path):
     """The ten digit words from espeak-ng (8 accents x 10 voices x 2 speeds = 1600 clips, 800 held
     out): 300 steps of audio-tiny pretraining on the clips themselves (labels unused) -> export
     (round trip checked) -> linear probe vs the same network at the training init.  Measured
-    margins (split seed 0): +0.14 / +0.15 / +0.20 for training seeds 1 / 2 / 3 (docs/BENCHMARKS.md)."""
+    margins (split seed 0): +0.14 / +0.15 / +0.20 for training seeds 1 / 2 / 3, +0.17 for seed 1 with
+    the reference details D1-D10 (docs/BENCHMARKS.md)."""
     data_fixtures.espeak_digits(tmp_path / "raw")
     _prep(["audio", str(tmp_path / "raw"), "--out", str(tmp_path / "shards"), "--label-from", "parent",
            "--min-seconds", "0.3", "--workers", "1"])

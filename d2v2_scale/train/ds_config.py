@@ -77,8 +77,14 @@ def student_ds_config(cfg: RunConfig, dp_size: int) -> dict:
     defaults = dict(_DEFAULTS)
     if cfg.parallel.zero_stage == 3:
         # gather layer by layer (teacher and student forwards fetch parameters block by block)
+        # memory_efficient_linear off: zero.Init would replace torch.nn.functional.linear for the
+        # whole process with a version that adds the bias after the matmul (two roundings), so the
+        # torch Linears (decoder projection, audio projection: non-zero biases at the reference
+        # init, spec 12 D9) computed other bf16 numbers than under ZeRO-0/1/2 (measured: first
+        # loss 14.09796 vs 14.09918).  The Megatron blocks never used it.
         defaults["zero_optimization"] = {"stage3_prefetch_bucket_size": 50_000_000,
-                                         "stage3_max_live_parameters": 1_000_000_000}
+                                         "stage3_max_live_parameters": 1_000_000_000,
+                                         "memory_efficient_linear": False}
     user: dict = {}
     if cfg.parallel.ds_config:
         path = Path(cfg.parallel.ds_config)
