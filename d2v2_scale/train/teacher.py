@@ -6,6 +6,7 @@ name (ZeRO-3 partitions each parameter on its own: same shape + same group = sam
 EMA update is then shard-local, with no communication:
 
     master_t <- d * master_t + (1 - d) * fp32_master_shard(student)      (fp32, [numel / dp])
+    master_t <- fp32_master_shard(student)          (the `copy` prefixes: data2vec 1.0 skip keys)
     teacher.ds_tensor <- master_t                                       (training dtype)
 
 and the next teacher forward gathers the updated shards layer by layer like any ZeRO-3 forward.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_local_fp32_param
+
+from ..model.ema import copied
 
 
 def _zero3_param(p: torch.nn.Parameter) -> bool:
@@ -31,8 +34,11 @@ class EmaTeacher:
     """
 
     def __init__(self, teacher_module: torch.nn.Module, student_engine, ds_config: dict, zero3: bool,
-                 dtype: torch.dtype, mpu=None):
+                 dtype: torch.dtype, mpu=None, copy: tuple[str, ...] = ()):
         self.zero3 = zero3
+        # "copy, don't average": parameters under these name prefixes take the student's values
+        # at every update (data2vec 1.0's speech positional conv); shard-local like the EMA
+        self.copy = tuple(copy)
         self.dtype = dtype
         self.student = student_engine
         if zero3:
@@ -98,7 +104,10 @@ class EmaTeacher:
         self._release_gathered()
         for name, t, s in self.pairs:
             m = self.master[name]
-            m.mul_(decay).add_(self._student_fp32(s).view_as(m), alpha=1.0 - decay)
+            if copied(name, self.copy):
+                m.copy_(self._student_fp32(s).view_as(m))
+            else:
+                m.mul_(decay).add_(self._student_fp32(s).view_as(m), alpha=1.0 - decay)
             self._local(t).copy_(m)
 
     # ---- checkpoint -----------------------------------------------------------------------
