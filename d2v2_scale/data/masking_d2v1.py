@@ -52,23 +52,28 @@ def _spread(starts: np.ndarray, span: int) -> np.ndarray:
     return out
 
 
+def span_counts(keys: np.ndarray, lengths: np.ndarray, prob: float, span: int, min_masks: int = 0) -> np.ndarray:
+    """int64 [N]: n = max(int(prob * T_i / span + U), min_masks), U ~ Uniform[0, 1) per row."""
+    u = rng.uniform(keys, 1, STREAM_COUNT)[:, 0]
+    return np.maximum((prob * lengths / float(span) + u).astype(np.int64), min_masks)
+
+
 def speech_span_mask(keys: np.ndarray, lengths, total: int, prob: float, span: int,
-                     min_masks: int = 1) -> np.ndarray:
+                     min_masks: int = 1, same_count: bool = True) -> np.ndarray:
     """Speech mask, bool [N, total] (True = masked; padding frames >= lengths[i] are never masked).
 
-    Every row ends with the same masked count (the batch minimum), as fairseq's
+    same_count: every row ends with the same masked count (the batch minimum), as fairseq's
     `require_same_masks`: the student encodes all frames, and the per-row loss weights stay equal."""
     n = len(keys)
     lengths = np.minimum(np.asarray(lengths, dtype=np.int64).reshape(n), total)
-    u = rng.uniform(keys, 1, STREAM_COUNT)[:, 0]
-    num = np.maximum((prob * lengths / float(span) + u).astype(np.int64), min_masks)
+    num = span_counts(keys, lengths, prob, span, min_masks)
     # fairseq: starts from range(sz - min_len), min_len = span, or sz - num - 1 when that is too few
     cand = np.where(lengths - span <= num, lengths - num - 1, lengths - span)
     cand = np.maximum(cand, 1)
     masked = _spread(_distinct_starts(keys, num, cand, total), span) & _valid(lengths, total)
     counts = masked.sum(1)
     k = int(counts.min()) if n else 0
-    if (counts == k).all():
+    if not same_count or (counts == k).all():
         return masked
     scores = rng.uniform(keys, total, STREAM_TRIM)
     scores[~masked] = -np.inf
@@ -79,8 +84,7 @@ def text_span_mask(keys: np.ndarray, lengths, total: int, prob: float, span: int
     """Text span mask, bool [N, total] (True = masked; positions >= lengths[i] never masked)."""
     n = len(keys)
     lengths = np.minimum(np.asarray(lengths, dtype=np.int64).reshape(n), total)
-    u = rng.uniform(keys, 1, STREAM_COUNT)[:, 0]
-    num = (prob * lengths / float(span) + u).astype(np.int64)
+    num = span_counts(keys, lengths, prob, span)
     return _spread(_distinct_starts(keys, num, lengths, total), span) & _valid(lengths, total)
 
 
@@ -103,8 +107,7 @@ def text_inputs(keys: np.ndarray, tokens: np.ndarray, lengths, masking, mask_id:
         selected = text_span_mask(keys, lengths, total, masking.ratio, masking.length)
         kind = np.zeros((n, total))
     elif masking.generator == "bert":
-        u = rng.uniform(keys, 1, STREAM_COUNT)[:, 0]
-        num = (masking.ratio * lengths + u).astype(np.int64)
+        num = span_counts(keys, lengths, masking.ratio, 1)
         selected = _distinct_starts(keys, num, lengths, total)
         kind = rng.uniform(keys, total, STREAM_BERT_KIND)
     else:
