@@ -31,28 +31,27 @@ def _losses(seq):
 
 @pytest.mark.parametrize("modality", ["audio", "text"])
 def test_zero3_and_checkpointing_match_zero0(modality, tmp_path):
-    """One 2-process group: ZeRO-0, ZeRO-3, ZeRO-3 + full activation checkpointing, dropout and
-    layerdrop as in the preset (0.1 / 0): the same losses over 5 steps."""
-    variants = "parallel.zero_stage=0,parallel.zero_stage=3,parallel.zero_stage=3+model.activation_checkpointing=full"
+    """One 2-process group: ZeRO-0, and ZeRO-3 with full activation checkpointing, dropout as in
+    the preset (0.1): the same losses over 4 steps (checkpointing must replay the dropout masks,
+    the sharded teacher must track the replicated one)."""
+    variants = "parallel.zero_stage=0,parallel.zero_stage=3+model.activation_checkpointing=full"
     res = run_distributed(f"{SCALE}:sweep_body", nproc=2, timeout=300, args=[
         variants, f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={tmp_path}",
-        "max_steps=5", *COMMON])[0]
-    z0, z3, z3ck = (_losses(res[v]) for v in variants.split(","))
-    assert len(z0) == 5 and np.isfinite(z0).all()
+        "max_steps=4", *COMMON])[0]
+    z0, z3 = (_losses(res[v]) for v in variants.split(","))
+    assert len(z0) == 4 and np.isfinite(z0).all()
     # ZeRO-3's float64 clipping norm: last-bit differences (as tests/test_train.py)
     np.testing.assert_allclose(z3, z0, rtol=1e-5, atol=0)
-    np.testing.assert_array_equal(z3ck, z3)  # recomputation replays the dropout masks
     if modality == "audio":  # the positional conv is copied, shard-locally, at every update
         assert all(res[v + ":copied_gap"] == 0.0 for v in variants.split(","))
 
 
 def test_speech_resume_is_bitwise(tmp_path):
     res = run_distributed(f"{SCALE}:resume_body", nproc=2, timeout=300, args=[
-        "3", "d2v1-audio-tiny", f"data.manifest={_manifest('audio')}", f"output_dir={tmp_path}", "max_steps=6",
-        "parallel.zero_stage=3", "checkpoint.every_steps=3", "logging.every_steps=1", "ema.decay=0.9",
-        "ema.end_decay=0.95"])[0]
+        "2", "d2v1-audio-tiny", f"data.manifest={_manifest('audio')}", f"output_dir={tmp_path}", "max_steps=4",
+        "parallel.zero_stage=3", "logging.every_steps=1", "ema.decay=0.9", "ema.end_decay=0.95"])[0]
     full, resumed = dict(map(tuple, res["full"])), dict(map(tuple, res["resumed"]))
-    assert sorted(resumed) == [4, 5, 6]
+    assert sorted(resumed) == [3, 4]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
 
 
