@@ -328,3 +328,35 @@ def test_impossible_mixes_are_refused(preset, override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         cfg.validate()
     assert needle in str(e.value)
+
+
+# ---- bench FLOPs, plan, bench CLI ----------------------------------------------------------------
+def test_flops_plan_and_bench():
+    import json
+
+    from d2v2_scale.bench import synthetic_batch
+    from d2v2_scale.model.flops import block_flops, step_flops
+    from d2v2_scale.plan import param_tables
+    from tests.test_bench import _run_script
+
+    cfg = load_preset("d2v1-audio-base")
+    t = cfg.model.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))
+    f = step_flops(cfg, batch_size=2)
+    pos = 5 * 2 * t * 48 * 19 * 768
+    assert f["student"] == pytest.approx(3 * 2 * (12 * block_flops(t, 768) + pos))  # all T frames, M = 1
+    assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
+    student, _ = param_tables(cfg)
+    assert sum(p.numel for p in student) == 93_754_880
+    for name in ("d2v1-audio-tiny", "d2v1-text-tiny"):
+        c = load_preset(name)
+        batch = synthetic_batch(c)
+        assert batch["mask"].shape[0] == c.data.batch_size and batch["mask"].any()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = _run_script("import warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
+                        f"main(['--preset', 'd2v1-text-tiny', '--steps', '1', '--warmup', '1', '--json', "
+                        f"r'{tmp}/b.json', '--output-dir', r'{tmp}/b'])\n", Path(tmp), timeout=120)
+        row = json.loads(Path(tmp, "b.json").read_text())
+    assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["clone_batch"] == 1, r.stdout[-500:]
