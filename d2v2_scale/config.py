@@ -105,6 +105,12 @@ class ModelConfig:
     # regression head on the student's output at masked positions: 1 = Linear(D, D) (speech,
     # vision); 2 = Linear(D, 2D) -> GELU -> Linear(2D, D) (text)
     head_layers: int = 1
+    # BEiT-style vision (data2vec 1.0): model/beit.py; the defaults leave the 2.0 ViT unchanged
+    image_block: str = "vit2"  # "vit2" (the 2.0 block, model/blocks.py) | "beit" (model/beit.py)
+    layer_scale_init: float = 1e-4  # BEiT layer scale gamma_1/gamma_2 init (base 1e-4, large 1e-5); 0: none
+    drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (blocks - 1)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities (BEiT blocks)
+    shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (else one per block)
 
     @property
     def total_blocks(self) -> int:
@@ -580,6 +586,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                     "use 'none', 'full' or 'selective'")
     if m.variant not in ("data2vec2", "data2vec1"):
         errs.append(f"model.variant={m.variant!r}: use 'data2vec2' or 'data2vec1'")
+    errs += _beit_errors(m)
     if m.modality == "image" and m.image_size % m.patch_size:
         errs.append(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
     if m.decoder_dim % max(m.decoder_groups, 1):
@@ -660,6 +667,39 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
             0 <= mk.bert_unchanged and 0 <= mk.bert_random and mk.bert_unchanged + mk.bert_random < 1):
         errs.append(f"masking.bert_unchanged={mk.bert_unchanged} + masking.bert_random={mk.bert_random} must be "
                     "in [0, 1) (the rest of the selected tokens become <mask>)")
+    return errs
+
+
+def _beit_errors(m: ModelConfig) -> list[str]:
+    """The BEiT-style vision fields (model/beit.py) that cannot work, or that would be ignored."""
+    errs = []
+    if m.image_block not in ("vit2", "beit"):
+        return [f"model.image_block={m.image_block!r}: use 'vit2' (the data2vec 2.0 ViT) or 'beit' "
+                "(the BEiT-style ViT of data2vec 1.0)"]
+    if not 0.0 <= m.drop_path < 1.0:
+        errs.append(f"model.drop_path={m.drop_path} must be in [0, 1)")
+    if not 0.0 <= m.attention_dropout < 1.0:
+        errs.append(f"model.attention_dropout={m.attention_dropout} must be in [0, 1)")
+    if m.layer_scale_init < 0:
+        errs.append(f"model.layer_scale_init={m.layer_scale_init} must be >= 0 (0: no layer scale)")
+    if m.image_block == "vit2":
+        # the 2.0 block has its own knobs (model.dropout, model.layerdrop): refuse silently ignored ones
+        for name in ("drop_path", "attention_dropout"):
+            if getattr(m, name) != 0.0:
+                errs.append(f"model.{name}={getattr(m, name)} is used by BEiT blocks only: set "
+                            f"model.image_block=beit, or model.{name}=0 (the 2.0 block uses model.dropout)")
+        return errs
+    if m.modality != "image":
+        errs.append(f"model.image_block='beit' is an image encoder, but model.modality={m.modality!r}: "
+                    "set model.image_block=vit2")
+    if not m.pre_ln:
+        errs.append("model.image_block='beit' is a pre-LN block: set model.pre_ln=true")
+    if m.prenet_depth:
+        errs.append(f"model.prenet_depth={m.prenet_depth}: the BEiT encoder has no prenet; put all "
+                    "blocks in model.depth")
+    if m.dropout != 0.0 or m.layerdrop != 0.0:
+        errs.append(f"model.dropout={m.dropout} / model.layerdrop={m.layerdrop} apply to the 2.0 blocks; "
+                    "BEiT blocks use model.attention_dropout and model.drop_path: set both to 0")
     return errs
 
 

@@ -19,6 +19,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 STREAM_MASK = 1
 STREAM_MASK_FIX = 2
 STREAM_MASK_BATCH = 3
+STREAM_MASK_BEIT = 4  # data2vec 1.0 BEiT blockwise image masks (masking_beit.py)
 STREAM_CROP = 10
 STREAM_FLIP = 11
 STREAM_AUDIO_CROP = 12
@@ -48,10 +49,17 @@ def make_keys(seed: int, epoch: int, index, clone=0) -> np.ndarray:
 
 def uniform(keys: np.ndarray, n: int, stream: int) -> np.ndarray:
     """float64 uniforms in [0, 1), shape [N, n]: draw j of row r is f(keys[r], stream, j)."""
+    return uniform_at(keys, np.arange(n, dtype=np.uint64)[None, :], stream)
+
+
+def uniform_at(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray:
+    """The draws of `uniform` at explicit counters: counters [N, n] (or broadcastable, < 2^32)
+    -> float64 [N, n], element (r, j) = draw number counters[r, j] of row r.  For loops in which
+    rows consume draws at different rates (rejection sampling) without giving up the keying."""
     keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
-    ctr = (np.uint64(stream) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
+    ctr = (np.uint64(stream) << np.uint64(32)) + np.asarray(counters, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        z = _mix(keys + (ctr[None, :] + np.uint64(1)) * _GOLDEN)
+        z = _mix(keys + (ctr + np.uint64(1)) * _GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

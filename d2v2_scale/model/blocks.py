@@ -94,6 +94,28 @@ def make_transformer_config(mcfg, params_dtype: torch.dtype = torch.float32) -> 
     )
 
 
+def megatron_attention(tcfg: TransformerConfig, layer_number: int, linear_qkv=ColumnParallelLinear) -> SelfAttention:
+    """Megatron's SelfAttention: `linear_qkv` (ColumnParallel), our SDPA core attention (additive
+    bias, per-TP-rank dropout stream), the RowParallel output projection.  forward(x [T, B, D],
+    attention_mask=bias) -> (out [T, B, D], proj bias, not yet added)."""
+    return SelfAttention(
+        tcfg,
+        SelfAttentionSubmodules(linear_qkv=linear_qkv, core_attention=SDPACoreAttention,
+                                linear_proj=GroupedRowParallelLinear),
+        layer_number=layer_number,
+        attn_mask_type=AttnMaskType.no_mask,
+    )
+
+
+def megatron_mlp(tcfg: TransformerConfig) -> MLP:
+    """Megatron's MLP: ColumnParallel fc1, the config's activation, RowParallel fc2.
+    forward(x [T, B, D]) -> (out [T, B, D], fc2 bias, not yet added)."""
+    from megatron.core import parallel_state as ps
+
+    return MLP(tcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=GroupedRowParallelLinear),
+               ffn_hidden_size=tcfg.ffn_hidden_size, tp_group=ps.get_tensor_model_parallel_group())
+
+
 class Block(nn.Module):
     """One transformer block: forward(x [T, B, D], bias) -> (x [T, B, D], ffn_out [T, B, D])."""
 
@@ -101,18 +123,9 @@ class Block(nn.Module):
         super().__init__()
         d = mcfg.embed_dim
         self.pre_ln = bool(mcfg.pre_ln)
-        self.self_attention = SelfAttention(
-            tcfg,
-            SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                                    linear_proj=GroupedRowParallelLinear),
-            layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask,
-        )
+        self.self_attention = megatron_attention(tcfg, layer_number)
         self.norm1 = nn.LayerNorm(d, eps=mcfg.layer_norm_eps)
-        from megatron.core import parallel_state as ps
-
-        self.mlp = MLP(tcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=GroupedRowParallelLinear),
-                       ffn_hidden_size=tcfg.ffn_hidden_size, tp_group=ps.get_tensor_model_parallel_group())
+        self.mlp = megatron_mlp(tcfg)
         self.norm2 = nn.LayerNorm(d, eps=mcfg.layer_norm_eps)
         self.drop = nn.Dropout(mcfg.dropout)  # residual-branch dropout (attention and MLP)
         self.checkpointing = "none"

@@ -80,6 +80,8 @@ def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = N
     """FLOPs of one micro-step for `batch_size` samples (default cfg.data.batch_size)."""
     m = cfg.model
     b = batch_size or cfg.data.batch_size
+    if m.image_block == "beit":  # data2vec 1.0 vision: its own step shape (beit_step_flops)
+        return beit_step_flops(cfg, b)
     n = b * m.clone_batch
     t, keep = seq_len_and_keep(cfg, audio_samples, text_tokens)
     keep = t_keep if t_keep is not None else keep
@@ -98,6 +100,27 @@ def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = N
     return out
 
 
+def beit_encoder_flops(m) -> float:
+    """Forward FLOPs of the BEiT encoder (model/beit.py) on one image: the patch embedding, then
+    every block on 1 + P tokens (its relative position bias is a gather, not a matmul)."""
+    return _local_flops(m, m.num_patches, None) + m.total_blocks * block_flops(m.num_patches + 1, m.embed_dim,
+                                                                                m.mlp_ratio)
+
+
+def beit_step_flops(cfg, batch_size: int | None = None) -> dict[str, float]:
+    """One data2vec 1.0 vision micro-step on B images: the teacher encodes each image once
+    (forward), the student encodes each once with its masked patches replaced (M = 1, all 1 + P
+    tokens, forward + backward); no decoder.  The Linear(D, D) head on the masked patches adds
+    < 1 % and is not counted, like the norms."""
+    m = cfg.model
+    b = batch_size or cfg.data.batch_size
+    local = _local_flops(m, m.num_patches, None)
+    blocks = beit_encoder_flops(m) - local
+    out = {"teacher": b * (blocks + local), "student": 3 * b * blocks, "local": 3 * b * local, "decoder": 0.0}
+    out["total"] = sum(out.values())
+    return out
+
+
 def train_step_flops(cfg, **kwargs) -> float:
     """Total FLOPs of one micro-step on one data-parallel rank (cfg.data.batch_size samples)."""
     return step_flops(cfg, **kwargs)["total"]
@@ -105,6 +128,8 @@ def train_step_flops(cfg, **kwargs) -> float:
 
 def encoder_params_analytic(m) -> int:
     """Encoder parameter count from the config alone (blocks + front end), no model built."""
+    if m.image_block == "beit":
+        return beit_encoder_params(m)
     d, f = m.embed_dim, int(m.embed_dim * m.mlp_ratio)
     per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
     n = m.total_blocks * per_block
@@ -125,9 +150,22 @@ def encoder_params_analytic(m) -> int:
     return n
 
 
+def beit_encoder_params(m) -> int:
+    """Parameter count of the BEiT encoder (model/beit.py) at TP=1 from the config alone: patch
+    embedding, CLS, mask token, relative position table(s) ((2g-1)^2 + 3 rows x H), blocks with
+    q/v-only qkv bias and layer scale, final norm."""
+    d, f, g = m.embed_dim, int(m.embed_dim * m.mlp_ratio), m.image_size // m.patch_size
+    table = ((2 * g - 1) ** 2 + 3) * m.num_heads
+    per_block = (3 * d * d + 2 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    per_block += 2 * d if m.layer_scale_init > 0 else 0
+    per_block += 0 if m.shared_rel_pos_bias else table
+    front = m.in_chans * m.patch_size ** 2 * d + d + 2 * d  # patch embedding, CLS, mask token
+    return front + (table if m.shared_rel_pos_bias else 0) + m.total_blocks * per_block + 2 * d
+
+
 def mfu(flops_per_step: float, step_seconds: float, n_devices: int, peak_tflops: float) -> float:
     return flops_per_step / max(step_seconds, 1e-12) / (n_devices * peak_tflops * 1e12)
 
 
-__all__ = ["block_flops", "step_flops", "train_step_flops", "seq_len_and_keep", "encoder_params_analytic", "mfu"]
+__all__ = ["beit_encoder_flops", "beit_encoder_params", "beit_step_flops", "block_flops", "step_flops", "train_step_flops", "seq_len_and_keep", "encoder_params_analytic", "mfu"]
 

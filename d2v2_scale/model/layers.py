@@ -58,3 +58,27 @@ class KaimingConv1d(nn.Conv1d):
         nn.init.kaiming_normal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+
+def trunc_normal_std_(t, std: float = INIT_STD):
+    """BEiT's init: normal(0, std) truncated at +-1 std (BEiT's `trunc_normal_` wrapper passes
+    a=-std, b=std; timm's default would truncate at +-2 absolute, i.e. not at all)."""
+    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-std, b=std)
+
+
+class TruncNormalLinear(nn.Linear):
+    """Linear with BEiT's trunc-normal(0.02, +-1 std) weights and zero bias (data2vec 1.0 vision)."""
+
+    def reset_parameters(self) -> None:
+        trunc_normal_std_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class TruncNormalConv2d(nn.Conv2d):
+    """Conv2d with BEiT's trunc-normal(0.02, +-1 std) weights and zero bias (the patch embedding)."""
+
+    def reset_parameters(self) -> None:
+        trunc_normal_std_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from ..compat import cuda_calls_on_cpu
 
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
-FIRST_ONLY = ("local", "positions", "extra_tokens", "context_norm")
+# (mask_token: the BEiT encoder's, model/beit.py, used by its embed() on the first stage)
+FIRST_ONLY = ("local", "positions", "extra_tokens", "context_norm", "mask_token")
 LAST_ONLY = ("final_norm",)
 FIRST_ONLY_PARAMS = tuple(f"encoder.{p}" for p in FIRST_ONLY)  # parameter-name prefixes
 LAST_ONLY_PARAMS = ("decoder.",) + tuple(f"encoder.{p}" for p in LAST_ONLY)
