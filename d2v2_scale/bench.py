@@ -79,6 +79,13 @@ def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
     from .data import masking_d2v1
 
     m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
+    if m.modality == "image":
+        from .data import masking, masking_beit
+
+        mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
+                                            num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)
+        return {"source": torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g),
+                "mask": torch.from_numpy(mask)}
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)

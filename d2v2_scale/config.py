@@ -435,7 +435,36 @@ PRESETS["d2v1-text-base"] = dict(
                warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0),
     guards=dict(collapse_check=False),
 )
+PRESETS["d2v1-image-base"] = dict(
+    # facebookresearch/data2vec_vision (BEiT code base) ViT-B/16: BEiT-style encoder (pre-LN, layer
+    # scale 1e-4, shared relative position bias, drop path 0.25, attention dropout 0.05), blockwise
+    # masks of 120 / 196 patches (blocks >= 16), block-end targets of the top 6 blocks (LN each,
+    # average, LN), smooth-L1 beta 2 x 1/D, Linear head, constant EMA 0.9998 of the whole model
+    model=_IMAGE["model"] | _D2V1 | dict(
+        image_block="beit", pre_ln=True, depth=12, prenet_depth=0, embed_dim=768, num_heads=12,
+        layer_norm_eps=1e-6, dropout=0.0, layerdrop=0.0, layer_scale_init=1e-4, drop_path=0.25,
+        attention_dropout=0.05, shared_rel_pos_bias=True, image_size=224, patch_size=16, top_k_layers=6,
+        instance_norm_target_layer=False, layer_norm_target_layer=True, layer_norm_targets=True,
+        instance_norm_targets=False, target_tap="block_end", loss_beta=2.0, loss_scale=None,
+        loss_scale_rule="inv_dim", head_layers=1),
+    # masking.ratio x patches = 120 of 196; masking.length = the smallest block (BEiT min_num_patches)
+    masking=dict(generator="blockwise", ratio=120 / 196, length=16, adjust=0.0),
+    ema=dict(decay=0.9998, end_decay=0.9998, anneal_end_step=0),
+    data=dict(batch_size=128),
+    # AdamW (0.9, 0.999), eps 1e-8, wd 0.05, lr 2e-3, 10 epochs (6,250 updates) of warm-up, cosine
+    # to 1e-5 at 800 epochs x 625 = 500,000 updates, clip 3
+    optim=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, clip_grad=3.0, schedule="cosine",
+               warmup_steps=6250, total_steps=500_000, min_lr_ratio=1e-5 / 2e-3),
+    guards=dict(collapse_check=False),
+)
 _TINY1 = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2, layerdrop=0.0)
+PRESETS["d2v1-image-tiny"] = PRESETS["d2v1-image-base"] | dict(
+    model=PRESETS["d2v1-image-base"]["model"] | _TINY1 | dict(image_size=32, patch_size=4),
+    ema=dict(decay=0.998, end_decay=0.998, anneal_end_step=0),
+    data=dict(batch_size=8, num_workers=1),
+    optim=PRESETS["d2v1-image-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, min_lr_ratio=0.0),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
 PRESETS["d2v1-audio-tiny"] = PRESETS["d2v1-audio-base"] | dict(
     model=PRESETS["d2v1-audio-base"]["model"] | _TINY1 | dict(
         conv_feature_layers=[[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
@@ -645,6 +674,9 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
                     f"{' or '.join(repr(g) for g in allowed)} (the data2vec 2.0 masks are exact-count masks for M "
                     "clones; data2vec 1.0 draws its own, docs/DATA2VEC1.md)")
     if m.variant == "data2vec2":
+        if m.image_block == "beit":
+            errs.append("model.image_block=beit with model.variant=data2vec2: the BEiT-style ViT is data2vec 1.0's "
+                        "image encoder; set model.variant=data2vec1 (preset d2v1-image-base) or model.image_block=vit2")
         if m.loss_scale_rule != "inv_sqrt_dim":
             errs.append(f"model.loss_scale_rule={m.loss_scale_rule!r} is a data2vec 1.0 setting; with "
                         "model.variant=data2vec2 set model.loss_scale instead")
@@ -659,10 +691,13 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
                     "convolutional decoder (its regression head is model.head_layers); set model.decoder_layers=0")
     if m.head_layers not in (1, 2):
         errs.append(f"model.head_layers={m.head_layers}: use 1 (Linear) or 2 (Linear-GELU-Linear)")
-    if m.modality == "image":
-        errs.append("model.variant=data2vec1 with model.modality=image needs the BEiT-style ViT (pre-LN, layer "
-                    "scale, shared relative position bias), not the data2vec 2.0 image block: it is not wired "
-                    "into this build yet; train data2vec 1.0 on audio or text")
+    if m.modality == "image" and m.image_block != "beit":
+        errs.append(f"model.image_block={m.image_block!r} with model.variant=data2vec1: data2vec 1.0 vision is the "
+                    "BEiT-style ViT (pre-LN, layer scale, shared relative position bias), not the data2vec 2.0 image "
+                    "block; set model.image_block=beit (preset d2v1-image-base)")
+    elif m.modality == "image" and m.target_tap != "block_end":
+        errs.append(f"model.target_tap={m.target_tap!r} with model.image_block=beit: the BEiT encoder hands out "
+                    "block-end taps only; set model.target_tap=block_end")
     if m.modality == "text" and mk.generator == "bert" and not (
             0 <= mk.bert_unchanged and 0 <= mk.bert_random and mk.bert_unchanged + mk.bert_random < 1):
         errs.append(f"masking.bert_unchanged={mk.bert_unchanged} + masking.bert_random={mk.bert_random} must be "

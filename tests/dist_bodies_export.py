@@ -38,7 +38,9 @@ def fit_features_body(feat_path: str, preset: str, *overrides: str):
     src = fixed_source(cfg.model)
     enc = tr.teacher.module.encoder
     captured = {}
-    h = enc.blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0].detach().clone()))
+    # the block's output: (x, ffn) for the 2.0 block, x for the BEiT block
+    h = enc.blocks[-1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("last", (o[0] if isinstance(o, tuple) else o).detach().clone()))
     with torch.no_grad():
         # the teacher's input: the image itself, or (audio, text) the student's front end on it
         targets = tr.teacher(tr.engine.module.teacher_source({"source": src})).float()

@@ -231,6 +231,9 @@ def test_ema_schedules_and_copied_parts():
     assert ema_decay_from_cfg(sp, 15_000) == pytest.approx(0.99945)
     assert ema_decay_from_cfg(sp, 30_000) == ema_decay_from_cfg(sp, 40_000) == pytest.approx(0.9999)
     assert ema_decay_from_cfg(tx, 150_000) == pytest.approx(0.99945)
+    vi = load_preset("d2v1-image-base")
+    assert {ema_decay_from_cfg(vi, u) for u in (0, 1, 10_000, 500_000)} == {0.9998}  # constant
+    assert teacher_copied_prefixes(vi) == ()  # vision: every teacher parameter is averaged
 
     cfg, s, t = _build("d2v1-audio-tiny")
     old = {n: p.detach().clone() for n, p in t.named_parameters()}
@@ -265,6 +268,9 @@ def test_parameter_counts_and_init():
         with torch.device("meta"):
             s = build_student(load_preset(name))
         counts[name] = (sum(p.numel() for p in s.parameters()), sum(p.numel() for p in s.encoder.parameters()))
+    with torch.device("meta"):
+        s = build_student(load_preset("d2v1-image-base"))
+    assert sum(p.numel() for p in s.parameters()) == 86_256_720  # BEiT ViT-B/16 + head (+ mask token)
     assert counts["d2v1-audio-base"] == (93_754_880, 93_163_520)
     assert counts["d2v1-text-base"] == (126_415_872, 124_054_272)
     _, s, _ = _build("d2v1-audio-tiny")
@@ -321,6 +327,9 @@ def test_collapse_guard():
     ("d2v1-audio-tiny", "masking.generator=data2vec2", "masking.generator='data2vec2'"),
     ("audio-tiny", "masking.generator=speech_spans", "masking.generator='speech_spans'"),
     ("image-tiny", "model.variant=data2vec1", "BEiT"),
+    ("d2v1-image-tiny", "model.image_block=vit2", "model.image_block='vit2' with model.variant=data2vec1"),
+    ("d2v1-image-tiny", "model.variant=data2vec2", "model.image_block=beit with model.variant=data2vec2"),
+    ("d2v1-image-tiny", "model.target_tap=ffn", "block-end taps only"),
     ("d2v1-text-tiny", "optim.schedule=linear", "optim.schedule"),
 ])
 def test_impossible_mixes_are_refused(preset, override, needle):
@@ -360,3 +369,39 @@ def test_flops_plan_and_bench():
                         f"r'{tmp}/b.json', '--output-dir', r'{tmp}/b'])\n", Path(tmp), timeout=120)
         row = json.loads(Path(tmp, "b.json").read_text())
     assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["clone_batch"] == 1, r.stdout[-500:]
+
+
+def test_vision_student_teacher_whole_model_ema():
+    """BEiT vision: the teacher is an EMA of the whole encoder (patch embedding, CLS, mask token,
+    relative position bias, blocks, final norm); mask_token enters before CLS; the loss is
+    Sigma_c SL1_2 / D over masked patches against LN(mean_k LN(block end_k)) without CLS."""
+    from d2v2_scale.model.ema import EMATeacher
+    from d2v2_scale.model.targets import layer_norm_channels
+
+    cfg, s, t = _build("d2v1-image-tiny")
+    names = {n for n, _ in t.named_parameters()}
+    assert names == {n for n, _ in s.named_parameters() if n.startswith("encoder.")}
+    assert {"encoder.local.proj.weight", "encoder.extra_tokens", "encoder.rel_pos_bias.table",
+            "encoder.final_norm.weight"} <= names
+    img = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 10:30] = True
+    s.eval()
+    targets = t(img)
+    hidden = t.encoder(img, None, top_k=2)[1]
+    want = layer_norm_channels(sum(layer_norm_channels(h[:, 1:]) for h in hidden) / 2)
+    assert torch.allclose(targets, want, atol=1e-5) and targets.shape == (2, 64, 64)
+    loss, st = s({"source": img, "mask": mask}, teacher=t)
+    x, _ = s.encoder(img, mask)
+    p = s.decoder(x[:, 1:][mask])
+    want = F.smooth_l1_loss(p, targets[mask], beta=2.0, reduction="none").sum(-1).mean() / 64
+    assert st["masked_tokens"] == 40 and torch.allclose(loss, want, atol=1e-6)
+    old = {n: p.detach().clone() for n, p in t.named_parameters()}
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(1.0)
+    tau = EMATeacher(t, cfg).step(s)
+    sp = dict(s.named_parameters())
+    assert tau == pytest.approx(0.998)
+    for n, p in t.named_parameters():
+        assert torch.allclose(p, tau * old[n] + (1 - tau) * sp[n], atol=1e-6), n

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, masking, masking_d2v1, rng
+from . import augment, masking, masking_beit, masking_d2v1, rng
 from .manifest import DataError
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
@@ -68,8 +68,13 @@ class BatchBuilder:
         src = augment.augment_images(rows, keys, cfg.model.image_size, cfg.model.in_chans,
                                      (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip)
         grid = masking.grid_side(cfg.model.num_patches)
-        mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
-                                          cfg.masking.adjust, cfg.masking.length)
+        if cfg.masking.generator == "blockwise":  # data2vec 1.0: BEiT blocks, ratio x P patches (120 / 196)
+            mask = masking_beit.beit_block_mask(self._mask_keys(epoch, indices), grid,
+                                                num_mask=int(round(cfg.masking.ratio * cfg.model.num_patches)),
+                                                min_patches=cfg.masking.length)
+        else:
+            mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
+                                              cfg.masking.adjust, cfg.masking.length)
         out = {"source": torch.from_numpy(src), "mask": torch.from_numpy(mask),
                "index": torch.from_numpy(indices)}
         if self.has_labels:

@@ -106,12 +106,23 @@ def model_namespace(info: dict) -> types.SimpleNamespace:
     return types.SimpleNamespace(**info["config"]["model"])
 
 
-def plain_keys(mcfg) -> dict[str, tuple]:
-    """{plain name: shape} of PlainEncoder(mcfg), built on the meta device (no memory)."""
+def plain_encoder(mcfg):
+    """The plain twin of a config: PlainEncoder (model/plain.py), or PlainBeitEncoder
+    (model/plain_beit.py) for data2vec 1.0 vision (model.image_block=beit).  Both files import
+    only torch, so an export stays usable with torch + safetensors alone."""
+    if getattr(mcfg, "image_block", "vit2") == "beit":
+        from ..model.plain_beit import PlainBeitEncoder
+
+        return PlainBeitEncoder(mcfg)
     from ..model.plain import PlainEncoder
 
+    return PlainEncoder(mcfg)
+
+
+def plain_keys(mcfg) -> dict[str, tuple]:
+    """{plain name: shape} of the plain twin of mcfg, built on the meta device (no memory)."""
     with torch.device("meta"):
-        enc = PlainEncoder(mcfg)
+        enc = plain_encoder(mcfg)
     return {k: tuple(v.shape) for k, v in enc.state_dict().items()}
 
 
@@ -369,15 +380,13 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
 
 
 def load_export(path: str | os.PathLike, strict: bool = True):
-    """-> (PlainEncoder in eval mode, config dict, decoder tensors {decoder.*})."""
+    """-> (plain twin (PlainEncoder | PlainBeitEncoder) in eval mode, config dict, decoder tensors)."""
     from safetensors.torch import load_file
-
-    from ..model.plain import PlainEncoder
 
     path = Path(path)
     config = json.loads((path / CONFIG).read_text())
     sd = load_file(str(path / WEIGHTS))
     dec = {k: v for k, v in sd.items() if k.startswith("decoder.")}
-    enc = PlainEncoder(types.SimpleNamespace(**config))
+    enc = plain_encoder(types.SimpleNamespace(**config))
     enc.load_state_dict({k: v for k, v in sd.items() if k not in dec}, strict=strict)
     return enc.eval(), config, dec

@@ -238,8 +238,8 @@ def training_init(config: dict, seed: int):
     from ..config import RunConfig
     from ..distributed import init_distributed
     from ..model import build_student, mapping
-    from ..model.plain import PlainEncoder
     from ..train.trainer import seed_everything
+    from .consolidate import plain_encoder
 
     fields = {k: v for k, v in config.items() if k != "d2v2_export"}
     cfg = RunConfig.from_dict({"model": fields, "seed": seed})
@@ -247,16 +247,16 @@ def training_init(config: dict, seed: int):
     seed_everything(seed)
     student = build_student(cfg)
     sd = mapping.megatron_to_plain(mapping.gather_tp_state_dict(student), cfg.model.num_heads)
-    enc = PlainEncoder(types.SimpleNamespace(**fields))
+    enc = plain_encoder(types.SimpleNamespace(**fields))
     enc.load_state_dict(sd, strict=True)
     return enc.eval()
 
 
 def torch_init(config: dict, seed: int):
-    from ..model.plain import PlainEncoder
+    from .consolidate import plain_encoder
 
     torch.manual_seed(seed)
-    return PlainEncoder(types.SimpleNamespace(**config)).eval()
+    return plain_encoder(types.SimpleNamespace(**config)).eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data2vec import Data2Vec2, Data2Vec2Teacher
-from .data2vec1 import TEACHER_COPIED, Data2Vec1
+from .data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
 from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the CLS token,
@@ -42,14 +42,15 @@ def teacher_copied_prefixes(cfg) -> tuple[str, ...]:
     return TEACHER_COPIED[cfg.model.modality] if cfg.model.variant == "data2vec1" else ()
 
 
-def build_teacher(cfg) -> Data2Vec2Teacher:
-    return Data2Vec2Teacher(cfg)
+def build_teacher(cfg) -> nn.Module:
+    """The EMA teacher module: the shared one, or (data2vec 1.0 vision) the whole BEiT encoder."""
+    return BeitTeacher(cfg) if is_beit(cfg.model) else Data2Vec2Teacher(cfg)
 
 
 def teacher_param_names(cfg) -> list[str]:
     """The teacher's parameter names (built on the meta device: no memory, no init cost)."""
     with torch.device("meta"):
-        t = Data2Vec2Teacher(cfg)
+        t = build_teacher(cfg)
     return [n for n, _ in t.named_parameters()]
 
 

@@ -15,9 +15,14 @@ normalized top-K taps; model.target_tap picks FFN output or block end), the targ
 (targets.py), the loss (loss.py), the collapse statistics.  What the teacher copies from the
 student instead of averaging is `TEACHER_COPIED` (train/teacher.py, model/ema.py).
 
-Parameters: encoder.* (the 2.0 names), decoder.* (the regression head, in the decoder's place:
-pipeline stages, export and the probe treat it as the decoder), mask_emb [D] (speech only; text
-masks with the <mask> row of the token table, vision inside the BEiT encoder).
+Vision uses the BEiT encoder (model/beit.py) in the Encoder's place, and its own teacher
+(`BeitTeacher`, an EMA of the whole encoder fed with the image, block-end taps); the two
+encoder kinds are bound once at construction (`_embed`, `_blocks`), not branched on per step.
+
+Parameters: encoder.* (the 2.0 names, or model/beit.py's), decoder.* (the regression head, in
+the decoder's place: pipeline stages, export and the probe treat it as the decoder), mask_emb [D]
+(speech only; text masks with the <mask> row of the token table, vision with the BEiT encoder's
+mask_token).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from torch import Tensor, nn
 
 from .data2vec import compute_var, position_share
 from .encoder import Encoder
-from .layers import BertLinear
+from .layers import BertLinear, TruncNormalLinear
 from .loss import loss_scale, token_loss
 from .modality import get_modality
+from .targets import accumulate_layers, finish_targets
 
 # parameter-name prefixes the teacher copies from the student at every EMA step instead of
 # averaging (fairseq `skip_keys`): the speech positional conv.  Text's copied parts (token and
@@ -42,11 +48,53 @@ TEACHER_COPIED = {"audio": ("encoder.positions.",), "text": (), "image": ()}
 
 def build_head(mcfg) -> nn.Module:
     """The regression head: [n, D] -> [n, D].  1 layer: Linear(D, D) with torch's default init
-    (fairseq `final_proj`); 2 layers: BERT-initialized Linear(D, 2D) -> GELU -> Linear(2D, D)."""
+    (fairseq `final_proj`; BEiT vision: trunc-normal 0.02, its `lm_head`); 2 layers:
+    BERT-initialized Linear(D, 2D) -> GELU -> Linear(2D, D)."""
     d = mcfg.embed_dim
     if mcfg.head_layers == 1:
-        return nn.Linear(d, d)
+        return TruncNormalLinear(d, d) if is_beit(mcfg) else nn.Linear(d, d)
     return nn.Sequential(BertLinear(d, 2 * d), nn.GELU(), BertLinear(2 * d, d))
+
+
+def is_beit(mcfg) -> bool:
+    return mcfg.modality == "image" and getattr(mcfg, "image_block", "vit2") == "beit"
+
+
+class BeitTeacher(nn.Module):
+    """The vision teacher: an EMA of the whole BEiT encoder (patch embedding, CLS, mask token,
+    relative position bias, blocks, final norm), run on the unmasked image.  Same interface as
+    Data2Vec2Teacher: forward(images) -> targets [B, P, D] fp32 (CLS dropped); forward_stage for
+    pipeline stages.  Targets: the block-end taps of the top K blocks, LN per layer, averaged, LN
+    (model.layer_norm_target_layer, model.layer_norm_targets)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from .beit import BeitEncoder
+
+        self.mcfg = cfg.model
+        self.encoder = BeitEncoder(cfg.model)
+        self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):  # the teacher never trains (drop path, dropout off)
+        return super().train(False)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        return self.forward_stage(x, padding)
+
+    @torch.no_grad()
+    def forward_stage(self, x: Tensor, padding: Tensor | None, partial: Tensor | None = None):
+        """x: images [B, C, H, W] (first stage) or the hidden state [1 + P, B, D]; -> (hidden,
+        partial) for the next stage, or targets [B, P, D] fp32 (last)."""
+        m = self.mcfg
+        if self.first_stage:
+            x = self.encoder.embed(x, None).transpose(0, 1)
+        x, taps = self.encoder.run_blocks_tbd(x, m.top_k_layers)
+        partial = accumulate_layers([t[:, 1:] for t in taps], m, None, partial)
+        if self.last_stage:
+            return finish_targets(partial, m, None)
+        return x, partial
 
 
 class Data2Vec1(nn.Module):
@@ -58,15 +106,23 @@ class Data2Vec1(nn.Module):
         super().__init__()
         self.mcfg = m = cfg.model
         self.modality = get_modality(m)
-        if m.modality not in ("audio", "text"):
-            raise NotImplementedError(f"data2vec 1.0 {m.modality} is not wired into this build")
-        self.encoder = Encoder(m, self.modality, parts=frozenset({"local", "context"}))
-        # speech: dropout after the encoder LayerNorm (wav2vec 2.0 TransformerEncoder); text
-        # applies its 0.1 to the embeddings already (the modality's input dropout)
-        self.context_dropout = nn.Dropout(m.dropout) if self.encoder.context_norm is not None else nn.Identity()
+        self.mask_emb = None
+        if is_beit(m):
+            from .beit import BeitEncoder
+
+            # vision: the BEiT encoder puts its mask_token in place of masked patch embeddings
+            self.encoder = BeitEncoder(m)
+            self._embed, self._blocks = self._embed_beit, self._blocks_beit
+        else:
+            self.encoder = Encoder(m, self.modality, parts=frozenset({"local", "context"}))
+            self._embed, self._blocks = self._embed_sequence, self._blocks_sequence
+            # speech: dropout after the encoder LayerNorm (wav2vec 2.0 TransformerEncoder); text
+            # applies its 0.1 to the embeddings already (the modality's input dropout)
+            self.context_dropout = nn.Dropout(m.dropout) if self.encoder.context_norm is not None else nn.Identity()
+            # speech: a learned vector replaces the projected features at masked frames, Uniform[0, 1)
+            if m.modality == "audio":
+                self.mask_emb = nn.Parameter(torch.rand(m.embed_dim))
         self.decoder = build_head(m)
-        # speech: a learned vector replaces the projected features at masked frames, Uniform[0, 1)
-        self.mask_emb = nn.Parameter(torch.rand(m.embed_dim)) if m.modality == "audio" else None
         self.loss_scale = loss_scale(m)
         self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
 
@@ -80,7 +136,10 @@ class Data2Vec1(nn.Module):
     def teacher_source(self, batch: dict) -> Tensor:
         """The teacher's input: the student's front end on the UNMASKED input, detached (speech:
         projected CNN features before the mask embedding; text: embeddings of the original
-        tokens, i.e. the full sequence as in the paper, not fairseq's masked-only input)."""
+        tokens, i.e. the full sequence as in the paper, not fairseq's masked-only input; vision:
+        the image itself, the teacher has its own patch embedding)."""
+        if is_beit(self.mcfg):
+            return batch["source"]
         features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
         return self.modality.teacher_input(batch, features)
 
@@ -91,26 +150,41 @@ class Data2Vec1(nn.Module):
         mask = batch["mask"]  # [B, T] True = masked
         padding = self._padding(batch)
         if self.first_stage:
-            student_src = batch.get("student_source", batch["source"])
-            x, _ = self.encoder.local_features(student_src, batch.get("padding_mask"))
-            if mask.shape != x.shape[:2]:
-                raise ValueError(f"batch['mask'] is {tuple(mask.shape)}, expected [B, T] = {tuple(x.shape[:2])} "
-                                 "(data2vec 1.0: one mask row per sample)")
-            if targets is None and self.last_stage:
-                targets = self.teacher_targets(batch, x if "student_source" not in batch else None, padding,
-                                               teacher)
-            if self.mask_emb is not None:
-                x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
-            x = self.encoder.contextualize(x, keep=None, zero=padding)  # padded frames zeroed
-            x = self.context_dropout(x).transpose(0, 1)  # [T, B, D]
+            x, targets = self._embed(batch, mask, padding, teacher, targets)  # [E + T, B, D]
         else:
             x = hidden
-        s, b = x.shape[:2]
-        bias = self.encoder.bias(b, s, None, padding, x.dtype, x.device)
-        x, _ = self.encoder.run_blocks_tbd(x, bias)
+        x = self._blocks(x, padding)
         if not self.last_stage:
             return x
         return self.loss(x.transpose(0, 1), targets, mask, padding)
+
+    # ---- speech and text: the shared Encoder ------------------------------------------------
+    def _embed_sequence(self, batch, mask, padding, teacher, targets):
+        student_src = batch.get("student_source", batch["source"])
+        x, _ = self.encoder.local_features(student_src, batch.get("padding_mask"))
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"batch['mask'] is {tuple(mask.shape)}, expected [B, T] = {tuple(x.shape[:2])} "
+                             "(data2vec 1.0: one mask row per sample)")
+        if targets is None and self.last_stage:
+            targets = self.teacher_targets(batch, x if "student_source" not in batch else None, padding, teacher)
+        if self.mask_emb is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        x = self.encoder.contextualize(x, keep=None, zero=padding)  # padded frames zeroed
+        return self.context_dropout(x).transpose(0, 1), targets
+
+    def _blocks_sequence(self, x, padding):
+        s, b = x.shape[:2]
+        bias = self.encoder.bias(b, s, None, padding, x.dtype, x.device)
+        return self.encoder.run_blocks_tbd(x, bias)[0]
+
+    # ---- vision: the BEiT encoder -----------------------------------------------------------
+    def _embed_beit(self, batch, mask, padding, teacher, targets):
+        if targets is None and self.last_stage:
+            targets = self.teacher_targets(batch, None, None, teacher)
+        return self.encoder.embed(batch["source"], mask).transpose(0, 1), targets
+
+    def _blocks_beit(self, x, padding):
+        return self.encoder.run_blocks_tbd(x)[0]  # + the final LayerNorm on the last stage
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, features: Tensor | None, padding: Tensor | None,
