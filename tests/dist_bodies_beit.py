@@ -19,10 +19,10 @@ def beit_model_config(depth: int = 2, **kw):
     """A tiny validated BEiT config: 32 px images, 4 px patches (8 x 8 grid), width 64, 4 heads."""
     from d2v2_scale.config import load_preset
 
-    cfg = load_preset("image-tiny")
+    cfg = load_preset("d2v1-image-tiny")  # the BEiT block is data2vec 1.0's (config validation)
     m = cfg.model
     m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, depth, depth
-    m.drop_path, m.layer_scale_init = 0.2, 1e-4
+    m.drop_path, m.layer_scale_init, m.attention_dropout = 0.2, 1e-4, 0.0
     for k, v in kw.items():
         setattr(m, k, v)
     cfg.validate()

@@ -24,7 +24,7 @@ def dist():
 def vit_b_config():
     from d2v2_scale.config import load_preset
 
-    cfg = load_preset("image-base")
+    cfg = load_preset("d2v1-image-base")
     m = cfg.model
     m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, 12, 6
     cfg.validate()
@@ -47,7 +47,7 @@ def vit_b_config():
 def test_config_rejects_impossible_beit_values(field, value, msg):
     from d2v2_scale.config import ConfigError, load_preset
 
-    cfg = load_preset("image-tiny")
+    cfg = load_preset("d2v1-image-tiny")
     cfg.model.image_block, cfg.model.pre_ln = "beit", True
     cfg.validate()
     setattr(cfg.model, field, value)
@@ -533,7 +533,7 @@ def test_step_flops_beit_base():
     from d2v2_scale.config import load_preset
     from d2v2_scale.model.flops import beit_encoder_flops, block_flops, step_flops, train_step_flops
 
-    cfg = load_preset("image-base")
+    cfg = load_preset("d2v1-image-base")
     cfg.model.image_block, cfg.model.pre_ln, cfg.model.prenet_depth, cfg.model.depth = "beit", True, 0, 12
     cfg.validate()
     patch = 2 * 196 * 3 * 16 * 16 * 768
