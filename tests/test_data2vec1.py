@@ -356,7 +356,7 @@ def test_flops_plan_and_bench():
     assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
     student, _ = param_tables(cfg)
     assert sum(p.numel for p in student) == 93_754_880
-    for name in ("d2v1-audio-tiny", "d2v1-text-tiny"):
+    for name in ("d2v1-audio-tiny", "d2v1-text-tiny", "d2v1-image-tiny"):
         c = load_preset(name)
         batch = synthetic_batch(c)
         assert batch["mask"].shape[0] == c.data.batch_size and batch["mask"].any()
