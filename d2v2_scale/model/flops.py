@@ -65,11 +65,12 @@ def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | N
     m, r = cfg.model, cfg.masking.ratio
     if m.modality == "image":
         t = m.num_patches
-        return t, int(t * (1 - r))
-    if m.modality == "audio":
+    elif m.modality == "audio":
         t = m.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
     else:
         t = text_tokens or cfg.data.max_tokens
+    if m.modality == "image" and m.variant != "data2vec1":
+        return t, int(t * (1 - r))
     if m.variant == "data2vec1":
         return t, t  # data2vec 1.0: the student encodes every position (mask embedding, no gather)
     return t, t - int(t * r)
