@@ -57,6 +57,8 @@ def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
         grid = masking.grid_side(m.num_patches)
         mask = masking.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
         return {"source": src, "mask": torch.from_numpy(mask)}
+    if mk.generator != "data2vec2":  # data2vec 1.0: its own generators, one row per sample
+        return _synthetic_batch_d2v1(cfg, g, keys)
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
@@ -71,6 +73,31 @@ def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
     mask = masking.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
     mask = masking.equalize_kept(mask, keys)
     return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool), "mask": torch.from_numpy(mask)}
+
+
+def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
+    from .data import masking_d2v1
+
+    m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
+    if m.modality == "image":
+        from .data import masking, masking_beit
+
+        mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
+                                            num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)
+        return {"source": torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g),
+                "mask": torch.from_numpy(mask)}
+    if m.modality == "audio":
+        s = int(cfg.data.max_seconds * cfg.data.sample_rate)
+        t = m.audio_frames(s)
+        mask = masking_d2v1.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
+        return {"source": torch.randn(b, s, generator=g), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
+                "mask": torch.from_numpy(mask)}
+    t = cfg.data.max_tokens
+    mask_id = masking_d2v1.text_mask_id(m)
+    src = torch.randint(masking_d2v1.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
+    student, mask = masking_d2v1.text_inputs(keys, src.numpy(), np.full(b, t), mk, mask_id, mask_id)
+    return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool),
+            "student_source": torch.from_numpy(student), "mask": torch.from_numpy(mask)}
 
 
 def tokens_per_sample(cfg) -> int:

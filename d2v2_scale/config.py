@@ -103,9 +103,19 @@ class ModelConfig:
     loss_scale: float | None = None  # None: 1/sqrt(D)
     cls_loss_weight: float = 0.0  # image: 0.01
 
-    # data2vec 1.0 variant (spec section 11): "data2vec2" or "data2vec1"
+    # objective: "data2vec2" (model/data2vec.py) or "data2vec1" (model/data2vec1.py, docs/DATA2VEC1.md)
     variant: str = "data2vec2"
 
+    # data2vec 1.0 (model.variant=data2vec1; data2vec1-spec A.0-A.4)
+    # teacher tap: "ffn" = the FFN output before the residual and LN2 (speech, text, 2.0);
+    # "block_end" = the block output after its last residual (vision)
+    target_tap: str = "ffn"
+    # loss scale when loss_scale is None: "inv_sqrt_dim" (1/sqrt(D): speech, 2.0), "inv_dim"
+    # (1/D: vision's mean over elements), "one"
+    loss_scale_rule: str = "inv_sqrt_dim"
+    # regression head on the student's output at masked positions: 1 = Linear(D, D) (speech,
+    # vision); 2 = Linear(D, 2D) -> GELU -> Linear(2D, D) (text)
+    head_layers: int = 1
     # BEiT-style vision (data2vec 1.0): model/beit.py; the defaults leave the 2.0 ViT unchanged
     image_block: str = "vit2"  # "vit2" (the 2.0 block, model/blocks.py) | "beit" (model/beit.py)
     layer_scale_init: float = 1e-4  # BEiT layer scale gamma_1/gamma_2 init (base 1e-4, large 1e-5); 0: none
@@ -144,6 +154,14 @@ class MaskConfig:
     ratio: float = 0.8
     adjust: float = 0.07
     length: int = 3
+    # "data2vec2" (data/masking.py: exact counts, M clones) or a data2vec 1.0 generator
+    # (data/masking_d2v1.py): "speech_spans" (fairseq compute_mask_indices: p = ratio, span =
+    # length, probabilistic rounding, trimmed to the batch minimum), "text_spans" (span = length
+    # at p = ratio, every masked token -> <mask>), "bert" (ratio of tokens selected; of those
+    # bert_unchanged stay and bert_random become random tokens, the rest <mask>)
+    generator: str = "data2vec2"
+    bert_unchanged: float = 0.1
+    bert_random: float = 0.1
 
 
 @dataclass
@@ -201,6 +219,13 @@ class OptimConfig:
     # true: set grad_accum so that data-parallel ranks x data.batch_size x grad_accum equals
     # reference_global_batch on however many GPUs this run has (docs/SCALING.md)
     match_reference_batch: bool = False
+    # "cosine" (linear warm-up from 0 over warmup_steps, cosine to min_lr_ratio * lr) or
+    # "tri_stage" (fairseq: linear from init_scale * lr, hold, exponential decay to final_scale * lr
+    # over the phase ratios of total_steps; warmup_steps is not used)
+    schedule: str = "cosine"
+    tri_stage_ratios: tuple = (0.03, 0.9, 0.07)
+    tri_stage_init_scale: float = 0.01
+    tri_stage_final_scale: float = 0.01
 
 
 @dataclass
@@ -421,6 +446,87 @@ PRESETS["text-tiny"] = PRESETS["text-base"] | dict(
 )
 
 
+# ---- data2vec 1.0 (data2vec1-spec A.1-A.2; docs/DATA2VEC1.md): M = 1, regression head, no decoder ----
+_D2V1 = dict(variant="data2vec1", clone_batch=1, decoder_layers=0, cls_loss_weight=0.0)
+PRESETS["d2v1-audio-base"] = dict(
+    # fairseq data2vec_audio base_librispeech: post-LN, conv positions (k = 95 // 5 = 19, 16 groups,
+    # 5 layers), no ALiBi, FFN taps, K = 8 instance-normed, L2 / sqrt(D), Linear head
+    model=_AUDIO["model"] | _D2V1 | dict(
+        alibi=False, depth=12, prenet_depth=0, embed_dim=768, num_heads=12, top_k_layers=8, layerdrop=0.05,
+        conv_pos_width=19, conv_pos_groups=16, conv_pos_depth=5, target_tap="ffn", loss_beta=0.0,
+        loss_scale=None, loss_scale_rule="inv_sqrt_dim", head_layers=1),
+    masking=dict(generator="speech_spans", ratio=0.65, length=10),
+    ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=30_000),
+    data=dict(batch_size=8, min_seconds=2.0, max_seconds=20.0),
+    optim=dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=0.0, schedule="tri_stage",
+               tri_stage_ratios=(0.03, 0.9, 0.07), warmup_steps=12_000, total_steps=400_000),
+    guards=dict(collapse_check=True, collapse_after_steps=5000, min_target_var=0.1, min_pred_var=0.01),
+)
+PRESETS["d2v1-text-base"] = dict(
+    # fairseq data2vec_text base (released config): RoBERTa vocabulary 50,265 with <mask> last,
+    # 514 position rows, span-4 masking at 0.35, FFN taps, K = 10 layer-normed, smooth-L1 beta 4 x 1,
+    # 2-layer head; cosine lr with 10k warm-up; no collapse guard (the reference has none)
+    model=_TEXT["model"] | _D2V1 | dict(
+        depth=12, embed_dim=768, num_heads=12, top_k_layers=10, vocab_size=50_265, max_positions=514,
+        layer_norm_target_layer=True, instance_norm_target_layer=False, layer_norm_targets=False,
+        instance_norm_targets=False, target_tap="ffn", loss_beta=4.0, loss_scale=1.0, head_layers=2),
+    masking=dict(generator="text_spans", ratio=0.35, length=4, adjust=0.0),
+    ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=300_000),
+    data=dict(batch_size=16, max_tokens=512),
+    optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=5.0, schedule="cosine",
+               warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0),
+    guards=dict(collapse_check=False),
+)
+PRESETS["d2v1-image-base"] = dict(
+    # facebookresearch/data2vec_vision (BEiT code base) ViT-B/16: BEiT-style encoder (pre-LN, layer
+    # scale 1e-4, shared relative position bias, drop path 0.25, attention dropout 0.05), blockwise
+    # masks of 120 / 196 patches (blocks >= 16), block-end targets of the top 6 blocks (LN each,
+    # average, LN), smooth-L1 beta 2 x 1/D, Linear head, constant EMA 0.9998 of the whole model
+    model=_IMAGE["model"] | _D2V1 | dict(
+        image_block="beit", pre_ln=True, depth=12, prenet_depth=0, embed_dim=768, num_heads=12,
+        layer_norm_eps=1e-6, dropout=0.0, layerdrop=0.0, layer_scale_init=1e-4, drop_path=0.25,
+        attention_dropout=0.05, shared_rel_pos_bias=True, image_size=224, patch_size=16, top_k_layers=6,
+        instance_norm_target_layer=False, layer_norm_target_layer=True, layer_norm_targets=True,
+        instance_norm_targets=False, target_tap="block_end", loss_beta=2.0, loss_scale=None,
+        loss_scale_rule="inv_dim", head_layers=1),
+    # masking.ratio x patches = 120 of 196; masking.length = the smallest block (BEiT min_num_patches)
+    masking=dict(generator="blockwise", ratio=120 / 196, length=16, adjust=0.0),
+    ema=dict(decay=0.9998, end_decay=0.9998, anneal_end_step=0),
+    data=dict(batch_size=128),
+    # AdamW (0.9, 0.999), eps 1e-8, wd 0.05, lr 2e-3, 10 epochs (6,250 updates) of warm-up, cosine
+    # to 1e-5 at 800 epochs x 625 = 500,000 updates, clip 3
+    optim=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, clip_grad=3.0, schedule="cosine",
+               warmup_steps=6250, total_steps=500_000, min_lr_ratio=1e-5 / 2e-3),
+    guards=dict(collapse_check=False),
+)
+_TINY1 = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2, layerdrop=0.0)
+PRESETS["d2v1-image-tiny"] = PRESETS["d2v1-image-base"] | dict(
+    model=PRESETS["d2v1-image-base"]["model"] | _TINY1 | dict(image_size=32, patch_size=4),
+    ema=dict(decay=0.998, end_decay=0.998, anneal_end_step=0),
+    data=dict(batch_size=8, num_workers=1),
+    optim=PRESETS["d2v1-image-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, min_lr_ratio=0.0),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+PRESETS["d2v1-audio-tiny"] = PRESETS["d2v1-audio-base"] | dict(
+    model=PRESETS["d2v1-audio-base"]["model"] | _TINY1 | dict(
+        conv_feature_layers=[[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+        conv_pos_width=5, conv_pos_groups=4, conv_pos_depth=2),
+    ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
+    data=dict(batch_size=4, num_workers=1, min_seconds=0.5, max_seconds=1.0),
+    optim=PRESETS["d2v1-audio-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300),
+    guards=dict(collapse_check=False),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+PRESETS["d2v1-text-tiny"] = PRESETS["d2v1-text-base"] | dict(
+    # vocab 1001: the test corpora's 1000 sentencepiece ids, plus <mask> = 1000
+    model=PRESETS["d2v1-text-base"]["model"] | _TINY1 | dict(vocab_size=1001, max_positions=128),
+    ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
+    data=dict(batch_size=8, num_workers=1, max_tokens=64),
+    optim=PRESETS["d2v1-text-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300),
+    checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
+)
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
@@ -598,8 +704,65 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     share = cfg.guards.max_target_position_share
     if share is not None and not 0.0 < share < 1.0:
         errs.append(f"guards.max_target_position_share={share} must be in (0, 1) (or null to only log it)")
+    errs += _objective_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+# which mask generator serves which (objective, modality); data2vec 1.0 vision: "blockwise"
+_GENERATORS = {("data2vec2", mod): ("data2vec2",) for mod in MODALITIES} | {
+    ("data2vec1", "audio"): ("speech_spans",), ("data2vec1", "text"): ("text_spans", "bert"),
+    ("data2vec1", "image"): ("blockwise",)}
+
+
+def _objective_errors(cfg: RunConfig) -> list[str]:
+    """Mixes of the two objectives that cannot work (docs/DATA2VEC1.md)."""
+    m, mk, errs = cfg.model, cfg.masking, []
+    if m.target_tap not in ("ffn", "block_end"):
+        errs.append(f"model.target_tap={m.target_tap!r}: use 'ffn' or 'block_end'")
+    if m.loss_scale_rule not in ("inv_sqrt_dim", "inv_dim", "one"):
+        errs.append(f"model.loss_scale_rule={m.loss_scale_rule!r}: use 'inv_sqrt_dim', 'inv_dim' or 'one'")
+    if cfg.optim.schedule not in ("cosine", "tri_stage"):
+        errs.append(f"optim.schedule={cfg.optim.schedule!r}: use 'cosine' or 'tri_stage'")
+    elif cfg.optim.schedule == "tri_stage" and (len(cfg.optim.tri_stage_ratios) != 3 or
+                                                abs(sum(cfg.optim.tri_stage_ratios) - 1.0) > 1e-6):
+        errs.append(f"optim.tri_stage_ratios={list(cfg.optim.tri_stage_ratios)}: give three phase shares "
+                    "(warm-up, hold, decay) that sum to 1, e.g. [0.03, 0.9, 0.07]")
+    allowed = _GENERATORS.get((m.variant, m.modality))
+    if allowed and mk.generator not in allowed:
+        errs.append(f"masking.generator={mk.generator!r} with model.variant={m.variant} and {m.modality}: use "
+                    f"{' or '.join(repr(g) for g in allowed)} (the data2vec 2.0 masks are exact-count masks for M "
+                    "clones; data2vec 1.0 draws its own, docs/DATA2VEC1.md)")
+    if m.variant == "data2vec2":
+        if m.image_block == "beit":
+            errs.append("model.image_block=beit with model.variant=data2vec2: the BEiT-style ViT is data2vec 1.0's "
+                        "image encoder; set model.variant=data2vec1 (preset d2v1-image-base) or model.image_block=vit2")
+        if m.loss_scale_rule != "inv_sqrt_dim":
+            errs.append(f"model.loss_scale_rule={m.loss_scale_rule!r} is a data2vec 1.0 setting; with "
+                        "model.variant=data2vec2 set model.loss_scale instead")
+        return errs
+    if m.variant != "data2vec1":
+        return errs
+    if m.clone_batch != 1:
+        errs.append(f"model.clone_batch={m.clone_batch} with model.variant=data2vec1: data2vec 1.0 encodes one "
+                    "masked copy of each sample; set model.clone_batch=1")
+    if m.decoder_layers != 0:
+        errs.append(f"model.decoder_layers={m.decoder_layers} with model.variant=data2vec1: data2vec 1.0 has no "
+                    "convolutional decoder (its regression head is model.head_layers); set model.decoder_layers=0")
+    if m.head_layers not in (1, 2):
+        errs.append(f"model.head_layers={m.head_layers}: use 1 (Linear) or 2 (Linear-GELU-Linear)")
+    if m.modality == "image" and m.image_block != "beit":
+        errs.append(f"model.image_block={m.image_block!r} with model.variant=data2vec1: data2vec 1.0 vision is the "
+                    "BEiT-style ViT (pre-LN, layer scale, shared relative position bias), not the data2vec 2.0 image "
+                    "block; set model.image_block=beit (preset d2v1-image-base)")
+    elif m.modality == "image" and m.target_tap != "block_end":
+        errs.append(f"model.target_tap={m.target_tap!r} with model.image_block=beit: the BEiT encoder hands out "
+                    "block-end taps only; set model.target_tap=block_end")
+    if m.modality == "text" and mk.generator == "bert" and not (
+            0 <= mk.bert_unchanged and 0 <= mk.bert_random and mk.bert_unchanged + mk.bert_random < 1):
+        errs.append(f"masking.bert_unchanged={mk.bert_unchanged} + masking.bert_random={mk.bert_random} must be "
+                    "in [0, 1) (the rest of the selected tokens become <mask>)")
+    return errs
 
 
 def _beit_errors(m: ModelConfig) -> list[str]:

@@ -93,12 +93,12 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
 
     if not dist.is_initialized():
         init_distributed(1, 1)
-    from .model.data2vec import Data2Vec2, Data2Vec2Teacher
+    from .model import build_student, build_teacher
 
     c = copy.deepcopy(cfg)
     c.parallel.tp = 1
     with torch.device("meta"):
-        s, t = Data2Vec2(c), Data2Vec2Teacher(c)
+        s, t = build_student(c), build_teacher(c)  # either objective (model.variant)
 
     def table(mod):
         out = []

@@ -137,11 +137,12 @@ def prepared(kind: str) -> Path:
     return _CACHE[key]
 
 
-def tiny_cfg(kind: str, manifest: Path, **data):
-    """The tiny preset of `kind` pointed at `manifest`, with data overrides."""
+def tiny_cfg(kind: str, manifest: Path, prefix: str = "", **data):
+    """The tiny preset of `kind` (prefix "d2v1-": the data2vec 1.0 one) pointed at `manifest`, with
+    data overrides."""
     from d2v2_scale.config import load_preset
 
-    cfg = load_preset(f"{kind}-tiny")
+    cfg = load_preset(f"{prefix}{kind}-tiny")
     cfg.data.manifest = str(manifest)
     for k, v in data.items():
         setattr(cfg.data, k, v)

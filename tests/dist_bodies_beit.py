@@ -21,10 +21,10 @@ def beit_model_config(depth: int = 2, **kw):
     checks (masks, head, ...) are not this encoder's business."""
     from d2v2_scale.config import _beit_errors, load_preset
 
-    m = load_preset("image-tiny").model
+    cfg = load_preset("d2v1-image-tiny")  # the BEiT block is data2vec 1.0's (config validation)
+    m = cfg.model
     m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, depth, depth
-    m.variant = "data2vec1"
-    m.drop_path, m.layer_scale_init = 0.2, 1e-4
+    m.drop_path, m.layer_scale_init, m.attention_dropout = 0.2, 1e-4, 0.0
     for k, v in kw.items():
         setattr(m, k, v)
     assert _beit_errors(m) == [], _beit_errors(m)

@@ -17,6 +17,16 @@ def fixed_image_batch(mcfg, n: int = 4) -> torch.Tensor:
     return torch.randn(n, mcfg.in_chans, mcfg.image_size, mcfg.image_size, generator=g)
 
 
+def fixed_source(mcfg, n: int = 4) -> torch.Tensor:
+    """A fixed input of the modality: images, 1 s of noise waveform, or tokens of the tiny vocab."""
+    g = torch.Generator().manual_seed(1234)
+    if mcfg.modality == "audio":
+        return torch.randn(n, 16000, generator=g)
+    if mcfg.modality == "text":
+        return torch.randint(4, 1000, (n, 32), generator=g)
+    return fixed_image_batch(mcfg, n)
+
+
 def fit_features_body(feat_path: str, preset: str, *overrides: str):
     import deepspeed
 
@@ -25,12 +35,15 @@ def fit_features_body(feat_path: str, preset: str, *overrides: str):
     cfg = build_config(preset, overrides=list(overrides))
     tr = Trainer(cfg)
     tr.fit()
-    src = fixed_image_batch(cfg.model)
+    src = fixed_source(cfg.model)
     enc = tr.teacher.module.encoder
     captured = {}
-    h = enc.blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0].detach().clone()))
+    # the block's output: (x, ffn) for the 2.0 block, x for the BEiT block
+    h = enc.blocks[-1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("last", (o[0] if isinstance(o, tuple) else o).detach().clone()))
     with torch.no_grad():
-        targets = tr.teacher(src).float()
+        # the teacher's input: the image itself, or (audio, text) the student's front end on it
+        targets = tr.teacher(tr.engine.module.teacher_source({"source": src})).float()
     h.remove()
     last = captured["last"].transpose(0, 1).float()  # [B, E + T, D] (post-LN: the encoder output)
     out = {"source": src, "targets": targets, "last": last}

@@ -34,20 +34,74 @@ def fit_ema_body(preset: str, *overrides: str):
 def modes_body(modes: str, preset: str, *overrides: str):
     """One process group, one Trainer per activation-checkpointing mode (comma list), each trained
     from the same seed on the same data: returns {mode: losses}.  Saves a process start per mode."""
+    sweep_body(",".join(f"model.activation_checkpointing={m}" for m in modes.split(",")), preset, *overrides,
+               label=lambda v: v.split("=", 1)[1])
+
+
+def copied_gap(tr) -> float:
+    """Max |teacher - student| over the teacher's "copy, don't average" parameters (gathered
+    under ZeRO-3); 0.0 when they were copied at the last update."""
+    import deepspeed
+
+    gap = 0.0
+    for name, t, s in tr.teacher.pairs:
+        if name.startswith(tr.teacher.copy or ("\0",)):
+            with deepspeed.zero.GatheredParameters([t, s]) if tr.teacher.zero3 else _Null():
+                gap = max(gap, float((t.data.float() - s.data.float()).abs().max()))
+    return gap
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _close(tr) -> None:
     import gc
 
+    tr.engine.destroy()
+    if tr.teacher.engine is not None:
+        tr.teacher.engine.destroy()
+    if tr.loader is not None:
+        tr.loader.close()
+    gc.collect()
+
+
+def sweep_body(variants: str, preset: str, *overrides: str, label=lambda v: v):
+    """One process group, one Trainer per variant (comma list of `key=value[+key=value]`:
+    activation-checkpointing modes, ZeRO stages, ...), each trained from the same seed on the same
+    data: returns {variant: losses} and, for teachers with copied parts, {variant + ":copied_gap":
+    copied_gap}.  Saves a process start per variant."""
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
     res = {}
-    for mode in modes.split(","):
+    for i, variant in enumerate(variants.split(",")):
         ov = [o for o in overrides if not o.startswith("output_dir=")]
-        tr = _trainer(preset, [*ov, f"output_dir={out_dir}/{mode}", f"model.activation_checkpointing={mode}"])
-        res[mode] = tr.fit()["losses"]
-        tr.engine.destroy()
-        if tr.teacher.engine is not None:
-            tr.teacher.engine.destroy()
+        tr = _trainer(preset, [*ov, f"output_dir={out_dir}/v{i}", *variant.split("+")])
+        res[label(variant)] = tr.fit()["losses"]
+        if tr.teacher.copy:
+            res[label(variant) + ":copied_gap"] = copied_gap(tr)
+        _close(tr)
         del tr
-        gc.collect()
     save_result(res)
+
+
+def resume_body(every: str, preset: str, *overrides: str):
+    """fit() to max_steps with a checkpoint every `every` steps; then, in the same processes, a
+    new Trainer resumes from the first checkpoint and fits to max_steps again: returns both loss
+    lists (the resumed one must equal the uninterrupted one's tail, bitwise on CPU)."""
+    out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+    ov = [o for o in overrides if not o.startswith("output_dir=")]
+    ckpt = [f"checkpoint.every_steps={every}", "checkpoint.keep_last=10"]
+    tr = _trainer(preset, [*ov, *ckpt, f"output_dir={out_dir}/full"])
+    full = tr.fit()["losses"]
+    _close(tr)
+    del tr
+    first = f"{out_dir}/full/checkpoints/step_{int(every):08d}"
+    resumed = _trainer(preset, [*ov, *ckpt, f"output_dir={out_dir}/resumed", f"checkpoint.resume={first}"])
+    save_result({"full": full, "resumed": resumed.fit()["losses"]})
 
 
 def tp_dropout_body():

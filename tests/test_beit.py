@@ -22,7 +22,13 @@ def dist():
 
 
 def vit_b_config():
-    return beit_model_config(depth=12, embed_dim=768, num_heads=12, image_size=224, patch_size=16, top_k_layers=6)
+    from d2v2_scale.config import load_preset
+
+    cfg = load_preset("d2v1-image-base")
+    m = cfg.model
+    m.image_block, m.pre_ln, m.prenet_depth, m.depth, m.top_k_layers = "beit", True, 0, 12, 6
+    cfg.validate()
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,10 +48,12 @@ def vit_b_config():
 def test_config_rejects_impossible_beit_values(field, value, msg):
     from d2v2_scale.config import ConfigError, _beit_errors, load_preset
 
-    m = beit_model_config()
-    setattr(m, field, value)
-    errs = _beit_errors(m)
-    assert len(errs) == 1 and msg in errs[0], errs
+    cfg = load_preset("d2v1-image-tiny")
+    cfg.model.image_block, cfg.model.pre_ln = "beit", True
+    cfg.validate()
+    setattr(cfg.model, field, value)
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        cfg.validate()
     vit2 = load_preset("image-tiny")
     vit2.model.drop_path = 0.1  # the 2.0 block would silently ignore it
     with pytest.raises(ConfigError, match="BEiT blocks only"):
@@ -543,8 +551,9 @@ def test_step_flops_beit_base():
     from d2v2_scale.config import load_preset
     from d2v2_scale.model.flops import beit_encoder_flops, block_flops, step_flops, train_step_flops
 
-    cfg = load_preset("image-base")
-    cfg.model = beit_model_config(depth=12, embed_dim=768, num_heads=12, image_size=224, patch_size=16)
+    cfg = load_preset("d2v1-image-base")
+    cfg.model.image_block, cfg.model.pre_ln, cfg.model.prenet_depth, cfg.model.depth = "beit", True, 0, 12
+    cfg.validate()
     patch = 2 * 196 * 3 * 16 * 16 * 768
     assert beit_encoder_flops(cfg.model) == patch + 12 * block_flops(197, 768)
     f = step_flops(cfg, batch_size=128)

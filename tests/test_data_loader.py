@@ -167,10 +167,13 @@ def test_text_batch_contract():
 
 # ---- exact resume, worker independence ---------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["image", "audio", "text"])
-def test_resume_mid_epoch_reproduces_batches(kind):
+@pytest.mark.parametrize("kind,prefix", [("image", ""), ("audio", ""), ("text", ""),
+                                         ("image", "d2v1-"), ("audio", "d2v1-"), ("text", "d2v1-")])
+def test_resume_mid_epoch_reproduces_batches(kind, prefix):
+    """... also with the data2vec 1.0 masks (d2v1-* presets: BEiT blocks, speech spans trimmed to
+    the batch minimum, text spans with <mask> ids in student_source)."""
     man = fx.prepared(kind)
-    cfg = fx.tiny_cfg(kind, man, num_workers=2)
+    cfg = fx.tiny_cfg(kind, man, prefix, num_workers=2)
     ref_loader = build_loader(cfg, 0, 1)
     n_epoch = len(ref_loader)
     k = min(3, n_epoch - 2)
@@ -184,7 +187,7 @@ def test_resume_mid_epoch_reproduces_batches(kind):
     assert state["epoch"] == 0 and state["position"] == k  # prefetched batches not counted
     del it, loader
 
-    resumed = build_loader(fx.tiny_cfg(kind, man, num_workers=1), 0, 1)  # other worker count
+    resumed = build_loader(fx.tiny_cfg(kind, man, prefix, num_workers=1), 0, 1)  # other worker count
     resumed.load_state_dict(state)
     for a, b in zip(ref[k:], _take(iter(resumed), total - k)):
         _same(a, b)

@@ -20,6 +20,9 @@ are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` line
 Every mask row of a batch keeps exactly the same number of positions, and kept positions are
 never padding: each row first gets the spec's exact count over its own unpadded length,
 then longer rows get extra random positions masked down to the batch minimum.
+data2vec 1.0 (masking.generator != "data2vec2", data/masking_d2v1.py): M = 1; mask [B, T] is
+True at masked positions only (padding is never masked); text batches add student_source int64
+[B, T] (the tokens with <mask> / random ids in place) and mask = (student_source == <mask>).
 
 Bad rows: a row whose bytes do not match its checksum (shards.py) is replaced by
 `ShardSet.substitute` (the next good sample; a rule of the index alone, so the batch stays
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, masking, rng
+from . import augment, masking, masking_beit, masking_d2v1, rng
 from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
@@ -97,8 +100,13 @@ class BatchBuilder:
         except Exception as e:  # PIL raises many types for corrupt bytes
             raise self._undecodable(rows, indices, e) from None
         grid = masking.grid_side(cfg.model.num_patches)
-        mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
-                                          cfg.masking.adjust, cfg.masking.length)
+        if cfg.masking.generator == "blockwise":  # data2vec 1.0: BEiT blocks, ratio x P patches (120 / 196)
+            mask = masking_beit.beit_block_mask(self._mask_keys(epoch, indices), grid,
+                                                num_mask=int(round(cfg.masking.ratio * cfg.model.num_patches)),
+                                                min_patches=cfg.masking.length)
+        else:
+            mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
+                                              cfg.masking.adjust, cfg.masking.length)
         out = {"source": torch.from_numpy(src), "mask": torch.from_numpy(mask),
                "index": torch.from_numpy(indices)}
         if self.has_labels:
@@ -151,9 +159,13 @@ class BatchBuilder:
             raise DataError(f"an audio crop of {valid.min()} samples gives no frames: raise data.min_seconds or "
                             "re-run d2v2-prep audio with a larger --min-seconds")
         keys = self._mask_keys(epoch, indices)
-        rows_frames = np.repeat(frames, m.clone_batch)
-        mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust, cfg.masking.length)
-        mask = masking.equalize_kept(mask, keys)
+        if cfg.masking.generator == "speech_spans":  # data2vec 1.0: one row per sample, padding unmasked
+            mask = masking_d2v1.speech_span_mask(keys, frames, T, cfg.masking.ratio, cfg.masking.length)
+        else:
+            rows_frames = np.repeat(frames, m.clone_batch)
+            mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
+                                     cfg.masking.length)
+            mask = masking.equalize_kept(mask, keys)
         return {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
                 "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
 
@@ -174,10 +186,18 @@ class BatchBuilder:
             src[b, :len(t)] = t
         padding = np.arange(T)[None, :] >= valid[:, None]
         keys = self._mask_keys(epoch, indices)
+        out = {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
+               "index": torch.from_numpy(indices)}
+        if cfg.masking.generator in ("text_spans", "bert"):
+            # data2vec 1.0: the student reads `student_source` (<mask> ids in place), the teacher
+            # `source` (the full original sequence); the loss covers the <mask> positions
+            student, mask = masking_d2v1.text_inputs(keys, src, valid, cfg.masking, masking_d2v1.text_mask_id(m),
+                                                     int(self.shards.manifest.get("vocab_size", m.vocab_size - 1)))
+            out.update(student_source=torch.from_numpy(student), mask=torch.from_numpy(mask))
+            return out
         mask = masking.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
-        mask = masking.equalize_kept(mask, keys)
-        return {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
-                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
+        out["mask"] = torch.from_numpy(masking.equalize_kept(mask, keys))
+        return out
 
 
 class _BatchDataset(Dataset):
@@ -247,6 +267,11 @@ class Loader:
                                 f"least data.min_seconds={cfg.data.min_seconds} s long, fewer than data.batch_size x "
                                 f"data-parallel ranks = {cfg.data.batch_size * dp_size}: lower data.min_seconds or "
                                 "prepare longer clips")
+        if cfg.masking.generator in ("text_spans", "bert") and \
+                int(self.manifest.get("vocab_size", 0)) > masking_d2v1.text_mask_id(cfg.model):
+            raise DataError(f"{self.shards.manifest_path} has a vocabulary of {self.manifest['vocab_size']} tokens but "
+                            f"data2vec 1.0 uses id model.vocab_size - 1 = {masking_d2v1.text_mask_id(cfg.model)} as "
+                            f"<mask>: set model.vocab_size={int(self.manifest['vocab_size']) + 1} (or larger)")
         self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
                                            cfg.data.seed, lengths=lengths, eligible=eligible)
         self.builder = BatchBuilder(cfg, self.shards)

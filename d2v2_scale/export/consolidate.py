@@ -50,6 +50,9 @@ FORMAT = "d2v2-plain-encoder"
 FORMAT_VERSION = 1
 
 
+STUDENT_ONLY = ("mask_emb",)  # student tensors outside encoder.* / decoder.* that the plain twin does not use
+
+
 class ExportError(ValueError):
     """A checkpoint the exporter does not understand, or an output it must not overwrite."""
 
@@ -281,7 +284,8 @@ def _student_stage(folder: Path, info: dict, first_mp: int) -> dict[str, torch.T
 
 def to_plain(full: dict, mcfg, expected: dict[str, tuple], where: str) -> dict[str, torch.Tensor]:
     enc = {k: v for k, v in full.items() if k.startswith("encoder.")}
-    others = sorted(k for k in full if not k.startswith(("encoder.", "decoder.")))
+    # mask_emb: data2vec 1.0 speech's training-only mask embedding (not part of the encoder)
+    others = sorted(k for k in full if not k.startswith(("encoder.", "decoder.")) and k not in STUDENT_ONLY)
     if others:
         raise ExportError(f"{where}: unknown parameter names {others[:5]} (neither encoder.* nor decoder.*)")
     plain = mapping.megatron_to_plain(enc, mcfg.num_heads)

@@ -1,7 +1,11 @@
-"""data2vec 2.0 model: Megatron-core blocks, per-modality front ends/decoders, targets, EMA.
+"""data2vec 2.0 and 1.0 models: Megatron-core blocks, per-modality front ends/decoders, targets, EMA.
+
+Two objectives share the parts (encoder, teacher, targets, EMA, loss): model.variant picks
+data2vec 2.0 (data2vec.py: multi-mask, gathered student, conv decoder) or data2vec 1.0
+(data2vec1.py: mask embedding, every position encoded, regression head).
 
 Public API (see the contracts in the module docstrings):
-    build_student(cfg) -> Data2Vec2            forward(batch, teacher) -> (loss, stats)
+    build_student(cfg) -> Data2Vec2 | Data2Vec1  forward(batch, teacher) -> (loss, stats)
     build_teacher(cfg) -> Data2Vec2Teacher     forward(x, padding=None) -> targets [B, T, D]
     init_teacher_from_student(teacher, student)
     teacher_param_names(cfg)                   names the teacher shares with the student
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from .data2vec import Data2Vec2, Data2Vec2Teacher
+from .data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
 from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the ALiBi scales
@@ -26,18 +31,27 @@ from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_tea
 NO_DECAY_MARKERS = ("alibi_scale",)
 
 
-def build_student(cfg) -> Data2Vec2:
-    return Data2Vec2(cfg)
+OBJECTIVES = {"data2vec2": Data2Vec2, "data2vec1": Data2Vec1}
 
 
-def build_teacher(cfg) -> Data2Vec2Teacher:
-    return Data2Vec2Teacher(cfg)
+def build_student(cfg) -> nn.Module:
+    return OBJECTIVES[cfg.model.variant](cfg)
+
+
+def teacher_copied_prefixes(cfg) -> tuple[str, ...]:
+    """Teacher parameter-name prefixes the EMA copies from the student instead of averaging."""
+    return TEACHER_COPIED[cfg.model.modality] if cfg.model.variant == "data2vec1" else ()
+
+
+def build_teacher(cfg) -> nn.Module:
+    """The EMA teacher module: the shared one, or (data2vec 1.0 vision) the whole BEiT encoder."""
+    return BeitTeacher(cfg) if is_beit(cfg.model) else Data2Vec2Teacher(cfg)
 
 
 def teacher_param_names(cfg) -> list[str]:
     """The teacher's parameter names (built on the meta device: no memory, no init cost)."""
     with torch.device("meta"):
-        t = Data2Vec2Teacher(cfg)
+        t = build_teacher(cfg)
     return [n for n, _ in t.named_parameters()]
 
 
@@ -61,6 +75,6 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-__all__ = ["Data2Vec2", "Data2Vec2Teacher", "EMATeacher", "build_student", "build_teacher",
+__all__ = ["Data2Vec1", "Data2Vec2", "Data2Vec2Teacher", "teacher_copied_prefixes", "EMATeacher", "build_student", "build_teacher",
            "ema_decay", "ema_decay_from_cfg", "ema_update", "init_teacher_from_student",
            "param_groups_for_weight_decay", "teacher_param_names", "no_weight_decay"]

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import Encoder, kept_indices
+from .loss import token_loss
 from .modality import get_modality
 from .targets import accumulate_layers, finish_targets
 from .tp_random import _default_state as default_rng_state
@@ -168,12 +168,7 @@ class Data2Vec2(nn.Module):
     # ---------------------------------------------------------------------------------------
     def token_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """[..., D] x [..., D] -> [...]: scaled loss summed over channels, in fp32."""
-        pred, target = pred.float(), target.float()
-        if self.mcfg.loss_beta > 0:
-            l = F.smooth_l1_loss(pred, target, reduction="none", beta=self.mcfg.loss_beta)
-        else:
-            l = F.mse_loss(pred, target, reduction="none")
-        return l.sum(-1) * self.loss_scale
+        return token_loss(pred, target, self.mcfg.loss_beta, self.loss_scale)
 
     def stat_names(self) -> list[str]:
         """The keys of the stats dict forward returns, in a fixed order (pipeline stages that

@@ -55,14 +55,22 @@ def init_teacher_from_student(teacher: nn.Module, student: nn.Module) -> None:
     teacher.eval()
 
 
+def copied(name: str, copy: tuple[str, ...]) -> bool:
+    """Is teacher parameter `name` in a "copy, don't average" group (prefixes `copy`)?"""
+    return bool(copy) and name.startswith(tuple(copy))
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> bool:
-    """teacher <- decay * teacher + (1 - decay) * student, in fp32.  Returns False (and does
-    nothing) when decay >= 1."""
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, copy: tuple[str, ...] = ()) -> bool:
+    """teacher <- decay * teacher + (1 - decay) * student, in fp32; parameters whose names start
+    with a prefix in `copy` are copied from the student instead (data2vec 1.0's `skip_keys`, e.g.
+    the speech positional conv).  Returns False (and does nothing) when decay >= 1."""
     if decay >= 1.0:
         return False
-    for _, t, s in matched_params(teacher, student):
-        if t.dtype == torch.float32:
+    for name, t, s in matched_params(teacher, student):
+        if copied(name, copy):
+            t.copy_(s.detach())
+        elif t.dtype == torch.float32:
             t.mul_(decay).add_(s.detach().float(), alpha=1.0 - decay)
         else:  # low-precision teacher copy: do the math in fp32, then cast once
             t.copy_(t.float().mul_(decay).add_(s.detach().float(), alpha=1.0 - decay))
@@ -72,9 +80,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> bool:
 class EMATeacher:
     """Holds the step counter: call `step(student)` after every optimizer update."""
 
-    def __init__(self, teacher: nn.Module, cfg):
+    def __init__(self, teacher: nn.Module, cfg, copy: tuple[str, ...] = ()):
         self.teacher = teacher
         self.cfg = cfg
+        self.copy = tuple(copy)
         self.num_updates = 0
 
     def decay(self) -> float:
@@ -82,6 +91,6 @@ class EMATeacher:
 
     def step(self, student: nn.Module) -> float:
         d = self.decay()
-        ema_update(self.teacher, student, d)
+        ema_update(self.teacher, student, d, self.copy)
         self.num_updates += 1
         return d

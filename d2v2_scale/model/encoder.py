@@ -89,6 +89,7 @@ class Encoder(nn.Module):
         self.total_blocks = mcfg.total_blocks
         self.prenet_depth = mcfg.prenet_depth
         self.layerdrop = mcfg.layerdrop
+        self.tap_block_end = getattr(mcfg, "target_tap", "ffn") == "block_end"
         if mcfg.alibi:
             if self.num_extra_tokens:
                 raise NotImplementedError("ALiBi with extra tokens is not supported")
@@ -142,7 +143,8 @@ class Encoder(nn.Module):
         """Megatron layout: x [T, N, D] -> (x [T, N, D], taps), through the blocks this module
         holds (all of them, or one pipeline stage's slice), then the final LayerNorm if it holds it.
 
-        taps: FFN outputs [N, T, D] of the blocks among the model's last `top_k` (global index)."""
+        taps: FFN outputs [N, T, D] (model.target_tap="block_end": block outputs) of the blocks among
+        the model's last `top_k` (global index)."""
         outs = []
         for i, blk in zip(self.blocks.indices(), self.blocks):
             # layerdrop (student only; the default RNG is identical on all TP ranks)
@@ -151,7 +153,8 @@ class Encoder(nn.Module):
                     continue
             x, t = blk(x, bias)
             if i >= self.total_blocks - top_k:
-                outs.append(t.transpose(0, 1))
+                # the target tap (model.target_tap): FFN output, or the block's output
+                outs.append((x if self.tap_block_end else t).transpose(0, 1))
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, outs

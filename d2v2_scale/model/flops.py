@@ -9,6 +9,8 @@ Counted: matmuls and convolutions (norms, softmax, GELU, the loss are ignored, <
     student  = 3x blocks on B*M rows of (T_keep + E) tokens
              (+ 3x audio positional conv, which runs full-length on all B*M rows)
     decoder  = 3x decoder on B*M rows of T positions
+data2vec 1.0 (model.variant=data2vec1): M = 1, the student's blocks see all T positions, and the
+"decoder" term is the regression head on the masked positions.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _decoder_flops(m, t: int) -> float:
     return total + 2 * t * m.decoder_dim * m.embed_dim
 
 
+def _head_flops(m, masked: float) -> float:
+    """data2vec 1.0 regression head on ~masked positions (masking.ratio x T: an upper bound, spans
+    overlap): Linear(D, D), or Linear(D, 2D) -> Linear(2D, D)."""
+    d = m.embed_dim
+    return 2.0 * masked * (d * d if m.head_layers == 1 else 4 * d * d)
+
+
 def _local_flops(m, seq: int, n_samples: int | None) -> float:
     if m.modality == "image":
         return 2.0 * seq * m.in_chans * m.patch_size ** 2 * m.embed_dim
@@ -59,11 +68,14 @@ def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | N
     m, r = cfg.model, cfg.masking.ratio
     if m.modality == "image":
         t = m.num_patches
-        return t, int(t * (1 - r))
-    if m.modality == "audio":
+    elif m.modality == "audio":
         t = m.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
     else:
         t = text_tokens or cfg.data.max_tokens
+    if m.modality == "image" and m.variant != "data2vec1":
+        return t, int(t * (1 - r))
+    if m.variant == "data2vec1":
+        return t, t  # data2vec 1.0: the student encodes every position (mask embedding, no gather)
     return t, t - int(t * r)
 
 
@@ -86,7 +98,7 @@ def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = N
                    + (local if m.modality == "image" else 0.0))
     student = 3 * n * (nb * block_flops(keep + e, m.embed_dim, m.mlp_ratio) + pos)
     local_s = 3 * b * local
-    decoder = 3 * n * _decoder_flops(m, t)
+    decoder = 3 * n * (_head_flops(m, cfg.masking.ratio * t) if m.variant == "data2vec1" else _decoder_flops(m, t))
     out = {"teacher": teacher, "student": student, "local": local_s, "decoder": decoder}
     out["total"] = sum(out.values())
     return out

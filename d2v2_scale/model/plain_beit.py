@@ -132,7 +132,7 @@ class PlainBeitEncoder(nn.Module):
     def __init__(self, c):
         super().__init__()
         d, g = c.embed_dim, c.image_size // c.patch_size
-        self.c = c
+        self.c = c  # the config (d2v2-probe reads modality and width from it, as from PlainEncoder)
         self.local = PatchLocal(c)
         self.extra_tokens = nn.Parameter(torch.zeros(1, 1, d))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))

@@ -6,6 +6,7 @@ name (ZeRO-3 partitions each parameter on its own: same shape + same group = sam
 EMA update is then shard-local, with no communication:
 
     master_t <- d * master_t + (1 - d) * fp32_master_shard(student)      (fp32, [numel / dp])
+    master_t <- fp32_master_shard(student)          (the `copy` prefixes: data2vec 1.0 skip keys)
     teacher.ds_tensor <- master_t                                       (training dtype)
 
 and the next teacher forward gathers the updated shards layer by layer like any ZeRO-3 forward.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_local_fp32_param
+
+from ..model.ema import copied
 
 
 def _zero3_param(p: torch.nn.Parameter) -> bool:
@@ -31,8 +34,11 @@ class EmaTeacher:
     """
 
     def __init__(self, teacher_module: torch.nn.Module, student_engine, ds_config: dict, zero3: bool,
-                 dtype: torch.dtype, mpu=None):
+                 dtype: torch.dtype, mpu=None, copy: tuple[str, ...] = ()):
         self.zero3 = zero3
+        # "copy, don't average": parameters under these name prefixes take the student's values
+        # at every update (data2vec 1.0's speech positional conv); shard-local like the EMA
+        self.copy = tuple(copy)
         self.dtype = dtype
         self.student = student_engine
         if zero3:
@@ -106,12 +112,13 @@ class EmaTeacher:
             self.master[name].copy_(w.view_as(self.master[name]))
             self._local(t).copy_(self.master[name])
 
-    def _ema_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """(masters, student fp32 sources shaped like them, teacher storage) in `pairs` order,
-        built once: they alias storage that lives as long as the engines (the student's
-        parameters or its fp32 partitions, the teacher's parameters or shards), so each update is
-        three multi-tensor operations instead of a handful of operators per tensor.  Rebuilt after
-        a checkpoint load, and whenever a student parameter's storage moved (ZeRO-0/1/2)."""
+    def _ema_lists(self) -> tuple[list[torch.Tensor], ...]:
+        """(averaged masters, their student fp32 sources, copied masters (the `copy` prefixes), their
+        sources, all masters, teacher storage) in `pairs` order, built once.  They alias storage
+        that lives as long as the engines (the student's parameters or fp32 partitions, the
+        teacher's parameters or shards), so an update is a few multi-tensor operations instead of
+        a handful of operators per tensor.  Rebuilt after a checkpoint load, and whenever a student
+        parameter's storage moved (ZeRO-0/1/2)."""
         # a bf16 student module (ZeRO-0/1/2) has no fp32 alias: `_student_fp32` makes fresh fp32
         # copies, so the lists are made again at every update there
         aliased = self.zero3 or all(s.dtype == torch.float32 for _, _, s in self.pairs)
@@ -119,7 +126,10 @@ class EmaTeacher:
         if getattr(self, "_lists", None) is None or not aliased or ptrs != self._list_ptrs:
             masters = [self.master[name] for name, _, _ in self.pairs]
             sources = [self._student_fp32(s).view_as(m) for (_, _, s), m in zip(self.pairs, masters)]
-            self._lists = (masters, sources, [self._local(t) for _, t, _ in self.pairs])
+            avg = [not copied(name, self.copy) for name, _, _ in self.pairs]
+            self._lists = ([m for m, a in zip(masters, avg) if a], [x for x, a in zip(sources, avg) if a],
+                           [m for m, a in zip(masters, avg) if not a], [x for x, a in zip(sources, avg) if not a],
+                           masters, [self._local(t) for _, t, _ in self.pairs])
             self._list_ptrs = ptrs
         return self._lists
 
@@ -128,9 +138,12 @@ class EmaTeacher:
         """One EMA step; skipped (by the caller) once decay == 1.  Bitwise the per-tensor
         `m.mul_(d).add_(s, alpha=1 - d)` it replaces."""
         self._release_gathered()
-        masters, sources, local = self._ema_lists()
-        torch._foreach_mul_(masters, decay)
-        torch._foreach_add_(masters, sources, alpha=1.0 - decay)
+        avg, avg_src, cop, cop_src, masters, local = self._ema_lists()
+        if avg:
+            torch._foreach_mul_(avg, decay)
+            torch._foreach_add_(avg, avg_src, alpha=1.0 - decay)
+        if cop:
+            torch._foreach_copy_(cop, cop_src)
         torch._foreach_copy_(local, masters)
 
     # ---- checkpoint -----------------------------------------------------------------------

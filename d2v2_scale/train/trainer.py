@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
 from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite
 from .metrics import Metrics, format_line
+from .schedules import build_scheduler
 from .teacher import EmaTeacher
 
 
@@ -47,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, build_data: bool = True):
-        from ..model import build_student, build_teacher, param_groups_for_weight_decay
+        from ..model import build_student, build_teacher, param_groups_for_weight_decay, teacher_copied_prefixes
         from ..model.flops import train_step_flops
 
         self.cfg = cfg
@@ -132,14 +133,11 @@ class Trainer:
             # fused on a GPU: one kernel for all tensors (the foreach default launches several)
             optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                           fused=True if torch.cuda.is_available() else None)
-        scheduler = deepspeed.runtime.lr_schedules.WarmupCosineLR(
-            optimizer, total_num_steps=cfg.optim.total_steps, warmup_min_ratio=0.0,
-            warmup_num_steps=max(cfg.optim.warmup_steps, 1), cos_min_ratio=cfg.optim.min_lr_ratio,
-            warmup_type="linear")
+        scheduler = build_scheduler(optimizer, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
-                                   mpu=mpu)
+                                   mpu=mpu, copy=teacher_copied_prefixes(cfg))
         if imported_teacher is not None:
             self.teacher.set_masters(imported_teacher, info.dp_rank)
             if self.main:

@@ -1,0 +1,407 @@
+"""data2vec 1.0 (model/data2vec1.py, data/masking_d2v1.py): the data2vec1-spec's test list for
+speech and text -- mask statistics, mask-embedding placement, teacher taps and targets by hand,
+loss numerics, EMA values and copied parts, teacher input, parameter counts, init, schedules,
+the collapse guard, and the impossible mixes the config refuses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v2_scale.config import ConfigError, build_config, load_preset
+from d2v2_scale.data import masking_d2v1 as M
+from d2v2_scale.data import rng
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dist():
+    from d2v2_scale.distributed import init_distributed
+
+    return init_distributed()
+
+
+def _keys(n, seed=3):
+    return rng.make_keys(seed, 0, np.arange(n), 0)
+
+
+def _build(name, **model):
+    from d2v2_scale.model import build_student, build_teacher, init_teacher_from_student
+
+    cfg = load_preset(name)
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    torch.manual_seed(0)
+    s, t = build_student(cfg), build_teacher(cfg)
+    init_teacher_from_student(t, s)
+    return cfg, s, t
+
+
+# ---- 1. speech masks --------------------------------------------------------------------------
+def test_speech_mask_statistics():
+    n = 4000
+    keys = _keys(n)
+    counts = M.span_counts(keys, np.full(n, 500), 0.65, 10, 1)
+    assert set(counts.tolist()) == {32, 33} and abs(counts.mean() - 32.5) < 0.03
+    for t, expected in ((500, 0.4909), (250, 0.4926)):  # exact combinatorial values (spec A.1)
+        m = M.speech_span_mask(keys, np.full(n, t), t, 0.65, 10, same_count=False)
+        assert abs(m.mean() - expected) < 0.005, (t, m.mean())
+        # every masked set is a union of length-10 runs starting at <= T - 11
+        runs = np.lib.stride_tricks.sliding_window_view(m, 10, axis=1).all(-1)[:, : t - 10]  # start s <= T-11
+        assert np.array_equal(M._spread(np.pad(runs, ((0, 0), (0, 10))), 10), m)
+
+
+def test_speech_mask_same_count_and_padding():
+    lengths = np.array([120, 80, 101, 64])
+    m = M.speech_span_mask(_keys(4, seed=9), lengths, 120, 0.65, 10)
+    assert len(set(m.sum(1).tolist())) == 1  # require_same_masks: the batch minimum everywhere
+    untrimmed = M.speech_span_mask(_keys(4, seed=9), lengths, 120, 0.65, 10, same_count=False)
+    assert m.sum(1)[0] == untrimmed.sum(1).min() and not (m & ~untrimmed).any()  # trimmed, never added
+    for i, length in enumerate(lengths):
+        assert not m[i, length:].any()  # spans only inside the real length
+
+
+# ---- 2. text masks ----------------------------------------------------------------------------
+def test_text_span_mask_statistics():
+    n = 4000
+    keys = _keys(n)
+    counts = M.span_counts(keys, np.full(n, 512), 0.35, 4)
+    assert set(counts.tolist()) == {44, 45}
+    m = M.text_span_mask(keys, np.full(n, 512), 512, 0.35, 4)
+    assert abs(m.mean() - 0.3066) < 0.005
+    # spans clip at the real end: a row of 10 tokens in a batch of 16 never masks beyond 10
+    short = M.text_span_mask(keys[:200], np.full(200, 10), 16, 0.35, 4)
+    assert not short[:, 10:].any() and short[:, 9].any()
+
+
+def test_text_inputs_span_and_bert():
+    cfg = load_preset("d2v1-text-tiny")
+    tok = np.random.default_rng(0).integers(4, 1000, (2000, 64))
+    student, mask = M.text_inputs(_keys(2000), tok, np.full(2000, 64), cfg.masking, 1000, 1000)
+    changed = student != tok
+    assert np.array_equal(changed, mask) and (student[mask] == 1000).all()  # every masked token -> <mask>
+    cfg.masking.generator, cfg.masking.ratio = "bert", 0.15
+    student, mask = M.text_inputs(_keys(2000), tok, np.full(2000, 64), cfg.masking, 1000, 1000)
+    sel_n = M.span_counts(_keys(2000), np.full(2000, 64), 0.15, 1)
+    assert abs(sel_n.mean() / 64 - 0.15) < 0.01
+    selected = M._distinct_starts(_keys(2000), sel_n, np.full(2000, 64), 64)
+    changed = (student != tok) & ~mask
+    assert not (mask & ~selected).any() and not (changed & ~selected).any()
+    obs = np.array([mask.sum(), (selected & (student == tok)).sum(), changed.sum()], dtype=float)
+    exp = obs.sum() * np.array([0.8, 0.1, 0.1])
+    assert ((obs - exp) ** 2 / exp).sum() < 13.8  # chi-square, 2 dof, p = 0.001
+    assert np.array_equal(mask, student == 1000)  # the loss covers exactly the <mask> inputs
+    assert (student[changed] >= M.N_SPECIAL).all() and (student[changed] < 1000).all()
+
+
+# ---- 4. mask-embedding placement ----------------------------------------------------------------
+def test_speech_mask_emb_enters_before_the_conv_positions():
+    cfg, s, _ = _build("d2v1-audio-tiny")
+    s.eval()
+    seen = {}
+    s.encoder.positions.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
+    wav = torch.randn(1, 16000)
+    t = cfg.model.audio_frames(16000)  # 49 frames
+    mask = torch.zeros(1, t, dtype=torch.bool)
+    mask[0, 20] = True
+    batch = {"source": wav, "mask": mask}
+    s(batch, teacher=None)
+    x0, y0 = seen["x"].clone(), seen["y"].clone()
+    assert torch.equal(x0[0, 20], s.mask_emb.detach())  # the encoder input at the masked frame
+    with torch.no_grad():
+        s.mask_emb.add_(1.0)
+    s(batch, teacher=None)
+    diff = (seen["y"] - y0).abs().amax(-1)[0]
+    reach = cfg.model.conv_pos_depth * (cfg.model.conv_pos_width // 2)  # 2 x 2 frames
+    assert diff[20 - reach] > 0 and diff[20 + reach] > 0  # unmasked neighbours see the mask embedding
+    assert diff[: 20 - reach].max() == 0 and diff[21 + reach:].max() == 0  # ... within the conv's reach only
+
+
+def test_text_mask_is_a_vocabulary_row():
+    cfg, s, _ = _build("d2v1-text-tiny")
+    assert M.text_mask_id(cfg.model) == s.encoder.local.tokens.num_embeddings - 1 == 1000
+    src = torch.tensor([[5, 6, 7, 8]])
+    stu = torch.tensor([[5, 1000, 7, 8]])
+    emb = s.encoder.local.tokens.weight
+    feats, _ = s.encoder.local(stu)
+    manual = F.layer_norm(emb[stu] + s.encoder.local.positions.weight[:4], (64,),
+                          s.encoder.local.norm.weight, s.encoder.local.norm.bias, 1e-5)
+    assert torch.allclose(feats, manual)
+    # 9. the teacher reads the full original sequence (paper), not the masked one
+    teacher_in = s.teacher_source({"source": src, "student_source": stu, "mask": stu == 1000})
+    assert torch.equal(teacher_in, s.encoder.local(src)[0])
+
+
+def test_speech_teacher_reads_unmasked_features():
+    cfg, s, t = _build("d2v1-audio-tiny")
+    seen = {}
+    t.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    wav = torch.randn(2, 8000)
+    mask = torch.zeros(2, cfg.model.audio_frames(8000), dtype=torch.bool)
+    mask[:, 5:15] = True
+    s.train()
+    s({"source": wav, "mask": mask}, teacher=t)
+    feats, _ = s.encoder.local(wav)  # projected features: no mask_emb, no dropout
+    assert torch.equal(seen["x"], feats.detach())
+
+
+# ---- 5. teacher taps by hand -------------------------------------------------------------------
+@pytest.mark.parametrize("tap", ["ffn", "block_end"])
+def test_teacher_tap_by_hand(tap):
+    cfg, s, _ = _build("d2v1-audio-tiny", target_tap=tap)
+    enc = s.encoder
+    enc.eval()
+    x = torch.randn(3, 1, 64)  # 3 tokens, [T, B, D]
+    blk = enc.blocks[1]
+    h, taps = enc.run_blocks_tbd(x, None, top_k=1)
+    x1, _ = enc.blocks[0](x, None)
+    a = blk._attn(x1, None)
+    y = blk.norm1(x1 + a)
+    fc1, fc2 = blk.mlp.linear_fc1, blk.mlp.linear_fc2
+    t = F.linear(F.gelu(F.linear(y, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    want = t if tap == "ffn" else blk.norm2(y + t)
+    assert torch.allclose(taps[0], want.transpose(0, 1), atol=1e-6)
+    assert torch.allclose(h, blk.norm2(y + t), atol=1e-6)
+
+
+# ---- 6. targets by hand ------------------------------------------------------------------------
+def test_targets_by_hand():
+    from d2v2_scale.model.targets import make_targets
+
+    g = torch.Generator().manual_seed(0)
+    taps = [torch.randn(2, 5, 4, generator=g) * 3 + 1 for _ in range(3)]
+    sp = load_preset("d2v1-audio-base").model
+    sp.top_k_layers = 3
+
+    def inorm(t):
+        return (t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, unbiased=False, keepdim=True) + 1e-5)
+
+    def lnorm(t):
+        return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    assert torch.allclose(make_targets(taps, sp), sum(inorm(t) for t in taps) / 3, atol=1e-5)
+    tx = load_preset("d2v1-text-base").model
+    tx.top_k_layers = 3
+    assert torch.allclose(make_targets(taps, tx), sum(lnorm(t) for t in taps) / 3, atol=1e-5)
+    vi = load_preset("d2v1-text-base").model  # vision's rule: LN per layer, average, LN again
+    vi.top_k_layers, vi.layer_norm_targets = 3, True
+    assert torch.allclose(make_targets(taps, vi), lnorm(sum(lnorm(t) for t in taps) / 3), atol=1e-5)
+    assert make_targets([t.half() for t in taps], sp).dtype == torch.float32
+
+
+# ---- 7. loss numerics --------------------------------------------------------------------------
+def test_loss_numerics():
+    from d2v2_scale.model.loss import loss_scale, token_loss
+
+    one = torch.ones(1, 1)
+    assert token_loss(one, 0 * one, 4.0, 1.0).item() == pytest.approx(0.125)
+    assert token_loss(5 * one, 0 * one, 4.0, 1.0).item() == pytest.approx(3.0)
+    assert token_loss(one, 0 * one, 2.0, 1.0).item() == pytest.approx(0.25)
+    sp, tx = load_preset("d2v1-audio-base").model, load_preset("d2v1-text-base").model
+    assert loss_scale(sp) == pytest.approx(1 / math.sqrt(768)) and loss_scale(tx) == 1.0
+    sp.loss_scale_rule = "inv_dim"
+    assert loss_scale(sp) == pytest.approx(1 / 768)  # vision: Sigma_c SL1_2 / 768
+    d = torch.randn(7, 768)
+    assert token_loss(d, 0 * d, 0.0, 1 / math.sqrt(768)).sum() / 7 == pytest.approx(
+        float((d ** 2).sum(-1).mean() / math.sqrt(768)), rel=1e-5)
+
+
+def test_student_loss_is_mean_over_masked_positions():
+    cfg, s, _ = _build("d2v1-text-tiny")
+    x = torch.randn(2, 6, 64)
+    y = torch.randn(2, 6, 64)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1], mask[1, 2], mask[1, 4] = True, True, True
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4] = True  # masked but padding: no loss
+    loss, st = s.loss(x, y, mask, pad)
+    p = s.decoder(torch.stack([x[0, 1], x[1, 2]]))
+    want = F.smooth_l1_loss(p, torch.stack([y[0, 1], y[1, 2]]), beta=4.0, reduction="none").sum(-1).mean()
+    assert st["masked_tokens"] == 2 and torch.allclose(loss, want)
+
+
+# ---- 8. EMA ------------------------------------------------------------------------------------
+def test_ema_schedules_and_copied_parts():
+    from d2v2_scale.model import teacher_copied_prefixes
+    from d2v2_scale.model.ema import EMATeacher, ema_decay_from_cfg
+
+    sp, tx = load_preset("d2v1-audio-base"), load_preset("d2v1-text-base")
+    assert ema_decay_from_cfg(sp, 0) == pytest.approx(0.999)
+    assert ema_decay_from_cfg(sp, 15_000) == pytest.approx(0.99945)
+    assert ema_decay_from_cfg(sp, 30_000) == ema_decay_from_cfg(sp, 40_000) == pytest.approx(0.9999)
+    assert ema_decay_from_cfg(tx, 150_000) == pytest.approx(0.99945)
+    vi = load_preset("d2v1-image-base")
+    assert {ema_decay_from_cfg(vi, u) for u in (0, 1, 10_000, 500_000)} == {0.9998}  # constant
+    assert teacher_copied_prefixes(vi) == ()  # vision: every teacher parameter is averaged
+
+    cfg, s, t = _build("d2v1-audio-tiny")
+    old = {n: p.detach().clone() for n, p in t.named_parameters()}
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p))
+    ema = EMATeacher(t, cfg, copy=teacher_copied_prefixes(cfg))
+    tau = ema.step(s)
+    sp_ = dict(s.named_parameters())
+    for n, p in t.named_parameters():
+        if n.startswith("encoder.positions."):
+            assert torch.equal(p, sp_[n]), n  # copied, not averaged
+        else:
+            assert torch.allclose(p, tau * old[n] + (1 - tau) * sp_[n], atol=1e-6), n
+    assert any(n.startswith("encoder.positions.") for n in old) and teacher_copied_prefixes(
+        load_preset("d2v1-text-tiny")) == ()
+    # text copies its embeddings by having none: they are the student's
+    assert not any(n.startswith("encoder.local") for n, _ in _build("d2v1-text-tiny")[2].named_parameters())
+    # the teacher never trains: no gradients, eval mode, deterministic
+    x = torch.randn(2, 30, 64)
+    t.train()
+    assert not any(p.requires_grad for p in t.parameters()) and not t.training
+    assert torch.equal(t(x), t(x))
+
+
+# ---- 10. parameter counts, 11. init ------------------------------------------------------------
+def test_parameter_counts_and_init():
+    from d2v2_scale.model import build_student
+
+    counts = {}
+    for name in ("d2v1-audio-base", "d2v1-text-base"):
+        with torch.device("meta"):
+            s = build_student(load_preset(name))
+        counts[name] = (sum(p.numel() for p in s.parameters()), sum(p.numel() for p in s.encoder.parameters()))
+    with torch.device("meta"):
+        s = build_student(load_preset("d2v1-image-base"))
+    assert sum(p.numel() for p in s.parameters()) == 86_256_720  # BEiT ViT-B/16 + head (+ mask token)
+    assert counts["d2v1-audio-base"] == (93_754_880, 93_163_520)
+    assert counts["d2v1-text-base"] == (126_415_872, 124_054_272)
+    _, s, _ = _build("d2v1-audio-tiny")
+    assert 0 <= float(s.mask_emb.min()) and float(s.mask_emb.max()) < 1
+    _, s, _ = _build("d2v1-text-tiny")
+    emb = s.encoder.local.tokens.weight
+    assert torch.equal(emb[1], torch.zeros(64)) and abs(float(emb.std()) - 0.02) < 0.002
+    assert abs(float(s.decoder[0].weight.std()) - 0.02) < 0.002 and float(s.decoder[2].bias.abs().max()) == 0
+
+
+# ---- 12. schedules -----------------------------------------------------------------------------
+def test_tri_stage_and_cosine_schedules():
+    from d2v2_scale.train.schedules import build_scheduler
+
+    def lrs(cfg, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+        sch = build_scheduler(opt, cfg.optim)
+        out = {}
+        for u in range(max(steps) + 1):
+            if u in steps:
+                out[u] = opt.param_groups[0]["lr"]
+            opt.step()
+            sch.step()
+        return out
+
+    cfg = load_preset("d2v1-audio-base")
+    cfg.optim.total_steps = 10_000  # same shape, fewer steps
+    lr = lrs(cfg, [0, 150, 300, 5000, 9299, 9300, 9650, 10_000, 10_100])
+    peak = 5e-4
+    assert lr[0] == pytest.approx(0.01 * peak) and lr[150] == pytest.approx(0.505 * peak)
+    assert lr[300] == lr[5000] == lr[9299] == pytest.approx(peak)  # peak at 3 %, flat to 93 %
+    assert lr[9650] == pytest.approx(peak * math.sqrt(0.01))  # exponential: half way = geometric mean
+    assert lr[10_000] == pytest.approx(0.01 * peak) and lr[10_100] == pytest.approx(0.01 * peak)
+    cfg = load_preset("d2v1-text-base")
+    lr = lrs(cfg, [0, 5000, 10_000])
+    assert lr[0] == pytest.approx(0.0, abs=1e-12) and lr[5000] == pytest.approx(1e-4, rel=1e-3)
+    assert lr[10_000] == pytest.approx(2e-4, rel=1e-3)
+
+
+# ---- 13. collapse guard ------------------------------------------------------------------------
+def test_collapse_guard():
+    from d2v2_scale.train.guards import Guard
+
+    sp, tx = load_preset("d2v1-audio-base"), load_preset("d2v1-text-base")
+    assert Guard(sp.guards).collapse_reason(4999, 0.0, 1.0) is None
+    assert "target variance" in Guard(sp.guards).collapse_reason(5001, 0.0, 1.0)
+    assert Guard(tx.guards).collapse_reason(5001, 0.0, 0.0) is None  # text has no guard
+
+
+# ---- 8 (issue). impossible mixes ---------------------------------------------------------------
+@pytest.mark.parametrize("preset,override,needle", [
+    ("d2v1-audio-tiny", "model.clone_batch=4", "model.clone_batch=4"),
+    ("d2v1-audio-tiny", "model.decoder_layers=2", "no convolutional decoder"),
+    ("d2v1-audio-tiny", "masking.generator=data2vec2", "masking.generator='data2vec2'"),
+    ("audio-tiny", "masking.generator=speech_spans", "masking.generator='speech_spans'"),
+    ("image-tiny", "model.variant=data2vec1", "BEiT"),
+    ("d2v1-image-tiny", "model.image_block=vit2", "model.image_block='vit2' with model.variant=data2vec1"),
+    ("d2v1-image-tiny", "model.variant=data2vec2", "model.image_block=beit with model.variant=data2vec2"),
+    ("d2v1-image-tiny", "model.target_tap=ffn", "block-end taps only"),
+    ("d2v1-text-tiny", "optim.schedule=linear", "optim.schedule"),
+])
+def test_impossible_mixes_are_refused(preset, override, needle):
+    cfg = build_config(preset, overrides=[override])
+    with pytest.raises(ConfigError, match=None) as e:
+        cfg.validate()
+    assert needle in str(e.value)
+
+
+# ---- bench FLOPs, plan, bench CLI ----------------------------------------------------------------
+def test_flops_plan_and_bench():
+    import json
+
+    from d2v2_scale.bench import synthetic_batch
+    from d2v2_scale.model.flops import block_flops, step_flops
+    from d2v2_scale.plan import param_tables
+    from tests.test_bench import _run_script
+
+    cfg = load_preset("d2v1-audio-base")
+    t = cfg.model.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))
+    f = step_flops(cfg, batch_size=2)
+    pos = 5 * 2 * t * 48 * 19 * 768
+    assert f["student"] == pytest.approx(3 * 2 * (12 * block_flops(t, 768) + pos))  # all T frames, M = 1
+    assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
+    student, _ = param_tables(cfg)
+    assert sum(p.numel for p in student) == 93_754_880
+    for name in ("d2v1-audio-tiny", "d2v1-text-tiny", "d2v1-image-tiny"):
+        c = load_preset(name)
+        batch = synthetic_batch(c)
+        assert batch["mask"].shape[0] == c.data.batch_size and batch["mask"].any()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = _run_script("import warnings\nwarnings.filterwarnings('ignore')\nfrom d2v2_scale.bench import main\n"
+                        f"main(['--preset', 'd2v1-text-tiny', '--steps', '1', '--warmup', '1', '--json', "
+                        f"r'{tmp}/b.json', '--output-dir', r'{tmp}/b'])\n", Path(tmp), timeout=120)
+        row = json.loads(Path(tmp, "b.json").read_text())
+    assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["clone_batch"] == 1, r.stdout[-500:]
+
+
+def test_vision_student_teacher_whole_model_ema():
+    """BEiT vision: the teacher is an EMA of the whole encoder (patch embedding, CLS, mask token,
+    relative position bias, blocks, final norm); mask_token enters before CLS; the loss is
+    Sigma_c SL1_2 / D over masked patches against LN(mean_k LN(block end_k)) without CLS."""
+    from d2v2_scale.model.ema import EMATeacher
+    from d2v2_scale.model.targets import layer_norm_channels
+
+    cfg, s, t = _build("d2v1-image-tiny")
+    names = {n for n, _ in t.named_parameters()}
+    assert names == {n for n, _ in s.named_parameters() if n.startswith("encoder.")}
+    assert {"encoder.local.proj.weight", "encoder.extra_tokens", "encoder.rel_pos_bias.table",
+            "encoder.final_norm.weight"} <= names
+    img = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 10:30] = True
+    s.eval()
+    targets = t(img)
+    hidden = t.encoder(img, None, top_k=2)[1]
+    want = layer_norm_channels(sum(layer_norm_channels(h[:, 1:]) for h in hidden) / 2)
+    assert torch.allclose(targets, want, atol=1e-5) and targets.shape == (2, 64, 64)
+    loss, st = s({"source": img, "mask": mask}, teacher=t)
+    x, _ = s.encoder(img, mask)
+    p = s.decoder(x[:, 1:][mask])
+    want = F.smooth_l1_loss(p, targets[mask], beta=2.0, reduction="none").sum(-1).mean() / 64
+    assert st["masked_tokens"] == 40 and torch.allclose(loss, want, atol=1e-6)
+    old = {n: p.detach().clone() for n, p in t.named_parameters()}
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(1.0)
+    tau = EMATeacher(t, cfg).step(s)
+    sp = dict(s.named_parameters())
+    assert tau == pytest.approx(0.998)
+    for n, p in t.named_parameters():
+        assert torch.allclose(p, tau * old[n] + (1 - tau) * sp[n], atol=1e-6), n
