@@ -124,13 +124,17 @@ def test_text_mask_is_a_vocabulary_row():
     src = torch.tensor([[5, 6, 7, 8]])
     stu = torch.tensor([[5, 1000, 7, 8]])
     emb = s.encoder.local.tokens.weight
+    s.eval()  # the embedding dropout aside
     feats, _ = s.encoder.local(stu)
     manual = F.layer_norm(emb[stu] + s.encoder.local.positions.weight[:4], (64,),
                           s.encoder.local.norm.weight, s.encoder.local.norm.bias, 1e-5)
     assert torch.allclose(feats, manual)
-    # 9. the teacher reads the full original sequence (paper), not the masked one
+    clean = s.encoder.local(src)[0]
+    # 9. the teacher reads the full original sequence (paper), not the masked one, and in eval
+    # mode: no embedding dropout even while the student trains
+    s.train()
     teacher_in = s.teacher_source({"source": src, "student_source": stu, "mask": stu == 1000})
-    assert torch.equal(teacher_in, s.encoder.local(src)[0])
+    assert torch.equal(teacher_in, clean) and s.encoder.local.training
 
 
 def test_speech_teacher_reads_unmasked_features():

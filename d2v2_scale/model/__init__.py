@@ -65,12 +65,17 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     """Two optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}].
 
     No decay for biases, norms (every 1-D parameter) and the ALiBi scales (spec 12 D4); the CLS
-    token, learned positions and embeddings are decayed.  Frozen parameters are left out."""
+    token, learned positions and embeddings are decayed, except what a module's
+    `no_weight_decay()` names.  Frozen parameters are left out."""
+    # modules may name more exempt parameters, timm's convention (`no_weight_decay()` -> local
+    # names): the BEiT encoder exempts its CLS token, as the reference's timm optimizer does
+    exempt = {f"{prefix}.{n}" if prefix else n for prefix, mod in model.named_modules()
+              if callable(getattr(mod, "no_weight_decay", None)) for n in mod.no_weight_decay()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
+        (no_decay if name in exempt or no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 

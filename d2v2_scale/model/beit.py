@@ -278,6 +278,11 @@ class BeitEncoder(nn.Module):
         """[1, 1, D]: BEiT's name for the CLS token (stored as `extra_tokens`)."""
         return self.extra_tokens
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer does not decay besides the 1-D ones (timm's convention, which the
+        reference's optimizer follows: the CLS token; the mask token and the bias table decay)."""
+        return {"extra_tokens"}
+
     def set_checkpointing(self, mode: str) -> None:
         for blk in self.blocks:
             blk.set_checkpointing(mode)

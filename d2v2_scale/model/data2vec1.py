@@ -140,7 +140,14 @@ class Data2Vec1(nn.Module):
         the image itself, the teacher has its own patch embedding)."""
         if is_beit(self.mcfg):
             return batch["source"]
-        features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+        # the teacher runs in eval mode (spec A.0): the front end it borrows drops nothing (the
+        # text embedding dropout lives in the front end; data2vec 2.0 feeds it post-dropout, D7)
+        local, was_training = self.encoder.local, self.encoder.local.training
+        local.train(False)
+        try:
+            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+        finally:
+            local.train(was_training)
         return self.modality.teacher_input(batch, features)
 
     def forward(self, batch: dict, teacher: Callable | None = None, *, hidden: Tensor | None = None,
