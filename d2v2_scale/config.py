@@ -473,8 +473,9 @@ PRESETS["d2v1-text-base"] = dict(
     masking=dict(generator="text_spans", ratio=0.35, length=4, adjust=0.0),
     ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=300_000),
     data=dict(batch_size=16, max_tokens=512),
+    # 16 GPUs x 8,192 tokens = 256 sequences of 512 per update
     optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=5.0, schedule="cosine",
-               warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0),
+               warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0, reference_global_batch=256),
     guards=dict(collapse_check=False),
 )
 PRESETS["d2v1-image-base"] = dict(
@@ -495,8 +496,9 @@ PRESETS["d2v1-image-base"] = dict(
     data=dict(batch_size=128),
     # AdamW (0.9, 0.999), eps 1e-8, wd 0.05, lr 2e-3, 10 epochs (6,250 updates) of warm-up, cosine
     # to 1e-5 at 800 epochs x 625 = 500,000 updates, clip 3
+    # 128 images x 16 GPUs = 2,048 per update
     optim=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, clip_grad=3.0, schedule="cosine",
-               warmup_steps=6250, total_steps=500_000, min_lr_ratio=1e-5 / 2e-3),
+               warmup_steps=6250, total_steps=500_000, min_lr_ratio=1e-5 / 2e-3, reference_global_batch=2048),
     guards=dict(collapse_check=False),
 )
 _TINY1 = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2, layerdrop=0.0)
@@ -504,7 +506,8 @@ PRESETS["d2v1-image-tiny"] = PRESETS["d2v1-image-base"] | dict(
     model=PRESETS["d2v1-image-base"]["model"] | _TINY1 | dict(image_size=32, patch_size=4),
     ema=dict(decay=0.998, end_decay=0.998, anneal_end_step=0),
     data=dict(batch_size=8, num_workers=1),
-    optim=PRESETS["d2v1-image-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, min_lr_ratio=0.0),
+    optim=PRESETS["d2v1-image-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, min_lr_ratio=0.0,
+                                                     reference_global_batch=None),
     checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
 )
 PRESETS["d2v1-audio-tiny"] = PRESETS["d2v1-audio-base"] | dict(
@@ -513,7 +516,7 @@ PRESETS["d2v1-audio-tiny"] = PRESETS["d2v1-audio-base"] | dict(
         conv_pos_width=5, conv_pos_groups=4, conv_pos_depth=2),
     ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
     data=dict(batch_size=4, num_workers=1, min_seconds=0.5, max_seconds=1.0),
-    optim=PRESETS["d2v1-audio-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300),
+    optim=PRESETS["d2v1-audio-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, reference_global_batch=None),
     guards=dict(collapse_check=False),
     checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
 )
@@ -522,7 +525,7 @@ PRESETS["d2v1-text-tiny"] = PRESETS["d2v1-text-base"] | dict(
     model=PRESETS["d2v1-text-base"]["model"] | _TINY1 | dict(vocab_size=1001, max_positions=128),
     ema=dict(decay=0.998, end_decay=0.9999, anneal_end_step=300),
     data=dict(batch_size=8, num_workers=1, max_tokens=64),
-    optim=PRESETS["d2v1-text-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300),
+    optim=PRESETS["d2v1-text-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, reference_global_batch=None),
     checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
 )
 
