@@ -41,25 +41,32 @@ def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return ~torch.nn.utils.get_total_norm(tensors, float("inf"), foreach=True).isfinite()
 
 
-def grads_nonfinite(engine, device: torch.device) -> bool:
-    """True on every rank if any rank holds a non-finite gradient after backward.
+def local_grads_nonfinite(engine) -> torch.Tensor | None:
+    """0-d device bool: does THIS rank hold a non-finite gradient after backward?  None where only
+    DeepSpeed's own check can tell (it is collective): ZeRO-3, and optimizer offload.
 
     Under ZeRO-1/2 the reduced gradients are this rank's partitions (`averaged_gradients`).  Under
-    ZeRO-3 DeepSpeed's own overflow check is already one test of its flat gradient buffer, and
-    with optimizer offload the partitions are on the host: there its check (the fp16 machinery,
-    which bf16/fp32 runs do not call on their own) reads them and agrees across ranks.  Without
-    ZeRO the gradients are on the parameters.
-    """
+    ZeRO-3 DeepSpeed's overflow check is already one test of its flat gradient buffer, and with
+    optimizer offload the partitions are on the host: there its check (the fp16 machinery, which
+    bf16/fp32 runs do not call on their own) reads them and agrees across ranks.  Without ZeRO the
+    gradients are on the parameters."""
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
     if stage in (1, 2) and not getattr(opt, "cpu_offload", False) and \
             isinstance(getattr(opt, "averaged_gradients", None), dict):
-        grads = [g for gs in opt.averaged_gradients.values() if gs is not None for g in gs if g is not None]
-        return any_rank_true(_any_nonfinite(grads), device)
+        return _any_nonfinite([g for gs in opt.averaged_gradients.values() if gs is not None
+                               for g in gs if g is not None])
     if stage >= 1 and hasattr(opt, "has_overflow"):
-        return bool(opt.has_overflow(partition_gradients=True))
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return any_rank_true(_any_nonfinite(grads), device)
+        return None
+    return _any_nonfinite([p.grad for p in engine.module.parameters() if p.grad is not None])
+
+
+def grads_nonfinite(engine, device: torch.device) -> bool:
+    """True on every rank if any rank holds a non-finite gradient after backward."""
+    local = local_grads_nonfinite(engine)
+    if local is None:
+        return bool(engine.optimizer.has_overflow(partition_gradients=True))
+    return any_rank_true(local, device)
 
 
 class Guard:

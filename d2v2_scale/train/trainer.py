@@ -25,7 +25,7 @@ from ..config import RunConfig, match_reference_batch
 from ..distributed import MegatronMPU, init_distributed
 from . import checkpoint as ckpt
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
-from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite
+from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite, local_grads_nonfinite
 from .metrics import Metrics, format_line
 from .schedules import build_scheduler
 from .teacher import EmaTeacher
@@ -190,9 +190,9 @@ class Trainer:
         assert len(micro_batches) == self.cfg.optim.grad_accum
         self.engine.train()
         if self.pipeline is not None:
-            stats_sum, skipped, grad_norm = self._forward_backward_pipelined(micro_batches)
+            skipped, grad_norm, scalars = self._forward_backward_pipelined(micro_batches)
         else:
-            stats_sum, skipped, grad_norm = self._forward_backward(micro_batches)
+            skipped, grad_norm, scalars = self._forward_backward(micro_batches)
         if skipped:
             # no update, no EMA, no LR step: drop whatever gradients this update gathered
             self.engine.zero_grad()
@@ -213,7 +213,7 @@ class Trainer:
         decay = self.ema_decay()
         if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
             self.teacher.update(decay)
-        out = self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})  # one sync
+        out = dict(scalars)
         gn = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
                     else self.engine.get_lr()[0],
@@ -226,23 +226,35 @@ class Trainer:
             self._stop(reason + ". Set guards.collapse_check=false to train on regardless")
         return out
 
-    def _forward_backward(self, micro_batches: list[dict]) -> tuple[dict, bool, float | None]:
+    def _forward_backward(self, micro_batches: list[dict]) -> tuple[bool, float | None, dict[str, float]]:
         """Without pipelining: each micro-batch through the engine; the last backward reduces the
-        gradients and `engine.step()` applies them.  -> (stats summed over micro-batches, skipped,
-        grad norm measured here (ZeRO-0 only; DeepSpeed reports it otherwise))."""
+        gradients and `engine.step()` applies them.  -> (skipped, grad norm measured here (ZeRO-0
+        only; DeepSpeed reports it otherwise), the statistics averaged over micro-batches and
+        data-parallel ranks).
+
+        One collective decides the update and averages the statistics: this rank's non-finite
+        loss and gradient flags ride in the same all-reduce as the statistics (a non-finite loss
+        is still backpropagated: its gradients are dropped with the step)."""
         stats_sum: dict[str, torch.Tensor] = {}  # device tensors: no host sync per statistic
-        grad_norm = None
+        bad = torch.zeros((), dtype=torch.bool, device=self.info.device)  # this rank's non-finite flag
+        grad_norm, scalars = None, {}
         for mb in micro_batches:
             loss, stats = self.engine(self._to_device(mb), teacher=self.teacher)
-            # Every rank decides together: one rank skipping alone would hang the collectives.
-            if any_rank_true(~torch.isfinite(loss.detach()).all(), self.info.device):
-                return stats_sum, True, None
+            bad = bad | ~torch.isfinite(loss.detach()).all()
             self.engine.backward(loss)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().double()
             if self.engine.is_gradient_accumulation_boundary():
-                if grads_nonfinite(self.engine, self.info.device):
-                    return stats_sum, True, None
+                local = local_grads_nonfinite(self.engine)
+                if local is None:  # ZeRO-3 / offload: DeepSpeed's own check, collective already
+                    bad = bad | torch.tensor(bool(self.engine.optimizer.has_overflow(partition_gradients=True)),
+                                             device=self.info.device)
+                else:
+                    bad = bad | local
+                skipped, scalars = self._agree(bad, {_scalar_name(k): v / len(micro_batches)
+                                                     for k, v in stats_sum.items()})
+                if skipped:  # every rank decides together: one rank skipping alone would hang
+                    return True, None, {}
                 if self.engine.zero_optimization_stage() == 0:
                     # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
                     from deepspeed.runtime.utils import get_global_norm_of_tensors
@@ -251,9 +263,24 @@ class Trainer:
                         [p.grad for p in self.engine.module.parameters() if p.grad is not None],
                         mpu=self.engine.mpu))
             self.engine.step()
-        return stats_sum, False, grad_norm
+        return False, grad_norm, scalars
 
-    def _forward_backward_pipelined(self, micro_batches: list[dict]) -> tuple[dict, bool, None]:
+    def _agree(self, bad: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[bool, dict[str, float]]:
+        """One all-reduce over every rank of [bad flag, statistics] -> (any rank bad, statistics
+        averaged over the data-parallel ranks).  Tensor-parallel ranks hold the same statistics:
+        only TP rank 0's count, so the sum is the data-parallel one.  One host copy."""
+        keys = sorted(scalars)
+        t = torch.stack([bad.to(torch.float64)] + [scalars[k].to(self.info.device, torch.float64) for k in keys])
+        if dist.is_initialized() and self.info.world_size > 1:
+            from megatron.core import parallel_state as ps
+
+            if ps.get_tensor_model_parallel_rank() != 0:
+                t[1:] = 0.0
+            dist.all_reduce(t)
+        vals = t.tolist()
+        return vals[0] > 0, {k: v / self.info.dp_size for k, v in zip(keys, vals[1:])}
+
+    def _forward_backward_pipelined(self, micro_batches: list[dict]) -> tuple[bool, None, dict[str, float]]:
         """With pipelining: Megatron-core's schedule runs the teacher and the student over all
         micro-batches (train/pipeline.py); then the replicated parameters' gradients are summed
         over the stages, DeepSpeed reduces over data parallelism (ZeRO-1) and steps."""
@@ -272,13 +299,13 @@ class Trainer:
         # only the loss decides a skip, as without pipelining: a statistic may be undefined (the
         # target position share of a one-sample micro-batch is NaN) on a finite step
         if any_rank_true(~torch.isfinite(vec[names.index("loss")]), self.info.device):
-            return stats_sum, True, None
+            return True, None, {}
         sum_replicated_grads(self.engine.module, self.pipeline_replicated)
         self.engine.allreduce_gradients()
         if grads_nonfinite(self.engine, self.info.device):
-            return stats_sum, True, None
+            return True, None, {}
         self.engine.step()
-        return stats_sum, False, None
+        return False, None, self._dp_mean({_scalar_name(k): v / len(micro_batches) for k, v in stats_sum.items()})
 
     def _dp_mean(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
         """Average logged statistics over the data-parallel group, so the logged loss is the
