@@ -141,7 +141,8 @@ def test_reverb_matches_sox_program(tmp_path):
     `reverb r d s` with a stereo output (-c 2) per channel, and `reverb r d s channels 1` (what
     WavAugment runs) after our channel average.  Reached (2026-12-02): max abs error <= 8.6e-8
     per channel and after the mix, SNR >= 131.9 dB, on a 0.5 s signal of peak 0.9 (sox filters
-    in float32, we in float64); the test's bounds are 3e-7 and 120 dB."""
+    in float32, we in float64); the test's bounds are 3e-7 and 120 dB.  Stereo depth 50 / 0,
+    pre-delay 20 / 100 ms and wet gain -3 / +5 dB: <= 8.9e-8."""
     sox = _sox()
     g = np.random.default_rng(0)
     x = (g.standard_normal(8000) * 0.1).astype(np.float32)
@@ -163,6 +164,13 @@ def test_reverb_matches_sox_program(tmp_path):
         err = A.sox_reverb(x.astype(np.float64), *rds) - mono
         assert np.abs(err).max() < 3e-7, rds
         assert 10 * np.log10((mono ** 2).sum() / (err ** 2).sum()) > 120
+    # the other knobs: stereo depth (fractional, and 0 = mono out), pre-delay (ms), wet gain (dB)
+    for extra in [(40, 60, 70, 50, 20, -3), (80, 10, 30, 0, 0, 0), (20, 20, 20, 100, 100, 5)]:
+        o1 = tmp_path / "o1.wav"
+        subprocess.run([sox, "-D", "-V1", str(src), "-e", "floating-point", "-b", "32", str(o1),
+                        "reverb", *[str(v) for v in extra], "channels", "1"], check=True)
+        err = A.sox_reverb(x.astype(np.float64), *extra[:3], SR, *extra[3:]) - sf.read(o1)[0]
+        assert np.abs(err).max() < 3e-7, extra
 
 
 # ---- views through the loader ------------------------------------------------------------------
