@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from d2v2_scale.config import ConfigError, load_preset
-from d2v2_scale.data import augment, augment_speech as A, rng
+from d2v2_scale.data import DataError, augment, augment_speech as A, rng
 from tests import data_fixtures as fx
 
 SR = 16000
@@ -253,6 +253,8 @@ def test_noise_dir_config_errors(tmp_path):
         cfg(views="bogus").validate()
     with pytest.raises(ConfigError, match="data.aug_reverb_p=1.5 must be in"):
         cfg(aug_reverb_p=1.5, aug_background_p=0.0).validate()
+    with pytest.raises(DataError, match="data.noise_dir=None is not set.*data.aug_background_p=0"):
+        _builder(views="aqc")  # the loader checks too, for callers that skip validate()
 
 
 def test_loader_resume_redraws_views(tmp_path):
