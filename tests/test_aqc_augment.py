@@ -214,9 +214,10 @@ def test_views_aligned_and_deterministic(tmp_path):
     for b, i in enumerate(idx):
         raw = aqc.shards.get(int(i), ["audio"])["audio"].astype(np.float32) / 32768.0
         orig = augment.normalize_wave(raw)
-        s = next(o for o in range(len(orig) - src.shape[1] + 1) if np.array_equal(orig[o:o + src.shape[1]], src[b]))
+        s, e = augment.crop_window(len(orig), src.shape[1], rng.uniform(keys[b:b + 1], 1, rng.STREAM_AUDIO_CROP)[0, 0])
+        assert np.array_equal(orig[s:e], src[b])  # the original's offset ...
         whole = augment.normalize_wave(A.augment_utterance(raw, keys[b], params, bank))
-        assert np.array_equal(whole[s:s + src.shape[1]], aug[b])
+        assert np.array_equal(whole[s:e], aug[b])  # ... is the augmented view's
         assert abs(whole.mean()) < 1e-4 and abs(whole.std() - 1) < 1e-3  # normalized over the whole utterance
         changed += not np.array_equal(aug[b], src[b])
     assert changed >= 4  # P(no augmentation) = 0.4 * 0.3 * 0.2 = 0.024 per utterance
