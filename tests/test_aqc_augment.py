@@ -221,6 +221,11 @@ def test_views_aligned_and_deterministic(tmp_path):
         assert abs(whole.mean()) < 1e-4 and abs(whole.std() - 1) < 1e-3  # normalized over the whole utterance
         changed += not np.array_equal(aug[b], src[b])
     assert changed >= 4  # P(no augmentation) = 0.4 * 0.3 * 0.2 = 0.024 per utterance
+    x = np.random.default_rng(2).standard_normal(9000)
+    for f in range(len(bank.files)):  # the windowed read takes the samples a whole-file read would
+        for u in (0.0, 0.61, 0.999):
+            np.testing.assert_array_equal(A.background_noise(x, bank.load(f, x.size, u), u, 4),
+                                          A.background_noise(x, bank.load(f), u, 4))
     assert np.array_equal(aqc(0, idx)["source_aug"].numpy(), aug)  # resume: same draws
     assert not np.array_equal(aqc(1, idx)["source_aug"].numpy(), aug)
     off, _ = _builder(views="aqc", aug_noise_p=0.0, aug_reverb_p=0.0, aug_background_p=0.0)

@@ -220,11 +220,22 @@ class NoiseBank:
         self.files = list_noise_files(noise_dir)
         self.sample_rate = sample_rate
 
-    def load(self, i: int) -> np.ndarray:
-        """File i as float64 [N]: channel 1 (sox `remix 1`), resampled to the sample rate when needed."""
+    def load(self, i: int, length: int | None = None, u_window: float = 0.0) -> np.ndarray:
+        """File i as float64 [N]: channel 1 (sox `remix 1`), resampled to the sample rate when needed.
+        With `length`, a file at the sample rate that is longer is read only where
+        `background_noise(x, ., u_window, .)` for len(x) = length would take its window from (the
+        same samples, without decoding minutes of noise per utterance)."""
+        import soundfile as sf
+
+        path = str(self.files[i])
+        if length is not None:
+            info = sf.info(path)
+            if info.samplerate == self.sample_rate and info.frames >= length:
+                s = int(u_window * (info.frames - length + 1))
+                return sf.read(path, start=s, frames=length, dtype="float64", always_2d=True)[0][:, 0]
         from data_prep.audio import load_mono
 
-        return load_mono(str(self.files[i]), self.sample_rate, channel=0)[0]
+        return load_mono(path, self.sample_rate, channel=0)[0]
 
 
 def background_noise(x: np.ndarray, noise: np.ndarray, u_window: float, snr_db: int) -> np.ndarray:
@@ -267,7 +278,7 @@ def augment_utterance(x: np.ndarray, key, params: SpeechAugParams, bank: NoiseBa
             raise DataError("background noise is on (data.aug_background_p > 0) but no data.noise_dir was given: "
                             "set data.noise_dir or data.aug_background_p=0")
         lo, hi = params.background_snr_db
-        noise = bank.load(int(u[_P_FILE] * len(bank.files)))
+        noise = bank.load(int(u[_P_FILE] * len(bank.files)), y.size, u[_P_WINDOW])
         y = background_noise(y, noise, u[_P_WINDOW], lo + int(u[_P_SNR] * (hi - lo + 1)))
     return y
 
