@@ -200,6 +200,18 @@ class DataConfig:
     # text: each sample is `<s>` + a window of max_tokens - 1 stream tokens (the reference's 511-token
     # blocks with <s> prepended, spec 12 D10; d2v2-prep text packs blocks of 511 by default)
     prepend_bos: bool = True
+    # data2vec-aqc (data2vec-aqc-spec.md B.2): "aqc" adds `source_aug` [B, S] to audio batches, an
+    # augmented copy of each whole utterance (normalized separately, cropped at the same offset as
+    # `source`); "single" (default) leaves batches as they are.  No objective reads it yet.
+    views: str = "single"
+    # folder of .wav noise recordings for the background-noise augmentation (the paper: MUSAN noise/)
+    noise_dir: str | None = None
+    # second-view augmentations, applied in this order with these probabilities (the reference's)
+    aug_noise_p: float = 0.6
+    aug_noise_std: tuple = (0.001, 0.7)  # Gaussian noise std as a fraction of the utterance's std
+    aug_reverb_p: float = 0.7
+    aug_background_p: float = 0.8
+    aug_background_snr_db: tuple = (0, 15)  # integer snr_db range; the mix uses exp(snr_db / 10)
 
 
 @dataclass
@@ -689,6 +701,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"data.audio_crop={cfg.data.audio_crop!r}: use 'batch_min' (the reference) or 'random_length'")
     if cfg.data.verify not in ("fast", "full", "none"):
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
+    errs += _views_errors(cfg.data, m.modality)
     if cfg.data.max_bad_rows < 0:
         errs.append(f"data.max_bad_rows={cfg.data.max_bad_rows} must be >= 0 (0 stops at the first bad row)")
     if p.precision not in ("auto", "bf16", "fp32"):
@@ -710,6 +723,35 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     errs += _objective_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+def _views_errors(d: DataConfig, modality: str) -> list[str]:
+    """data.views and the second-view augmentation fields (data2vec-aqc-spec.md B.2)."""
+    if d.views not in ("single", "aqc"):
+        return [f"data.views={d.views!r}: use 'single' or 'aqc' (data2vec-aqc's augmented second view)"]
+    if d.views == "single":
+        return []
+    errs = []
+    if modality != "audio":
+        errs.append(f"data.views='aqc' is for speech; model.modality is {modality!r}: use data.views=single")
+    for key in ("aug_noise_p", "aug_reverb_p", "aug_background_p"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            errs.append(f"data.{key}={getattr(d, key)} must be in [0, 1]")
+    lo, hi = (tuple(d.aug_noise_std) + (None, None))[:2]
+    if len(d.aug_noise_std) != 2 or not 0.0 <= lo <= hi:
+        errs.append(f"data.aug_noise_std={d.aug_noise_std}: give (min, max) with 0 <= min <= max")
+    snr = tuple(d.aug_background_snr_db)
+    if len(snr) != 2 or not all(float(v).is_integer() for v in snr) or snr[0] > snr[1]:
+        errs.append(f"data.aug_background_snr_db={d.aug_background_snr_db}: give integers (min, max), min <= max")
+    if d.aug_background_p > 0:
+        from .data.augment_speech import noise_dir_problem
+
+        why = noise_dir_problem(d.noise_dir)
+        if why:
+            errs.append(f"data.noise_dir={d.noise_dir!r} {why}: background noise (data.aug_background_p="
+                        f"{d.aug_background_p}) needs a folder of .wav noise recordings (the paper used MUSAN "
+                        "noise/); set data.noise_dir=DIR, or turn it off with data.aug_background_p=0")
+    return errs
 
 
 # which mask generator serves which (objective, modality); data2vec 1.0 vision: "blockwise"

@@ -117,11 +117,15 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def load_mono(path: str, target_sr: int | None) -> tuple[np.ndarray, int, int]:
-    """float64 mono samples (resampled to target_sr when given), source rate, source frames."""
+def load_mono(path: str, target_sr: int | None, channel: int | None = None) -> tuple[np.ndarray, int, int]:
+    """float64 mono samples (resampled to target_sr when given), source rate, source frames.
+    Channels are averaged, or with `channel` only that one is kept (sox `remix`)."""
     x, sr = sf.read(path, dtype="float64", always_2d=True)
     n_src = x.shape[0]
-    x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    if channel is not None:
+        x = x[:, min(channel, x.shape[1] - 1)]
+    else:
+        x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if target_sr and sr != target_sr:
         from scipy.signal import resample_poly  # imported here: scipy.signal takes seconds to import
 

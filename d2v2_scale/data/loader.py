@@ -13,6 +13,8 @@ are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` line
          with data.audio_crop="batch_min", the default: every clip is cut to the batch's
          shortest, at most data.max_seconds, at a random start, spec 12 D6); mask bool [B*M, T],
          T = model.audio_frames(S), frames >= audio_frames(valid samples) are padding (True).
+         With data.views="aqc" (data2vec-aqc) also source_aug float32 [B, S]: an augmented copy of
+         each whole utterance (augment_speech.py), normalized on its own, cropped at the same offset.
   text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens); with
          data.prepend_bos each row is <s> + a random window of max_tokens - 1 stream tokens
          (the reference's 511 + 1, spec 12 D10);
@@ -46,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, masking, masking_beit, masking_d2v1, rng
+from . import augment, augment_speech, masking, masking_beit, masking_d2v1, rng
 from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
@@ -65,6 +67,11 @@ class BatchBuilder:
             shards.manifest.get("num_classes", 0) > 0
         self.audio_dtype_scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
         self.bos_id = int(shards.manifest.get("bos_id", -1))
+        self.aug_params = self.noise_bank = None
+        if self.modality == "audio" and cfg.data.views == "aqc":
+            self.aug_params = augment_speech.SpeechAugParams.from_data_config(cfg.data)
+            if self.aug_params.background_p > 0:
+                self.noise_bank = augment_speech.NoiseBank(cfg.data.noise_dir, cfg.data.sample_rate)
         if self.modality == "text" and cfg.data.prepend_bos and self.bos_id < 0:
             raise DataError(f"{shards.manifest_path} names no <s> token (bos_id) but data.prepend_bos is set: "
                             "prepare with d2v2-prep text (its vocabulary has <s>=0) or set data.prepend_bos=false")
@@ -131,9 +138,14 @@ class BatchBuilder:
     def _audio(self, epoch, indices):
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         sr = d.sample_rate
-        # each file is normalized whole (zero mean, unit variance), then cropped (spec 12 D6)
-        waves = [augment.normalize_wave(self.shards.get(int(i), ["audio"])["audio"].astype(np.float32)
-                                        * self.audio_dtype_scale) for i in indices]
+        raws = [self.shards.get(int(i), ["audio"])["audio"].astype(np.float32) * self.audio_dtype_scale
+                for i in indices]
+        views = None
+        if d.views == "aqc":  # data2vec-aqc: + an augmented copy of each whole utterance, same crop below
+            waves, views = augment_speech.aqc_views(raws, rng.make_keys(d.seed, epoch, indices, 0),
+                                                    self.aug_params, self.noise_bank)
+        else:  # each file is normalized whole (zero mean, unit variance), then cropped (spec 12 D6)
+            waves = [augment.normalize_wave(w) for w in raws]
         cap = int(round(d.max_seconds * sr))
         if d.audio_crop == "batch_min":
             # the reference: every clip cut to the batch's shortest (at most max_seconds), so the
@@ -147,11 +159,11 @@ class BatchBuilder:
         for b, w in enumerate(waves):
             s, e = augment.crop_window(len(w), crop_len, u_off[b])
             waves[b] = w[s:e]
+            if views is not None:
+                views[b] = views[b][s:e]  # the same offset: the two views stay sample-aligned
         valid = np.array([len(w) for w in waves], dtype=np.int64)
         S = int(valid.max())
-        src = np.zeros((len(waves), S), dtype=np.float32)
-        for b, w in enumerate(waves):
-            src[b, :len(w)] = w
+        src = _pad_rows(waves, S)
         padding = np.arange(S)[None, :] >= valid[:, None]
         T = m.audio_frames(S)
         frames = np.array([m.audio_frames(v) for v in valid], dtype=np.int64)
@@ -166,8 +178,11 @@ class BatchBuilder:
             mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
                                      cfg.masking.length)
             mask = masking.equalize_kept(mask, keys)
-        return {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
-                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
+        out = {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
+               "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
+        if views is not None:
+            out["source_aug"] = torch.from_numpy(_pad_rows(views, S))
+        return out
 
     # ---- text ---------------------------------------------------------------------------
     def _text(self, epoch, indices):
@@ -198,6 +213,14 @@ class BatchBuilder:
         mask = masking.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
         out["mask"] = torch.from_numpy(masking.equalize_kept(mask, keys))
         return out
+
+
+def _pad_rows(waves: list[np.ndarray], S: int) -> np.ndarray:
+    """float32 [B, S]: row b = waves[b], zeros after it."""
+    src = np.zeros((len(waves), S), dtype=np.float32)
+    for b, w in enumerate(waves):
+        src[b, :len(w)] = w
+    return src
 
 
 class _BatchDataset(Dataset):
@@ -275,6 +298,10 @@ class Loader:
         self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
                                            cfg.data.seed, lengths=lengths, eligible=eligible)
         self.builder = BatchBuilder(cfg, self.shards)
+        if self.builder.aug_params is not None:
+            print("warning: data.views='aqc': audio batches carry the augmented view source_aug, but no objective "
+                  "reads it yet (the data2vec-aqc objective is future work); it costs worker time only",
+                  file=sys.stderr, flush=True)
         self.epoch, self.position = 0, 0
         self.bad_rows: dict[tuple[str, int], dict] = {}  # (shard file, row) -> describe() + reason
         self._keys = _EpochKeys(self.sampler)

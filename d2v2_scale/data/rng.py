@@ -24,6 +24,9 @@ STREAM_CROP = 10
 STREAM_FLIP = 11
 STREAM_AUDIO_CROP = 12
 STREAM_TEXT_CROP = 13
+STREAM_AUG_APPLY = 14  # data2vec-aqc second view: which augmentations apply (augment_speech.py)
+STREAM_AUG_PARAMS = 15  # ... and their scalar parameters
+STREAM_AUG_BULK = 16  # ... and their sample-wise draws (Gaussian noise), through `generator`
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -67,3 +70,10 @@ def randint(keys: np.ndarray, n: int, high, stream: int) -> np.ndarray:
     """int64 in [0, high) of shape [N, n]; `high` is a scalar or per-row array [N]."""
     high = np.asarray(high, dtype=np.float64).reshape(-1, 1) if np.ndim(high) else float(high)
     return np.floor(uniform(keys, n, stream) * high).astype(np.int64)
+
+
+def generator(key, stream: int) -> np.random.Generator:
+    """A numpy Generator on Philox (itself counter-based) keyed on (key, stream): for bulk draws,
+    e.g. one Gaussian per audio sample, that would be slow through `uniform`.  Like every draw
+    here it is a pure function of the key, so a resumed run draws the same numbers."""
+    return np.random.Generator(np.random.Philox(key=int(np.uint64(key)) | (int(stream) << 64)))
