@@ -220,6 +220,9 @@ class OptimConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
     weight_decay: float = 0.05
+    # true: decay every parameter, 1-D ones included (fairseq's Adam: the data2vec 1.0 speech and
+    # text references); false: biases, norms and the ALiBi scale are not decayed (data2vec 2.0, BEiT)
+    weight_decay_all: bool = False
     clip_grad: float = 4.0  # 0 disables
     warmup_steps: int = 50_040
     total_steps: int = 375_300  # optimizer updates
@@ -470,7 +473,8 @@ PRESETS["d2v1-audio-base"] = dict(
     masking=dict(generator="speech_spans", ratio=0.65, length=10),
     ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=30_000),
     data=dict(batch_size=8, min_seconds=2.0, max_seconds=20.0),
-    optim=dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=0.0, schedule="tri_stage",
+    optim=dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=True, clip_grad=0.0,
+               schedule="tri_stage",
                tri_stage_ratios=(0.03, 0.9, 0.07), warmup_steps=12_000, total_steps=400_000),
     guards=dict(collapse_check=True, collapse_after_steps=5000, min_target_var=0.1, min_pred_var=0.01),
 )
@@ -486,7 +490,8 @@ PRESETS["d2v1-text-base"] = dict(
     ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=300_000),
     data=dict(batch_size=16, max_tokens=512),
     # 16 GPUs x 8,192 tokens = 256 sequences of 512 per update
-    optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=5.0, schedule="cosine",
+    optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=True, clip_grad=5.0,
+               schedule="cosine",
                warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0, reference_global_batch=256),
     guards=dict(collapse_check=False),
 )

@@ -409,3 +409,23 @@ def test_vision_student_teacher_whole_model_ema():
     assert tau == pytest.approx(0.998)
     for n, p in t.named_parameters():
         assert torch.allclose(p, tau * old[n] + (1 - tau) * sp[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("name,decay_all", [("d2v1-audio-tiny", True), ("d2v1-text-tiny", True),
+                                            ("d2v1-image-tiny", False)])
+def test_weight_decay_follows_each_reference(name, decay_all):
+    """fairseq's Adam (speech, text) decays every parameter, mask_emb and norms included; BEiT's
+    timm optimizer (vision) spares 1-D parameters and the CLS token."""
+    from d2v2_scale.model import param_groups_for_weight_decay
+
+    cfg, s, _ = _build(name)
+    assert cfg.optim.weight_decay_all is decay_all
+    decay, no_decay = param_groups_for_weight_decay(s, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
+    n_all = sum(1 for p in s.parameters() if p.requires_grad)
+    if decay_all:
+        assert len(decay["params"]) == n_all and not no_decay["params"]
+    else:
+        names = {id(p): n for n, p in s.named_parameters()}
+        spared = {names[id(p)] for p in no_decay["params"]}
+        assert "encoder.extra_tokens" in spared and all(p.ndim <= 1 or names[id(p)] == "encoder.extra_tokens"
+                                                        for p in no_decay["params"])

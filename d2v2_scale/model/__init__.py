@@ -61,12 +61,13 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_MARKERS)
 
 
-def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Two optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}].
 
     No decay for biases, norms (every 1-D parameter) and the ALiBi scales (spec 12 D4); the CLS
     token, learned positions and embeddings are decayed, except what a module's
-    `no_weight_decay()` names.  Frozen parameters are left out."""
+    `no_weight_decay()` names.  `decay_all` (optim.weight_decay_all, fairseq's Adam): every
+    parameter is decayed.  Frozen parameters are left out."""
     # modules may name more exempt parameters, timm's convention (`no_weight_decay()` -> local
     # names): the BEiT encoder exempts its CLS token, as the reference's timm optimizer does
     exempt = {f"{prefix}.{n}" if prefix else n for prefix, mod in model.named_modules()
@@ -75,7 +76,7 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name in exempt or no_weight_decay(name, p) else decay).append(p)
+        (no_decay if not decay_all and (name in exempt or no_weight_decay(name, p)) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 

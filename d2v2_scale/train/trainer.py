@@ -121,7 +121,7 @@ class Trainer:
             deepspeed.zero.Init(module=teacher, config_dict_or_path=teacher_ds_config(ds_cfg),
                                 data_parallel_group=dp_group, mpu=mpu)
 
-        groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay)
+        groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
         if offloads_optimizer(ds_cfg) and torch.cuda.is_available():
             # ZeRO-Offload steps the optimizer on the host: DeepSpeed's vectorised CPU Adam (built
             # with g++ on first use); a torch AdamW there would be several times slower.
