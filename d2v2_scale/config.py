@@ -188,6 +188,9 @@ class DataConfig:
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     hflip: bool = True
+    # colour jitter strength (brightness = contrast = saturation), applied before the crop:
+    # data2vec 1.0 vision (BEiT's ColorJitter(0.4, 0.4, 0.4)); 0 = off (data2vec 2.0)
+    color_jitter: float = 0.0
     # audio, seconds: clips under min_seconds are dropped; "batch_min" cuts every clip of a batch to
     # the batch's shortest (at most max_seconds) at a random start, so batches carry no padding
     # (the reference, spec 12 D6); "random_length" draws one length per batch in [min, max] and pads
@@ -510,7 +513,8 @@ PRESETS["d2v1-image-base"] = dict(
     # masking.ratio x patches = 120 of 196; masking.length = the smallest block (BEiT min_num_patches)
     masking=dict(generator="blockwise", ratio=120 / 196, length=16, adjust=0.0),
     ema=dict(decay=0.9998, end_decay=0.9998, anneal_end_step=0),
-    data=dict(batch_size=128),
+    # BEiT's DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4), flip, RandomResizedCrop(0.08, 1)
+    data=dict(batch_size=128, crop_scale_min=0.08, color_jitter=0.4),
     # AdamW (0.9, 0.999), eps 1e-8, wd 0.05, lr 2e-3, 10 epochs (6,250 updates) of warm-up, cosine
     # to 1e-5 at 800 epochs x 625 = 500,000 updates, clip 3
     # 128 images x 16 GPUs = 2,048 per update
@@ -522,7 +526,7 @@ _TINY1 = dict(depth=2, prenet_depth=0, embed_dim=64, num_heads=4, top_k_layers=2
 PRESETS["d2v1-image-tiny"] = PRESETS["d2v1-image-base"] | dict(
     model=PRESETS["d2v1-image-base"]["model"] | _TINY1 | dict(image_size=32, patch_size=4),
     ema=dict(decay=0.998, end_decay=0.998, anneal_end_step=0),
-    data=dict(batch_size=8, num_workers=1),
+    data=PRESETS["d2v1-image-base"]["data"] | dict(batch_size=8, num_workers=1),
     optim=PRESETS["d2v1-image-base"]["optim"] | dict(lr=1e-3, warmup_steps=10, total_steps=300, min_lr_ratio=0.0,
                                                      reference_global_batch=None),
     checkpoint=_TINY_CKPT, logging=dict(every_steps=10),
@@ -707,6 +711,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if cfg.data.verify not in ("fast", "full", "none"):
         errs.append(f"data.verify={cfg.data.verify!r}: use 'fast', 'full' or 'none'")
     errs += _views_errors(cfg.data, m.modality)
+    if not 0.0 <= cfg.data.color_jitter < 1.0:
+        errs.append(f"data.color_jitter={cfg.data.color_jitter} must be in [0, 1) (BEiT: 0.4; 0 turns it off)")
     if cfg.data.max_bad_rows < 0:
         errs.append(f"data.max_bad_rows={cfg.data.max_bad_rows} must be >= 0 (0 stops at the first bad row)")
     if p.precision not in ("auto", "bf16", "fp32"):

@@ -429,3 +429,34 @@ def test_weight_decay_follows_each_reference(name, decay_all):
         spared = {names[id(p)] for p in no_decay["params"]}
         assert "encoder.extra_tokens" in spared and all(p.ndim <= 1 or names[id(p)] == "encoder.extra_tokens"
                                                         for p in no_decay["params"])
+
+
+def test_vision_color_jitter_as_torchvision():
+    """BEiT's ColorJitter(0.4, 0.4, 0.4) (spec A.3): brightness, contrast and saturation factors
+    uniform in [0.6, 1.4], applied through PIL's ImageEnhance in a random order (torchvision's
+    PIL path); keyed, so a resumed run redraws it; before the crop; the presets turn it on."""
+    from PIL import Image, ImageEnhance
+
+    from d2v2_scale.data import augment, rng
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    u = np.array([0.9, 0.1, 0.5, 0.0, 0.5, 1.0])  # order: contrast, saturation, brightness
+    got = np.asarray(augment.color_jitter(img, u, 0.4))
+    want = ImageEnhance.Brightness(ImageEnhance.Color(ImageEnhance.Contrast(img).enhance(1.0)).enhance(1.4)
+                                   ).enhance(0.6)
+    assert np.array_equal(got, np.asarray(want))
+    assert np.array_equal(np.asarray(augment.color_jitter(img, u, 0.0)), np.asarray(img))  # factors all 1
+    keys = rng.make_keys(1, 0, np.arange(600), 0)
+    uu = rng.uniform(keys, 6, rng.STREAM_JITTER)
+    orders = {tuple(np.argsort(x[:3], kind="stable")) for x in uu}
+    assert len(orders) == 6  # every permutation of the three transforms occurs
+    f = 0.6 + 0.8 * uu[:, 3:]
+    assert f.min() >= 0.6 and f.max() <= 1.4 and abs(f.mean() - 1.0) < 0.03
+    rows = [{"image": None, "pixels": np.asarray(img).reshape(-1), "pix_height": 12, "pix_width": 10,
+             "pix_channels": 3}] * 4
+    a = augment.augment_images(rows, keys[:4], 8, 3, (0.08, 1.0), True, 0.4)
+    assert np.array_equal(a, augment.augment_images(rows, keys[:4], 8, 3, (0.08, 1.0), True, 0.4))
+    assert not np.array_equal(a, augment.augment_images(rows, keys[:4], 8, 3, (0.08, 1.0), True, 0.0))
+    cfg = load_preset("d2v1-image-base")
+    assert (cfg.data.color_jitter, cfg.data.crop_scale_min) == (0.4, 0.08)
+    assert load_preset("image-base").data.color_jitter == 0.0

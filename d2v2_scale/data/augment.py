@@ -1,6 +1,10 @@
 """Per-sample augmentations; every random draw comes from a counter-based key (see rng.py).
 
-image: random-resized-crop (torchvision's algorithm: 10 tries at scale x aspect in
+image: (data2vec 1.0 vision only, `data.color_jitter` > 0) colour jitter as torchvision's
+       ColorJitter(b, c, s) on PIL images: brightness, contrast and saturation factors uniform in
+       [1 - s, 1 + s], applied in a random order through PIL's ImageEnhance (BEiT's pipeline:
+       jitter, flip, crop); then
+       random-resized-crop (torchvision's algorithm: 10 tries at scale x aspect in
        [3/4, 4/3], else a centre crop) straight to the model size with bicubic resampling
        (the reference's `RandomResizedCrop(scale=(0.2, 1.0), interpolation=BICUBIC)`, spec 12
        D5), horizontal flip, then
@@ -15,7 +19,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from . import rng
 
@@ -65,14 +69,30 @@ def crop_box(u: np.ndarray, width: int, height: int, scale: tuple[float, float])
     return left, top, left + w, top + h
 
 
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def color_jitter(im: Image.Image, u: np.ndarray, strength: float) -> Image.Image:
+    """torchvision's ColorJitter(strength, strength, strength, hue=0) on a PIL image, from 6
+    uniforms `u`: u[0:3] order the three transforms (argsort: a random permutation), u[3:6] draw
+    the brightness, contrast and saturation factors in [max(0, 1 - s), 1 + s]."""
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    for i in np.argsort(u[:3], kind="stable"):
+        im = _ENHANCERS[i](im).enhance(lo + (hi - lo) * float(u[3 + i]))
+    return im
+
+
 def augment_images(rows: list[dict], keys: np.ndarray, size: int, channels: int, scale: tuple[float, float],
-                   hflip: bool) -> np.ndarray:
+                   hflip: bool, jitter: float = 0.0) -> np.ndarray:
     """float32 [B, C, size, size], normalized; keys [B] are the samples' augmentation keys."""
     u_crop = rng.uniform(keys, 40, rng.STREAM_CROP)
     u_flip = rng.uniform(keys, 1, rng.STREAM_FLIP)[:, 0]
+    u_jit = rng.uniform(keys, 6, rng.STREAM_JITTER) if jitter > 0 else None
     out = np.empty((len(rows), size, size, channels), dtype=np.uint8)
     for b, row in enumerate(rows):
         im = decode_image(row, channels)
+        if u_jit is not None:
+            im = color_jitter(im, u_jit[b], jitter)
         box = crop_box(u_crop[b], im.width, im.height, scale)
         im = im.resize((size, size), CROP_RESAMPLE, box=box)
         if hflip and u_flip[b] < 0.5:

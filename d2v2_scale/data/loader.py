@@ -103,7 +103,8 @@ class BatchBuilder:
         keys = rng.make_keys(cfg.data.seed, epoch, indices, 0)
         try:
             src = augment.augment_images(rows, keys, cfg.model.image_size, cfg.model.in_chans,
-                                         (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip)
+                                         (cfg.data.crop_scale_min, cfg.data.crop_scale_max), cfg.data.hflip,
+                                         cfg.data.color_jitter)
         except Exception as e:  # PIL raises many types for corrupt bytes
             raise self._undecodable(rows, indices, e) from None
         grid = masking.grid_side(cfg.model.num_patches)

@@ -22,6 +22,7 @@ STREAM_MASK_BATCH = 3
 STREAM_MASK_BEIT = 4  # data2vec 1.0 BEiT blockwise image masks (masking_beit.py)
 STREAM_CROP = 10
 STREAM_FLIP = 11
+STREAM_JITTER = 17  # data2vec 1.0 vision: colour jitter factors and order (augment.color_jitter)
 STREAM_AUDIO_CROP = 12
 STREAM_TEXT_CROP = 13
 STREAM_AUG_APPLY = 14  # data2vec-aqc second view: which augmentations apply (augment_speech.py)
