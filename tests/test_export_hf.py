@@ -1,0 +1,127 @@
+"""d2v2-export --format hf: tiny models trained a few steps -> a transformers folder ->
+AutoModel.from_pretrained in a fresh process; every hidden state equals the plain twin's on the
+same input (fp32), with padding in the batch for speech and text.  Refusals for the models no
+transformers class computes exactly; a fairseq data2vec 2.0 text checkpoint -> RobertaModel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from d2v2_scale.testing import run_distributed  # noqa: E402
+from tests import data_fixtures  # noqa: E402
+
+ATOL = 2e-5  # fp32; measured max |diff| is reported by each test's assertion message
+
+# the HF side runs in a fresh interpreter: only transformers + torch, nothing of this project
+HF_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModel
+    folder, inp, out = sys.argv[1:4]
+    batch = torch.load(inp)
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        o = model(**batch, output_hidden_states=True)
+    torch.save({"last": o.last_hidden_state, "hidden": list(o.hidden_states),
+                "cls": type(model).__name__}, out)
+""")
+
+
+def _train(tmp: Path, preset: str, modality: str) -> Path:
+    """A tiny run of `preset`, 3 updates in one process (weights are not at init)."""
+    manifest = data_fixtures.prepared(modality) / "manifest.json"
+    run_distributed("tests.dist_bodies_train:fit_body", nproc=1, timeout=240, args=[
+        preset, f"data.manifest={manifest}", f"output_dir={tmp / 'run'}", "max_steps=3",
+        "checkpoint.every_steps=1000", "parallel.zero_stage=0"])
+    return tmp / "run"
+
+
+def _hf_outputs(folder: Path, batch: dict, tmp: Path) -> dict:
+    inp, out, script = tmp / "hf_in.pt", tmp / "hf_out.pt", tmp / "hf_run.py"
+    torch.save(batch, inp)
+    script.write_text(HF_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(folder), str(inp), str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
+def _inputs(cfg: dict):
+    """(plain twin args, HF kwargs, keep [B, T'] mask of the real positions or None)."""
+    g = torch.Generator().manual_seed(7)
+    if cfg["modality"] == "text":
+        pad = cfg["pad_token_id"]
+        ids = torch.randint(4, cfg["vocab_size"] - 1, (3, 24), generator=g)
+        ids[ids == pad] = pad + 3
+        ids[1, 17:] = pad  # right padding, as the trainer's batches
+        ids[2, 9:] = pad
+        keep = ids.ne(pad)
+        return (ids,), {"input_ids": ids, "attention_mask": keep.long()}, keep
+    if cfg["modality"] == "audio":
+        wav = torch.randn(3, 8000, generator=g)
+        n = torch.tensor([8000, 5200, 3000])
+        padm = torch.arange(8000)[None] >= n[:, None]
+        wav = wav.masked_fill(padm, 0.0)
+        return (wav, padm), {"input_values": wav, "attention_mask": (~padm).long()}, None
+    img = torch.randn(2, cfg["in_chans"], cfg["image_size"], cfg["image_size"], generator=g)
+    return (img,), {"pixel_values": img}, None
+
+
+def _compare(tmp: Path, export: Path, hf: Path, expect_cls: str) -> float:
+    """All hidden states of the HF model vs the plain twin; returns the max |diff|."""
+    from d2v2_scale.export import load_export
+
+    enc, cfg, _ = load_export(export)
+    args, kwargs, keep = _inputs(cfg)
+    with torch.no_grad():
+        ref = enc(*args)
+    got = _hf_outputs(hf, kwargs, tmp)
+    assert got["cls"] == expect_cls
+    if keep is None and ref["padding"] is not None:
+        keep = ~ref["padding"]
+    e = 1 if cfg["modality"] == "image" else 0
+    if keep is not None:  # padded positions are padding on both sides: compare the real ones
+        keep = torch.cat([torch.ones(keep.shape[0], e, dtype=torch.bool), keep], 1)
+    # hidden_states: (input of block 0, output of block 0, ..., output of the last block)
+    assert len(got["hidden"]) == len(ref["hidden"]) + 1
+    # vision (pre-LN): the list's last entry is the last block's output, last_hidden_state is normed
+    pairs = list(zip(got["hidden"][1:], ref["hidden"])) + [(got["last"], ref["x"])]
+    worst = 0.0
+    for a, b in pairs:
+        assert a.shape == b.shape
+        if keep is not None:
+            a, b = a[keep], b[keep]
+        worst = max(worst, (a - b).abs().max().item())
+    assert worst <= ATOL, f"max |hf - plain| = {worst:.3g}"
+    assert ref["x"].abs().max() > 0.5  # not a trivially small output
+    return worst
+
+
+CASES = [("text-tiny", "text", "RobertaModel"), ("d2v1-text-tiny", "text", "Data2VecTextModel"),
+         ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel")]
+
+
+@pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
+def test_hf_export_equals_plain_twin(preset, modality, cls, tmp_path, capsys):
+    from d2v2_scale.export import export_checkpoint
+    from d2v2_scale.export.cli import main
+
+    run = _train(tmp_path, preset, modality)
+    export_checkpoint(run, tmp_path / "plain")
+    assert main([str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert cls in capsys.readouterr().out
+    hcfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "teacher"
+    if modality in ("audio", "image"):
+        pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+        assert pre["do_normalize"] is True
+    worst = _compare(tmp_path, tmp_path / "plain", tmp_path / "hf", cls)
+    print(f"{preset}: max |hf - plain| = {worst:.3g}")
