@@ -27,11 +27,11 @@ HF_SCRIPT = textwrap.dedent("""
     from transformers import AutoModel
     folder, inp, out = sys.argv[1:4]
     batch = torch.load(inp)
-    model = AutoModel.from_pretrained(folder).eval()
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
     with torch.no_grad():
-        o = model(**batch, output_hidden_states=True)
-    torch.save({"last": o.last_hidden_state, "hidden": list(o.hidden_states),
-                "cls": type(model).__name__}, out)
+        o = model.eval()(**batch, output_hidden_states=True)
+    torch.save({"last": o.last_hidden_state, "hidden": list(o.hidden_states), "cls": type(model).__name__,
+                "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}, out)
 """)
 
 
@@ -85,6 +85,10 @@ def _compare(tmp: Path, export: Path, hf: Path, expect_cls: str) -> float:
         ref = enc(*args)
     got = _hf_outputs(hf, kwargs, tmp)
     assert got["cls"] == expect_cls
+    # every tensor of the model comes from the export, except RoBERTa's pooler (tanh(dense(CLS)),
+    # not part of the pretrained encoder; the classification heads do not use it)
+    assert got["unexpected"] == []
+    assert got["missing"] == (["pooler.dense.bias", "pooler.dense.weight"] if cfg["modality"] == "text" else [])
     if keep is None and ref["padding"] is not None:
         keep = ~ref["padding"]
     e = 1 if cfg["modality"] == "image" else 0
@@ -125,3 +129,59 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, tmp_path, capsys):
         assert pre["do_normalize"] is True
     worst = _compare(tmp_path, tmp_path / "plain", tmp_path / "hf", cls)
     print(f"{preset}: max |hf - plain| = {worst:.3g}")
+
+
+# ---- refusals: no transformers class computes these exactly -----------------------------------
+
+
+def _model_cfg(preset: str) -> dict:
+    import dataclasses
+
+    from d2v2_scale.config import build_config
+
+    return dataclasses.asdict(build_config(preset).model)
+
+
+@pytest.mark.parametrize("preset,why", [("image-tiny", "sin-cos positions"), ("audio-tiny", "ALiBi")])
+def test_hf_refuses_models_without_an_exact_class(preset, why):
+    from d2v2_scale.export.hf import HFRefused, hf_target
+
+    with pytest.raises(HFRefused, match=why) as e:
+        hf_target(_model_cfg(preset))
+    assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
+    assert hf_target(_model_cfg("text-tiny")) == "RobertaModel"
+    assert hf_target(_model_cfg("d2v1-image-tiny")) == "Data2VecVisionModel"
+
+
+# ---- fairseq data2vec 2.0 checkpoints (the importer's fixture) -> transformers -----------------
+
+from tests.test_import import oracle  # noqa: E402,F401  (session fixture: fairseq's own tiny checkpoints)
+
+
+def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: F811
+    """fairseq Data2VecMultiModel (text) -> d2v2-import --format hf -> RobertaModel in a fresh
+    process: its output equals fairseq's own features on the oracle's input; the fairseq
+    dictionary travels with it."""
+    from d2v2_scale.export.importer import main
+
+    out = tmp_path / "hf"
+    assert main([str(oracle / "text" / "checkpoint.pt"), "--out", str(out), "--which", "student",
+                 "--dict", str(oracle / "text" / "dict.txt"), "--format", "hf"]) == 0
+    assert "RobertaModel" in capsys.readouterr().out
+    assert (out / "dict.txt").read_text() == (oracle / "text" / "dict.txt").read_text()
+    ref = torch.load(oracle / "text" / "oracle.pt")
+    got = _hf_outputs(out, {"input_ids": ref["source"]}, tmp_path)
+    assert got["cls"] == "RobertaModel" and got["unexpected"] == []
+    diff = (got["last"] - ref["features"]).abs().max().item()
+    assert diff < ATOL, f"RobertaModel differs from fairseq by {diff:.3g}"
+
+
+@pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
+def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why):  # noqa: F811
+    from d2v2_scale.export.importer import main
+
+    out = tmp_path / "hf"
+    assert main([str(oracle / case / "checkpoint.pt"), "--out", str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "without --format hf" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind
