@@ -109,6 +109,37 @@ def _compare(tmp: Path, export: Path, hf: Path, expect_cls: str) -> float:
     return worst
 
 
+TOK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(sys.argv[1])
+    b = t(["the cat sat on the mat. <mask>", "a"], padding=True)
+    print(json.dumps({"ids": b["input_ids"], "mask": b["attention_mask"], "mask_id": t.mask_token_id}))
+""")
+
+
+def _check_tokenizer(folder: Path, run: Path, tmp: Path):
+    import sentencepiece as spm
+    import yaml
+
+    man = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["manifest"])
+    sp = spm.SentencePieceProcessor(model_file=str(man.parent / "spm.model"))
+    (tmp / "tok.py").write_text(TOK_SCRIPT)
+    r = subprocess.run([sys.executable, str(tmp / "tok.py"), str(folder)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    cfg = json.loads((folder / "config.json").read_text())
+    pad, n = cfg["pad_token_id"], len(sp.encode("a")) + 2
+    # <s> + the spm ids + </s>, as the loader frames rows; right padding with the model's pad id
+    assert got["ids"][1] == [sp.bos_id()] + sp.encode("a") + [sp.eos_id()] + [pad] * (len(got["ids"][0]) - n)
+    assert got["mask"][1] == [1] * n + [0] * (len(got["ids"][0]) - n)
+    if cfg["vocab_size"] > sp.get_piece_size():  # data2vec 1.0: <mask> is the row after the spm ids
+        assert got["mask_id"] == sp.get_piece_size() and got["ids"][0][-2] == got["mask_id"]
+    else:
+        assert got["ids"][0][1:len(sp.encode("the cat sat on the mat."))+1] == sp.encode("the cat sat on the mat.")
+
+
 CASES = [("text-tiny", "text", "RobertaModel"), ("d2v1-text-tiny", "text", "Data2VecTextModel"),
          ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel")]
 
@@ -127,6 +158,8 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, tmp_path, capsys):
     if modality in ("audio", "image"):
         pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
         assert pre["do_normalize"] is True
+    if modality == "text":  # the run's sentencepiece model, as a tokenizer AutoTokenizer loads
+        _check_tokenizer(tmp_path / "hf", run, tmp_path)
     worst = _compare(tmp_path, tmp_path / "plain", tmp_path / "hf", cls)
     print(f"{preset}: max |hf - plain| = {worst:.3g}")
 

@@ -85,7 +85,7 @@ def _common(cfg: dict) -> dict:
     d = int(cfg["embed_dim"])
     return dict(hidden_size=d, num_hidden_layers=int(cfg["depth"]), num_attention_heads=int(cfg["num_heads"]),
                 intermediate_size=int(d * cfg["mlp_ratio"]), hidden_act="gelu",
-                layer_norm_eps=float(cfg["layer_norm_eps"]), torch_dtype="float32")
+                layer_norm_eps=float(cfg["layer_norm_eps"]))
 
 
 def _text(sd: dict, cfg: dict, cls: str):
@@ -218,6 +218,38 @@ def write_hf(out, tensors: dict, cfg: dict, force: bool = False, extra_files: di
     return hcfg
 
 
+def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
+    """A text run's sentencepiece model (from its data manifest's `spm_model`, d2v2-prep text) as
+    a tokenizer AutoTokenizer loads: tokenizer.model (the spm file: its ids are the model's token
+    ids) + tokenizer_config.json (<s> ... </s> as the loader frames rows, right padding with the
+    model's pad id, <mask> after the spm vocabulary when the model has that row).  {} when the run
+    has no manifest with an spm model (the HF folder is then written without a tokenizer)."""
+    import hashlib
+
+    man = Path(str((run_config.get("data") or {}).get("manifest") or ""))
+    if mcfg["modality"] != "text" or not man.is_file():
+        return {}
+    m = json.loads(man.read_text())
+    spm = m.get("spm_model") or {}
+    path = man.parent / str(spm.get("path", ""))
+    if not spm or not path.is_file():
+        return {}
+    data = path.read_bytes()
+    if spm.get("sha256") and hashlib.sha256(data).hexdigest() != spm["sha256"]:
+        raise ExportError(f"{path}: sha256 differs from {man}'s spm_model entry: not the tokenizer the run used")
+    if m.get("pad_id") is not None and int(m["pad_id"]) != int(mcfg["pad_token_id"]):
+        raise ExportError(f"{man}: pad_id {m['pad_id']} != the model's pad_token_id {mcfg['pad_token_id']}")
+    tok = {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": True, "padding_side": "right",
+           "model_max_length": int(mcfg["max_positions"])}
+    nspm = int(m.get("vocab_size") or 0)
+    if nspm and int(mcfg["vocab_size"]) > nspm:  # data2vec 1.0 text: <mask> = the row after the spm ids
+        tok["mask_token"] = "<mask>"
+        tok["added_tokens_decoder"] = {str(nspm): {"content": "<mask>", "special": True, "lstrip": False,
+                                                   "rstrip": False, "normalized": False, "single_word": False}}
+    return {"tokenizer.model": data, "tokenizer_config.json": json.dumps(tok, indent=1).encode()}
+
+
 def export_hf(src, out, which: str = "teacher", force: bool = False) -> dict:
     """`src`: a checkpoint folder or run dir (assembled as d2v2-export does), or an existing plain
     export folder (d2v2-export / d2v2-import output: config.json with "d2v2_export") -> the HF
@@ -247,6 +279,7 @@ def export_hf(src, out, which: str = "teacher", force: bool = False) -> dict:
         info = read_marker(folder)
         cfg = dict(info["config"]["model"])
         hf_target(cfg)
+        extra = spm_tokenizer_files(info["config"], cfg)
         tensors, prov = assemble(folder, info, which)
         cfg["d2v2_export"] = prov
     return write_hf(out, tensors, cfg, force=force, extra_files=extra)
