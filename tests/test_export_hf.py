@@ -23,32 +23,30 @@ ATOL = 2e-5  # fp32; measured max |diff| is reported by each test's assertion me
 
 # the HF side runs in a fresh interpreter: only transformers + torch, nothing of this project
 HF_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from transformers import AutoModel
-    folder, inp, out = sys.argv[1:4]
-    batch = torch.load(inp)
-    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
-    with torch.no_grad():
-        o = model.eval()(**batch, output_hidden_states=True)
-    torch.save({"last": o.last_hidden_state, "hidden": list(o.hidden_states), "cls": type(model).__name__,
-                "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}, out)
+    import os, sys, torch
+    from transformers import AutoModel, AutoTokenizer
+    jobs, res = torch.load(sys.argv[1]), {}
+    for name, (folder, batch) in jobs.items():
+        model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+        with torch.no_grad():
+            o = model.eval()(**batch, output_hidden_states=True)
+        res[name] = {"last": o.last_hidden_state, "hidden": list(o.hidden_states), "cls": type(model).__name__,
+                     "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
+        if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+            t = AutoTokenizer.from_pretrained(folder)
+            b = t(["the cat sat on the mat. <mask>", "a"], padding=True)
+            res[name]["tok"] = {"ids": b["input_ids"], "mask": b["attention_mask"], "mask_id": t.mask_token_id}
+    torch.save(res, sys.argv[2])
 """)
 
 
-def _train(tmp: Path, preset: str, modality: str) -> Path:
-    """A tiny run of `preset`, 3 updates in one process (weights are not at init)."""
-    manifest = data_fixtures.prepared(modality) / "manifest.json"
-    run_distributed("tests.dist_bodies_train:fit_body", nproc=1, timeout=240, args=[
-        preset, f"data.manifest={manifest}", f"output_dir={tmp / 'run'}", "max_steps=3",
-        "checkpoint.every_steps=1000", "parallel.zero_stage=0"])
-    return tmp / "run"
-
-
-def _hf_outputs(folder: Path, batch: dict, tmp: Path) -> dict:
+def _hf_outputs(jobs: dict, tmp: Path) -> dict:
+    """{name: (HF folder, model kwargs)} -> {name: outputs} of AutoModel.from_pretrained, in one
+    fresh interpreter (one transformers import for all)."""
     inp, out, script = tmp / "hf_in.pt", tmp / "hf_out.pt", tmp / "hf_run.py"
-    torch.save(batch, inp)
+    torch.save({k: (str(f), b) for k, (f, b) in jobs.items()}, inp)
     script.write_text(HF_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(folder), str(inp), str(out)], capture_output=True,
+    r = subprocess.run([sys.executable, str(script), str(inp), str(out)], capture_output=True,
                        text=True, timeout=300, cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
@@ -75,15 +73,14 @@ def _inputs(cfg: dict):
     return (img,), {"pixel_values": img}, None
 
 
-def _compare(tmp: Path, export: Path, hf: Path, expect_cls: str) -> float:
-    """All hidden states of the HF model vs the plain twin; returns the max |diff|."""
+def _compare(export: Path, got: dict, expect_cls: str) -> float:
+    """All hidden states of the HF model (`got`, on _inputs(cfg)) vs the plain twin; returns the max |diff|."""
     from d2v2_scale.export import load_export
 
     enc, cfg, _ = load_export(export)
-    args, kwargs, keep = _inputs(cfg)
+    args, _, keep = _inputs(cfg)
     with torch.no_grad():
         ref = enc(*args)
-    got = _hf_outputs(hf, kwargs, tmp)
     assert got["cls"] == expect_cls
     # every tensor of the model comes from the export, except RoBERTa's pooler (tanh(dense(CLS)),
     # not part of the pretrained encoder; the classification heads do not use it)
@@ -109,26 +106,11 @@ def _compare(tmp: Path, export: Path, hf: Path, expect_cls: str) -> float:
     return worst
 
 
-TOK_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from transformers import AutoTokenizer
-    t = AutoTokenizer.from_pretrained(sys.argv[1])
-    b = t(["the cat sat on the mat. <mask>", "a"], padding=True)
-    print(json.dumps({"ids": b["input_ids"], "mask": b["attention_mask"], "mask_id": t.mask_token_id}))
-""")
-
-
-def _check_tokenizer(folder: Path, run: Path, tmp: Path):
+def _check_tokenizer(folder: Path, got: dict):
+    """AutoTokenizer's ids (computed in the HF process) vs the run's sentencepiece model."""
     import sentencepiece as spm
-    import yaml
 
-    man = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["manifest"])
-    sp = spm.SentencePieceProcessor(model_file=str(man.parent / "spm.model"))
-    (tmp / "tok.py").write_text(TOK_SCRIPT)
-    r = subprocess.run([sys.executable, str(tmp / "tok.py"), str(folder)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     cfg = json.loads((folder / "config.json").read_text())
     pad, n = cfg["pad_token_id"], len(sp.encode("a")) + 2
     # <s> + the spm ids + </s>, as the loader frames rows; right padding with the model's pad id
@@ -144,23 +126,45 @@ CASES = [("text-tiny", "text", "RobertaModel"), ("d2v1-text-tiny", "text", "Data
          ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel")]
 
 
-@pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
-def test_hf_export_equals_plain_twin(preset, modality, cls, tmp_path, capsys):
-    from d2v2_scale.export import export_checkpoint
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Each tiny model trained 3 updates (weights not at init), all in one process (one start)."""
+    tmp = tmp_path_factory.mktemp("hfruns")
+    specs = [f"{p}|{tmp / p}|data.manifest={data_fixtures.prepared(m) / 'manifest.json'}|max_steps=3|"
+             "checkpoint.every_steps=1000|parallel.zero_stage=0" for p, m, _ in CASES]
+    run_distributed("tests.dist_bodies_scaleout:fit_presets_body", nproc=1, timeout=400, args=specs)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    """Every case: plain export + `d2v2-export --format hf`; the HF models run in one fresh process."""
+    from d2v2_scale.export import export_checkpoint, load_export
     from d2v2_scale.export.cli import main
 
-    run = _train(tmp_path, preset, modality)
-    export_checkpoint(run, tmp_path / "plain")
-    assert main([str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    assert cls in capsys.readouterr().out
-    hcfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tmp = tmp_path_factory.mktemp("hfexports")
+    jobs = {}
+    for preset, _, _ in CASES:
+        export_checkpoint(runs / preset, tmp / preset / "plain")
+        assert main([str(runs / preset), "--out", str(tmp / preset / "hf"), "--format", "hf"]) == 0
+        _, cfg, _ = load_export(tmp / preset / "plain")
+        jobs[preset] = (tmp / preset / "hf", _inputs(cfg)[1])
+    return tmp, _hf_outputs(jobs, tmp)
+
+
+@pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
+def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
+    tmp, outs = exported
+    hf = tmp / preset / "hf"
+    hcfg = json.loads((hf / "config.json").read_text())
     assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "teacher"
     if modality in ("audio", "image"):
-        pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+        pre = json.loads((hf / "preprocessor_config.json").read_text())
         assert pre["do_normalize"] is True
     if modality == "text":  # the run's sentencepiece model, as a tokenizer AutoTokenizer loads
-        _check_tokenizer(tmp_path / "hf", run, tmp_path)
-    worst = _compare(tmp_path, tmp_path / "plain", tmp_path / "hf", cls)
+        assert (hf / "tokenizer.model").read_bytes() == (data_fixtures.prepared(modality) / "spm.model").read_bytes()
+        _check_tokenizer(hf, outs[preset]["tok"])
+    worst = _compare(tmp / preset / "plain", outs[preset], cls)
     print(f"{preset}: max |hf - plain| = {worst:.3g}")
 
 
@@ -203,7 +207,7 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
     assert "RobertaModel" in capsys.readouterr().out
     assert (out / "dict.txt").read_text() == (oracle / "text" / "dict.txt").read_text()
     ref = torch.load(oracle / "text" / "oracle.pt")
-    got = _hf_outputs(out, {"input_ids": ref["source"]}, tmp_path)
+    got = _hf_outputs({"text": (out, {"input_ids": ref["source"]})}, tmp_path)["text"]
     assert got["cls"] == "RobertaModel" and got["unexpected"] == []
     diff = (got["last"] - ref["features"]).abs().max().item()
     assert diff < ATOL, f"RobertaModel differs from fairseq by {diff:.3g}"
