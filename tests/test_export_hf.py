@@ -149,7 +149,24 @@ def exported(runs, tmp_path_factory):
         assert main([str(runs / preset), "--out", str(tmp / preset / "hf"), "--format", "hf"]) == 0
         _, cfg, _ = load_export(tmp / preset / "plain")
         jobs[preset] = (tmp / preset / "hf", _inputs(cfg)[1])
+        _random_export(cfg, tmp / preset)
+        jobs[preset + ":random"] = (tmp / preset / "rand-hf", _inputs(cfg)[1])
     return tmp, _hf_outputs(jobs, tmp)
+
+
+def _random_export(cfg: dict, tmp: Path):
+    """The same model with every tensor moved far from its init (a few updates leave BEiT's layer
+    scale at ~1e-4, which would hide a wrong mapping inside the blocks): plain + hf exports."""
+    import types
+
+    from d2v2_scale.export.consolidate import plain_encoder, write_export
+    from d2v2_scale.export.hf import write_hf
+
+    enc = plain_encoder(types.SimpleNamespace(**cfg))
+    g = torch.Generator().manual_seed(3)
+    sd = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in enc.state_dict().items()}
+    write_export(tmp / "rand-plain", sd, cfg)
+    write_hf(tmp / "rand-hf", sd, cfg)
 
 
 @pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
@@ -165,7 +182,8 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
         assert (hf / "tokenizer.model").read_bytes() == (data_fixtures.prepared(modality) / "spm.model").read_bytes()
         _check_tokenizer(hf, outs[preset]["tok"])
     worst = _compare(tmp / preset / "plain", outs[preset], cls)
-    print(f"{preset}: max |hf - plain| = {worst:.3g}")
+    worst_r = _compare(tmp / preset / "rand-plain", outs[preset + ":random"], cls)
+    print(f"{preset}: max |hf - plain| = {worst:.3g} (trained), {worst_r:.3g} (random weights)")
 
 
 # ---- refusals: no transformers class computes these exactly -----------------------------------
@@ -211,6 +229,7 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
     assert got["cls"] == "RobertaModel" and got["unexpected"] == []
     diff = (got["last"] - ref["features"]).abs().max().item()
     assert diff < ATOL, f"RobertaModel differs from fairseq by {diff:.3g}"
+    print(f"fairseq text -> RobertaModel: max |hf - fairseq| = {diff:.3g}")
 
 
 @pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
