@@ -201,12 +201,22 @@ def _model_cfg(preset: str) -> dict:
 
 
 @pytest.mark.parametrize("preset,why", [("image-tiny", "sin-cos positions"), ("audio-tiny", "ALiBi")])
-def test_hf_refuses_models_without_an_exact_class(preset, why):
+def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys):
+    import types
+
+    from d2v2_scale.export.cli import main
+    from d2v2_scale.export.consolidate import plain_encoder, write_export
     from d2v2_scale.export.hf import HFRefused, hf_target
 
     with pytest.raises(HFRefused, match=why) as e:
         hf_target(_model_cfg(preset))
     assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
+    # the CLI on a plain export of that model: exit 2, one line, nothing written
+    cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
+    write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
+    assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
     assert hf_target(_model_cfg("text-tiny")) == "RobertaModel"
     assert hf_target(_model_cfg("d2v1-image-tiny")) == "Data2VecVisionModel"
 
@@ -244,3 +254,27 @@ def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why): 
     err = capsys.readouterr().err
     assert why in err and "without --format hf" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_hf_student_export(runs, tmp_path):
+    """--which student: the student's weights (not the teacher's), the same conversion as the teacher's."""
+    from safetensors.torch import load_file
+
+    from d2v2_scale.export import export_checkpoint
+    from d2v2_scale.export.cli import main
+    from d2v2_scale.export.hf import to_hf
+
+    run = runs / "d2v1-text-tiny"
+    assert main([str(run), "--out", str(tmp_path / "hf-s"), "--format", "hf", "--which", "student"]) == 0
+    assert json.loads((tmp_path / "hf-s" / "config.json").read_text())["d2v2_export"]["which"] == "student"
+    cfg = export_checkpoint(run, tmp_path / "plain-s", which="student")
+    want, _, _ = to_hf(load_file(str(tmp_path / "plain-s" / "model.safetensors")), cfg)
+    got = load_file(str(tmp_path / "hf-s" / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # from the plain student folder, --which defaults to what the folder holds
+    assert main([str(tmp_path / "plain-s"), "--out", str(tmp_path / "hf-s2"), "--format", "hf"]) == 0
+    got2 = load_file(str(tmp_path / "hf-s2" / "model.safetensors"))
+    assert all(torch.equal(got2[k], got[k]) for k in got)
+    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf"]) == 0  # the teacher
+    k = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(load_file(str(tmp_path / "hf-t" / "model.safetensors"))[k], got[k])

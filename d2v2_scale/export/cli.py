@@ -21,8 +21,9 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
                                       "(the newest COMPLETE checkpoint is taken)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder "
+                        "(--format hf from a plain export folder: default what the folder holds)")
     p.add_argument("--with-decoder", action="store_true",
                    help="also store the student's decoder tensors (as decoder.*) in the same file")
     p.add_argument("--force", action="store_true", help="replace an existing export")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
               f"{hcfg['architectures'][0]} to {args.out} (AutoModel.from_pretrained)")
         return 0
     try:
-        cfg = export_checkpoint(args.checkpoint, args.out, which=args.which, with_decoder=args.with_decoder,
+        cfg = export_checkpoint(args.checkpoint, args.out, which=args.which or "teacher", with_decoder=args.with_decoder,
                                 force=args.force)
     except ExportError as e:
         print(f"d2v2-export: error: {e}", file=sys.stderr)

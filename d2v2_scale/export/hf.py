@@ -250,10 +250,11 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
     return {"tokenizer.model": data, "tokenizer_config.json": json.dumps(tok, indent=1).encode()}
 
 
-def export_hf(src, out, which: str = "teacher", force: bool = False) -> dict:
+def export_hf(src, out, which: str | None = None, force: bool = False) -> dict:
     """`src`: a checkpoint folder or run dir (assembled as d2v2-export does), or an existing plain
     export folder (d2v2-export / d2v2-import output: config.json with "d2v2_export") -> the HF
-    folder `out`.  A plain export's dict.txt (fairseq dictionary of imported text models) is
+    folder `out`.  which: teacher | student | None (a checkpoint: the teacher; a plain export
+    folder: what it holds, and asking for the other is refused).  A plain export's dict.txt (fairseq dictionary of imported text models) is
     copied.  Refusals (HFRefused) come before anything is written."""
     from safetensors.torch import load_file
 
@@ -267,7 +268,7 @@ def export_hf(src, out, which: str = "teacher", force: bool = False) -> dict:
         cfg = json.loads((src / CONFIG).read_text())
         if "d2v2_export" not in cfg:
             raise ExportError(f"{src / CONFIG} is not a d2v2 export (no d2v2_export entry)")
-        if which != cfg["d2v2_export"].get("which", which):
+        if which is not None and which != cfg["d2v2_export"].get("which", which):
             raise ExportError(f"{src} holds the {cfg['d2v2_export']['which']}, not the {which}; export the "
                               f"checkpoint again with --which {which}")
         hf_target(cfg)
@@ -280,7 +281,7 @@ def export_hf(src, out, which: str = "teacher", force: bool = False) -> dict:
         cfg = dict(info["config"]["model"])
         hf_target(cfg)
         extra = spm_tokenizer_files(info["config"], cfg)
-        tensors, prov = assemble(folder, info, which)
+        tensors, prov = assemble(folder, info, which or "teacher")
         cfg["d2v2_export"] = prov
     return write_hf(out, tensors, cfg, force=force, extra_files=extra)
 
