@@ -133,3 +133,17 @@ def tp_dropout_body():
     dist.all_gather(off_both, off)
     save_result({"differ_on": not torch.equal(both[0], both[1]), "differ_off": not torch.equal(*off_both),
                  "next_default": torch.rand(4).tolist()})
+
+
+def fit_presets_body(*specs: str):
+    """One process group, one Trainer per `preset|output_dir|override[|override...]` spec, trained
+    in turn (the hf export tests: a few updates of each tiny model).  Saves a process start per
+    preset."""
+    res = {}
+    for spec in specs:
+        preset, out_dir, *ov = spec.split("|")
+        tr = _trainer(preset, [*ov, f"output_dir={out_dir}"])
+        res[preset] = tr.fit()["losses"]
+        _close(tr)
+        del tr
+    save_result(res)

@@ -1,6 +1,7 @@
 """Checkpoints -> one plain-PyTorch encoder (safetensors + JSON config), and a linear probe.
 
     d2v2-export RUN_OR_CHECKPOINT --out DIR [--which teacher|student] [--with-decoder] [--force]
+    d2v2-export RUN_OR_CHECKPOINT_OR_EXPORT --out DIR --format hf   (export/hf.py: transformers folders)
     d2v2-probe  DIR --data MANIFEST [--pool mean|cls]
 
 See docs/EXPORT.md.  `consolidate.export_checkpoint` does the work; `consolidate.load_export`

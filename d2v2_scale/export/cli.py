@@ -6,10 +6,12 @@ import argparse
 import sys
 
 USAGE = """d2v2-export CHECKPOINT_OR_RUN_DIR --out DIR [--which teacher|student] [--with-decoder] [--force]
+       d2v2-export CHECKPOINT_OR_RUN_DIR_OR_EXPORT --out DIR --format hf [--which teacher|student] [--force]
 
 examples:
   d2v2-export runs/vitb --out exports/vitb-teacher            # newest complete checkpoint, EMA teacher
   d2v2-export runs/vitb/checkpoints/step_00100000 --out exports/vitb-s --which student --with-decoder
+  d2v2-export runs/text --out hf/text --format hf            # AutoModel.from_pretrained("hf/text")
 """
 
 
@@ -19,11 +21,16 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
                                       "(the newest COMPLETE checkpoint is taken)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder "
+                        "(--format hf from a plain export folder: default what the folder holds)")
     p.add_argument("--with-decoder", action="store_true",
                    help="also store the student's decoder tensors (as decoder.*) in the same file")
     p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.add_argument("--format", choices=["plain", "hf"], default="plain",
+                   help="plain (default): safetensors + config.json for model/plain.py; hf: a Hugging Face "
+                        "transformers folder (pip install -e '.[hf]'), for the models a transformers class "
+                        "computes exactly (docs/EXPORT.md); the input may also be a plain export folder")
     return p.parse_args(argv)
 
 
@@ -31,8 +38,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .consolidate import ExportError, export_checkpoint
 
+    if args.format == "hf":
+        from .hf import export_hf
+
+        if args.with_decoder:
+            print("d2v2-export: error: --with-decoder has no place in a transformers model (--format hf)",
+                  file=sys.stderr)
+            return 2
+        try:
+            hcfg = export_hf(args.checkpoint, args.out, which=args.which, force=args.force)
+        except ExportError as e:
+            print(f"d2v2-export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"exported the {hcfg['d2v2_export'].get('which')} of {args.checkpoint} as "
+              f"{hcfg['architectures'][0]} to {args.out} (AutoModel.from_pretrained)")
+        return 0
     try:
-        cfg = export_checkpoint(args.checkpoint, args.out, which=args.which, with_decoder=args.with_decoder,
+        cfg = export_checkpoint(args.checkpoint, args.out, which=args.which or "teacher", with_decoder=args.with_decoder,
                                 force=args.force)
     except ExportError as e:
         print(f"d2v2-export: error: {e}", file=sys.stderr)

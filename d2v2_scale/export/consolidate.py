@@ -358,9 +358,10 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
 
 
 def write_export(out: str | os.PathLike, tensors: dict, config: dict, force: bool = False,
-                 extra_files: dict[str, bytes] | None = None) -> None:
+                 extra_files: dict[str, bytes] | None = None, metadata: dict[str, str] | None = None) -> None:
     """Write model.safetensors + config.json (+ extra_files {name: bytes}) to the folder `out`,
-    under a temp name then renamed; an existing `out` only with force=True."""
+    under a temp name then renamed; an existing `out` only with force=True.  `metadata`: the
+    safetensors header metadata (default: this project's format tag)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -371,8 +372,8 @@ def write_export(out: str | os.PathLike, tensors: dict, config: dict, force: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "which": prov["which"],
-                                                          "step": str(prov["step"])})
+        save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or {"format": FORMAT, "which": prov["which"],
+                                                                      "step": str(prov["step"])})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

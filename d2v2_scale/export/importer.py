@@ -561,6 +561,9 @@ def main(argv=None) -> int:
                    help="the EMA teacher (default, model['_ema']) or the student (what fairseq fine-tunes)")
     p.add_argument("--dict", dest="dict_path", help="text models: the fairseq dict.txt (stored in the export)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.add_argument("--format", choices=["plain", "hf"], default="plain",
+                   help="with --out: plain (default) or hf, a Hugging Face transformers folder for the models a "
+                        "transformers class computes exactly (text -> RobertaModel; docs/EXPORT.md)")
     a = p.parse_args(argv)
     if bool(a.out) == bool(a.to_run):
         p.error("give exactly one of --out DIR and --to-run RUN_DIR")
@@ -578,6 +581,8 @@ def main(argv=None) -> int:
               f"--data.manifest YOUR/manifest.json")
         return 0
     try:
+        if a.format == "hf":
+            return _import_hf(a)
         cfg = import_checkpoint(a.checkpoint, a.out, which=a.which, dict_path=a.dict_path, force=a.force)
     except ExportError as e:
         print(f"d2v2-import: error: {e}", file=sys.stderr)
@@ -587,6 +592,24 @@ def main(argv=None) -> int:
     print(f"imported the {a.which} of {a.checkpoint} ({cfg['modality']}, depth {cfg['depth']} + prenet "
           f"{cfg['prenet_depth']}, D {cfg['embed_dim']}, update {prov['step']}"
           f"{', fp16 student cast to fp32' if prov['fp16_student'] else ''}) to {a.out}{extra}")
+    return 0
+
+
+def _import_hf(a) -> int:
+    """d2v2-import --format hf: the plain import into a temporary folder, then export/hf.py on it."""
+    import tempfile
+
+    from .hf import export_hf
+
+    if Path(a.out).exists() and not a.force:
+        raise ExportError(f"{a.out} already exists; pass --force to replace it")
+    Path(a.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    # refusals (HFRefused) come from export_hf, before anything is written to a.out
+    with tempfile.TemporaryDirectory(prefix=".d2v2-import-", dir=Path(a.out).resolve().parent) as tmp:
+        import_checkpoint(a.checkpoint, Path(tmp) / "plain", which=a.which, dict_path=a.dict_path)
+        hcfg = export_hf(Path(tmp) / "plain", a.out, which=a.which, force=a.force)
+    print(f"imported the {a.which} of {a.checkpoint} as {hcfg['architectures'][0]} to {a.out} "
+          f"(AutoModel.from_pretrained)")
     return 0
 
 

@@ -1,0 +1,280 @@
+"""d2v2-export --format hf: tiny models trained a few steps -> a transformers folder ->
+AutoModel.from_pretrained in a fresh process; every hidden state equals the plain twin's on the
+same input (fp32), with padding in the batch for speech and text.  Refusals for the models no
+transformers class computes exactly; a fairseq data2vec 2.0 text checkpoint -> RobertaModel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+# transformers is imported only in the fresh HF processes (its import costs seconds): find it, don't load it
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("transformers is not installed (pip install -e '.[hf]')", allow_module_level=True)
+
+from d2v2_scale.testing import run_distributed  # noqa: E402
+from tests import data_fixtures  # noqa: E402
+
+ATOL = 2e-5  # fp32; measured max |diff| is reported by each test's assertion message
+
+# the HF side runs in a fresh interpreter: only transformers + torch, nothing of this project
+HF_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from transformers import AutoModel, AutoTokenizer
+    jobs, res = torch.load(sys.argv[1]), {}
+    for name, (folder, batch) in jobs.items():
+        model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+        with torch.no_grad():
+            o = model.eval()(**batch, output_hidden_states=True)
+        res[name] = {"last": o.last_hidden_state, "hidden": list(o.hidden_states), "cls": type(model).__name__,
+                     "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
+        if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+            t = AutoTokenizer.from_pretrained(folder)
+            b = t(["the cat sat on the mat. <mask>", "a"], padding=True)
+            res[name]["tok"] = {"ids": b["input_ids"], "mask": b["attention_mask"], "mask_id": t.mask_token_id}
+    torch.save(res, sys.argv[2])
+""")
+
+
+def _hf_outputs(jobs: dict, tmp: Path) -> dict:
+    """{name: (HF folder, model kwargs)} -> {name: outputs} of AutoModel.from_pretrained, in one
+    fresh interpreter (one transformers import for all)."""
+    inp, out, script = tmp / "hf_in.pt", tmp / "hf_out.pt", tmp / "hf_run.py"
+    torch.save({k: (str(f), b) for k, (f, b) in jobs.items()}, inp)
+    script.write_text(HF_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(inp), str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
+def _inputs(cfg: dict):
+    """(plain twin args, HF kwargs, keep [B, T'] mask of the real positions or None)."""
+    g = torch.Generator().manual_seed(7)
+    if cfg["modality"] == "text":
+        pad = cfg["pad_token_id"]
+        ids = torch.randint(4, cfg["vocab_size"] - 1, (3, 24), generator=g)
+        ids[ids == pad] = pad + 3
+        ids[1, 17:] = pad  # right padding, as the trainer's batches
+        ids[2, 9:] = pad
+        keep = ids.ne(pad)
+        return (ids,), {"input_ids": ids, "attention_mask": keep.long()}, keep
+    if cfg["modality"] == "audio":
+        wav = torch.randn(3, 8000, generator=g)
+        n = torch.tensor([8000, 5200, 3000])
+        padm = torch.arange(8000)[None] >= n[:, None]
+        wav = wav.masked_fill(padm, 0.0)
+        return (wav, padm), {"input_values": wav, "attention_mask": (~padm).long()}, None
+    img = torch.randn(2, cfg["in_chans"], cfg["image_size"], cfg["image_size"], generator=g)
+    return (img,), {"pixel_values": img}, None
+
+
+def _compare(export: Path, got: dict, expect_cls: str) -> float:
+    """All hidden states of the HF model (`got`, on _inputs(cfg)) vs the plain twin; returns the max |diff|."""
+    from d2v2_scale.export import load_export
+
+    enc, cfg, _ = load_export(export)
+    args, _, keep = _inputs(cfg)
+    with torch.no_grad():
+        ref = enc(*args)
+    assert got["cls"] == expect_cls
+    # every tensor of the model comes from the export, except RoBERTa's pooler (tanh(dense(CLS)),
+    # not part of the pretrained encoder; the classification heads do not use it)
+    assert got["unexpected"] == []
+    assert got["missing"] == (["pooler.dense.bias", "pooler.dense.weight"] if cfg["modality"] == "text" else [])
+    if keep is None and ref["padding"] is not None:
+        keep = ~ref["padding"]
+    e = 1 if cfg["modality"] == "image" else 0
+    if keep is not None:  # padded positions are padding on both sides: compare the real ones
+        keep = torch.cat([torch.ones(keep.shape[0], e, dtype=torch.bool), keep], 1)
+    # hidden_states: (input of block 0, output of block 0, ..., output of the last block)
+    assert len(got["hidden"]) == len(ref["hidden"]) + 1
+    # vision (pre-LN): the list's last entry is the last block's output, last_hidden_state is normed
+    pairs = list(zip(got["hidden"][1:], ref["hidden"])) + [(got["last"], ref["x"])]
+    worst = 0.0
+    for a, b in pairs:
+        assert a.shape == b.shape
+        if keep is not None:
+            a, b = a[keep], b[keep]
+        worst = max(worst, (a - b).abs().max().item())
+    assert worst <= ATOL, f"max |hf - plain| = {worst:.3g}"
+    assert ref["x"].abs().max() > 0.5  # not a trivially small output
+    return worst
+
+
+def _check_tokenizer(folder: Path, got: dict):
+    """AutoTokenizer's ids (computed in the HF process) vs the run's sentencepiece model."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    cfg = json.loads((folder / "config.json").read_text())
+    pad, n = cfg["pad_token_id"], len(sp.encode("a")) + 2
+    # <s> + the spm ids + </s>, as the loader frames rows; right padding with the model's pad id
+    assert got["ids"][1] == [sp.bos_id()] + sp.encode("a") + [sp.eos_id()] + [pad] * (len(got["ids"][0]) - n)
+    assert got["mask"][1] == [1] * n + [0] * (len(got["ids"][0]) - n)
+    if cfg["vocab_size"] > sp.get_piece_size():  # data2vec 1.0: <mask> is the row after the spm ids
+        assert got["mask_id"] == sp.get_piece_size() and got["ids"][0][-2] == got["mask_id"]
+    else:
+        assert got["ids"][0][1:len(sp.encode("the cat sat on the mat."))+1] == sp.encode("the cat sat on the mat.")
+
+
+CASES = [("text-tiny", "text", "RobertaModel"), ("d2v1-text-tiny", "text", "Data2VecTextModel"),
+         ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Each tiny model trained 3 updates (weights not at init), all in one process (one start)."""
+    tmp = tmp_path_factory.mktemp("hfruns")
+    specs = [f"{p}|{tmp / p}|data.manifest={data_fixtures.prepared(m) / 'manifest.json'}|max_steps=3|"
+             "checkpoint.every_steps=1000|parallel.zero_stage=0" for p, m, _ in CASES]
+    run_distributed("tests.dist_bodies_scaleout:fit_presets_body", nproc=1, timeout=400, args=specs)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    """Every case: plain export + `d2v2-export --format hf`; the HF models run in one fresh process."""
+    from d2v2_scale.export import export_checkpoint, load_export
+    from d2v2_scale.export.cli import main
+
+    tmp = tmp_path_factory.mktemp("hfexports")
+    jobs = {}
+    for preset, _, _ in CASES:
+        export_checkpoint(runs / preset, tmp / preset / "plain")
+        assert main([str(runs / preset), "--out", str(tmp / preset / "hf"), "--format", "hf"]) == 0
+        _, cfg, _ = load_export(tmp / preset / "plain")
+        jobs[preset] = (tmp / preset / "hf", _inputs(cfg)[1])
+        _random_export(cfg, tmp / preset)
+        jobs[preset + ":random"] = (tmp / preset / "rand-hf", _inputs(cfg)[1])
+    return tmp, _hf_outputs(jobs, tmp)
+
+
+def _random_export(cfg: dict, tmp: Path):
+    """The same model with every tensor moved far from its init (a few updates leave BEiT's layer
+    scale at ~1e-4, which would hide a wrong mapping inside the blocks): plain + hf exports."""
+    import types
+
+    from d2v2_scale.export.consolidate import plain_encoder, write_export
+    from d2v2_scale.export.hf import write_hf
+
+    enc = plain_encoder(types.SimpleNamespace(**cfg))
+    g = torch.Generator().manual_seed(3)
+    sd = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in enc.state_dict().items()}
+    write_export(tmp / "rand-plain", sd, cfg)
+    write_hf(tmp / "rand-hf", sd, cfg)
+
+
+@pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
+def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
+    tmp, outs = exported
+    hf = tmp / preset / "hf"
+    hcfg = json.loads((hf / "config.json").read_text())
+    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "teacher"
+    if modality in ("audio", "image"):
+        pre = json.loads((hf / "preprocessor_config.json").read_text())
+        assert pre["do_normalize"] is True
+    if modality == "text":  # the run's sentencepiece model, as a tokenizer AutoTokenizer loads
+        assert (hf / "tokenizer.model").read_bytes() == (data_fixtures.prepared(modality) / "spm.model").read_bytes()
+        _check_tokenizer(hf, outs[preset]["tok"])
+    worst = _compare(tmp / preset / "plain", outs[preset], cls)
+    worst_r = _compare(tmp / preset / "rand-plain", outs[preset + ":random"], cls)
+    print(f"{preset}: max |hf - plain| = {worst:.3g} (trained), {worst_r:.3g} (random weights)")
+
+
+# ---- refusals: no transformers class computes these exactly -----------------------------------
+
+
+def _model_cfg(preset: str) -> dict:
+    import dataclasses
+
+    from d2v2_scale.config import build_config
+
+    return dataclasses.asdict(build_config(preset).model)
+
+
+@pytest.mark.parametrize("preset,why", [("image-tiny", "sin-cos positions"), ("audio-tiny", "ALiBi")])
+def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys):
+    import types
+
+    from d2v2_scale.export.cli import main
+    from d2v2_scale.export.consolidate import plain_encoder, write_export
+    from d2v2_scale.export.hf import HFRefused, hf_target
+
+    with pytest.raises(HFRefused, match=why) as e:
+        hf_target(_model_cfg(preset))
+    assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
+    # the CLI on a plain export of that model: exit 2, one line, nothing written
+    cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
+    write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
+    assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
+    assert hf_target(_model_cfg("text-tiny")) == "RobertaModel"
+    assert hf_target(_model_cfg("d2v1-image-tiny")) == "Data2VecVisionModel"
+
+
+# ---- fairseq data2vec 2.0 checkpoints (the importer's fixture) -> transformers -----------------
+
+from tests.test_import import oracle  # noqa: E402,F401  (session fixture: fairseq's own tiny checkpoints)
+
+
+def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: F811
+    """fairseq Data2VecMultiModel (text) -> d2v2-import --format hf -> RobertaModel in a fresh
+    process: its output equals fairseq's own features on the oracle's input; the fairseq
+    dictionary travels with it."""
+    from d2v2_scale.export.importer import main
+
+    out = tmp_path / "hf"
+    assert main([str(oracle / "text" / "checkpoint.pt"), "--out", str(out), "--which", "student",
+                 "--dict", str(oracle / "text" / "dict.txt"), "--format", "hf"]) == 0
+    assert "RobertaModel" in capsys.readouterr().out
+    assert (out / "dict.txt").read_text() == (oracle / "text" / "dict.txt").read_text()
+    ref = torch.load(oracle / "text" / "oracle.pt")
+    got = _hf_outputs({"text": (out, {"input_ids": ref["source"]})}, tmp_path)["text"]
+    assert got["cls"] == "RobertaModel" and got["unexpected"] == []
+    diff = (got["last"] - ref["features"]).abs().max().item()
+    assert diff < ATOL, f"RobertaModel differs from fairseq by {diff:.3g}"
+    print(f"fairseq text -> RobertaModel: max |hf - fairseq| = {diff:.3g}")
+
+
+@pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
+def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why):  # noqa: F811
+    from d2v2_scale.export.importer import main
+
+    out = tmp_path / "hf"
+    assert main([str(oracle / case / "checkpoint.pt"), "--out", str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "without --format hf" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_hf_student_export(runs, tmp_path):
+    """--which student: the student's weights (not the teacher's), the same conversion as the teacher's."""
+    from safetensors.torch import load_file
+
+    from d2v2_scale.export import export_checkpoint
+    from d2v2_scale.export.cli import main
+    from d2v2_scale.export.hf import to_hf
+
+    run = runs / "d2v1-text-tiny"
+    assert main([str(run), "--out", str(tmp_path / "hf-s"), "--format", "hf", "--which", "student"]) == 0
+    assert json.loads((tmp_path / "hf-s" / "config.json").read_text())["d2v2_export"]["which"] == "student"
+    cfg = export_checkpoint(run, tmp_path / "plain-s", which="student")
+    want, _, _ = to_hf(load_file(str(tmp_path / "plain-s" / "model.safetensors")), cfg)
+    got = load_file(str(tmp_path / "hf-s" / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # from the plain student folder, --which defaults to what the folder holds
+    assert main([str(tmp_path / "plain-s"), "--out", str(tmp_path / "hf-s2"), "--format", "hf"]) == 0
+    got2 = load_file(str(tmp_path / "hf-s2" / "model.safetensors"))
+    assert all(torch.equal(got2[k], got[k]) for k in got)
+    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf"]) == 0  # the teacher
+    k = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(load_file(str(tmp_path / "hf-t" / "model.safetensors"))[k], got[k])
