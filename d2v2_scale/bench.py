@@ -419,29 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from .config import ConfigError
 
-    if a.count_ops:
-        try:
-            row = run_count_ops(a.preset, a.overrides, warmup=a.warmup, output_dir=a.output_dir)
-        except ConfigError as e:
-            print(f"d2v2-bench: {e}", file=sys.stderr)
-            return 2
-        if int(os.environ.get("RANK", "0")) == 0:
-            from .opcount import format_counts
-
-            print(format_counts(row), flush=True)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(row, f, indent=1)
-        return 0
     try:
-        row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
-                        breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir,
-                        profile=a.profile)
+        if a.count_ops:
+            row = run_count_ops(a.preset, a.overrides, warmup=a.warmup, output_dir=a.output_dir)
+        else:
+            row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
+                            breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir,
+                            profile=a.profile)
     except ConfigError as e:
         print(f"d2v2-bench: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_row(row), flush=True)
+        from .opcount import format_counts
+
+        print(format_counts(row) if a.count_ops else format_row(row), flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(row, f, indent=1)
