@@ -420,11 +420,12 @@ def test_weight_decay_follows_each_reference(name, decay_all):
 
     cfg, s, _ = _build(name)
     assert cfg.optim.weight_decay_all is decay_all
-    decay, no_decay = param_groups_for_weight_decay(s, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
+    groups = param_groups_for_weight_decay(s, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
     n_all = sum(1 for p in s.parameters() if p.requires_grad)
-    if decay_all:
-        assert len(decay["params"]) == n_all and not no_decay["params"]
+    if decay_all:  # one group: an empty no-decay group would be dropped by ZeRO, not by the LR schedule
+        assert [g["name"] for g in groups] == ["decay"] and len(groups[0]["params"]) == n_all
     else:
+        decay, no_decay = groups
         names = {id(p): n for n, p in s.named_parameters()}
         spared = {names[id(p)] for p in no_decay["params"]}
         assert "encoder.extra_tokens" in spared and all(p.ndim <= 1 or names[id(p)] == "encoder.extra_tokens"

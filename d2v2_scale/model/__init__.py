@@ -62,7 +62,7 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Two optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}].
+    """Optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}], empty ones left out.
 
     No decay for biases, norms (every 1-D parameter) and the ALiBi scales (spec 12 D4); the CLS
     token, learned positions and embeddings are decayed, except what a module's
@@ -77,8 +77,11 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_a
         if not p.requires_grad:
             continue
         (no_decay if not decay_all and (name in exempt or no_weight_decay(name, p)) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    # an empty group (decay_all leaves no_decay empty) is dropped: DeepSpeed's ZeRO optimizers
+    # drop it themselves, and the LR schedule must see the same groups as the optimizer
+    return [g for g in groups if g["params"]]
 
 
 __all__ = ["Data2Vec1", "Data2Vec2", "Data2Vec2Teacher", "teacher_copied_prefixes", "EMATeacher", "build_student", "build_teacher",
