@@ -476,7 +476,7 @@ PRESETS["d2v1-audio-base"] = dict(
     masking=dict(generator="speech_spans", ratio=0.65, length=10),
     ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=30_000),
     data=dict(batch_size=8, min_seconds=2.0, max_seconds=20.0),
-    optim=dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=True, clip_grad=0.0,
+    optim=dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=False, clip_grad=0.0,
                schedule="tri_stage",
                tri_stage_ratios=(0.03, 0.9, 0.07), warmup_steps=12_000, total_steps=400_000),
     guards=dict(collapse_check=True, collapse_after_steps=5000, min_target_var=0.1, min_pred_var=0.01),
@@ -493,7 +493,7 @@ PRESETS["d2v1-text-base"] = dict(
     ema=dict(decay=0.999, end_decay=0.9999, anneal_end_step=300_000),
     data=dict(batch_size=16, max_tokens=512),
     # 16 GPUs x 8,192 tokens = 256 sequences of 512 per update
-    optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=True, clip_grad=5.0,
+    optim=dict(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, weight_decay_all=False, clip_grad=5.0,
                schedule="cosine",
                warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0, reference_global_batch=256),
     guards=dict(collapse_check=False),

@@ -413,14 +413,15 @@ def test_vision_student_teacher_whole_model_ema():
 
 @pytest.mark.parametrize("name,decay_all", [("d2v1-audio-tiny", True), ("d2v1-text-tiny", True),
                                             ("d2v1-image-tiny", False)])
-def test_weight_decay_follows_each_reference(name, decay_all):
-    """fairseq's Adam (speech, text) decays every parameter, mask_emb and norms included; BEiT's
-    timm optimizer (vision) spares 1-D parameters and the CLS token."""
+def test_weight_decay_option_and_beit_groups(name, decay_all):
+    """optim.weight_decay_all=true is fairseq's Adam (speech, text): every parameter decayed,
+    mask_emb and norms included (the presets keep it off: docs/DATA2VEC1.md); BEiT's timm
+    optimizer (vision) spares 1-D parameters and the CLS token."""
     from d2v2_scale.model import param_groups_for_weight_decay
 
     cfg, s, _ = _build(name)
-    assert cfg.optim.weight_decay_all is decay_all
-    groups = param_groups_for_weight_decay(s, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
+    assert cfg.optim.weight_decay_all is False
+    groups = param_groups_for_weight_decay(s, cfg.optim.weight_decay, decay_all)
     n_all = sum(1 for p in s.parameters() if p.requires_grad)
     if decay_all:  # one group: an empty no-decay group would be dropped by ZeRO, not by the LR schedule
         assert [g["name"] for g in groups] == ["decay"] and len(groups[0]["params"]) == n_all
