@@ -75,3 +75,18 @@ def tp_step_body(tp: str, workdir: str):
             torch.save(grads, os.path.join(workdir, f"{name}-grads-tp{tp}.pt"))
         out[name] = {"loss": loss.item(), "target_var": stats["target_var"].item()}
     save_result(out)
+
+
+def build_models(name, **model_overrides):
+    """(cfg, student, teacher) of preset `name` with model fields overridden, seed 0, the teacher a
+    copy of the student (the unit tests' common start)."""
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.model import build_student, build_teacher, init_teacher_from_student
+
+    cfg = load_preset(name)
+    for k, v in model_overrides.items():
+        setattr(cfg.model, k, v)
+    torch.manual_seed(0)
+    s, t = build_student(cfg), build_teacher(cfg)
+    init_teacher_from_student(t, s)
+    return cfg, s, t

@@ -26,16 +26,7 @@ def _keys(n, seed=3):
     return rng.make_keys(seed, 0, np.arange(n), 0)
 
 
-def _build(name, **model):
-    from d2v2_scale.model import build_student, build_teacher, init_teacher_from_student
-
-    cfg = load_preset(name)
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    torch.manual_seed(0)
-    s, t = build_student(cfg), build_teacher(cfg)
-    init_teacher_from_student(t, s)
-    return cfg, s, t
+from tests.dist_bodies_model import build_models as _build  # noqa: E402
 
 
 # ---- 1. speech masks --------------------------------------------------------------------------

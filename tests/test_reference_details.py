@@ -23,16 +23,7 @@ def dist():
     return init_distributed()
 
 
-def _build(name, **model_overrides):
-    from d2v2_scale.model import build_student, build_teacher, init_teacher_from_student
-
-    cfg = load_preset(name)
-    for k, v in model_overrides.items():
-        setattr(cfg.model, k, v)
-    torch.manual_seed(0)
-    s, t = build_student(cfg), build_teacher(cfg)
-    init_teacher_from_student(t, s)
-    return cfg, s, t
+from tests.dist_bodies_model import build_models as _build  # noqa: E402
 
 
 def _record(module, cap, key, which="input"):
