@@ -165,8 +165,15 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None,
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if launcher == "single":
+            # One process with nobody to meet: an in-memory store, no TCP port.  A port picked by
+            # free_port() and bound later by TCPStore can be taken in between (CI saw EADDRINUSE
+            # in the quickstart's probe).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=timeout)
 
     from megatron.core import parallel_state as ps
 
