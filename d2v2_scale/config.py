@@ -103,7 +103,8 @@ class ModelConfig:
     loss_scale: float | None = None  # None: 1/sqrt(D)
     cls_loss_weight: float = 0.0  # image: 0.01
 
-    # objective: "data2vec2" (model/data2vec.py) or "data2vec1" (model/data2vec1.py, docs/DATA2VEC1.md)
+    # objective: "data2vec2" (model/data2vec.py), "data2vec1" (model/data2vec1.py, docs/DATA2VEC1.md) or
+    # "data2vec_aqc" (model/data2vec_aqc.py, docs/AQC.md)
     variant: str = "data2vec2"
 
     # data2vec 1.0 (model.variant=data2vec1; data2vec1-spec A.0-A.4)
@@ -122,6 +123,22 @@ class ModelConfig:
     drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (blocks - 1)
     attention_dropout: float = 0.0  # dropout on the attention probabilities (BEiT blocks)
     shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (else one per block)
+    # data2vec-aqc (model.variant=data2vec_aqc; data2vec-aqc-spec.md B.3-B.8, docs/AQC.md): the 1.0
+    # speech objective plus a Gumbel quantizer, per-step k-means and two cross-contrastive losses
+    aqc_latent_groups: int = 2  # G codebooks
+    aqc_latent_vars: int = 320  # V entries per codebook
+    aqc_vq_dim: int = 256  # quantized width (final_proj_dim; also project_q and contr_proj's output)
+    aqc_latent_temp: tuple = (2.0, 0.5, 0.999995)  # Gumbel temperature max(2 * 0.999995^u, 0.5)
+    aqc_num_negatives: int = 100  # per masked frame, same utterance and view, with replacement
+    aqc_cluster_factor: int = 16  # k-means clusters per step: max(2, T // factor)
+    aqc_logit_temp: float = 0.1  # cosine / temperature
+    aqc_same_cluster_scale: float = 0.3  # same-cluster negatives' logits are multiplied by this
+    # the reference scales same-cluster logits only in batches where some negative has the
+    # positive's codes (a quirk, B.7): false (faithful default) always scales, true copies the gating
+    aqc_gate_scaling_on_identical: bool = False
+    aqc_contrastive_weight: float = 0.5  # weight of each of L_s and L_t
+    aqc_diversity_weight: float = 0.1  # x N_m x (G V - prob_perplexity) / (G V)
+    aqc_features_pen_weight: float = 10.0  # x N_m x mean(CNN features^2) of the original view
 
     @property
     def total_blocks(self) -> int:
@@ -205,7 +222,7 @@ class DataConfig:
     prepend_bos: bool = True
     # data2vec-aqc (data2vec-aqc-spec.md B.2): "aqc" adds `source_aug` [B, S] to audio batches, an
     # augmented copy of each whole utterance (normalized separately, cropped at the same offset as
-    # `source`); "single" (default) leaves batches as they are.  No objective reads it yet.
+    # `source`); "single" (default) leaves batches as they are.  model.variant=data2vec_aqc reads it.
     views: str = "single"
     # folder of .wav noise recordings for the background-noise augmentation (the paper: MUSAN noise/)
     noise_dir: str | None = None
@@ -551,6 +568,28 @@ PRESETS["d2v1-text-tiny"] = PRESETS["d2v1-text-base"] | dict(
 )
 
 
+# ---- data2vec-aqc (data2vec-aqc-spec.md B.9; docs/AQC.md): data2vec 1.0 speech + two views, quantizer,
+# k-means, cross-contrastive losses; the numbers besides model.aqc_* are d2v1-audio-base's
+_AQC = dict(variant="data2vec_aqc", aqc_latent_groups=2, aqc_latent_vars=320, aqc_vq_dim=256,
+            aqc_latent_temp=(2.0, 0.5, 0.999995),
+            aqc_num_negatives=100, aqc_cluster_factor=16, aqc_logit_temp=0.1, aqc_same_cluster_scale=0.3,
+            aqc_gate_scaling_on_identical=False, aqc_contrastive_weight=0.5, aqc_diversity_weight=0.1,
+            aqc_features_pen_weight=10.0)
+PRESETS["aqc-base"] = PRESETS["d2v1-audio-base"] | dict(
+    model=PRESETS["d2v1-audio-base"]["model"] | _AQC,
+    # the augmented view: Gaussian noise 0.6, reverb 0.7, background noise 0.8 from data.noise_dir
+    # (the paper: MUSAN noise/; the user must name it, or set data.aug_background_p=0)
+    data=PRESETS["d2v1-audio-base"]["data"] | dict(views="aqc"),
+)
+# CPU-sized: d2v1-audio-tiny plus a small quantizer (2 x 32 codes of 16), 20 negatives; no
+# background noise (no MUSAN here; give data.noise_dir and data.aug_background_p=0.8 to add it)
+PRESETS["aqc-tiny"] = PRESETS["d2v1-audio-tiny"] | dict(
+    model=PRESETS["d2v1-audio-tiny"]["model"] | _AQC | dict(aqc_latent_vars=32, aqc_vq_dim=32,
+                                                           aqc_num_negatives=20),
+    data=PRESETS["d2v1-audio-tiny"]["data"] | dict(views="aqc", aug_background_p=0.0),
+)
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
@@ -679,8 +718,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if m.activation_checkpointing not in ("none", "full", "selective"):
         errs.append(f"model.activation_checkpointing={m.activation_checkpointing!r}: "
                     "use 'none', 'full' or 'selective'")
-    if m.variant not in ("data2vec2", "data2vec1"):
-        errs.append(f"model.variant={m.variant!r}: use 'data2vec2' or 'data2vec1'")
+    if m.variant not in ("data2vec2",) + D2V1_VARIANTS:
+        errs.append(f"model.variant={m.variant!r}: use 'data2vec2', 'data2vec1' or 'data2vec_aqc'")
     errs += _beit_errors(m)
     if m.modality == "image" and m.image_size % m.patch_size:
         errs.append(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
@@ -765,10 +804,14 @@ def _views_errors(d: DataConfig, modality: str) -> list[str]:
     return errs
 
 
+# the objectives built on data2vec 1.0 (mask embedding, M = 1, regression head): model/data2vec1.py
+# and model/data2vec_aqc.py
+D2V1_VARIANTS = ("data2vec1", "data2vec_aqc")
+
 # which mask generator serves which (objective, modality); data2vec 1.0 vision: "blockwise"
 _GENERATORS = {("data2vec2", mod): ("data2vec2",) for mod in MODALITIES} | {
     ("data2vec1", "audio"): ("speech_spans",), ("data2vec1", "text"): ("text_spans", "bert"),
-    ("data2vec1", "image"): ("blockwise",)}
+    ("data2vec1", "image"): ("blockwise",), ("data2vec_aqc", "audio"): ("speech_spans",)}
 
 
 def _objective_errors(cfg: RunConfig) -> list[str]:
@@ -797,8 +840,10 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
             errs.append(f"model.loss_scale_rule={m.loss_scale_rule!r} is a data2vec 1.0 setting; with "
                         "model.variant=data2vec2 set model.loss_scale instead")
         return errs
-    if m.variant != "data2vec1":
+    if m.variant not in D2V1_VARIANTS:
         return errs
+    if m.variant == "data2vec_aqc":
+        errs += _aqc_errors(cfg)
     if m.clone_batch != 1:
         errs.append(f"model.clone_batch={m.clone_batch} with model.variant=data2vec1: data2vec 1.0 encodes one "
                     "masked copy of each sample; set model.clone_batch=1")
@@ -818,6 +863,51 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
             0 <= mk.bert_unchanged and 0 <= mk.bert_random and mk.bert_unchanged + mk.bert_random < 1):
         errs.append(f"masking.bert_unchanged={mk.bert_unchanged} + masking.bert_random={mk.bert_random} must be "
                     "in [0, 1) (the rest of the selected tokens become <mask>)")
+    return errs
+
+
+def _aqc_errors(cfg: RunConfig) -> list[str]:
+    """data2vec-aqc (model.variant=data2vec_aqc): what the reference cannot run, and bad AQC numbers."""
+    m, errs = cfg.model, []
+    if m.modality != "audio":
+        errs.append(f"model.variant=data2vec_aqc with model.modality={m.modality!r}: data2vec-aqc is speech only; "
+                    "set model.modality=audio (preset aqc-base)")
+    if cfg.data.views != "aqc":
+        errs.append(f"data.views={cfg.data.views!r} with model.variant=data2vec_aqc: the student reads the augmented "
+                    "second view (batch source_aug); set data.views=aqc")
+    # B.8: the reference's smooth-L1 branch leaves its MSE term undefined and `loss_scale` is read
+    # only there, so neither has a meaning in AQC mode
+    if m.loss_beta != 0:
+        errs.append(f"model.loss_beta={m.loss_beta} with model.variant=data2vec_aqc: data2vec-aqc's loss is L2 / "
+                    "sqrt(D) (its smooth-L1 branch cannot run, spec B.8); set model.loss_beta=0")
+    if m.loss_scale is not None or m.loss_scale_rule != "inv_sqrt_dim":
+        errs.append(f"model.loss_scale={m.loss_scale} / model.loss_scale_rule={m.loss_scale_rule!r} with "
+                    "model.variant=data2vec_aqc: the regression term is fixed at 1/sqrt(D) (spec B.8); set "
+                    "model.loss_scale=null and model.loss_scale_rule=inv_sqrt_dim")
+    if cfg.parallel.pp > 1:
+        errs.append(f"parallel.pp={cfg.parallel.pp} with model.variant=data2vec_aqc: the quantizer needs the CNN "
+                    "features of both views on the stage that holds the encoder outputs, which pipeline stages "
+                    "do not pass on; use parallel.pp=1 (tensor parallelism and ZeRO-3 work)")
+    if m.aqc_latent_groups < 1 or m.aqc_latent_vars < 2 or m.aqc_vq_dim % max(m.aqc_latent_groups, 1):
+        errs.append(f"model.aqc_latent_groups={m.aqc_latent_groups}, model.aqc_latent_vars={m.aqc_latent_vars}, "
+                    f"model.aqc_vq_dim={m.aqc_vq_dim}: need groups >= 1, vars >= 2 and vq_dim divisible by groups "
+                    "(reference: 2, 320, 256)")
+    temp = tuple(m.aqc_latent_temp)
+    if len(temp) != 3 or not (temp[0] >= temp[1] > 0 and 0 < temp[2] <= 1):
+        errs.append(f"model.aqc_latent_temp={m.aqc_latent_temp}: give (max, min, decay) with max >= min > 0 and "
+                    "0 < decay <= 1 (reference: 2, 0.5, 0.999995)")
+    if cfg.data.audio_crop != "batch_min":
+        errs.append(f"data.audio_crop={cfg.data.audio_crop!r} with model.variant=data2vec_aqc: negatives and k-means "
+                    "assume unpadded batches with the same masked count per row; set data.audio_crop=batch_min")
+    if m.aqc_num_negatives < 1 or m.aqc_cluster_factor < 1:
+        errs.append(f"model.aqc_num_negatives={m.aqc_num_negatives} and model.aqc_cluster_factor="
+                    f"{m.aqc_cluster_factor} must be >= 1 (reference: 100, 16)")
+    if not m.aqc_logit_temp > 0 or not 0 <= m.aqc_same_cluster_scale <= 1:
+        errs.append(f"model.aqc_logit_temp={m.aqc_logit_temp} must be > 0 and model.aqc_same_cluster_scale="
+                    f"{m.aqc_same_cluster_scale} in [0, 1] (reference: 0.1, 0.3)")
+    for key in ("aqc_contrastive_weight", "aqc_diversity_weight", "aqc_features_pen_weight"):
+        if getattr(m, key) < 0:
+            errs.append(f"model.{key}={getattr(m, key)} must be >= 0 (reference: 0.5, 0.1, 10)")
     return errs
 
 

@@ -51,6 +51,8 @@ FORMAT_VERSION = 1
 
 
 STUDENT_ONLY = ("mask_emb",)  # student tensors outside encoder.* / decoder.* that the plain twin does not use
+# ... and student-only parts, by name prefix: data2vec-aqc's quantizer, project_q and contr_proj
+STUDENT_ONLY_PREFIXES = ("aqc.",)
 
 
 class ExportError(ValueError):
@@ -285,7 +287,8 @@ def _student_stage(folder: Path, info: dict, first_mp: int) -> dict[str, torch.T
 def to_plain(full: dict, mcfg, expected: dict[str, tuple], where: str) -> dict[str, torch.Tensor]:
     enc = {k: v for k, v in full.items() if k.startswith("encoder.")}
     # mask_emb: data2vec 1.0 speech's training-only mask embedding (not part of the encoder)
-    others = sorted(k for k in full if not k.startswith(("encoder.", "decoder.")) and k not in STUDENT_ONLY)
+    others = sorted(k for k in full if not k.startswith(("encoder.", "decoder.") + STUDENT_ONLY_PREFIXES)
+                    and k not in STUDENT_ONLY)
     if others:
         raise ExportError(f"{where}: unknown parameter names {others[:5]} (neither encoder.* nor decoder.*)")
     plain = mapping.megatron_to_plain(enc, mcfg.num_heads)

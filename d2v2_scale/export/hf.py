@@ -50,7 +50,7 @@ class HFRefused(ExportError):
 
 def hf_target(cfg: dict) -> str:
     """The transformers class name for an export config, or HFRefused naming why not."""
-    mod, v1 = cfg["modality"], cfg.get("variant", "data2vec2") == "data2vec1"
+    mod, v1 = cfg["modality"], cfg.get("variant", "data2vec2") in ("data2vec1", "data2vec_aqc")
     beit = cfg.get("image_block", "vit2") == "beit"
     if mod == "image" and not beit:
         raise HFRefused("data2vec 2.0 image encoders have no exact transformers class: they are post-LN ViTs "

@@ -2,7 +2,8 @@
 
 Two objectives share the parts (encoder, teacher, targets, EMA, loss): model.variant picks
 data2vec 2.0 (data2vec.py: multi-mask, gathered student, conv decoder) or data2vec 1.0
-(data2vec1.py: mask embedding, every position encoded, regression head).
+(data2vec1.py: mask embedding, every position encoded, regression head), or data2vec-aqc
+(data2vec_aqc.py: 1.0 speech + an augmented view, a quantizer, k-means, cross-contrastive losses).
 
 Public API (see the contracts in the module docstrings):
     build_student(cfg) -> Data2Vec2 | Data2Vec1  forward(batch, teacher) -> (loss, stats)
@@ -23,6 +24,7 @@ from torch import nn
 
 from .data2vec import Data2Vec2, Data2Vec2Teacher
 from .data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
+from .data2vec_aqc import Data2VecAQC
 from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the ALiBi scales
@@ -31,7 +33,7 @@ from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_tea
 NO_DECAY_MARKERS = ("alibi_scale",)
 
 
-OBJECTIVES = {"data2vec2": Data2Vec2, "data2vec1": Data2Vec1}
+OBJECTIVES = {"data2vec2": Data2Vec2, "data2vec1": Data2Vec1, "data2vec_aqc": Data2VecAQC}
 
 
 def build_student(cfg) -> nn.Module:
@@ -40,7 +42,9 @@ def build_student(cfg) -> nn.Module:
 
 def teacher_copied_prefixes(cfg) -> tuple[str, ...]:
     """Teacher parameter-name prefixes the EMA copies from the student instead of averaging."""
-    return TEACHER_COPIED[cfg.model.modality] if cfg.model.variant == "data2vec1" else ()
+    from ..config import D2V1_VARIANTS
+
+    return TEACHER_COPIED[cfg.model.modality] if cfg.model.variant in D2V1_VARIANTS else ()
 
 
 def build_teacher(cfg) -> nn.Module:
@@ -84,6 +88,6 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_a
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["Data2Vec1", "Data2Vec2", "Data2Vec2Teacher", "teacher_copied_prefixes", "EMATeacher", "build_student", "build_teacher",
+__all__ = ["Data2Vec1", "Data2VecAQC", "Data2Vec2", "Data2Vec2Teacher", "teacher_copied_prefixes", "EMATeacher", "build_student", "build_teacher",
            "ema_decay", "ema_decay_from_cfg", "ema_update", "init_teacher_from_student",
            "param_groups_for_weight_decay", "teacher_param_names", "no_weight_decay"]

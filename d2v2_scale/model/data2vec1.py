@@ -174,10 +174,15 @@ class Data2Vec1(nn.Module):
                              "(data2vec 1.0: one mask row per sample)")
         if targets is None and self.last_stage:
             targets = self.teacher_targets(batch, x if "student_source" not in batch else None, padding, teacher)
+        return self.mask_and_contextualize(x, mask, padding), targets
+
+    def mask_and_contextualize(self, x: Tensor, mask: Tensor, padding: Tensor | None) -> Tensor:
+        """Front-end features x [B, T, D] -> the blocks' input [T, B, D]: the mask embedding at
+        masked frames (speech), positions, context LayerNorm, dropout."""
         if self.mask_emb is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         x = self.encoder.contextualize(x, keep=None, zero=padding)  # padded frames zeroed
-        return self.context_dropout(x).transpose(0, 1), targets
+        return self.context_dropout(x).transpose(0, 1)
 
     def _blocks_sequence(self, x, padding):
         s, b = x.shape[:2]

@@ -72,9 +72,10 @@ def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | N
         t = m.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
     else:
         t = text_tokens or cfg.data.max_tokens
-    if m.modality == "image" and m.variant != "data2vec1":
+    v1 = m.variant in ("data2vec1", "data2vec_aqc")
+    if m.modality == "image" and not v1:
         return t, int(t * (1 - r))
-    if m.variant == "data2vec1":
+    if v1:
         return t, t  # data2vec 1.0: the student encodes every position (mask embedding, no gather)
     return t, t - int(t * r)
 
@@ -97,8 +98,11 @@ def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = N
     teacher = b * (nb * block_flops(t + e, m.embed_dim, m.mlp_ratio) + pos
                    + (local if m.modality == "image" else 0.0))
     student = 3 * n * (nb * block_flops(keep + e, m.embed_dim, m.mlp_ratio) + pos)
-    local_s = 3 * b * local
-    decoder = 3 * n * (_head_flops(m, cfg.masking.ratio * t) if m.variant == "data2vec1" else _decoder_flops(m, t))
+    # data2vec-aqc runs the CNN front end on two views (its quantizer, projections and k-means are
+    # small next to it and are left out)
+    local_s = 3 * b * local * (2 if m.variant == "data2vec_aqc" else 1)
+    v1 = m.variant in ("data2vec1", "data2vec_aqc")
+    decoder = 3 * n * (_head_flops(m, cfg.masking.ratio * t) if v1 else _decoder_flops(m, t))
     out = {"teacher": teacher, "student": student, "local": local_s, "decoder": decoder}
     out["total"] = sum(out.values())
     return out

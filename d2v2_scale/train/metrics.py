@@ -80,4 +80,7 @@ def format_line(step: int, total: int, s: dict[str, float]) -> str:
             f"{s['perf/samples_per_s']:.1f} samples/s {s['perf/tokens_per_s']:.0f} tok/s "
             + (f"mfu {100 * s['perf/mfu']:.3g}% " if "perf/mfu" in s else "")
             + f"data {1000 * s.get('perf/data_wait_s', 0):.0f}ms mem {s['perf/memory_gib']:.2f}GiB "
-            f"skipped {int(s.get('guard/skipped_total', 0))}")
+            f"skipped {int(s.get('guard/skipped_total', 0))}"
+            # objective-specific losses and statistics (data2vec-aqc: loss/contrastive, aqc/*)
+            + "".join(f" {k.split('/', 1)[1]} {v:.4g}" for k, v in sorted(s.items())
+                      if k.startswith("aqc/") or k == "loss/contrastive"))

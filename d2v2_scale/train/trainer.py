@@ -189,6 +189,9 @@ class Trainer:
         """One optimizer update over `grad_accum` micro-batches.  Returns scalars to log."""
         assert len(micro_batches) == self.cfg.optim.grad_accum
         self.engine.train()
+        set_updates = getattr(self.engine.module, "set_num_updates", None)
+        if set_updates is not None:  # data2vec-aqc: the Gumbel temperature and the key of its random draws
+            set_updates(self.updates)
         if self.pipeline is not None:
             skipped, grad_norm, scalars = self._forward_backward_pipelined(micro_batches)
         else:
