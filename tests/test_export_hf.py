@@ -126,7 +126,9 @@ def _check_tokenizer(folder: Path, got: dict):
 
 
 CASES = [("text-tiny", "text", "RobertaModel"), ("d2v1-text-tiny", "text", "Data2VecTextModel"),
-         ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel")]
+         ("d2v1-audio-tiny", "audio", "Data2VecAudioModel"), ("d2v1-image-tiny", "image", "Data2VecVisionModel"),
+         # data2vec-aqc: its encoder is a data2vec 1.0 speech encoder (the aqc.* parts are student-only)
+         ("aqc-tiny", "audio", "Data2VecAudioModel")]
 
 
 @pytest.fixture(scope="module")
