@@ -299,9 +299,9 @@ class Loader:
         self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
                                            cfg.data.seed, lengths=lengths, eligible=eligible)
         self.builder = BatchBuilder(cfg, self.shards)
-        if self.builder.aug_params is not None:
-            print("warning: data.views='aqc': audio batches carry the augmented view source_aug, but no objective "
-                  "reads it yet (the data2vec-aqc objective is future work); it costs worker time only",
+        if self.builder.aug_params is not None and cfg.model.variant != "data2vec_aqc":
+            print(f"warning: data.views='aqc': audio batches carry the augmented view source_aug, but only "
+                  f"model.variant=data2vec_aqc reads it (this run: {cfg.model.variant}); it costs worker time only",
                   file=sys.stderr, flush=True)
         self.epoch, self.position = 0, 0
         self.bad_rows: dict[tuple[str, int], dict] = {}  # (shard file, row) -> describe() + reason
