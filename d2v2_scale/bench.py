@@ -90,8 +90,11 @@ def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
         mask = masking_d2v1.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
-        return {"source": torch.randn(b, s, generator=g), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
-                "mask": torch.from_numpy(mask)}
+        out = {"source": torch.randn(b, s, generator=g), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
+               "mask": torch.from_numpy(mask)}
+        if cfg.data.views == "aqc":  # data2vec-aqc: the augmented view, as the loader adds it
+            out["source_aug"] = torch.randn(b, s, generator=g)
+        return out
     t = cfg.data.max_tokens
     mask_id = masking_d2v1.text_mask_id(m)
     src = torch.randint(masking_d2v1.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
