@@ -19,10 +19,8 @@ def num_clusters(frames: int, factor: int = 16) -> int:
 
 
 def _cos_sim(a: Tensor, b: Tensor) -> Tensor:
-    """[N, C] x [K, C] -> [N, K], fast_pytorch_kmeans' cos_sim (norm + 1e-8, so a zero centroid scores 0)."""
-    a = a / (a.norm(dim=-1, keepdim=True) + 1e-8)
-    b = b / (b.norm(dim=-1, keepdim=True) + 1e-8)
-    return a @ b.t()
+    """[N, C] x [K, C] -> [N, K], fast_pytorch_kmeans 0.2.2's cos_sim (a zero centroid scores 0)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
 
 @torch.no_grad()
