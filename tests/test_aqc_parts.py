@@ -202,6 +202,42 @@ def test_train_mode_gumbel_from_generator():
     assert q.weight_proj.weight.grad.abs().sum() > 0 and q.vars.grad.abs().sum() > 0
 
 
+def test_bf16_training_outputs_exact_codebook_vectors():
+    """B.4: in half precision the straight-through one-hot is exactly {0, 1} ((1 - p) + p rounds to
+    1), so a bf16 quantizer in training outputs exact codebook vectors; logits/perplexities in fp32."""
+    torch.manual_seed(3)
+    q = GumbelVectorQuantizer(dim=16, num_vars=8, groups=2, vq_dim=8).to(torch.bfloat16).train()
+    out = q(torch.randn(40, 16, dtype=torch.bfloat16), generator=torch.Generator().manual_seed(1))
+    assert out["x"].dtype == torch.bfloat16 and out["prob_perplexity"].dtype == torch.float32
+    cb = q.vars[0].detach()
+    assert torch.equal(out["x"].detach(), torch.cat([cb[out["codes"][:, 0]], cb[8 + out["codes"][:, 1]]], dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_parts_on_cuda():
+    """The parts run on CUDA tensors with CUDA generators (no numpy, no host-side data): k-means
+    labels equal the CPU ones on separable data, negatives stay in range, the loss matches the CPU's."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(8)
+    truth = torch.arange(3).repeat_interleave(40)
+    x = torch.eye(8)[truth] + 0.05 * torch.randn(120, 8, generator=g)
+    from sklearn.metrics import adjusted_rand_score
+
+    lab = cosine_kmeans(x.to(dev), 3, generator=torch.Generator(dev).manual_seed(0))
+    assert lab.device.type == "cuda" and adjusted_rand_score(truth.numpy(), lab.cpu().numpy()) == 1.0
+    idx = sample_negatives(4, 10, 100, generator=torch.Generator(dev).manual_seed(0), device=dev)
+    assert idx.device.type == "cuda" and not (idx == torch.arange(40, device=dev).view(4, 10, 1)).any()
+    q = GumbelVectorQuantizer(dim=8, num_vars=5, groups=2, vq_dim=4).to(dev).train()
+    out = q(x[:40].to(dev), generator=torch.Generator(dev).manual_seed(0))
+    assert out["x"].shape == (40, 4) and out["codes"].device.type == "cuda"
+    query, pos = torch.randn(2, 2, 10, 4, generator=g)
+    codes, labels = torch.randint(0, 3, (2, 10, 2), generator=g), torch.randint(0, 3, (2, 10), generator=g)
+    neg = idx[:2].cpu()  # rows 0-1 of B = 4: their indices already lie in [0, 20)
+    cpu, _ = cross_contrastive_loss(query, pos, codes, neg, labels)
+    gpu, _ = cross_contrastive_loss(query.to(dev), pos.to(dev), codes.to(dev), neg.to(dev), labels.to(dev))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
 # ---- negatives (test list 5) -------------------------------------------------------------------
 def test_negatives_shape_range_and_never_self():
     """idx [B, M, 100]; never the position's own flat index; always in [b*M, (b+1)*M)."""
