@@ -105,7 +105,7 @@ def test_gumbel_temperature():
     assert gumbel_temperature(0) == 2.0
     assert gumbel_temperature(100_000) == pytest.approx(1.21306, abs=5e-6)
     assert gumbel_temperature(300_000) == 0.5
-    assert gumbel_temperature(277_000) > 0.5 > gumbel_temperature(277_300) - 1e-12
+    assert gumbel_temperature(277_000) > 0.5 and gumbel_temperature(277_300) == 0.5  # crosses at ~277,258
     q = GumbelVectorQuantizer(dim=8, num_vars=4, groups=2, vq_dim=6)
     assert q.curr_temp == 2.0
     q.set_num_updates(100_000)
@@ -260,7 +260,7 @@ def test_negatives_uniform_chi_square():
     from scipy.stats import chisquare
 
     b, m = 2, 6
-    idx = sample_negatives(b, m, 20_000, generator=torch.Generator().manual_seed(1))
+    idx = sample_negatives(b, m, 5_000, generator=torch.Generator().manual_seed(1))
     for bi in range(b):
         for i in range(m):
             counts = torch.bincount(idx[bi, i] - bi * m, minlength=m)
