@@ -330,6 +330,9 @@ def test_cross_contrastive_logits_by_hand():
     loss_nc, _ = cross_contrastive_loss(q, pos, codes, neg_idx, torch.tensor([[0, 1, 2]]))
     rows_nc = [[6.0, 10.0, -math.inf], [0.0, 8.0, 8.0], [14 * r2, -math.inf, 10 * r2]]
     assert loss_nc.item() == pytest.approx(_hand_loss(rows_nc), rel=1e-5)
+    two = torch.cat([pos, pos]), torch.cat([codes, codes]), torch.cat([labels, labels])
+    with pytest.raises(ValueError, match="same utterance"):  # row 1 pointing into row 0
+        cross_contrastive_loss(torch.cat([q, q]), two[0], two[1], torch.cat([neg_idx, neg_idx]), two[2])
 
 
 def test_same_cluster_gating_flag():
