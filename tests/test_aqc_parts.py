@@ -443,8 +443,12 @@ def test_kmeans_matches_fast_pytorch_kmeans(fpk_kmeans):
     cosine KMeans (max_iter 100, tol 1e-4) gives the same labels on L2-normalized random points."""
     g = torch.Generator().manual_seed(6)
     x = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
-    for k in (2, 9):
-        ours = cosine_kmeans(x, k, generator=torch.Generator().manual_seed(k))
-        init = x[torch.randperm(300, generator=torch.Generator().manual_seed(k))[:k]]
-        ref = fpk_kmeans(n_clusters=k, mode="cosine", max_iter=100, tol=1e-4).fit_predict(x, centroids=init.clone())
+    # duplicated points: two initial centroids coincide, the second loses every tie and is left
+    # empty (0/0 -> NaN -> zero centroid, which scores cosine 0 from then on)
+    dup = F.normalize(torch.tensor([[1.0, 0.0]] * 5 + [[-1.0, 0.2]] * 2), dim=-1)
+    for pts, k in ((x, 2), (x, 9), (dup, 3)):
+        ours = cosine_kmeans(pts, k, generator=torch.Generator().manual_seed(k))
+        init = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(k))[:k]]
+        ref = fpk_kmeans(n_clusters=k, mode="cosine", max_iter=100, tol=1e-4).fit_predict(pts, centroids=init.clone())
         assert torch.equal(ours, ref)
+    assert len(ours.unique()) < 3  # the dup case did leave a cluster empty
