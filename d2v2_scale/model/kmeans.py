@@ -37,6 +37,8 @@ def cosine_kmeans(x: Tensor, k: int, generator: torch.Generator | None = None, m
     if not 1 <= k <= n:
         raise ValueError(f"cosine_kmeans: {k} clusters need at least as many points, got {n} "
                          f"(use fewer clusters or more masked frames)")
+    if max_iter < 1:
+        raise ValueError(f"cosine_kmeans: max_iter must be >= 1, got {max_iter}")
     x = F.normalize(x.detach().float(), dim=-1)
     dev = generator.device if generator is not None else x.device
     init = torch.randperm(n, generator=generator, device=dev)[:k].to(x.device)
