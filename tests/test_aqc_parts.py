@@ -4,14 +4,99 @@ the B.8 total.  Plain PyTorch on one process: these modules run replicated on ev
 
 from __future__ import annotations
 
+import ast
 import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from d2v2_scale.model.contrastive import aqc_total_loss, cross_contrastive_loss, sample_negatives
 from d2v2_scale.model.kmeans import cosine_kmeans, num_clusters
 from d2v2_scale.model.quantizer import GumbelVectorQuantizer, diversity_loss, gumbel_temperature
+
+from . import fairseq_oracle
+
+# test_import's cache: its oracle leaves the fairseq sdist in fairseq/dl, reused here when present
+CACHE = Path(os.environ.get("D2V2_FAIRSEQ_CACHE", Path.home() / ".cache" / "d2v2-scale" / "fairseq-oracle"))
+KMEANS_WHEEL = "fast-pytorch-kmeans==0.2.2"
+FAIRSEQ_FILES = {"quantizer": "fairseq/modules/gumbel_vector_quantizer.py",
+                 "wav2vec2": "fairseq/models/wav2vec/wav2vec2.py", "utils": "fairseq/utils.py"}
+
+
+# ---- the references: fairseq's own source files, fast-pytorch-kmeans' own wheel ----------------
+def _pip_download(spec: str, pattern: str, dest: Path) -> Path:
+    """The registry's file for `spec` in `dest` (downloaded once, via a temp folder + rename)."""
+    found = sorted(dest.glob(pattern))
+    if not found:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "download", spec,
+                            "--no-deps", "--no-build-isolation", "-d", tmp], check=True, timeout=600)
+            (got,) = Path(tmp).glob(pattern)
+            got.rename(dest / got.name)
+        found = sorted(dest.glob(pattern))
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def fairseq_src() -> dict:
+    """{key: source text} of fairseq's quantizer, wav2vec 2.0 model and utils, read from the sdist."""
+    pattern = "fairseq_fixed-*.tar.gz"
+    have = sorted((CACHE / "fairseq" / "dl").glob(pattern))
+    sdist = have[0] if have else _pip_download(fairseq_oracle.SDIST, pattern, CACHE / "aqc-refs")
+    want = {f"{sdist.name[:-len('.tar.gz')]}/{rel}": key for key, rel in FAIRSEQ_FILES.items()}
+    out = {}
+    with tarfile.open(sdist) as t:
+        for member in t:
+            if member.name in want:
+                out[want[member.name]] = t.extractfile(member).read().decode()
+    assert set(out) == set(FAIRSEQ_FILES), f"{sdist} lacks {set(FAIRSEQ_FILES) - set(out)}"
+    return out
+
+
+def _functions(source: str, names: set[str], namespace: dict) -> dict:
+    """Compile the named top-level functions / class methods of `source` into `namespace`."""
+    tree = ast.parse(source)
+    defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert {d.name for d in defs} >= names, names - {d.name for d in defs}
+    for d in defs:
+        exec(compile(ast.Module(body=[d], type_ignores=[]), "<fairseq>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def fairseq_ref(fairseq_src) -> types.SimpleNamespace:
+    """fairseq's GumbelVectorQuantizer class (its module imports only torch) and wav2vec 2.0's
+    sample_negatives / compute_preds methods with the fairseq.utils helpers they call."""
+    mod = types.ModuleType("fairseq_gumbel_vector_quantizer")
+    exec(compile(fairseq_src["quantizer"], "gumbel_vector_quantizer.py", "exec"), mod.__dict__)
+    ns = _functions(fairseq_src["utils"], {"buffered_arange", "index_put", "is_xla_tensor"}, {"torch": torch})
+    ns = _functions(fairseq_src["wav2vec2"], {"sample_negatives", "compute_preds"}, ns)
+    return types.SimpleNamespace(GumbelVectorQuantizer=mod.GumbelVectorQuantizer,
+                                 sample_negatives=ns["sample_negatives"], compute_preds=ns["compute_preds"])
+
+
+@pytest.fixture(scope="module")
+def fpk_kmeans():
+    """fast_pytorch_kmeans.KMeans (0.2.2, the registry's version; pure Python) imported from its wheel."""
+    wheel = _pip_download(KMEANS_WHEEL, "fast_pytorch_kmeans-*.whl", CACHE / "aqc-refs")
+    with zipfile.ZipFile(wheel) as z:
+        assert "fast_pytorch_kmeans/kmeans.py" in z.namelist()
+    sys.path.insert(0, str(wheel))
+    try:
+        from fast_pytorch_kmeans import KMeans
+    finally:
+        sys.path.remove(str(wheel))
+    return KMeans
 
 
 # ---- quantizer (test list 4) -------------------------------------------------------------------
@@ -20,7 +105,7 @@ def test_gumbel_temperature():
     assert gumbel_temperature(0) == 2.0
     assert gumbel_temperature(100_000) == pytest.approx(1.21306, abs=5e-6)
     assert gumbel_temperature(300_000) == 0.5
-    assert gumbel_temperature(277_000) > 0.5 > gumbel_temperature(277_300) - 1e-12
+    assert gumbel_temperature(277_000) > 0.5 and gumbel_temperature(277_300) == 0.5  # crosses at ~277,258
     q = GumbelVectorQuantizer(dim=8, num_vars=4, groups=2, vq_dim=6)
     assert q.curr_temp == 2.0
     q.set_num_updates(100_000)
@@ -117,6 +202,42 @@ def test_train_mode_gumbel_from_generator():
     assert q.weight_proj.weight.grad.abs().sum() > 0 and q.vars.grad.abs().sum() > 0
 
 
+def test_bf16_training_outputs_exact_codebook_vectors():
+    """B.4: in half precision the straight-through one-hot is exactly {0, 1} ((1 - p) + p rounds to
+    1), so a bf16 quantizer in training outputs exact codebook vectors; logits/perplexities in fp32."""
+    torch.manual_seed(3)
+    q = GumbelVectorQuantizer(dim=16, num_vars=8, groups=2, vq_dim=8).to(torch.bfloat16).train()
+    out = q(torch.randn(40, 16, dtype=torch.bfloat16), generator=torch.Generator().manual_seed(1))
+    assert out["x"].dtype == torch.bfloat16 and out["prob_perplexity"].dtype == torch.float32
+    cb = q.vars[0].detach()
+    assert torch.equal(out["x"].detach(), torch.cat([cb[out["codes"][:, 0]], cb[8 + out["codes"][:, 1]]], dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_parts_on_cuda():
+    """The parts run on CUDA tensors with CUDA generators (no numpy, no host-side data): k-means
+    labels equal the CPU ones on separable data, negatives stay in range, the loss matches the CPU's."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(8)
+    truth = torch.arange(3).repeat_interleave(40)
+    x = torch.eye(8)[truth] + 0.05 * torch.randn(120, 8, generator=g)
+    from sklearn.metrics import adjusted_rand_score
+
+    lab = cosine_kmeans(x.to(dev), 3, generator=torch.Generator(dev).manual_seed(0))
+    assert lab.device.type == "cuda" and adjusted_rand_score(truth.numpy(), lab.cpu().numpy()) == 1.0
+    idx = sample_negatives(4, 10, 100, generator=torch.Generator(dev).manual_seed(0), device=dev)
+    assert idx.device.type == "cuda" and not (idx == torch.arange(40, device=dev).view(4, 10, 1)).any()
+    q = GumbelVectorQuantizer(dim=8, num_vars=5, groups=2, vq_dim=4).to(dev).train()
+    out = q(x[:40].to(dev), generator=torch.Generator(dev).manual_seed(0))
+    assert out["x"].shape == (40, 4) and out["codes"].device.type == "cuda"
+    query, pos = torch.randn(2, 2, 10, 4, generator=g)
+    codes, labels = torch.randint(0, 3, (2, 10, 2), generator=g), torch.randint(0, 3, (2, 10), generator=g)
+    neg = idx[:2].cpu()  # rows 0-1 of B = 4: their indices already lie in [0, 20)
+    cpu, _ = cross_contrastive_loss(query, pos, codes, neg, labels)
+    gpu, _ = cross_contrastive_loss(query.to(dev), pos.to(dev), codes.to(dev), neg.to(dev), labels.to(dev))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
 # ---- negatives (test list 5) -------------------------------------------------------------------
 def test_negatives_shape_range_and_never_self():
     """idx [B, M, 100]; never the position's own flat index; always in [b*M, (b+1)*M)."""
@@ -139,7 +260,7 @@ def test_negatives_uniform_chi_square():
     from scipy.stats import chisquare
 
     b, m = 2, 6
-    idx = sample_negatives(b, m, 20_000, generator=torch.Generator().manual_seed(1))
+    idx = sample_negatives(b, m, 5_000, generator=torch.Generator().manual_seed(1))
     for bi in range(b):
         for i in range(m):
             counts = torch.bincount(idx[bi, i] - bi * m, minlength=m)
@@ -209,6 +330,9 @@ def test_cross_contrastive_logits_by_hand():
     loss_nc, _ = cross_contrastive_loss(q, pos, codes, neg_idx, torch.tensor([[0, 1, 2]]))
     rows_nc = [[6.0, 10.0, -math.inf], [0.0, 8.0, 8.0], [14 * r2, -math.inf, 10 * r2]]
     assert loss_nc.item() == pytest.approx(_hand_loss(rows_nc), rel=1e-5)
+    two = torch.cat([pos, pos]), torch.cat([codes, codes]), torch.cat([labels, labels])
+    with pytest.raises(ValueError, match="same utterance"):  # row 1 pointing into row 0
+        cross_contrastive_loss(torch.cat([q, q]), two[0], two[1], torch.cat([neg_idx, neg_idx]), two[2])
 
 
 def test_same_cluster_gating_flag():
@@ -236,3 +360,95 @@ def test_total_loss_composition():
     assert total.item() == pytest.approx(want, rel=1e-6)
     assert sum(parts.values()).item() == pytest.approx(want, rel=1e-6)
     assert parts["diversity"].item() == pytest.approx(0.1 * 40 * 240 / 640, rel=1e-6)
+
+
+# ---- cross-checks against the references -------------------------------------------------------
+def test_quantizer_matches_fairseq(fairseq_ref):
+    """Same weights (fairseq's parameter names load strictly) + same Gumbel noise (fairseq draws it
+    from the global generator, ours from a generator with the same seed) -> same outputs, codes
+    (fairseq's produce_targets), perplexities, temperature and gradients; eval mode too."""
+    kw = dict(dim=24, num_vars=10, groups=2, vq_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = fairseq_ref.GumbelVectorQuantizer(temp=(2.0, 0.5, 0.999995), combine_groups=False,
+                                                time_first=True, **kw)
+        ours = GumbelVectorQuantizer(temp=(2.0, 0.5, 0.999995), **kw)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x = torch.randn(3, 7, 24)
+        for u in (0, 150_000):
+            ref.set_num_updates(u)
+            ours.set_num_updates(u)
+            for train in (True, False):
+                ref.train(train)
+                ours.train(train)
+                torch.manual_seed(11 + u)
+                r = ref(x, produce_targets=True)
+                o = ours(x.view(21, 24), generator=torch.Generator().manual_seed(11 + u))
+                assert torch.equal(o["codes"], r["targets"].view(21, 2))
+                torch.testing.assert_close(o["x"], r["x"].view(21, 16), rtol=1e-6, atol=1e-6)
+                for k in ("code_perplexity", "prob_perplexity"):
+                    torch.testing.assert_close(o[k], r[k], rtol=1e-6, atol=1e-6)
+                assert o["temp"] == r["temp"]
+                w = torch.randn(21, 16)
+                gr = torch.autograd.grad((r["x"].view(21, 16) * w).sum() + r["prob_perplexity"], list(ref.parameters()))
+                go = torch.autograd.grad((o["x"] * w).sum() + o["prob_perplexity"], list(ours.parameters()))
+                for a, b in zip(go, gr):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_negatives_match_fairseq(fairseq_ref):
+    """wav2vec 2.0's sample_negatives (n_negatives 100, no cross-sample, no padding) with the global
+    generator seeded s draws exactly our indices with a generator seeded s; its negatives tensor
+    (100, B, M, C) is positive.flatten(0, 1)[idx] permuted."""
+    me = types.SimpleNamespace(n_negatives=100, cross_sample_negatives=0)
+    y = torch.randn(3, 9, 5)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        negs, neg_idxs = fairseq_ref.sample_negatives(me, y, 9)
+    idx = sample_negatives(3, 9, 100, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(neg_idxs.view(3, 9, 100), idx)
+    assert torch.equal(negs, y.flatten(0, 1)[idx].permute(2, 0, 1, 3))
+
+
+def test_contrastive_loss_matches_fairseq_compute_preds(fairseq_ref):
+    """Without the clustering (every label distinct), our loss is wav2vec 2.0's compute_preds logits
+    (temperature 0.1, identical negatives -> -inf by float equality) with CE(target 0) summed, and the
+    gradients to the query and to the positive tensor (positive and negative slots: fairseq does not
+    detach the negatives) are the same."""
+    g = torch.Generator().manual_seed(5)
+    b, m, k, c = 2, 6, 4, 8
+    table = torch.randn(3, c, generator=g)  # 3 codes: identical negatives are frequent
+    codes = torch.randint(0, 3, (b, m, 1), generator=g)
+    pos = table[codes[..., 0]].requires_grad_(True)
+    query = torch.randn(b, m, c, generator=g, requires_grad=True)
+    idx = sample_negatives(b, m, k, generator=g)
+    labels = torch.arange(b * m).view(b, m)
+    ours, stats = cross_contrastive_loss(query, pos, codes, idx, labels)
+    assert stats["identical"] > 0
+    me = types.SimpleNamespace(logit_temp=0.1)
+    negs = pos.flatten(0, 1)[idx].permute(2, 0, 1, 3)
+    logits = fairseq_ref.compute_preds(me, query, pos, negs)  # (1 + K, B, M)
+    ref = F.cross_entropy(logits.permute(1, 2, 0).reshape(-1, k + 1).float(),
+                          torch.zeros(b * m, dtype=torch.long), reduction="sum")
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    go = torch.autograd.grad(ours, [query, pos])
+    gr = torch.autograd.grad(ref, [query, pos])
+    for a, r in zip(go, gr):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    assert go[1].abs().sum() > 0
+
+
+def test_kmeans_matches_fast_pytorch_kmeans(fpk_kmeans):
+    """Same initial centroids (our generator's draw: randperm(N)[:k]) -> fast_pytorch_kmeans'
+    cosine KMeans (max_iter 100, tol 1e-4) gives the same labels on L2-normalized random points."""
+    g = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    # duplicated points: two initial centroids coincide, the second loses every tie and is left
+    # empty (0/0 -> NaN -> zero centroid, which scores cosine 0 from then on)
+    dup = F.normalize(torch.tensor([[1.0, 0.0]] * 5 + [[-1.0, 0.2]] * 2), dim=-1)
+    for pts, k in ((x, 2), (x, 9), (dup, 3)):
+        ours = cosine_kmeans(pts, k, generator=torch.Generator().manual_seed(k))
+        init = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(k))[:k]]
+        ref = fpk_kmeans(n_clusters=k, mode="cosine", max_iter=100, tol=1e-4).fit_predict(pts, centroids=init.clone())
+        assert torch.equal(ours, ref)
+    assert len(ours.unique()) < 3  # the dup case did leave a cluster empty

@@ -42,7 +42,8 @@ def cross_contrastive_loss(query: Tensor, positive: Tensor, pos_codes: Tensor, n
                            temperature: float = 0.1, same_cluster_scale: float = 0.3,
                            gate_on_identical: bool = False) -> tuple[Tensor, dict]:
     """InfoNCE of query [B, M, C] against its positive [B, M, C] and K negatives drawn from the
-    positives of the same utterance (neg_idx [B, M, K], flat into the B*M rows).
+    positives of the same utterance (neg_idx [B, M, K], flat into the B*M rows, each within its own
+    row's [b*M, (b+1)*M) as sample_negatives draws them; anything else is a ValueError).
 
     logits [B, M, 1+K] = cos(query, [positive; negatives]) / temperature, in fp32;
     a negative whose codes (pos_codes [B, M, G]) all equal the positive's gets -inf (the
@@ -55,10 +56,17 @@ def cross_contrastive_loss(query: Tensor, positive: Tensor, pos_codes: Tensor, n
     the positive tensor through both the positive and the negative slots; not the codes/labels.
     -> (loss_sum 0-dim fp32, stats {"correct", "identical", "same_cluster"}: detached 0-dim counts)."""
     b, m, _ = query.shape
-    flat = positive.flatten(0, 1)
-    negs = flat[neg_idx]  # [B, M, K, C]
-    targets = torch.cat([positive.unsqueeze(2), negs], dim=2)  # [B, M, 1+K, C]
-    logits = F.cosine_similarity(query.float().unsqueeze(2), targets.float(), dim=-1) / temperature
+    local = neg_idx - torch.arange(b, device=neg_idx.device).view(b, 1, 1) * m  # index within the row
+    if not ((local >= 0) & (local < m)).all():
+        raise ValueError("cross_contrastive_loss: neg_idx must index positives of the same utterance "
+                         "(flat indices in [b*M, (b+1)*M), as sample_negatives draws them)")
+    # negatives come from the same utterance, so every cosine is in the per-utterance [M, M] table
+    # of query x positive: a gather from it equals cos(query, positive.flatten(0, 1)[neg_idx])
+    # without materializing the [B, M, K, C] negatives (same values, same gradients)
+    qn = F.normalize(query.float(), dim=-1, eps=1e-8)
+    pn = F.normalize(positive.float(), dim=-1, eps=1e-8)
+    cos = qn @ pn.transpose(1, 2)  # [B, M(query), M(positive)]
+    logits = torch.cat([cos.diagonal(dim1=1, dim2=2).unsqueeze(-1), cos.gather(2, local)], dim=-1) / temperature
     codes = pos_codes.flatten(0, 1)
     identical = (codes[neg_idx] == pos_codes.unsqueeze(2)).all(-1)  # [B, M, K]
     same = labels.flatten()[neg_idx] == labels.unsqueeze(-1)  # [B, M, K]

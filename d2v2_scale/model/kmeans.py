@@ -19,10 +19,8 @@ def num_clusters(frames: int, factor: int = 16) -> int:
 
 
 def _cos_sim(a: Tensor, b: Tensor) -> Tensor:
-    """[N, C] x [K, C] -> [N, K], fast_pytorch_kmeans' cos_sim (norm + 1e-8, so a zero centroid scores 0)."""
-    a = a / (a.norm(dim=-1, keepdim=True) + 1e-8)
-    b = b / (b.norm(dim=-1, keepdim=True) + 1e-8)
-    return a @ b.t()
+    """[N, C] x [K, C] -> [N, K], fast_pytorch_kmeans 0.2.2's cos_sim (a zero centroid scores 0)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
 
 @torch.no_grad()
@@ -39,6 +37,8 @@ def cosine_kmeans(x: Tensor, k: int, generator: torch.Generator | None = None, m
     if not 1 <= k <= n:
         raise ValueError(f"cosine_kmeans: {k} clusters need at least as many points, got {n} "
                          f"(use fewer clusters or more masked frames)")
+    if max_iter < 1:
+        raise ValueError(f"cosine_kmeans: max_iter must be >= 1, got {max_iter}")
     x = F.normalize(x.detach().float(), dim=-1)
     dev = generator.device if generator is not None else x.device
     init = torch.randperm(n, generator=generator, device=dev)[:k].to(x.device)

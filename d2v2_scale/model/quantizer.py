@@ -41,7 +41,8 @@ class GumbelVectorQuantizer(nn.Module):
     """G groups of V codebook entries of vq_dim/G channels each; one entry chosen per group.
 
     forward(x [N, dim], generator=None) -> {
-        "x": [N, vq_dim] quantized vectors (dtype of x),
+        "x": [N, vq_dim] quantized vectors (dtype of x; the projection and codebook sum run in
+             the parameters' dtype, softmax/Gumbel/perplexities in fp32),
         "codes": [N, G] long, the entry chosen per group (its codebook vector is what "x" holds;
                  in training the Gumbel-perturbed argmax, in eval the argmax of the logits),
         "code_perplexity": 0-dim fp32 (no grad), "prob_perplexity": 0-dim fp32 (with grad),
@@ -76,25 +77,24 @@ class GumbelVectorQuantizer(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> dict:
         n = x.shape[0]
         g, v = self.groups, self.num_vars
-        # fp32 throughout (as fairseq's softmax/gumbel are): logits of a bf16 model are too coarse
-        # for the perplexities, and the argmax must not depend on the compute dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            w, b = self.weight_proj.weight, self.weight_proj.bias
-            logits = F.linear(x.float(), w.float(), b.float()).view(n, g, v)
-            hard_codes = logits.argmax(-1)  # [N, G]
-            with torch.no_grad():
-                hard = F.one_hot(hard_codes, v).float()
-                code_ppl = _perplexity(hard)
-            prob_ppl = _perplexity(torch.softmax(logits, dim=-1))
-            if self.training:
-                onehot, codes = self._gumbel_hard(logits, generator)
-            else:
-                onehot, codes = hard, hard_codes
-            # [N, G, V] x [G, V, d] -> [N, G, d]: the per-group sum of fairseq's (onehot * vars),
-            # without materializing its [N, G*V, d] product
-            vars_ = self.vars.float().view(g, v, -1)
-            out = torch.einsum("ngv,gvd->ngd", onehot, vars_).reshape(n, self.vq_dim)
-        return {"x": out.to(x.dtype), "codes": codes, "code_perplexity": code_ppl,
+        # the projection runs in the model's dtype through the submodule's own call (ZeRO-3
+        # gathers weight_proj's parameters in its forward hook); softmax, perplexities and the
+        # Gumbel draw in fp32, as fairseq does under fp16
+        logits = self.weight_proj(x.to(self.weight_proj.weight.dtype)).float().view(n, g, v)
+        hard_codes = logits.argmax(-1)  # [N, G]
+        with torch.no_grad():
+            hard = F.one_hot(hard_codes, v).float()
+            code_ppl = _perplexity(hard)
+        prob_ppl = _perplexity(torch.softmax(logits, dim=-1))
+        if self.training:
+            onehot, codes = self._gumbel_hard(logits, generator)
+        else:
+            onehot, codes = hard, hard_codes
+        # [N, G, V] x [G, V, d] -> [N, G, d]: the per-group sum of fairseq's (onehot * vars), without
+        # materializing its [N, G*V, d] product; in the codebook's dtype, as fairseq's type_as (in
+        # bf16/fp16 the straight-through (1 - p) + p rounds to 1: exact codebook vectors)
+        out = torch.einsum("ngv,gvd->ngd", onehot.to(self.vars.dtype), self.vars.view(g, v, -1))
+        return {"x": out.reshape(n, self.vq_dim).to(x.dtype), "codes": codes, "code_perplexity": code_ppl,
                 "prob_perplexity": prob_ppl, "temp": self.curr_temp}
 
     def _gumbel_hard(self, logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
