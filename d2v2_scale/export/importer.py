@@ -47,6 +47,7 @@ import torch
 from .consolidate import FORMAT, FORMAT_VERSION, ExportError, plain_keys, write_export
 
 DICT = "dict.txt"
+MODELS1 = ("data2vec_audio", "data2vec_text")  # fairseq cfg.model._name of the data2vec 1.0 models (importer1.py)
 MODALITIES = ("IMAGE", "AUDIO", "TEXT")
 # Decoder, target-model and other-modality tensors are pretraining-only or unused by the encoder.
 _IGNORED = re.compile(r"^(shared_decoder\.|recon_proj\.|modality_encoders\.\w+\.(decoder\.|encoder_mask$|alibi_bias$))")
@@ -103,10 +104,10 @@ def load_fairseq(path: str | os.PathLike) -> dict:
     return ck
 
 
-def parse_feature_spec(spec: str) -> list[list[int]]:
-    """fairseq's feature_encoder_spec, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4", -> [[C, k, s], ...].
-    Only int / tuple / list literals, `+` (list concatenation) and `*` (list repetition)."""
-    where = "model.modalities.audio.feature_encoder_spec"
+def parse_feature_spec(spec: str, where: str = "model.modalities.audio.feature_encoder_spec") -> list[list[int]]:
+    """fairseq's feature_encoder_spec (2.0) / conv_feature_layers (1.0), e.g. "[(512, 10, 5)] +
+    [(512, 3, 2)] * 4", -> [[C, k, s], ...].  Only int / tuple / list literals, `+` (list
+    concatenation) and `*` (list repetition).  `where`: the config field, for the error message."""
 
     def ev(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -149,7 +150,8 @@ def model_config(fcfg: dict) -> dict:
 
     name = fcfg.get("_name")
     _need(name in (None, "data2vec_multi"), "model._name", name,
-          "only data2vec 2.0 (data2vec_multi) checkpoints are imported")
+          "the importer reads data2vec 2.0 (data2vec_multi) and data2vec 1.0 (data2vec_audio, data2vec_text) "
+          "checkpoints")
     mod = fcfg.get("supported_modality")
     _need(mod in MODALITIES, "model.supported_modality", mod,
           f"the plain twin knows {', '.join(MODALITIES)} (a multi-modality model has none set)")
@@ -330,28 +332,37 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
     if which not in ("teacher", "student"):
         raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
     fcfg = ck["cfg"]["model"]
-    mcfg = model_config(fcfg)
-    mod = mcfg["modality"].upper()
-    sd = dict(ck["model"])
-    ema = sd.pop("_ema", None)
-    if mod == "TEXT":
-        emb = sd.get(f"modality_encoders.{mod}.local_encoder.embed_tokens.weight")
-        if emb is None:
-            raise ImportRefused(f"{where}: no modality_encoders.TEXT.local_encoder.embed_tokens.weight")
-        mcfg["vocab_size"] = int(emb.shape[0])
-        mcfg["pad_token_id"] = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+    if fcfg.get("_name") in MODELS1:  # data2vec 1.0 speech / text: importer1.py
+        from .importer1 import split_state1
+
+        mcfg, student, teacher, ema_key, _ = split_state1(ck, where)
+    else:
+        mcfg = model_config(fcfg)
+        mod = mcfg["modality"].upper()
+        sd = dict(ck["model"])
+        ema, ema_key = sd.pop("_ema", None), "_ema"
+        if mod == "TEXT":
+            emb = sd.get(f"modality_encoders.{mod}.local_encoder.embed_tokens.weight")
+            if emb is None:
+                raise ImportRefused(f"{where}: no modality_encoders.TEXT.local_encoder.embed_tokens.weight")
+            mcfg["vocab_size"] = int(emb.shape[0])
+            mcfg["pad_token_id"] = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+        student = _rename(sd, mod, mcfg, f"{where} (student)")
+        teacher = None
+        if which == "teacher" and isinstance(ema, dict) and ema:
+            teacher = _rename(ema, mod, mcfg, f"{where} (_ema teacher)", bare_blocks=True)
     expected = plain_keys(_ns(mcfg))
-    student = _rename(sd, mod, mcfg, f"{where} (student)")
     _check(student, expected, f"{where} (student)")
     from_student: list[str] = []
     if which == "student":
         tensors = student
     else:
-        if not isinstance(ema, dict) or not ema:
-            raise ImportRefused(f"{where}: the file has no EMA teacher (model['_ema']; released audio files may "
-                                f"be stripped): import the student with --which student")
-        tensors = _rename(ema, mod, mcfg, f"{where} (_ema teacher)", bare_blocks=True)
-        _check(tensors, expected, f"{where} (_ema teacher)")
+        if not teacher:
+            raise ImportRefused(f"{where}: the file has no EMA teacher (model[{ema_key!r}] is missing or empty; "
+                                f"released audio files and files saved after fairseq's remove_pretraining_modules "
+                                f"have none): import the student with --which student")
+        tensors = teacher
+        _check(tensors, expected, f"{where} ({ema_key} teacher)")
         for k in sorted(set(expected) - set(tensors)):
             if k in student:
                 tensors[k] = student[k]
@@ -367,9 +378,21 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
         M decoder.blocks.{i}.0.{weight,bias} -> decoder.convs.{i}.*   (Conv, then LN/GELU: no params)
         M decoder.proj.{weight,bias}         -> decoder.proj.*
         M decoder.proj.{0,2}.*               -> decoder.proj.{0,2}.*   (text: 2-layer head, spec D1)
+    data2vec 1.0 files: the regression head -> decoder.* (speech final_proj: a Linear; text
+    regression_head.{0,2}: decoder.{0,2}) and speech's mask_emb -> mask_emb (importer1.py).
     Refused: no decoder in the file (released audio files may be stripped), or a 2-layer head when
     this version's ModelConfig has no decoder_projection_layers (the training decoder then ends
     in one Linear)."""
+    if mcfg.get("variant") == "data2vec1":
+        # data2vec 1.0: the regression head (final_proj / regression_head) + speech's mask_emb
+        from .importer1 import split_state1
+
+        extra = split_state1(ck, where)[4]
+        if not any(k.startswith("decoder.") for k in extra):
+            raise ImportRefused(f"{where}: the file has no regression head (final_proj / encoder.regression_head: "
+                                f"removed by fairseq's remove_pretraining_modules?): nothing to continue "
+                                f"pretraining from")
+        return extra
     mod = mcfg["modality"].upper()
     M = f"modality_encoders.{mod}.decoder."
     dec = (ck["cfg"]["model"]["modalities"][mcfg["modality"]] or {}).get("decoder") or {}
@@ -448,7 +471,7 @@ RUN_YAML = "import.yaml"
 STRUCTURE = ("modality", "depth", "prenet_depth", "embed_dim", "num_heads", "mlp_ratio", "pre_ln", "alibi",
              "image_size", "patch_size", "in_chans", "conv_feature_layers", "conv_pos_width", "conv_pos_groups",
              "conv_pos_depth", "vocab_size", "max_positions", "decoder_dim", "decoder_kernel", "decoder_layers",
-             "decoder_groups", "decoder_residual")
+             "decoder_groups", "decoder_residual", "variant", "head_layers")
 
 
 def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: str, force: bool = False) -> dict:
@@ -486,6 +509,10 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     if cfg.model.modality != mcfg["modality"]:
         raise ExportError(f"--preset {preset} is a {cfg.model.modality} preset; the file holds a "
                           f"{mcfg['modality']} model")
+    if cfg.model.variant != mcfg["variant"]:  # the masks, EMA schedule and optimizer belong to the objective
+        raise ExportError(f"--preset {preset} is a {cfg.model.variant} preset; the file holds a {mcfg['variant']} "
+                          f"model (use a {'d2v1-' if mcfg['variant'] == 'data2vec1' else ''}"
+                          f"{mcfg['modality']}-* preset)")
     for k, v in model.items():
         setattr(cfg.model, k, v)
     try:
@@ -497,7 +524,8 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     tensors.update({f"student.{k}": v for k, v in decoder_state(ck, mcfg, str(src)).items()})
     tensors.update({f"teacher.{k}": v for k, v in mapping.plain_to_megatron(teacher, heads).items()})
     hist = ck.get("optimizer_history") or [{}]
-    meta = {"source": str(Path(src).resolve()), "format": "fairseq-data2vec2", "model": model,
+    meta = {"source": str(Path(src).resolve()), "model": model,
+            "format": "fairseq-data2vec1" if mcfg["variant"] == "data2vec1" else "fairseq-data2vec2",
             "fairseq_updates": int(hist[-1].get("num_updates", 0)) if isinstance(hist[-1], dict) else 0,
             "teacher_from_student": from_student}
     ckdir.mkdir(parents=True, exist_ok=True)
