@@ -302,7 +302,7 @@ def test_import_d2v1_matches_fairseq(oracle, case, tmp_path):
     ref = torch.load(oracle / case / "oracle.pt")
     keep = _keep(ref)
     args = (ref["source"], ref["padding_mask"]) if case == "d2v1_audio" else (ref["source"],)
-    outs = {}
+    outs, worst = {}, 0.0
     for which in ("student", "teacher"):
         enc, cfg, _ = _import(oracle, case, which, tmp_path)
         with torch.no_grad():
@@ -314,10 +314,12 @@ def test_import_d2v1_matches_fairseq(oracle, case, tmp_path):
             for i, (a, b) in enumerate(zip(out[name], want[name])):
                 diff = (a[keep] - b[keep]).abs().max().item()
                 assert diff < TOL1, f"{case} {which} {name}[{i}] differs from fairseq by {diff}"
+                worst = max(worst, diff)
         assert out["x"][keep].abs().max() > 0.5
         prov = cfg["d2v2_export"]
         assert cfg["variant"] == "data2vec1" and not cfg["alibi"] and prov["source"] == "fairseq"
         assert prov["fp16_student"] and prov["step"] == 9
+    print(f"fairseq {case} -> plain twin: max |diff| over every layer, student and teacher = {worst:.3g}")
     # the teacher is the file's EMA, not the student (the fixture perturbs them apart)
     assert (outs["teacher"]["ffn"][-1] - outs["student"]["ffn"][-1]).abs().max() > 100 * TOL1
     if case == "d2v1_audio":  # the EMA covers the transformer only: the CNN front end is the student's
@@ -395,6 +397,7 @@ def test_to_run_d2v1_speech_resumes_with_fairseq_loss(oracle, tmp_path, capsys):
     want = torch.load(oracle / "d2v1_audio" / "oracle.pt")["loss"]
     assert res["fresh"] and res["step"] == 1 and res["updates"] == 1
     assert abs(res["loss"] - want["loss"]) < 1e-5 * max(1.0, want["loss"]), (res["loss"], want["loss"])
+    print(f"d2v1 speech --to-run: first loss {res['loss']:.6f}, fairseq {want['loss']:.6f}")
     assert "fresh optimizer and LR schedule from step 0" in res["log"]
     teacher, _, _ = import_state(load_fairseq(ck), "teacher")
     for k, v in res["teacher_sums"].items():
