@@ -196,6 +196,30 @@ def _masks(n_rows: int, t: int, n_masked: int, gen):
     return m
 
 
+def _save_fairseq(model, cfg, out: Path, updates: int) -> None:
+    """out/checkpoint.pt as fairseq's trainer writes it: the trainer halves the model for fp16
+    training (the EMA's fp32 copy, in the state dict under "_ema", stays fp32); numpy scalars in
+    extra_state as fairseq's meters leave them.  The model is back in fp32 afterwards."""
+    import numpy as np
+    import torch
+
+    model.half()
+    ckpt = {
+        "args": None,
+        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
+                "common": {"fp16": True, "seed": 1}},
+        "model": model.state_dict(),
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": updates}],
+        "task_state": {},
+        "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
+                        "train_iterator": {"epoch": 1, "iterations_in_epoch": updates, "shuffle": True}},
+    }
+    torch.save(ckpt, out / "checkpoint.pt")
+    model.float()
+
+
 def build_case(case: str, out: Path) -> None:
     import numpy as np
     import torch
@@ -227,22 +251,7 @@ def build_case(case: str, out: Path) -> None:
             p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         model.ema.build_fp32_params()
     # fairseq's trainer halves the model for fp16 training; the EMA copy stays fp32
-    model.half()
-    state = model.state_dict()
-    ckpt = {
-        "args": None,
-        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
-                "common": {"fp16": True, "seed": 1}},
-        "model": state,
-        "criterion": None,
-        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 7}],
-        "task_state": {},
-        "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
-                        "train_iterator": {"epoch": 1, "iterations_in_epoch": 7, "shuffle": True}},
-    }
-    torch.save(ckpt, out / "checkpoint.pt")
-    model.float()
+    _save_fairseq(model, cfg, out, updates=7)
 
     mod = case.split("_")[0].upper()
     src, pad = _inputs(case, model, gen)
@@ -359,21 +368,7 @@ def build_case1(case: str, out: Path) -> None:
             if not name.startswith(skip):
                 p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         ema.build_fp32_params()
-    model.half()
-    ckpt = {
-        "args": None,
-        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
-                "common": {"fp16": True, "seed": 1}},
-        "model": model.state_dict(),
-        "criterion": None,
-        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 9}],
-        "task_state": {},
-        "extra_state": {"metrics": {}, "previous_training_time": np.float64(3.5),
-                        "train_iterator": {"epoch": 1, "iterations_in_epoch": 9, "shuffle": True}},
-    }
-    torch.save(ckpt, out / "checkpoint.pt")
-    model.float()
+    _save_fairseq(model, cfg, out, updates=9)
     model.eval()
     res = {}
     with torch.no_grad():

@@ -404,3 +404,25 @@ def test_to_run_d2v1_speech_resumes_with_fairseq_loss(oracle, tmp_path, capsys):
         if k.endswith("self_attention.linear_proj.bias"):
             plain = k.replace("encoder.", "").replace(".self_attention.linear_proj.", ".attn.proj.")
             assert abs(v - teacher[plain].sum().item()) < 1e-4, k
+
+
+def test_d2v1_heads_to_training_names(oracle, tmp_path):
+    """--to-run's head mapping: speech final_proj -> decoder.{weight,bias} + mask_emb; text
+    regression_head.{0,2} -> decoder.{0,2} (head_layers 2), regression_head.0 -> decoder.* (1)."""
+    from d2v2_scale.export.importer import decoder_state
+
+    ck = load_fairseq(oracle / "d2v1_audio" / "checkpoint.pt")
+    assert sorted(decoder_state(ck, import_state(ck, "student")[1])) == ["decoder.bias", "decoder.weight", "mask_emb"]
+    ck = load_fairseq(oracle / "d2v1_text" / "checkpoint.pt")
+    assert sorted(decoder_state(ck, import_state(ck, "student")[1])) == \
+        ["decoder.0.bias", "decoder.0.weight", "decoder.2.bias", "decoder.2.weight"]
+    ck["cfg"]["model"]["head_layers"] = 1
+    for k in [k for k in ck["model"] if "regression_head" in k]:
+        del ck["model"][k]
+    ck["model"].update({"encoder.regression_head.0.weight": torch.ones(32, 32), "encoder.regression_head.0.bias":
+                        torch.ones(32)})
+    mcfg = import_state(ck, "student")[1]
+    assert mcfg["head_layers"] == 1 and sorted(decoder_state(ck, mcfg)) == ["decoder.bias", "decoder.weight"]
+    del ck["model"]["encoder.regression_head.0.weight"], ck["model"]["encoder.regression_head.0.bias"]
+    with pytest.raises(ImportRefused, match="no regression head"):
+        decoder_state(ck, mcfg)

@@ -290,17 +290,21 @@ def _rename(sd: dict, mod: str, mcfg: dict, where: str, bare_blocks: bool = Fals
         elif mod == "TEXT" and r == "local_encoder.embed_tokens.weight":
             out["local.tokens.weight"] = v
         elif mod == "TEXT" and r == "local_encoder.embed_positions.weight":
-            # fairseq's learned positions start at row pad + 1 (rows 0..pad unused)
-            first, n = mcfg["pad_token_id"] + 1, mcfg["max_positions"]
-            if v.shape[0] < first + n:
-                raise ImportRefused(f"{where}: {k} has {v.shape[0]} rows, fewer than pad+1+max_source_positions "
-                                    f"= {first + n}")
-            out["local.positions.weight"] = v[first:first + n].clone()
+            out["local.positions.weight"] = text_positions(v, mcfg, f"{where}: {k}")
         elif mod == "TEXT" and (mt := re.match(r"^local_encoder\.layernorm_embedding\.(weight|bias)$", r)):
             out[f"local.norm.{mt.group(1)}"] = v
         else:
             raise ImportRefused(f"{where}: parameter {k!r} has no place in the plain twin of this config")
     return out
+
+
+def text_positions(v: torch.Tensor, mcfg: dict, where: str) -> torch.Tensor:
+    """fairseq's learned position table [pad + 1 + max_positions, D] -> the twin's [max_positions, D]:
+    fairseq numbers real tokens from row pad + 1 (rows 0..pad unused), the twin from row 0."""
+    first, n = mcfg["pad_token_id"] + 1, mcfg["max_positions"]
+    if v.shape[0] < first + n:
+        raise ImportRefused(f"{where} has {v.shape[0]} rows, fewer than pad+1+max_source_positions = {first + n}")
+    return v[first:first + n].clone()
 
 
 def _check(tensors: dict, expected: dict, where: str) -> None:

@@ -42,21 +42,12 @@ import re
 
 import torch
 
+from .importer import ImportRefused, _need, parse_feature_spec, text_positions
+
 MODELS = {"data2vec_audio": "audio", "data2vec_text": "text"}
 _LAYER = {"self_attn.out_proj": "attn.proj", "self_attn_layer_norm": "norm1", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
           "final_layer_norm": "norm2"}
 _SKIP = re.compile(r"(^|\.)version$|^encoder\.(lm_head|emb_head|target_model)\.|^classification_heads\.")
-
-
-def _refuse(field: str, value, why: str):
-    from .importer import ImportRefused
-
-    raise ImportRefused(f"{field}={value!r} is not supported: {why}")
-
-
-def _need(cond: bool, field: str, value, why: str) -> None:
-    if not cond:
-        _refuse(field, value, why)
 
 
 def _targets(fcfg: dict) -> dict:
@@ -84,7 +75,6 @@ def _mlp_ratio(ffn: int, d: int, field: str) -> float:
 def model_config1(fcfg: dict) -> dict:
     """cfg["model"] of a fairseq data2vec 1.0 checkpoint -> the ModelConfig fields of the plain twin."""
     from ..config import ModelConfig
-    from .importer import parse_feature_spec
 
     name = fcfg.get("_name")
     out = dataclasses.asdict(ModelConfig())
@@ -120,14 +110,13 @@ def model_config1(fcfg: dict) -> dict:
         return out
     t = fcfg.get("transformer")
     if not isinstance(t, dict) or not isinstance(t.get("encoder"), dict):
-        raise _imp_refused("model.transformer.encoder is missing from the file's config")
+        raise ImportRefused("model.transformer.encoder is missing from the file's config")
     e = t["encoder"]
     d = int(e["embed_dim"])
     _need(not e.get("normalize_before", False), "model.transformer.encoder.normalize_before", True,
           "pre-LN text encoders are not represented by the twin (post-LN RoBERTa only)")
-    for f, want in (("learned_pos", True),):
-        _need(bool(e.get(f, want)) == want, f"model.transformer.encoder.{f}", e.get(f),
-              f"the twin's text embedding needs {want} (learned positions)")
+    _need(bool(e.get("learned_pos", True)), "model.transformer.encoder.learned_pos", e.get("learned_pos"),
+          "the twin's text embedding has learned positions")
     for f, want in (("no_scale_embedding", True), ("layernorm_embedding", True),
                     ("no_token_positional_embeddings", False), ("adaptive_input", False)):
         _need(bool(t.get(f, want)) == want, f"model.transformer.{f}", t.get(f), f"the twin's text embedding needs {want}")
@@ -143,25 +132,39 @@ def model_config1(fcfg: dict) -> dict:
     return out
 
 
-def _imp_refused(msg: str):
-    from .importer import ImportRefused
-
-    return ImportRefused(msg)
+# (modality, regex on the full fairseq name, plain name; {0}, {1} = the groups); first match wins.
+# Block tensors (`layers.{i}.*`) go through _LAYER; q/k/v are concatenated after the loop.
+_ENC = {"audio": r"^encoder\.", "text": r"^encoder\.sentence_encoder\."}
+_RULES = [
+    ("audio", r"^feature_extractor\.conv_layers\.(\d+)\.0\.weight$", "local.cnn.convs.{0}.weight"),
+    ("audio", r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$", "local.cnn.norms.{0}.{1}"),
+    ("audio", r"^layer_norm\.(weight|bias)$", "local.norm.{0}"),
+    ("audio", r"^post_extract_proj\.(weight|bias)$", "local.proj.{0}"),
+    ("audio", r"^encoder\.pos_conv\.(\d+)\.0\.(weight|bias)$", "positions.convs.{0}.{1}"),
+    ("audio", r"^encoder\.layer_norm\.(weight|bias)$", "context_norm.{0}"),
+    ("text", r"^encoder\.sentence_encoder\.embed_tokens\.weight$", "local.tokens.weight"),
+    ("text", r"^encoder\.sentence_encoder\.embed_positions\.weight$", "local.positions.weight"),
+    ("text", r"^encoder\.sentence_encoder\.layernorm_embedding\.(weight|bias)$", "local.norm.{0}"),
+]
+# the student's training-only tensors (the training model's names; `--to-run`)
+_EXTRA = [
+    ("audio", r"^mask_emb$", "mask_emb"),
+    ("audio", r"^final_proj\.(weight|bias)$", "decoder.{0}"),
+    # head_layers 1: regression_head.0 -> decoder.* (a Linear); 2: .0/.2 -> decoder.0/.2 (a Sequential)
+    ("text", r"^encoder\.regression_head\.(\d+)\.(weight|bias)$", "decoder.{0}.{1}"),
+]
 
 
 def _rename(sd: dict, mcfg: dict, where: str, prefix: str) -> tuple[dict, dict]:
-    """fairseq 1.0 names (below `prefix`, "" for the student) -> (plain tensors fp32, training-only
-    tensors {mask_emb, decoder.*} fp32).  Unknown names are refused."""
-    mod, d = mcfg["modality"], mcfg["embed_dim"]
-    enc = "encoder." if mod == "audio" else "encoder.sentence_encoder."
+    """fairseq 1.0 names (each prefixed with `prefix`: "" for the student) -> (plain tensors fp32,
+    the training-only tensors {mask_emb, decoder.*} fp32).  Unknown names are refused."""
+    mod = mcfg["modality"]
     out, extra, qkv = {}, {}, {}
     for k, v in sd.items():
         if not torch.is_tensor(v) or _SKIP.search(k):
             continue
-        v = v.float()
-        full = prefix + k
-        r = full[len(enc):] if full.startswith(enc) else None
-        if r is not None and (mt := re.match(r"^layers\.(\d+)\.(.+)\.(weight|bias)$", r)):
+        v, full = v.float(), prefix + k
+        if mt := re.match(_ENC[mod] + r"layers\.(\d+)\.(.+)\.(weight|bias)$", full):
             i, part, t = mt.groups()
             if mq := re.match(r"^self_attn\.([qkv])_proj$", part):
                 qkv.setdefault((int(i), t), {})[mq.group(1)] = v
@@ -169,52 +172,23 @@ def _rename(sd: dict, mcfg: dict, where: str, prefix: str) -> tuple[dict, dict]:
             if part in _LAYER:
                 out[f"blocks.{i}.{_LAYER[part]}.{t}"] = v
                 continue
-        elif mod == "audio" and r is not None and (mt := re.match(r"^pos_conv\.(\d+)\.0\.(weight|bias)$", r)):
-            out[f"positions.convs.{mt.group(1)}.{mt.group(2)}"] = v
-            continue
-        elif mod == "audio" and r is not None and (mt := re.match(r"^layer_norm\.(weight|bias)$", r)):
-            out[f"context_norm.{mt.group(1)}"] = v
-            continue
-        elif mod == "audio" and (mt := re.match(r"^feature_extractor\.conv_layers\.(\d+)\.0\.weight$", full)):
-            out[f"local.cnn.convs.{mt.group(1)}.weight"] = v
-            continue
-        elif mod == "audio" and (mt := re.match(r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$", full)):
-            out[f"local.cnn.norms.{mt.group(1)}.{mt.group(2)}"] = v
-            continue
-        elif mod == "audio" and (mt := re.match(r"^(layer_norm|post_extract_proj)\.(weight|bias)$", full)):
-            out[f"local.{'norm' if mt.group(1) == 'layer_norm' else 'proj'}.{mt.group(2)}"] = v
-            continue
-        elif mod == "audio" and full == "mask_emb":
-            extra["mask_emb"] = v
-            continue
-        elif mod == "audio" and (mt := re.match(r"^final_proj\.(weight|bias)$", full)):
-            extra[f"decoder.{mt.group(1)}"] = v
-            continue
-        elif mod == "text" and r == "embed_tokens.weight":
-            out["local.tokens.weight"] = v
-            continue
-        elif mod == "text" and r == "embed_positions.weight":
-            # fairseq's learned positions start at row pad + 1 (rows 0..pad unused)
-            first, n = mcfg["pad_token_id"] + 1, mcfg["max_positions"]
-            if v.shape[0] < first + n:
-                raise _imp_refused(f"{where}: {full} has {v.shape[0]} rows, fewer than pad+1+max_source_positions "
-                                   f"= {first + n}")
-            out["local.positions.weight"] = v[first:first + n].clone()
-            continue
-        elif mod == "text" and r is not None and (mt := re.match(r"^layernorm_embedding\.(weight|bias)$", r)):
-            out[f"local.norm.{mt.group(1)}"] = v
-            continue
-        elif mod == "text" and (mt := re.match(r"^encoder\.regression_head\.(\d+)\.(weight|bias)$", full)):
-            # 1 layer: regression_head.0 -> decoder.* (a Linear); 2 layers: .0/.2 -> decoder.0/.2 (Sequential)
-            extra[f"decoder.{mt.group(2)}" if mcfg["head_layers"] == 1 else f"decoder.{mt.group(1)}.{mt.group(2)}"] = v
-            continue
-        raise _imp_refused(f"{where}: parameter {full!r} has no place in the plain twin of this data2vec 1.0 "
-                           f"{mod} config")
+        for dest, rules in ((out, _RULES), (extra, _EXTRA)):
+            name = next((tmpl.format(*mt.groups()) for m, pat, tmpl in rules
+                         if m == mod and (mt := re.match(pat, full))), None)
+            if name is not None:
+                break
+        if name is None:
+            raise ImportRefused(f"{where}: parameter {full!r} has no place in the plain twin of this data2vec 1.0 "
+                                f"{mod} config")
+        if name == "local.positions.weight":
+            v = text_positions(v, mcfg, f"{where}: {full}")
+        elif mod == "text" and name.startswith("decoder.") and mcfg["head_layers"] == 1:
+            name = "decoder." + name.split(".", 2)[2]
+        dest[name] = v
     for (i, t), parts in sorted(qkv.items()):
         if sorted(parts) != ["k", "q", "v"]:
-            raise _imp_refused(f"{where}: layer {i} lacks self_attn.{{q,k,v}}_proj.{t} "
-                               f"(has {sorted(parts)})")
-        out[f"blocks.{i}.attn.qkv.{t}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+            raise ImportRefused(f"{where}: layer {i} lacks self_attn.{{q,k,v}}_proj.{t} (has {sorted(parts)})")
+        out[f"blocks.{i}.attn.qkv.{t}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # plain rows [q; k; v]
     return out, extra
 
 
@@ -229,7 +203,7 @@ def split_state1(ck: dict, where: str):
     if mcfg["modality"] == "text":
         emb = sd.get("encoder.sentence_encoder.embed_tokens.weight")
         if emb is None:
-            raise _imp_refused(f"{where}: no encoder.sentence_encoder.embed_tokens.weight (not a data2vec_text "
+            raise ImportRefused(f"{where}: no encoder.sentence_encoder.embed_tokens.weight (not a data2vec_text "
                                f"checkpoint?)")
         mcfg["vocab_size"] = int(emb.shape[0])
     student, extra = _rename(sd, mcfg, f"{where} (student)", "")
