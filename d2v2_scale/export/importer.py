@@ -1,4 +1,6 @@
 """fairseq data2vec 2.0 checkpoints (Data2VecMultiModel: image, audio, text) -> the plain-twin export.
+(data2vec 1.0 speech / text files, `data2vec_audio` / `data2vec_text`: importer1.py maps their
+names; config validation, teacher composition, writing and `--to-run` are shared, here.)
 
 The released files (`base_imagenet.pt`, `base_libri.pt`, `nlp_base.pt`, ...) are fairseq trainer
 checkpoints (spec section 13):
@@ -582,20 +584,25 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec 2.0 checkpoint "
-                                "(Data2VecMultiModel: image, audio, text) as a plain-PyTorch export (docs/EXPORT.md)")
-    p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt)")
+    p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec checkpoint "
+                                "(2.0 Data2VecMultiModel: image, audio, text; 1.0 data2vec_audio, data2vec_text) "
+                                "as a plain-PyTorch export (docs/EXPORT.md)")
+    p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt, "
+                                      "or a data2vec 1.0 speech / text file)")
     p.add_argument("--out", help="output folder (model.safetensors + config.json [+ dict.txt])")
     p.add_argument("--to-run", help="instead: a new training output dir that `d2v2-train --resume auto` continues "
-                                    "from (student, EMA teacher, decoder; fresh optimizer and LR schedule)")
+                                    "from (student, EMA teacher, decoder or 1.0 head; fresh optimizer and LR "
+                                    "schedule)")
     p.add_argument("--preset", help="with --to-run: the training preset (data, optimizer, parallelism) to use")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="the EMA teacher (default, model['_ema']) or the student (what fairseq fine-tunes)")
+                   help="the EMA teacher (default: model['_ema'], 1.0 text model['encoder._ema']) or the "
+                        "student (what fairseq fine-tunes)")
     p.add_argument("--dict", dest="dict_path", help="text models: the fairseq dict.txt (stored in the export)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=["plain", "hf"], default="plain",
                    help="with --out: plain (default) or hf, a Hugging Face transformers folder for the models a "
-                        "transformers class computes exactly (text -> RobertaModel; docs/EXPORT.md)")
+                        "transformers class computes exactly (2.0 text -> RobertaModel, 1.0 speech -> "
+                        "Data2VecAudioModel, 1.0 text -> Data2VecTextModel; docs/EXPORT.md)")
     a = p.parse_args(argv)
     if bool(a.out) == bool(a.to_run):
         p.error("give exactly one of --out DIR and --to-run RUN_DIR")
@@ -607,7 +614,8 @@ def main(argv=None) -> int:
         except ExportError as e:
             print(f"d2v2-import: error: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {Path(a.to_run) / 'checkpoints' / RUN_IMPORT} (student, EMA teacher, decoder of "
+        print(f"wrote {Path(a.to_run) / 'checkpoints' / RUN_IMPORT} (student, EMA teacher, "
+              f"{'regression head' if meta['format'] == 'fairseq-data2vec1' else 'decoder'} of "
               f"{a.checkpoint}, fairseq update {meta['fairseq_updates']}); continue pretraining with:\n"
               f"  d2v2-train --config {Path(a.to_run) / RUN_YAML} --output-dir {a.to_run} --resume auto "
               f"--data.manifest YOUR/manifest.json")

@@ -44,7 +44,6 @@ import torch
 
 from .importer import ImportRefused, _need, parse_feature_spec, text_positions
 
-MODELS = {"data2vec_audio": "audio", "data2vec_text": "text"}
 _LAYER = {"self_attn.out_proj": "attn.proj", "self_attn_layer_norm": "norm1", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
           "final_layer_norm": "norm2"}
 _SKIP = re.compile(r"(^|\.)version$|^encoder\.(lm_head|emb_head|target_model)\.|^classification_heads\.")
