@@ -357,7 +357,9 @@ def build_case1(case: str, out: Path) -> None:
         skip = ("embed_tokens.", "embed_positions.", "layernorm_embedding.")  # ema_transformer_layers_only
     with torch.no_grad():
         for _, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
+            # rounded to fp16 as an fp16-trained student is: the EMA's skip keys (below) are copies
+            # of those fp16 values in a real file
+            p.copy_((p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05)).half().float())
     # fairseq builds the EMA teacher at the first set_num_updates: a copy of the student's encoder
     model.set_num_updates(1)
     ema = model.ema if case == "d2v1_audio" else model.encoder.ema
@@ -413,6 +415,16 @@ def build_case1(case: str, out: Path) -> None:
             res["teacher"] = {"hidden": [h.transpose(0, 1).float() for h in o["encoder_states"][1:]],
                               "ffn": [h.transpose(0, 1).float() for h in o["fc_results"]]}
             res.update(source=src, padding_mask=src.eq(1))
+            # the pretraining loss with a fixed mask: <mask> in the student's input; the teacher is
+            # given the whole original sequence (the paper's input, as the project trains; fairseq's
+            # task passes only the masked tokens, issue #4881)
+            mask = _masks(2, src.shape[1], 6, gen).bool() & src.ne(1)
+            student_src = src.masked_fill(mask, model.encoder.mask_idx)
+            model.train()
+            out_ = model(student_src, target_tokens=src)
+            n = int(out_["sample_size"])
+            res["loss"] = {"source": src, "student_source": student_src, "mask": mask,
+                           "loss": out_["losses"]["main"].float().item() / n, "sample_size": n}
     torch.save(res, out / "oracle.pt")
 
 

@@ -426,3 +426,36 @@ def test_d2v1_heads_to_training_names(oracle, tmp_path):
     del ck["model"]["encoder.regression_head.0.weight"], ck["model"]["encoder.regression_head.0.bias"]
     with pytest.raises(ImportRefused, match="no regression head"):
         decoder_state(ck, mcfg)
+
+
+@pytest.mark.parametrize("case", fairseq_oracle.CASES1)
+def test_imported_d2v1_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student (with mask_emb and the regression head) and EMA teacher of a fairseq data2vec 1.0
+    file loaded into the project's data2vec 1.0 *training* model: on fairseq's batch and mask
+    (dropout off; text: the teacher reads the whole original sequence on both sides) its loss
+    equals fairseq's pretraining loss."""
+    from d2v2_scale.config import load_preset
+    from d2v2_scale.export.importer import decoder_state
+    from d2v2_scale.model import build_student, build_teacher, mapping
+
+    ck = load_fairseq(oracle / case / "checkpoint.pt")
+    ref = torch.load(oracle / case / "oracle.pt")["loss"]
+    student, mcfg, _ = import_state(ck, "student")
+    teacher, _, _ = import_state(ck, "teacher")
+    cfg = load_preset(f"d2v1-{mcfg['modality']}-tiny")
+    for k, v in mcfg.items():
+        setattr(cfg.model, k, v)
+    cfg.validate()
+    torch.manual_seed(0)
+    s, t = build_student(cfg), build_teacher(cfg)
+    full = mapping.plain_to_megatron(student, cfg.model.num_heads)
+    full.update(decoder_state(ck, mcfg))
+    mapping.load_full_state_dict(s, full, strict=True)
+    tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
+    own = set(mapping.clean_state_dict(t.state_dict()))
+    mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    batch = {k: v for k, v in ref.items() if k in ("source", "student_source", "mask")}
+    with torch.no_grad():
+        loss, stats = s.eval()(batch, teacher=t)
+    assert int(stats["masked_tokens"].item()) == ref["sample_size"]
+    assert abs(loss.item() - ref["loss"]) < 1e-5 * max(1.0, ref["loss"]), (loss.item(), ref["loss"])
