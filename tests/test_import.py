@@ -322,6 +322,10 @@ def test_import_d2v1_matches_fairseq(oracle, case, tmp_path):
     print(f"fairseq {case} -> plain twin: max |diff| over every layer, student and teacher = {worst:.3g}")
     # the teacher is the file's EMA, not the student (the fixture perturbs them apart)
     assert (outs["teacher"]["ffn"][-1] - outs["student"]["ffn"][-1]).abs().max() > 100 * TOL1
+    # d2v2-probe's random-init baseline builds the training model from config.json
+    from d2v2_scale.export.probe import training_init
+
+    assert set(training_init(cfg, 1).state_dict()) == set(enc.state_dict())
     if case == "d2v1_audio":  # the EMA covers the transformer only: the CNN front end is the student's
         assert cfg["conv_feature_layers"] == [[16, 10, 5], [16, 3, 2], [16, 3, 2], [16, 2, 2]]
         assert cfg["conv_pos_width"] == 5 and cfg["conv_pos_depth"] == 2 and cfg["conv_pos_groups"] == 4
