@@ -190,22 +190,18 @@ def _has_text_head() -> bool:
     return "decoder_projection_layers" in {f.name for f in __import__("dataclasses").fields(ModelConfig)}
 
 
-@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio", "text"])
-def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
-    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
-    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
-    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+def _imported_training_model(path, preset_prefix: str):
+    """A fairseq file's student (+ decoder / 1.0 head and mask_emb) and EMA teacher loaded into the
+    project's training model built from the `<preset_prefix><modality>-tiny` preset with the file's
+    model config (masked-slot noise 0).  -> (student, teacher, the file's model config, run config)."""
     from d2v2_scale.config import load_preset
-    from d2v2_scale.export.importer import decoder_state, import_state
+    from d2v2_scale.export.importer import decoder_state
     from d2v2_scale.model import build_student, build_teacher, mapping
 
-    if case == "text" and not _has_text_head():
-        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
-    ck = load_fairseq(oracle / case / "checkpoint.pt")
-    ref = torch.load(oracle / case / "oracle.pt")
+    ck = load_fairseq(path)
     student, mcfg, _ = import_state(ck, "student")
     teacher, _, _ = import_state(ck, "teacher")
-    cfg = load_preset(f"{mcfg['modality']}-tiny")
+    cfg = load_preset(f"{preset_prefix}{mcfg['modality']}-tiny")
     for k, v in mcfg.items():
         setattr(cfg.model, k, v)
     cfg.model.decoder_noise_std = 0.0
@@ -217,6 +213,18 @@ def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
     tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
     own = set(mapping.clean_state_dict(t.state_dict()))
     mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    return s, t, mcfg, cfg
+
+
+@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio", "text"])
+def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
+    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
+    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+    if case == "text" and not _has_text_head():
+        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
+    ref = torch.load(oracle / case / "oracle.pt")
+    s, t, mcfg, _ = _imported_training_model(oracle / case / "checkpoint.pt", "")
     batch = {"source": ref["source"], "mask": ref["mask"].bool()}
     with torch.no_grad():
         loss, stats = s.eval()(batch, teacher=t)
@@ -438,26 +446,9 @@ def test_imported_d2v1_training_model_loss_matches_fairseq(oracle, dist, case):
     file loaded into the project's data2vec 1.0 *training* model: on fairseq's batch and mask
     (dropout off; text: the teacher reads the whole original sequence on both sides) its loss
     equals fairseq's pretraining loss."""
-    from d2v2_scale.config import load_preset
-    from d2v2_scale.export.importer import decoder_state
-    from d2v2_scale.model import build_student, build_teacher, mapping
-
-    ck = load_fairseq(oracle / case / "checkpoint.pt")
     ref = torch.load(oracle / case / "oracle.pt")["loss"]
-    student, mcfg, _ = import_state(ck, "student")
-    teacher, _, _ = import_state(ck, "teacher")
-    cfg = load_preset(f"d2v1-{mcfg['modality']}-tiny")
-    for k, v in mcfg.items():
-        setattr(cfg.model, k, v)
-    cfg.validate()
-    torch.manual_seed(0)
-    s, t = build_student(cfg), build_teacher(cfg)
-    full = mapping.plain_to_megatron(student, cfg.model.num_heads)
-    full.update(decoder_state(ck, mcfg))
-    mapping.load_full_state_dict(s, full, strict=True)
-    tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
-    own = set(mapping.clean_state_dict(t.state_dict()))
-    mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    s, t, _, cfg = _imported_training_model(oracle / case / "checkpoint.pt", "d2v1-")
+    cfg.validate()  # the file's config is a valid data2vec 1.0 run config
     batch = {k: v for k, v in ref.items() if k in ("source", "student_source", "mask")}
     with torch.no_grad():
         loss, stats = s.eval()(batch, teacher=t)
