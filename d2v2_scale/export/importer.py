@@ -341,7 +341,7 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
     if fcfg.get("_name") in MODELS1:  # data2vec 1.0 speech / text: importer1.py
         from .importer1 import split_state1
 
-        mcfg, student, teacher, ema_key, _ = split_state1(ck, where)
+        mcfg, student, teacher, ema_key, _ = split_state1(ck, where, with_teacher=which == "teacher")
     else:
         mcfg = model_config(fcfg)
         mod = mcfg["modality"].upper()
@@ -393,7 +393,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
         # data2vec 1.0: the regression head (final_proj / regression_head) + speech's mask_emb
         from .importer1 import split_state1
 
-        extra = split_state1(ck, where)[4]
+        extra = split_state1(ck, where, with_teacher=False)[4]
         if not any(k.startswith("decoder.") for k in extra):
             raise ImportRefused(f"{where}: the file has no regression head (final_proj / encoder.regression_head: "
                                 f"removed by fairseq's remove_pretraining_modules?): nothing to continue "

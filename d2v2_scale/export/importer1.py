@@ -191,9 +191,10 @@ def _rename(sd: dict, mcfg: dict, where: str, prefix: str) -> tuple[dict, dict]:
     return out, extra
 
 
-def split_state1(ck: dict, where: str):
-    """-> (ModelConfig dict, student plain tensors, EMA plain tensors or None, the EMA's key in
-    ckpt["model"], the student's training-only tensors {mask_emb, decoder.*})."""
+def split_state1(ck: dict, where: str, with_teacher: bool = True):
+    """-> (ModelConfig dict, student plain tensors, EMA plain tensors or None (also when not
+    with_teacher: the EMA is then not read at all), the EMA's key in ckpt["model"], the student's
+    training-only tensors {mask_emb, decoder.*})."""
     mcfg = model_config1(ck["cfg"]["model"])
     sd = dict(ck["model"])
     ema_key = "_ema" if mcfg["modality"] == "audio" else "encoder._ema"
@@ -207,7 +208,7 @@ def split_state1(ck: dict, where: str):
         mcfg["vocab_size"] = int(emb.shape[0])
     student, extra = _rename(sd, mcfg, f"{where} (student)", "")
     teacher = None
-    if isinstance(ema, dict) and ema:
+    if with_teacher and isinstance(ema, dict) and ema:
         # the EMA module wraps the transformer (speech, ema_transformer_only) or the sentence
         # encoder (text); a whole-model EMA (ema_transformer_only=False) already has full names
         inner = "encoder." if mcfg["modality"] == "audio" else "encoder.sentence_encoder."
