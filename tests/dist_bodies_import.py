@@ -23,6 +23,7 @@ def resume_import_body(run_dir: str, oracle_case: str, *overrides: str):
         tr = Trainer(cfg, build_data=False)
     fresh = tr.step == 0 and tr.updates == 0 and not any(len(v) for v in tr.optimizer.state.values())
     ref = torch.load(f"{oracle_case}/oracle.pt")
+    ref = ref.get("loss", ref)  # data2vec 1.0 oracle cases keep the pretraining batch and mask under "loss"
     m, dp, r = cfg.model.clone_batch, tr.info.dp_size, tr.info.dp_rank
     per = ref["source"].shape[0] // dp
     batch = {"source": ref["source"][r * per:(r + 1) * per], "mask": ref["mask"].bool()[r * per * m:(r + 1) * per * m]}

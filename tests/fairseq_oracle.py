@@ -34,6 +34,8 @@ DEPS = ["hydra-core==1.3.8", "omegaconf==2.4.0", "antlr4-python3-runtime==4.9.3"
         "torchvision==0.15.2", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
         "bitarray", "sacrebleu", "regex", "portalocker", "tabulate", "colorama", "lxml"]
 CASES = ["image_p0", "image_p1", "audio", "text"]
+# data2vec 1.0 (fairseq examples/data2vec/models/data2vec_audio.py, data2vec_text.py)
+CASES1 = ["d2v1_audio", "d2v1_text"]
 
 _MUTABLE = re.compile(r"^(\s+\w+: [^=\n]+)= ([A-Z]\w*)\(\)\s*$", re.M)
 
@@ -194,6 +196,30 @@ def _masks(n_rows: int, t: int, n_masked: int, gen):
     return m
 
 
+def _save_fairseq(model, cfg, out: Path, updates: int) -> None:
+    """out/checkpoint.pt as fairseq's trainer writes it: the trainer halves the model for fp16
+    training (the EMA's fp32 copy, in the state dict under "_ema", stays fp32); numpy scalars in
+    extra_state as fairseq's meters leave them.  The model is back in fp32 afterwards."""
+    import numpy as np
+    import torch
+
+    model.half()
+    ckpt = {
+        "args": None,
+        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
+                "common": {"fp16": True, "seed": 1}},
+        "model": model.state_dict(),
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": updates}],
+        "task_state": {},
+        "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
+                        "train_iterator": {"epoch": 1, "iterations_in_epoch": updates, "shuffle": True}},
+    }
+    torch.save(ckpt, out / "checkpoint.pt")
+    model.float()
+
+
 def build_case(case: str, out: Path) -> None:
     import numpy as np
     import torch
@@ -225,22 +251,7 @@ def build_case(case: str, out: Path) -> None:
             p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         model.ema.build_fp32_params()
     # fairseq's trainer halves the model for fp16 training; the EMA copy stays fp32
-    model.half()
-    state = model.state_dict()
-    ckpt = {
-        "args": None,
-        "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
-                "common": {"fp16": True, "seed": 1}},
-        "model": state,
-        "criterion": None,
-        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 7}],
-        "task_state": {},
-        "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
-                        "train_iterator": {"epoch": 1, "iterations_in_epoch": 7, "shuffle": True}},
-    }
-    torch.save(ckpt, out / "checkpoint.pt")
-    model.float()
+    _save_fairseq(model, cfg, out, updates=7)
 
     mod = case.split("_")[0].upper()
     src, pad = _inputs(case, model, gen)
@@ -273,14 +284,158 @@ def build_case(case: str, out: Path) -> None:
                 "mask": mask, "losses": losses, "sample_size": int(n)}, out / "oracle.pt")
 
 
+# ---- data2vec 1.0 ---------------------------------------------------------------------------------
+
+
+def _config1(case: str):
+    """Tiny Data2VecAudioConfig / Data2VecTextConfig, dropout off, the released recipes' switches."""
+    if case == "d2v1_audio":
+        from examples.data2vec.models.data2vec_audio import Data2VecAudioConfig
+
+        c = Data2VecAudioConfig()
+        c._name = "data2vec_audio"
+        c.encoder_layers, c.encoder_embed_dim, c.encoder_ffn_embed_dim, c.encoder_attention_heads = 3, 32, 64, 4
+        c.extractor_mode, c.conv_bias = "layer_norm", False
+        c.conv_feature_layers = "[(16, 10, 5)] + [(16, 3, 2)] * 2 + [(16,2,2)]"
+        c.conv_pos, c.pos_conv_depth, c.conv_pos_groups = 10, 2, 4  # kernel max(3, 10 // 2) = 5
+        c.dropout = c.attention_dropout = c.activation_dropout = c.dropout_input = c.dropout_features = 0.0
+        c.encoder_layerdrop = 0.0
+        c.average_top_k_layers, c.instance_norm_target_layer = 2, True
+        c.loss_beta, c.loss_scale = 0.0, None
+        c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step, c.max_update = 0.999, 0.9999, 1000, 1000
+        c.ema_transformer_only = c.ema_layers_only = True
+        c.mask_prob, c.mask_length = 0.65, 2
+        return c
+    from examples.data2vec.models.data2vec_text import Data2VecTextConfig
+
+    c = Data2VecTextConfig()
+    c._name = "data2vec_text"
+    c.max_positions, c.head_layers = 24, 2
+    c.average_top_k_layers, c.layer_norm_target_layer = 2, True
+    c.loss_beta, c.loss_scale = 4.0, 1.0
+    c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step = 0.999, 0.9999, 1000
+    c.ema_transformer_layers_only = True
+    t = c.transformer
+    t.dropout = t.attention_dropout = t.activation_dropout = 0.0
+    t.activation_fn, t.layernorm_embedding, t.no_scale_embedding, t.max_source_positions = "gelu", True, True, 24
+    e = t.encoder
+    e.embed_dim, e.ffn_embed_dim, e.layers, e.attention_heads = 32, 64, 3, 4
+    e.normalize_before, e.learned_pos, e.layerdrop = False, True, 0.0
+    return c
+
+
+def build_case1(case: str, out: Path) -> None:
+    """A data2vec 1.0 model built by fairseq's own class, random weights (student and EMA teacher
+    apart), saved as fairseq's trainer saves it: {"cfg": {"model": Data2VecAudio/TextConfig},
+    "model": fp16 student state + the EMA's fp32 params under "_ema" (audio: the transformer only,
+    `ema_transformer_only`; text: "encoder._ema", the sentence encoder)}.  oracle.pt: every layer's
+    output and FFN tap (fc2 output before the residual) of the student and of the EMA teacher on a
+    right-padded batch, eval mode; audio also fairseq's pretraining loss on a fixed mask."""
+    import types
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    gen = torch.Generator().manual_seed(1)
+    cfg = _config1(case)
+    if case == "d2v1_audio":
+        from examples.data2vec.models.data2vec_audio import Data2VecAudioModel
+
+        model = Data2VecAudioModel.build_model(cfg)
+        skip = ("pos_conv.",)  # ema_layers_only: the positional conv is copied, not averaged
+    else:
+        from examples.data2vec.models.data2vec_text import Data2VecTextModel
+        from fairseq.data import Dictionary
+
+        (out / "dict.txt").write_text("".join(f"{w} {100 - i}\n" for i, w in enumerate(DICT_WORDS)))
+        d = Dictionary.load(str(out / "dict.txt"))
+        d.add_symbol("<mask>")
+        task = types.SimpleNamespace(source_dictionary=d, cfg=types.SimpleNamespace(data=str(out)))
+        model = Data2VecTextModel.build_model(cfg, task)
+        skip = ("embed_tokens.", "embed_positions.", "layernorm_embedding.")  # ema_transformer_layers_only
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            # rounded to fp16 as an fp16-trained student is: the EMA's skip keys (below) are copies
+            # of those fp16 values in a real file
+            p.copy_((p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05)).half().float())
+    # fairseq builds the EMA teacher at the first set_num_updates: a copy of the student's encoder
+    model.set_num_updates(1)
+    ema = model.ema if case == "d2v1_audio" else model.encoder.ema
+    with torch.no_grad():
+        # the teacher is a different set of weights (as after many EMA steps), except the skip
+        # keys, which every EMA step copies from the student
+        for name, p in ema.model.named_parameters():
+            if not name.startswith(skip):
+                p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
+        ema.build_fp32_params()
+    _save_fairseq(model, cfg, out, updates=9)
+    model.eval()
+    res = {}
+    with torch.no_grad():
+        if case == "d2v1_audio":
+            src = torch.randn(2, 1200, generator=gen)
+            pad = torch.zeros(2, 1200, dtype=torch.bool)
+            pad[1, 900:] = True
+            src = src.masked_fill(pad, 0.0)
+            r = model.extract_features(src, pad, mask=False)
+            t = r["x"].shape[1]
+            # layer_results: (block output, attention, FFN tap), T x B x C, padded to a multiple of 2
+            res["student"] = {"hidden": [l[0].transpose(0, 1)[:, :t].float() for l in r["layer_results"]],
+                              "ffn": [l[2].transpose(0, 1)[:, :t].float() for l in r["layer_results"]],
+                              "x": r["x"].float()}
+            fpad = r["padding_mask"]
+            feats = model.post_extract_proj(model.layer_norm(model.feature_extractor(src).transpose(1, 2)))
+            y, lrs = ema.model.extract_features(feats, padding_mask=fpad)
+            res["teacher"] = {"hidden": [l[0].transpose(0, 1)[:, :t].float() for l in lrs],
+                              "ffn": [l[2].transpose(0, 1)[:, :t].float() for l in lrs]}
+            res.update(source=src, padding_mask=pad, frame_padding=fpad)
+            # the pretraining loss on the unpadded batch with a fixed mask (dropout 0, layerdrop 0)
+            tf = model.feature_extractor(src[:, :1200]).shape[-1]
+            mask = _masks(2, tf, tf // 2, gen).bool()
+            model.train()
+            out_ = model(src, padding_mask=None, mask=True, mask_indices=mask)
+            n = int(out_["sample_size"])
+            res["loss"] = {"source": src, "mask": mask, "loss": out_["losses"]["regression"].float().item() / n,
+                           "sample_size": n}
+        else:
+            V = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
+            src = torch.randint(4, V - 1, (2, 20), generator=gen)
+            src[:, 0] = 0  # <s>
+            src[:, -1] = 2  # </s>
+            src[1, 14:] = 1  # right padding with <pad>
+            src[1, 13] = 2
+            enc = model.encoder.sentence_encoder
+            o = enc(src, return_all_hiddens=True)
+            res["student"] = {"hidden": [h.transpose(0, 1).float() for h in o["encoder_states"][1:]],
+                              "ffn": [h.transpose(0, 1).float() for h in o["fc_results"]],
+                              "x": o["encoder_out"][0].transpose(0, 1).float()}
+            o = ema.model(src, return_all_hiddens=True)
+            res["teacher"] = {"hidden": [h.transpose(0, 1).float() for h in o["encoder_states"][1:]],
+                              "ffn": [h.transpose(0, 1).float() for h in o["fc_results"]]}
+            res.update(source=src, padding_mask=src.eq(1))
+            # the pretraining loss with a fixed mask: <mask> in the student's input; the teacher is
+            # given the whole original sequence (the paper's input, as the project trains; fairseq's
+            # task passes only the masked tokens, issue #4881)
+            mask = _masks(2, src.shape[1], 6, gen).bool() & src.ne(1)
+            student_src = src.masked_fill(mask, model.encoder.mask_idx)
+            model.train()
+            out_ = model(student_src, target_tokens=src)
+            n = int(out_["sample_size"])
+            res["loss"] = {"source": src, "student_source": student_src, "mask": mask,
+                           "loss": out_["losses"]["main"].float().item() / n, "sample_size": n}
+    torch.save(res, out / "oracle.pt")
+
+
 def main(argv):
     out = Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    cases = argv[2:] or CASES
+    cases = argv[2:] or CASES + CASES1
     for case in cases:
         d = out / case
         d.mkdir(exist_ok=True)
-        build_case(case, d)
+        (build_case1 if case in CASES1 else build_case)(case, d)
         print(f"built {case}", flush=True)
 
 

@@ -280,3 +280,38 @@ def test_hf_student_export(runs, tmp_path):
     assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf"]) == 0  # the teacher
     k = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(load_file(str(tmp_path / "hf-t" / "model.safetensors"))[k], got[k])
+
+
+def test_fairseq_d2v1_round_trips(oracle, tmp_path, capsys):  # noqa: F811
+    """fairseq data2vec 1.0 files (fairseq's own Data2VecAudioModel / Data2VecTextModel, the
+    importer's fixture) -> d2v2-import -> d2v2-export --format hf -> AutoModel.from_pretrained in a
+    fresh process: Data2VecAudioModel / Data2VecTextModel, every block's output equals fairseq's
+    on a right-padded batch (real positions, fp32, ATOL)."""
+    from d2v2_scale.export.cli import main as export_main
+    from d2v2_scale.export.importer import main as import_main
+
+    jobs, refs = {}, {}
+    for case, cls in (("d2v1_audio", "Data2VecAudioModel"), ("d2v1_text", "Data2VecTextModel")):
+        plain, hf = tmp_path / f"{case}-plain", tmp_path / f"{case}-hf"
+        extra = ["--dict", str(oracle / case / "dict.txt")] if case == "d2v1_text" else []
+        assert import_main([str(oracle / case / "checkpoint.pt"), "--out", str(plain), "--which", "student",
+                            *extra]) == 0
+        assert export_main([str(plain), "--out", str(hf), "--format", "hf"]) == 0
+        assert json.loads((hf / "config.json").read_text())["architectures"] == [cls]
+        ref = refs[case] = torch.load(oracle / case / "oracle.pt")
+        if case == "d2v1_audio":
+            batch = {"input_values": ref["source"], "attention_mask": (~ref["padding_mask"]).long()}
+        else:
+            batch = {"input_ids": ref["source"], "attention_mask": (~ref["padding_mask"]).long()}
+        jobs[case] = (hf, batch)
+    got = _hf_outputs(jobs, tmp_path)
+    for case, cls in (("d2v1_audio", "Data2VecAudioModel"), ("d2v1_text", "Data2VecTextModel")):
+        ref, g = refs[case], got[case]
+        assert g["cls"] == cls and g["unexpected"] == []
+        keep = ~(ref["frame_padding"] if case == "d2v1_audio" else ref["padding_mask"])
+        want = ref["student"]["hidden"]
+        assert len(g["hidden"]) == len(want) + 1  # (block 0's input, then every block's output)
+        pairs = list(zip(g["hidden"][1:], want)) + [(g["last"], ref["student"]["x"])]
+        diff = max((a[keep] - b[keep]).abs().max().item() for a, b in pairs)
+        assert diff < ATOL, f"{cls} differs from fairseq by {diff:.3g}"
+        print(f"fairseq {case} -> {cls}: max |hf - fairseq| = {diff:.3g}")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from d2v2_scale.export.consolidate import load_export
-from d2v2_scale.export.importer import ImportRefused, import_checkpoint, load_fairseq, main, parse_feature_spec
+from d2v2_scale.export.importer import (ImportRefused, import_checkpoint, import_state, load_fairseq, main,
+                                       parse_feature_spec)
 from d2v2_scale.model.targets import make_targets
 
 from . import fairseq_oracle
@@ -39,7 +40,7 @@ def oracle() -> Path:
 
 
 def _import(oracle, case, which, tmp_path):
-    dict_path = oracle / case / "dict.txt" if case == "text" else None
+    dict_path = oracle / case / "dict.txt" if (oracle / case / "dict.txt").is_file() else None
     argv = [str(oracle / case / "checkpoint.pt"), "--out", str(tmp_path / f"{case}-{which}"), "--which", which]
     if dict_path:
         argv += ["--dict", str(dict_path)]
@@ -189,22 +190,18 @@ def _has_text_head() -> bool:
     return "decoder_projection_layers" in {f.name for f in __import__("dataclasses").fields(ModelConfig)}
 
 
-@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio", "text"])
-def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
-    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
-    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
-    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+def _imported_training_model(path, preset_prefix: str):
+    """A fairseq file's student (+ decoder / 1.0 head and mask_emb) and EMA teacher loaded into the
+    project's training model built from the `<preset_prefix><modality>-tiny` preset with the file's
+    model config (masked-slot noise 0).  -> (student, teacher, the file's model config, run config)."""
     from d2v2_scale.config import load_preset
-    from d2v2_scale.export.importer import decoder_state, import_state
+    from d2v2_scale.export.importer import decoder_state
     from d2v2_scale.model import build_student, build_teacher, mapping
 
-    if case == "text" and not _has_text_head():
-        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
-    ck = load_fairseq(oracle / case / "checkpoint.pt")
-    ref = torch.load(oracle / case / "oracle.pt")
+    ck = load_fairseq(path)
     student, mcfg, _ = import_state(ck, "student")
     teacher, _, _ = import_state(ck, "teacher")
-    cfg = load_preset(f"{mcfg['modality']}-tiny")
+    cfg = load_preset(f"{preset_prefix}{mcfg['modality']}-tiny")
     for k, v in mcfg.items():
         setattr(cfg.model, k, v)
     cfg.model.decoder_noise_std = 0.0
@@ -216,6 +213,18 @@ def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
     tfull = mapping.plain_to_megatron(teacher, cfg.model.num_heads)
     own = set(mapping.clean_state_dict(t.state_dict()))
     mapping.load_full_state_dict(t, {k: v for k, v in tfull.items() if k in own}, strict=True)
+    return s, t, mcfg, cfg
+
+
+@pytest.mark.parametrize("case", ["image_p0", "image_p1", "audio", "text"])
+def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student, EMA teacher and decoder imported into the project's *training* model (Megatron
+    student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
+    std 0 on both sides) its loss equals fairseq's pretraining loss."""
+    if case == "text" and not _has_text_head():
+        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
+    ref = torch.load(oracle / case / "oracle.pt")
+    s, t, mcfg, _ = _imported_training_model(oracle / case / "checkpoint.pt", "")
     batch = {"source": ref["source"], "mask": ref["mask"].bool()}
     with torch.no_grad():
         loss, stats = s.eval()(batch, teacher=t)
@@ -278,3 +287,170 @@ def test_to_run_resumes_with_fairseq_loss(oracle, tmp_path, case, layout):
         assert abs(sums[k] - teacher[plain].sum().item()) < 1e-4, k
     # a second import into a run that has one is refused without --force
     assert main([str(oracle / case / "checkpoint.pt"), "--to-run", str(run), "--preset", preset]) == 2
+
+
+# ---- data2vec 1.0: fairseq's data2vec_audio / data2vec_text ------------------------------------
+
+# fp16-stored student weights, cast to fp32 on both sides; the rest is summation order (measured:
+# <= 1e-6 on every layer)
+TOL1 = 2e-5
+
+
+def _keep(ref) -> torch.Tensor:
+    """[B, T] True at real (non-padded) positions of the oracle's batch."""
+    return ~(ref["frame_padding"] if "frame_padding" in ref else ref["padding_mask"])
+
+
+@pytest.mark.parametrize("case", fairseq_oracle.CASES1)
+def test_import_d2v1_matches_fairseq(oracle, case, tmp_path):
+    """data2vec 1.0 speech / text files written by fairseq's own Data2VecAudioModel /
+    Data2VecTextModel: `d2v2-import` (student and EMA teacher) -> the plain twin's output of every
+    block and every FFN tap equal fairseq's on a right-padded batch (fp32, |diff| < TOL1, real
+    positions), and the twin finds the same padded frames."""
+    ref = torch.load(oracle / case / "oracle.pt")
+    keep = _keep(ref)
+    args = (ref["source"], ref["padding_mask"]) if case == "d2v1_audio" else (ref["source"],)
+    outs, worst = {}, 0.0
+    for which in ("student", "teacher"):
+        enc, cfg, _ = _import(oracle, case, which, tmp_path)
+        with torch.no_grad():
+            out = outs[which] = enc(*args)
+        want = ref[which]
+        assert len(out["hidden"]) == len(want["hidden"]) == cfg["depth"] == 3
+        assert (out["padding"] if out["padding"] is not None else torch.zeros_like(keep)).equal(~keep)
+        for name in ("hidden", "ffn"):
+            for i, (a, b) in enumerate(zip(out[name], want[name])):
+                diff = (a[keep] - b[keep]).abs().max().item()
+                assert diff < TOL1, f"{case} {which} {name}[{i}] differs from fairseq by {diff}"
+                worst = max(worst, diff)
+        assert out["x"][keep].abs().max() > 0.5
+        prov = cfg["d2v2_export"]
+        assert cfg["variant"] == "data2vec1" and not cfg["alibi"] and prov["source"] == "fairseq"
+        assert prov["fp16_student"] and prov["step"] == 9
+    print(f"fairseq {case} -> plain twin: max |diff| over every layer, student and teacher = {worst:.3g}")
+    # the teacher is the file's EMA, not the student (the fixture perturbs them apart)
+    assert (outs["teacher"]["ffn"][-1] - outs["student"]["ffn"][-1]).abs().max() > 100 * TOL1
+    # d2v2-probe's random-init baseline builds the training model from config.json
+    from d2v2_scale.export.probe import training_init
+
+    assert set(training_init(cfg, 1).state_dict()) == set(enc.state_dict())
+    if case == "d2v1_audio":  # the EMA covers the transformer only: the CNN front end is the student's
+        assert cfg["conv_feature_layers"] == [[16, 10, 5], [16, 3, 2], [16, 3, 2], [16, 2, 2]]
+        assert cfg["conv_pos_width"] == 5 and cfg["conv_pos_depth"] == 2 and cfg["conv_pos_groups"] == 4
+        assert sorted(prov["from_student"]) == sorted(
+            [f"local.cnn.convs.{i}.weight" for i in range(4)] + [f"local.cnn.norms.{i}.{t}" for i in range(4)
+                                                                  for t in ("weight", "bias")]
+            + ["local.norm.weight", "local.norm.bias", "local.proj.weight", "local.proj.bias"])
+    else:  # encoder._ema holds the sentence encoder with its (copied) embeddings
+        assert prov["from_student"] == [] and cfg["vocab_size"] == 24 and cfg["max_positions"] == 24
+        assert cfg["head_layers"] == 2 and cfg["pad_token_id"] == 1
+        assert (tmp_path / "d2v1_text-teacher" / "dict.txt").read_text() == (oracle / case / "dict.txt").read_text()
+
+
+def _drop_q(ck):
+    del ck["model"]["encoder.layers.1.self_attn.q_proj.weight"]
+
+
+def _no_ema(ck):
+    del ck["model"]["_ema"]
+
+
+REFUSALS1 = [
+    ("d2v1_audio", lambda ck: ck["cfg"]["model"].update(pos_conv_depth=1), "model.pos_conv_depth=1"),
+    ("d2v1_audio", lambda ck: ck["cfg"]["model"].update(extractor_mode="default"), "model.extractor_mode='default'"),
+    ("d2v1_audio", lambda ck: ck["cfg"]["model"].update(conv_feature_layers="[(16, 10, 5)] * 2 + x"),
+     "model.conv_feature_layers"),
+    ("d2v1_audio", lambda ck: ck["cfg"]["model"].update(_name="wav2vec2"), "model._name='wav2vec2'"),
+    ("d2v1_audio", _drop_q, "layer 1 lacks self_attn.{q,k,v}_proj.weight"),
+    ("d2v1_audio", lambda ck: ck["cfg"]["model"].update(encoder_ffn_embed_dim=128), "shape mismatch"),
+    ("d2v1_audio", _no_ema, "no EMA teacher (model['_ema']"),
+    ("d2v1_text", lambda ck: ck["cfg"]["model"]["transformer"]["encoder"].update(normalize_before=True),
+     "model.transformer.encoder.normalize_before=True"),
+    ("d2v1_text", lambda ck: ck["model"].update({"encoder.sentence_encoder.layer_norm.weight": torch.ones(32)}),
+     "'encoder.sentence_encoder.layer_norm.weight' has no place"),
+    ("d2v1_text", lambda ck: ck["model"].pop("encoder._ema"), "no EMA teacher (model['encoder._ema']"),
+]
+
+
+@pytest.mark.parametrize("case,edit,msg", REFUSALS1, ids=[f"{r[0]}-{i}" for i, r in enumerate(REFUSALS1)])
+def test_import_d2v1_refuses(oracle, tmp_path, case, edit, msg):
+    """An unknown model, a missing tensor, a config the tensors do not fit, what the twin cannot
+    express, or a teacher asked of a file without EMA: one message naming the field; nothing written."""
+    p = _resave(oracle, case, tmp_path, edit)
+    dict_path = oracle / case / "dict.txt" if case == "d2v1_text" else None
+    with pytest.raises(ImportRefused) as e:
+        import_checkpoint(p, tmp_path / "out", dict_path=dict_path)
+    assert msg in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+    if "EMA" in msg:  # the student still imports, and the message says how
+        assert "--which student" in str(e.value)
+        import_checkpoint(p, tmp_path / "out", which="student", dict_path=dict_path)
+
+
+def test_import_d2v1_text_needs_dict(oracle, tmp_path, capsys):
+    ck = str(oracle / "d2v1_text" / "checkpoint.pt")
+    assert main([ck, "--out", str(tmp_path / "o")]) == 2
+    assert "--dict dict.txt" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_to_run_d2v1_speech_resumes_with_fairseq_loss(oracle, tmp_path, capsys):
+    """`d2v2-import --to-run RUN --preset d2v1-audio-tiny` on a fairseq data2vec_audio file ->
+    the trainer (--resume auto, one process) starts from the file's student (mask_emb and final_proj
+    included) and EMA teacher, fresh optimizer at step 0; its first loss on fairseq's batch and mask
+    is fairseq's pretraining loss (dropout off), and one update runs.  A 2.0 preset is refused."""
+    from d2v2_scale.testing import run_distributed
+
+    ck, run = oracle / "d2v1_audio" / "checkpoint.pt", tmp_path / "run"
+    assert main([str(ck), "--to-run", str(run), "--preset", "audio-tiny"]) == 2
+    assert "is a data2vec2 preset; the file holds a data2vec1 model" in capsys.readouterr().err
+    assert main([str(ck), "--to-run", str(run), "--preset", "d2v1-audio-tiny"]) == 0
+    res = run_distributed("tests.dist_bodies_import:resume_import_body", nproc=1, timeout=240, args=[
+        str(run), str(oracle / "d2v1_audio"), "optim.warmup_steps=1"])[0]
+    want = torch.load(oracle / "d2v1_audio" / "oracle.pt")["loss"]
+    assert res["fresh"] and res["step"] == 1 and res["updates"] == 1
+    assert abs(res["loss"] - want["loss"]) < 1e-5 * max(1.0, want["loss"]), (res["loss"], want["loss"])
+    print(f"d2v1 speech --to-run: first loss {res['loss']:.6f}, fairseq {want['loss']:.6f}")
+    assert "fresh optimizer and LR schedule from step 0" in res["log"]
+    teacher, _, _ = import_state(load_fairseq(ck), "teacher")
+    for k, v in res["teacher_sums"].items():
+        if k.endswith("self_attention.linear_proj.bias"):
+            plain = k.replace("encoder.", "").replace(".self_attention.linear_proj.", ".attn.proj.")
+            assert abs(v - teacher[plain].sum().item()) < 1e-4, k
+
+
+def test_d2v1_heads_to_training_names(oracle, tmp_path):
+    """--to-run's head mapping: speech final_proj -> decoder.{weight,bias} + mask_emb; text
+    regression_head.{0,2} -> decoder.{0,2} (head_layers 2), regression_head.0 -> decoder.* (1)."""
+    from d2v2_scale.export.importer import decoder_state
+
+    ck = load_fairseq(oracle / "d2v1_audio" / "checkpoint.pt")
+    assert sorted(decoder_state(ck, import_state(ck, "student")[1])) == ["decoder.bias", "decoder.weight", "mask_emb"]
+    ck = load_fairseq(oracle / "d2v1_text" / "checkpoint.pt")
+    assert sorted(decoder_state(ck, import_state(ck, "student")[1])) == \
+        ["decoder.0.bias", "decoder.0.weight", "decoder.2.bias", "decoder.2.weight"]
+    ck["cfg"]["model"]["head_layers"] = 1
+    for k in [k for k in ck["model"] if "regression_head" in k]:
+        del ck["model"][k]
+    ck["model"].update({"encoder.regression_head.0.weight": torch.ones(32, 32), "encoder.regression_head.0.bias":
+                        torch.ones(32)})
+    mcfg = import_state(ck, "student")[1]
+    assert mcfg["head_layers"] == 1 and sorted(decoder_state(ck, mcfg)) == ["decoder.bias", "decoder.weight"]
+    del ck["model"]["encoder.regression_head.0.weight"], ck["model"]["encoder.regression_head.0.bias"]
+    with pytest.raises(ImportRefused, match="no regression head"):
+        decoder_state(ck, mcfg)
+
+
+@pytest.mark.parametrize("case", fairseq_oracle.CASES1)
+def test_imported_d2v1_training_model_loss_matches_fairseq(oracle, dist, case):
+    """Student (with mask_emb and the regression head) and EMA teacher of a fairseq data2vec 1.0
+    file loaded into the project's data2vec 1.0 *training* model: on fairseq's batch and mask
+    (dropout off; text: the teacher reads the whole original sequence on both sides) its loss
+    equals fairseq's pretraining loss."""
+    ref = torch.load(oracle / case / "oracle.pt")["loss"]
+    s, t, _, cfg = _imported_training_model(oracle / case / "checkpoint.pt", "d2v1-")
+    cfg.validate()  # the file's config is a valid data2vec 1.0 run config
+    batch = {k: v for k, v in ref.items() if k in ("source", "student_source", "mask")}
+    with torch.no_grad():
+        loss, stats = s.eval()(batch, teacher=t)
+    assert int(stats["masked_tokens"].item()) == ref["sample_size"]
+    assert abs(loss.item() - ref["loss"]) < 1e-5 * max(1.0, ref["loss"]), (loss.item(), ref["loss"])

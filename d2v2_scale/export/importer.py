@@ -1,4 +1,6 @@
 """fairseq data2vec 2.0 checkpoints (Data2VecMultiModel: image, audio, text) -> the plain-twin export.
+(data2vec 1.0 speech / text files, `data2vec_audio` / `data2vec_text`: importer1.py maps their
+names; config validation, teacher composition, writing and `--to-run` are shared, here.)
 
 The released files (`base_imagenet.pt`, `base_libri.pt`, `nlp_base.pt`, ...) are fairseq trainer
 checkpoints (spec section 13):
@@ -47,6 +49,7 @@ import torch
 from .consolidate import FORMAT, FORMAT_VERSION, ExportError, plain_keys, write_export
 
 DICT = "dict.txt"
+MODELS1 = ("data2vec_audio", "data2vec_text")  # fairseq cfg.model._name of the data2vec 1.0 models (importer1.py)
 MODALITIES = ("IMAGE", "AUDIO", "TEXT")
 # Decoder, target-model and other-modality tensors are pretraining-only or unused by the encoder.
 _IGNORED = re.compile(r"^(shared_decoder\.|recon_proj\.|modality_encoders\.\w+\.(decoder\.|encoder_mask$|alibi_bias$))")
@@ -103,10 +106,10 @@ def load_fairseq(path: str | os.PathLike) -> dict:
     return ck
 
 
-def parse_feature_spec(spec: str) -> list[list[int]]:
-    """fairseq's feature_encoder_spec, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4", -> [[C, k, s], ...].
-    Only int / tuple / list literals, `+` (list concatenation) and `*` (list repetition)."""
-    where = "model.modalities.audio.feature_encoder_spec"
+def parse_feature_spec(spec: str, where: str = "model.modalities.audio.feature_encoder_spec") -> list[list[int]]:
+    """fairseq's feature_encoder_spec (2.0) / conv_feature_layers (1.0), e.g. "[(512, 10, 5)] +
+    [(512, 3, 2)] * 4", -> [[C, k, s], ...].  Only int / tuple / list literals, `+` (list
+    concatenation) and `*` (list repetition).  `where`: the config field, for the error message."""
 
     def ev(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -149,7 +152,8 @@ def model_config(fcfg: dict) -> dict:
 
     name = fcfg.get("_name")
     _need(name in (None, "data2vec_multi"), "model._name", name,
-          "only data2vec 2.0 (data2vec_multi) checkpoints are imported")
+          "the importer reads data2vec 2.0 (data2vec_multi) and data2vec 1.0 (data2vec_audio, data2vec_text) "
+          "checkpoints")
     mod = fcfg.get("supported_modality")
     _need(mod in MODALITIES, "model.supported_modality", mod,
           f"the plain twin knows {', '.join(MODALITIES)} (a multi-modality model has none set)")
@@ -288,17 +292,21 @@ def _rename(sd: dict, mod: str, mcfg: dict, where: str, bare_blocks: bool = Fals
         elif mod == "TEXT" and r == "local_encoder.embed_tokens.weight":
             out["local.tokens.weight"] = v
         elif mod == "TEXT" and r == "local_encoder.embed_positions.weight":
-            # fairseq's learned positions start at row pad + 1 (rows 0..pad unused)
-            first, n = mcfg["pad_token_id"] + 1, mcfg["max_positions"]
-            if v.shape[0] < first + n:
-                raise ImportRefused(f"{where}: {k} has {v.shape[0]} rows, fewer than pad+1+max_source_positions "
-                                    f"= {first + n}")
-            out["local.positions.weight"] = v[first:first + n].clone()
+            out["local.positions.weight"] = text_positions(v, mcfg, f"{where}: {k}")
         elif mod == "TEXT" and (mt := re.match(r"^local_encoder\.layernorm_embedding\.(weight|bias)$", r)):
             out[f"local.norm.{mt.group(1)}"] = v
         else:
             raise ImportRefused(f"{where}: parameter {k!r} has no place in the plain twin of this config")
     return out
+
+
+def text_positions(v: torch.Tensor, mcfg: dict, where: str) -> torch.Tensor:
+    """fairseq's learned position table [pad + 1 + max_positions, D] -> the twin's [max_positions, D]:
+    fairseq numbers real tokens from row pad + 1 (rows 0..pad unused), the twin from row 0."""
+    first, n = mcfg["pad_token_id"] + 1, mcfg["max_positions"]
+    if v.shape[0] < first + n:
+        raise ImportRefused(f"{where} has {v.shape[0]} rows, fewer than pad+1+max_source_positions = {first + n}")
+    return v[first:first + n].clone()
 
 
 def _check(tensors: dict, expected: dict, where: str) -> None:
@@ -330,28 +338,37 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
     if which not in ("teacher", "student"):
         raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
     fcfg = ck["cfg"]["model"]
-    mcfg = model_config(fcfg)
-    mod = mcfg["modality"].upper()
-    sd = dict(ck["model"])
-    ema = sd.pop("_ema", None)
-    if mod == "TEXT":
-        emb = sd.get(f"modality_encoders.{mod}.local_encoder.embed_tokens.weight")
-        if emb is None:
-            raise ImportRefused(f"{where}: no modality_encoders.TEXT.local_encoder.embed_tokens.weight")
-        mcfg["vocab_size"] = int(emb.shape[0])
-        mcfg["pad_token_id"] = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+    if fcfg.get("_name") in MODELS1:  # data2vec 1.0 speech / text: importer1.py
+        from .importer1 import split_state1
+
+        mcfg, student, teacher, ema_key, _ = split_state1(ck, where, with_teacher=which == "teacher")
+    else:
+        mcfg = model_config(fcfg)
+        mod = mcfg["modality"].upper()
+        sd = dict(ck["model"])
+        ema, ema_key = sd.pop("_ema", None), "_ema"
+        if mod == "TEXT":
+            emb = sd.get(f"modality_encoders.{mod}.local_encoder.embed_tokens.weight")
+            if emb is None:
+                raise ImportRefused(f"{where}: no modality_encoders.TEXT.local_encoder.embed_tokens.weight")
+            mcfg["vocab_size"] = int(emb.shape[0])
+            mcfg["pad_token_id"] = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+        student = _rename(sd, mod, mcfg, f"{where} (student)")
+        teacher = None
+        if which == "teacher" and isinstance(ema, dict) and ema:
+            teacher = _rename(ema, mod, mcfg, f"{where} (_ema teacher)", bare_blocks=True)
     expected = plain_keys(_ns(mcfg))
-    student = _rename(sd, mod, mcfg, f"{where} (student)")
     _check(student, expected, f"{where} (student)")
     from_student: list[str] = []
     if which == "student":
         tensors = student
     else:
-        if not isinstance(ema, dict) or not ema:
-            raise ImportRefused(f"{where}: the file has no EMA teacher (model['_ema']; released audio files may "
-                                f"be stripped): import the student with --which student")
-        tensors = _rename(ema, mod, mcfg, f"{where} (_ema teacher)", bare_blocks=True)
-        _check(tensors, expected, f"{where} (_ema teacher)")
+        if not teacher:
+            raise ImportRefused(f"{where}: the file has no EMA teacher (model[{ema_key!r}] is missing or empty; "
+                                f"released audio files and files saved after fairseq's remove_pretraining_modules "
+                                f"have none): import the student with --which student")
+        tensors = teacher
+        _check(tensors, expected, f"{where} ({ema_key} teacher)")
         for k in sorted(set(expected) - set(tensors)):
             if k in student:
                 tensors[k] = student[k]
@@ -367,9 +384,21 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
         M decoder.blocks.{i}.0.{weight,bias} -> decoder.convs.{i}.*   (Conv, then LN/GELU: no params)
         M decoder.proj.{weight,bias}         -> decoder.proj.*
         M decoder.proj.{0,2}.*               -> decoder.proj.{0,2}.*   (text: 2-layer head, spec D1)
+    data2vec 1.0 files: the regression head -> decoder.* (speech final_proj: a Linear; text
+    regression_head.{0,2}: decoder.{0,2}) and speech's mask_emb -> mask_emb (importer1.py).
     Refused: no decoder in the file (released audio files may be stripped), or a 2-layer head when
     this version's ModelConfig has no decoder_projection_layers (the training decoder then ends
     in one Linear)."""
+    if mcfg.get("variant") == "data2vec1":
+        # data2vec 1.0: the regression head (final_proj / regression_head) + speech's mask_emb
+        from .importer1 import split_state1
+
+        extra = split_state1(ck, where, with_teacher=False)[4]
+        if not any(k.startswith("decoder.") for k in extra):
+            raise ImportRefused(f"{where}: the file has no regression head (final_proj / encoder.regression_head: "
+                                f"removed by fairseq's remove_pretraining_modules?): nothing to continue "
+                                f"pretraining from")
+        return extra
     mod = mcfg["modality"].upper()
     M = f"modality_encoders.{mod}.decoder."
     dec = (ck["cfg"]["model"]["modalities"][mcfg["modality"]] or {}).get("decoder") or {}
@@ -448,7 +477,7 @@ RUN_YAML = "import.yaml"
 STRUCTURE = ("modality", "depth", "prenet_depth", "embed_dim", "num_heads", "mlp_ratio", "pre_ln", "alibi",
              "image_size", "patch_size", "in_chans", "conv_feature_layers", "conv_pos_width", "conv_pos_groups",
              "conv_pos_depth", "vocab_size", "max_positions", "decoder_dim", "decoder_kernel", "decoder_layers",
-             "decoder_groups", "decoder_residual")
+             "decoder_groups", "decoder_residual", "variant", "head_layers")
 
 
 def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: str, force: bool = False) -> dict:
@@ -486,6 +515,10 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     if cfg.model.modality != mcfg["modality"]:
         raise ExportError(f"--preset {preset} is a {cfg.model.modality} preset; the file holds a "
                           f"{mcfg['modality']} model")
+    if cfg.model.variant != mcfg["variant"]:  # the masks, EMA schedule and optimizer belong to the objective
+        raise ExportError(f"--preset {preset} is a {cfg.model.variant} preset; the file holds a {mcfg['variant']} "
+                          f"model (use a {'d2v1-' if mcfg['variant'] == 'data2vec1' else ''}"
+                          f"{mcfg['modality']}-* preset)")
     for k, v in model.items():
         setattr(cfg.model, k, v)
     try:
@@ -497,7 +530,8 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     tensors.update({f"student.{k}": v for k, v in decoder_state(ck, mcfg, str(src)).items()})
     tensors.update({f"teacher.{k}": v for k, v in mapping.plain_to_megatron(teacher, heads).items()})
     hist = ck.get("optimizer_history") or [{}]
-    meta = {"source": str(Path(src).resolve()), "format": "fairseq-data2vec2", "model": model,
+    meta = {"source": str(Path(src).resolve()), "model": model,
+            "format": "fairseq-data2vec1" if mcfg["variant"] == "data2vec1" else "fairseq-data2vec2",
             "fairseq_updates": int(hist[-1].get("num_updates", 0)) if isinstance(hist[-1], dict) else 0,
             "teacher_from_student": from_student}
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -550,20 +584,25 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec 2.0 checkpoint "
-                                "(Data2VecMultiModel: image, audio, text) as a plain-PyTorch export (docs/EXPORT.md)")
-    p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt)")
+    p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec checkpoint "
+                                "(2.0 Data2VecMultiModel: image, audio, text; 1.0 data2vec_audio, data2vec_text) "
+                                "as a plain-PyTorch export (docs/EXPORT.md)")
+    p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt, "
+                                      "or a data2vec 1.0 speech / text file)")
     p.add_argument("--out", help="output folder (model.safetensors + config.json [+ dict.txt])")
     p.add_argument("--to-run", help="instead: a new training output dir that `d2v2-train --resume auto` continues "
-                                    "from (student, EMA teacher, decoder; fresh optimizer and LR schedule)")
+                                    "from (student, EMA teacher, decoder or 1.0 head; fresh optimizer and LR "
+                                    "schedule)")
     p.add_argument("--preset", help="with --to-run: the training preset (data, optimizer, parallelism) to use")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="the EMA teacher (default, model['_ema']) or the student (what fairseq fine-tunes)")
+                   help="the EMA teacher (default: model['_ema'], 1.0 text model['encoder._ema']) or the "
+                        "student (what fairseq fine-tunes)")
     p.add_argument("--dict", dest="dict_path", help="text models: the fairseq dict.txt (stored in the export)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=["plain", "hf"], default="plain",
                    help="with --out: plain (default) or hf, a Hugging Face transformers folder for the models a "
-                        "transformers class computes exactly (text -> RobertaModel; docs/EXPORT.md)")
+                        "transformers class computes exactly (2.0 text -> RobertaModel, 1.0 speech -> "
+                        "Data2VecAudioModel, 1.0 text -> Data2VecTextModel; docs/EXPORT.md)")
     a = p.parse_args(argv)
     if bool(a.out) == bool(a.to_run):
         p.error("give exactly one of --out DIR and --to-run RUN_DIR")
@@ -575,7 +614,8 @@ def main(argv=None) -> int:
         except ExportError as e:
             print(f"d2v2-import: error: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {Path(a.to_run) / 'checkpoints' / RUN_IMPORT} (student, EMA teacher, decoder of "
+        print(f"wrote {Path(a.to_run) / 'checkpoints' / RUN_IMPORT} (student, EMA teacher, "
+              f"{'regression head' if meta['format'] == 'fairseq-data2vec1' else 'decoder'} of "
               f"{a.checkpoint}, fairseq update {meta['fairseq_updates']}); continue pretraining with:\n"
               f"  d2v2-train --config {Path(a.to_run) / RUN_YAML} --output-dir {a.to_run} --resume auto "
               f"--data.manifest YOUR/manifest.json")
