@@ -24,7 +24,7 @@ if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed (pip install -e '.[hf]')", allow_module_level=True)
 
 from tests import data_fixtures, fairseq_oracle  # noqa: E402
-from tests.test_import import CACHE  # noqa: E402
+from tests.test_import import CACHE, oracle  # noqa: E402,F401  (session fixture: fairseq's own checkpoints)
 
 SENTENCES = [
     "a small domesticated carnivorous mammal with soft fur",
@@ -130,7 +130,7 @@ def bpe(tmp_path_factory) -> tuple[Path, dict]:
     return d, json.loads((d / "fairseq.json").read_text())
 
 
-def _plain_import(folder: Path, dict_txt: Path, vocab_size: int, bpe_dir: Path | None = None) -> dict:
+def _plain_import(folder: Path, dict_txt: Path, vocab_size: int) -> dict:
     """A plain export as `d2v2-import --dict` writes it (text-tiny sizes, weights far from init)."""
     import dataclasses
     import types
@@ -143,27 +143,47 @@ def _plain_import(folder: Path, dict_txt: Path, vocab_size: int, bpe_dir: Path |
     g = torch.Generator().manual_seed(5)
     sd = {k: v + 0.2 * torch.randn(v.shape, generator=g)
           for k, v in plain_encoder(types.SimpleNamespace(**cfg)).state_dict().items()}
-    extra = {"dict.txt": dict_txt.read_bytes()}
-    if bpe_dir is not None:
-        extra |= {f: (bpe_dir / f).read_bytes() for f in ("encoder.json", "vocab.bpe")}
-    write_export(folder, sd, cfg, extra_files=extra)
+    write_export(folder, sd, cfg, extra_files={"dict.txt": dict_txt.read_bytes()})
     return cfg
 
 
-def test_gpt2_tokenizer_gives_fairseq_ids(bpe, tmp_path, capsys):
-    """d2v2-export PLAIN --format hf --gpt2-bpe DIR: AutoTokenizer in a fresh process gives
-    fairseq's ids (unicode, whitespace, rare and unknown tokens, <mask>, batch padding with pad id
-    1 + attention mask), and the exported model on that batch equals the plain twin on fairseq's ids."""
+def _fairseq_text_checkpoint(oracle: Path, out: Path, vocab_size: int, max_positions: int = 128) -> Path:
+    """The importer fixture's fairseq text checkpoint with a token table of `vocab_size` rows and
+    `max_positions` positions (new random rows), so that it goes with this test's dictionary."""
+    ck = torch.load(oracle / "text" / "checkpoint.pt", weights_only=False)
+    g = torch.Generator().manual_seed(11)
+    M = "modality_encoders.TEXT.local_encoder."
+    for name, rows in (("embed_tokens", vocab_size), ("embed_positions", max_positions + 2)):  # + pad + 1
+        w = ck["model"][M + name + ".weight"]
+        ck["model"][M + name + ".weight"] = (0.5 * torch.randn(rows, w.shape[1], generator=g)).to(w.dtype)
+    ck["cfg"]["model"]["modalities"]["text"]["max_source_positions"] = max_positions
+    torch.save(ck, out)
+    return out
+
+
+def test_gpt2_tokenizer_gives_fairseq_ids(bpe, oracle, tmp_path, capsys):  # noqa: F811
+    """fairseq text checkpoint -> d2v2-import --dict --gpt2-bpe (the BPE files stored with dict.txt)
+    -> d2v2-export --format hf: AutoTokenizer in a fresh process gives fairseq's ids (unicode,
+    whitespace, rare and unknown tokens, <mask>, batch padding with pad id 1 + attention mask), and
+    the transformers model on that batch equals the plain twin on fairseq's ids."""
     from d2v2_scale.export import load_export
     from d2v2_scale.export.cli import main
+    from d2v2_scale.export.importer import main as import_main
 
     d, ref = bpe
     want = ref["ids"]
     assert ref["unknown"] and any(3 in ids for ids in want)  # the test sentences do hit <unk>
     assert any(ref["mask"] in ids for ids in want)
-    _plain_import(tmp_path / "plain", d / "dict.txt", ref["n"])
-    assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf", "--gpt2-bpe", str(d)]) == 0
+    ck = _fairseq_text_checkpoint(oracle, tmp_path / "checkpoint.pt", ref["n"])
+    imp = [str(ck), "--dict", str(d / "dict.txt"), "--gpt2-bpe", str(d), "--which", "student"]
+    assert import_main(imp + ["--out", str(tmp_path / "plain")]) == 0
+    assert (tmp_path / "plain" / "vocab.bpe").read_bytes() == (d / "vocab.bpe").read_bytes()
+    assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    # the same in one command
+    assert import_main(imp + ["--out", str(tmp_path / "hf2"), "--format", "hf"]) == 0
     assert capsys.readouterr().err == ""
+    for f in ("tokenizer.json", "tokenizer_config.json", "dict.txt"):
+        assert (tmp_path / "hf" / f).read_bytes() == (tmp_path / "hf2" / f).read_bytes()
     (tmp_path / "sentences.json").write_text(json.dumps(SENTENCES))
     r = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(tmp_path / "hf"), str(tmp_path / "sentences.json"),
                         str(tmp_path / "hf.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -184,17 +204,14 @@ def test_gpt2_tokenizer_gives_fairseq_ids(bpe, tmp_path, capsys):
     assert diff < 2e-5, f"max |hf - plain| = {diff:.3g}"
 
 
-def test_gpt2_files_stored_by_import_and_refusals(bpe, tmp_path, capsys):
-    """The BPE files next to dict.txt (as `d2v2-import --gpt2-bpe` stores them) are found without
-    the option; missing files: the model is written, one warning line names the option and the
-    URLs; dictionaries no tokenizer reproduces exactly are refused."""
+def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys):  # noqa: F811
+    """Missing BPE files: the model is written, one warning line names --gpt2-bpe and the URLs;
+    dictionaries no tokenizer reproduces exactly are refused (exit 2, nothing written)."""
     from d2v2_scale.export.cli import main
     from d2v2_scale.export.gpt2_tokenizer import GPT2_URLS
+    from d2v2_scale.export.importer import main as import_main
 
     d, ref = bpe
-    _plain_import(tmp_path / "with", d / "dict.txt", ref["n"], bpe_dir=d)
-    assert main([str(tmp_path / "with"), "--out", str(tmp_path / "hf1"), "--format", "hf"]) == 0
-    assert (tmp_path / "hf1" / "tokenizer.json").is_file() and capsys.readouterr().err == ""
     # no BPE files: the model is exported, the tokenizer skipped with one warning line
     _plain_import(tmp_path / "without", d / "dict.txt", ref["n"])
     assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf2"), "--format", "hf"]) == 0
@@ -202,6 +219,9 @@ def test_gpt2_files_stored_by_import_and_refusals(bpe, tmp_path, capsys):
     assert err.count("\n") == 1 and "--gpt2-bpe" in err and all(u in err for u in GPT2_URLS)
     assert (tmp_path / "hf2" / "model.safetensors").is_file() and not (tmp_path / "hf2" / "tokenizer.json").exists()
     assert (tmp_path / "hf2" / "dict.txt").is_file()
+    # the files given at export time
+    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf1"), "--format", "hf", "--gpt2-bpe", str(d)]) == 0
+    assert (tmp_path / "hf1" / "tokenizer.json").is_file() and capsys.readouterr().err == ""
     # a dictionary fairseq-preprocess makes from the corpus alone lacks tokens merges build on
     n_small = 4 + len((d / "dict-corpus.txt").read_text().splitlines())
     _plain_import(tmp_path / "small", d / "dict-corpus.txt", n_small + 1)
@@ -217,3 +237,8 @@ def test_gpt2_files_stored_by_import_and_refusals(bpe, tmp_path, capsys):
     assert main([str(tmp_path / "words"), "--out", str(tmp_path / "hf5"), "--format", "hf"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a GPT-2 BPE id" in err and not (tmp_path / "hf5" / "tokenizer.json").exists()
+    # d2v2-import --gpt2-bpe checks the dictionary first (the fixture's fairseq dictionary is words)
+    imp = [str(oracle / "text" / "checkpoint.pt"), "--dict", str(oracle / "text" / "dict.txt"), "--gpt2-bpe", str(d)]
+    assert import_main(imp + ["--out", str(tmp_path / "imp")]) == 2
+    err = capsys.readouterr().err
+    assert "not a GPT-2 BPE id" in err and err.count("\n") == 1 and not (tmp_path / "imp").exists()
