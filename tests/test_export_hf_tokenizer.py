@@ -77,8 +77,13 @@ FAIRSEQ_SCRIPT = textwrap.dedent("""
             bpe_s = bpe.encode(s)
         return full.encode_line("<s> " + bpe_s + " </s>", append_eos=False, add_if_not_exist=False).tolist()
 
+    # how fairseq reads repeated symbols: #fairseq:overwrite adds a new index
+    with open(d + "/tricky.txt", "w") as f:
+        f.write("10 5\\n11 4\\n10 3 #fairseq:overwrite\\nmadeupword0000 0\\n12 1 #fairseq:overwrite\\n")
+    tricky = Dictionary.load(d + "/tricky.txt")
     json.dump({"ids": [encode(s) for s in sentences], "unknown": [enc.decoder[int(t)] for t in unknown],
-               "n": len(full), "mask": mask}, open(d + "/fairseq.json", "w"))
+               "n": len(full), "mask": mask, "tricky": {"symbols": tricky.symbols, "indices": tricky.indices}},
+              open(d + "/fairseq.json", "w"))
 """)
 
 HF_SCRIPT = textwrap.dedent("""
@@ -208,10 +213,13 @@ def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys
     """Missing BPE files: the model is written, one warning line names --gpt2-bpe and the URLs;
     dictionaries no tokenizer reproduces exactly are refused (exit 2, nothing written)."""
     from d2v2_scale.export.cli import main
-    from d2v2_scale.export.gpt2_tokenizer import GPT2_URLS
+    from d2v2_scale.export.gpt2_tokenizer import GPT2_URLS, fairseq_indices, fairseq_symbols
     from d2v2_scale.export.importer import main as import_main
 
     d, ref = bpe
+    # dict.txt is read as fairseq reads it
+    syms = fairseq_symbols((d / "tricky.txt").read_text())
+    assert syms == ref["tricky"]["symbols"] and fairseq_indices(syms) == ref["tricky"]["indices"]
     # no BPE files: the model is exported, the tokenizer skipped with one warning line
     _plain_import(tmp_path / "without", d / "dict.txt", ref["n"])
     assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf2"), "--format", "hf"]) == 0

@@ -47,10 +47,11 @@ def missing_files_hint() -> str:
             f"({GPT2_URLS[0]}, {GPT2_URLS[1]})")
 
 
-def fairseq_indices(dict_text: str, where: str = "dict.txt") -> dict[str, int]:
-    """dict.txt -> {symbol: fairseq index}, as fairseq's Dictionary().add_from_file: 4 specials
-    first, then each new symbol in file order; `#fairseq:overwrite` rows keep the existing index."""
-    idx = {s: i for i, s in enumerate(SPECIALS)}
+def fairseq_symbols(dict_text: str, where: str = "dict.txt") -> list[str]:
+    """dict.txt -> fairseq's Dictionary().add_from_file symbols, in index order: the 4 specials,
+    then one per line.  A `#fairseq:overwrite` row of a symbol already there adds a new index
+    (which the symbol then maps to); any other repeated symbol is refused, as fairseq refuses it."""
+    syms, seen = list(SPECIALS), set(SPECIALS)
     for n, line in enumerate(dict_text.splitlines(), 1):
         line = line.rstrip()
         try:
@@ -62,17 +63,22 @@ def fairseq_indices(dict_text: str, where: str = "dict.txt") -> dict[str, int]:
         except ValueError:
             raise ExportError(f"{where} line {n}: expected '<symbol> <count> [#fairseq:overwrite]', "
                               f"got {line!r}") from None
-        if sym in idx:
-            if not overwrite:
-                raise ExportError(f"{where} line {n}: duplicate symbol {sym!r} (fairseq refuses it too)")
-            continue
-        idx[sym] = len(idx)
-    return idx
+        if sym in seen and not overwrite:
+            raise ExportError(f"{where} line {n}: duplicate symbol {sym!r} without #fairseq:overwrite "
+                              f"(fairseq refuses it too)")
+        seen.add(sym)
+        syms.append(sym)
+    return syms
 
 
-def non_gpt2_symbol(indices: dict[str, int]) -> str | None:
-    """The first dictionary symbol that is not a GPT-2 id (a decimal string) or a filler, else None."""
-    for s in list(indices)[len(SPECIALS):]:
+def fairseq_indices(symbols: list[str]) -> dict[str, int]:
+    """{symbol: the index Dictionary.index(symbol) returns} (an overwritten symbol: its last index)."""
+    return {s: i for i, s in enumerate(symbols)}
+
+
+def non_gpt2_symbol(symbols: list[str]) -> str | None:
+    """The first symbol after the specials that is not a GPT-2 id (a decimal string) or a filler, else None."""
+    for s in symbols[len(SPECIALS):]:
         if not (s.isascii() and s.isdigit() or _FILLER.match(s)):
             return s
     return None
@@ -106,8 +112,9 @@ def gpt2_tokenizer_files(dict_text: str, bpe_dir, vocab_size: int, max_positions
     """dict.txt + the GPT-2 BPE folder -> {tokenizer.json, tokenizer_config.json} (bytes) that
     AutoTokenizer loads and that give fairseq's ids (module docstring).  `vocab_size`: the
     model's token rows (<mask> is the row after the dictionary when the model has it)."""
-    indices = fairseq_indices(dict_text, where)
-    bad = non_gpt2_symbol(indices)
+    symbols = fairseq_symbols(dict_text, where)
+    indices = fairseq_indices(symbols)
+    bad = non_gpt2_symbol(symbols)
     if bad is not None:
         raise TokenizerRefused(f"{where}: symbol {bad!r} (index {indices[bad]}) is not a GPT-2 BPE id: the "
                                f"dictionary was not made with fairseq's GPT-2 BPE, and dict.txt does not record "
@@ -124,7 +131,7 @@ def gpt2_tokenizer_files(dict_text: str, bpe_dir, vocab_size: int, max_positions
                                    f"({len(enc)} tokens): not the BPE this dictionary was made with")
         else:
             vocab[by_id[int(sym)]] = i
-    n = len(indices)
+    n = len(symbols)  # <mask>'s index: the masked-LM task adds it after the file
     if n > vocab_size:
         raise ExportError(f"{where}: {n} indices (4 specials + the file) do not fit the model's {vocab_size} rows")
     unk = SPECIALS.index("<unk>")
@@ -186,7 +193,7 @@ def imported_tokenizer_files(folder, cfg: dict, bpe_dir=None, warn=None) -> dict
         if all((folder / f).is_file() for f in (ENCODER, MERGES)):
             bpe_dir = folder
         else:
-            bad = non_gpt2_symbol(fairseq_indices(text, where))
+            bad = non_gpt2_symbol(fairseq_symbols(text, where))
             if bad is not None:
                 warn(f"{where}: symbol {bad!r} is not a GPT-2 BPE id, so no transformers tokenizer is rebuilt "
                      f"(dict.txt is copied; tokenize with the pipeline that made the dictionary)")

@@ -312,17 +312,14 @@ def _check(tensors: dict, expected: dict, where: str) -> None:
 
 
 def read_dictionary(path: str | os.PathLike) -> list[str]:
-    """fairseq dict.txt: one `symbol count [#fairseq:overwrite]` per line -> symbols."""
+    """fairseq dict.txt: one `symbol count [#fairseq:overwrite]` per line -> the symbols after the
+    4 specials, in index order (read as fairseq's Dictionary does: gpt2_tokenizer.fairseq_symbols)."""
+    from .gpt2_tokenizer import SPECIALS, fairseq_symbols
+
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"--dict {path} does not exist")
-    syms = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.rstrip().rsplit(" ", 2 if line.rstrip().endswith("#fairseq:overwrite") else 1)
-        if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
-            raise ExportError(f"--dict {path} line {n}: expected 'symbol count', got {line!r}")
-        syms.append(parts[0])
-    return syms
+    return fairseq_symbols(path.read_text(encoding="utf-8"), f"--dict {path}")[len(SPECIALS):]
 
 
 def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
