@@ -81,7 +81,10 @@ FAIRSEQ_SCRIPT = textwrap.dedent("""
     with open(d + "/tricky.txt", "w") as f:
         f.write("10 5\\n11 4\\n10 3 #fairseq:overwrite\\nmadeupword0000 0\\n12 1 #fairseq:overwrite\\n")
     tricky = Dictionary.load(d + "/tricky.txt")
-    json.dump({"ids": [encode(s) for s in sentences], "unknown": [enc.decoder[int(t)] for t in unknown],
+    # a pair, as RobertaHubInterface.encode(a, b) frames it: <s> a </s> </s> b </s>
+    pair = "<s> " + bpe.encode(sentences[0]) + " </s> </s> " + bpe.encode(sentences[3]) + " </s>"
+    json.dump({"ids": [encode(s) for s in sentences],
+               "pair": full.encode_line(pair, append_eos=False, add_if_not_exist=False).tolist(), "unknown": [enc.decoder[int(t)] for t in unknown],
                "n": len(full), "mask": mask, "tricky": {"symbols": tricky.symbols, "indices": tricky.indices}},
               open(d + "/fairseq.json", "w"))
 """)
@@ -95,6 +98,7 @@ HF_SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         x = AutoModel.from_pretrained(folder).eval()(**b).last_hidden_state
     torch.save({"single": [tok(s)["input_ids"] for s in sentences], "batch": b["input_ids"],
+                "pair": tok(sentences[0], sentences[3])["input_ids"],
                 "mask": b["attention_mask"], "hidden": x, "cls": type(tok).__name__,
                 "mask_id": tok.mask_token_id, "pad_id": tok.pad_token_id,
                 "decoded": tok.decode(tok(sentences[0])["input_ids"], skip_special_tokens=True)}, sys.argv[3])
@@ -194,7 +198,7 @@ def test_gpt2_tokenizer_gives_fairseq_ids(bpe, oracle, tmp_path, capsys):  # noq
                         str(tmp_path / "hf.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(tmp_path / "hf.pt")
-    assert got["single"] == want
+    assert got["single"] == want and got["pair"] == ref["pair"] and got["cls"] == "RobertaTokenizer"
     assert got["mask_id"] == ref["mask"] and got["pad_id"] == 1
     assert got["decoded"] == SENTENCES[0]
     T = max(map(len, want))
@@ -245,6 +249,12 @@ def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys
     assert main([str(tmp_path / "words"), "--out", str(tmp_path / "hf5"), "--format", "hf"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a GPT-2 BPE id" in err and not (tmp_path / "hf5" / "tokenizer.json").exists()
+    # --gpt2-bpe is only for an import's dict.txt, and only with --format hf
+    (tmp_path / "without" / "dict.txt").unlink()
+    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf6"), "--format", "hf", "--gpt2-bpe", str(d)]) == 2
+    assert "has no dict.txt" in capsys.readouterr().err and not (tmp_path / "hf6").exists()
+    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "p"), "--gpt2-bpe", str(d)]) == 2
+    assert "goes with --format hf" in capsys.readouterr().err
     # d2v2-import --gpt2-bpe checks the dictionary first (the fixture's fairseq dictionary is words)
     imp = [str(oracle / "text" / "checkpoint.pt"), "--dict", str(oracle / "text" / "dict.txt"), "--gpt2-bpe", str(d)]
     assert import_main(imp + ["--out", str(tmp_path / "imp")]) == 2

@@ -166,7 +166,7 @@ def gpt2_tokenizer_files(dict_text: str, bpe_dir, vocab_size: int, max_positions
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": [list(m) for m in merges]},
     }
-    cfg = {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+    cfg = {"tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
            "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "right",
            "add_prefix_space": False, "model_max_length": int(max_positions)}
     if has_mask:
