@@ -84,7 +84,8 @@ FAIRSEQ_SCRIPT = textwrap.dedent("""
     # a pair, as RobertaHubInterface.encode(a, b) frames it: <s> a </s> </s> b </s>
     pair = "<s> " + bpe.encode(sentences[0]) + " </s> </s> " + bpe.encode(sentences[3]) + " </s>"
     json.dump({"ids": [encode(s) for s in sentences],
-               "pair": full.encode_line(pair, append_eos=False, add_if_not_exist=False).tolist(), "unknown": [enc.decoder[int(t)] for t in unknown],
+               "pair": full.encode_line(pair, append_eos=False, add_if_not_exist=False).tolist(),
+               "unknown": [enc.decoder[int(t)] for t in unknown],
                "n": len(full), "mask": mask, "tricky": {"symbols": tricky.symbols, "indices": tricky.indices}},
               open(d + "/fairseq.json", "w"))
 """)
@@ -232,18 +233,19 @@ def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys
     assert (tmp_path / "hf2" / "model.safetensors").is_file() and not (tmp_path / "hf2" / "tokenizer.json").exists()
     assert (tmp_path / "hf2" / "dict.txt").is_file()
     # the files given at export time
-    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf1"), "--format", "hf", "--gpt2-bpe", str(d)]) == 0
+    hf = ["--format", "hf", "--gpt2-bpe", str(d)]
+    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf1")] + hf) == 0
     assert (tmp_path / "hf1" / "tokenizer.json").is_file() and capsys.readouterr().err == ""
     # a dictionary fairseq-preprocess makes from the corpus alone lacks tokens merges build on
     n_small = 4 + len((d / "dict-corpus.txt").read_text().splitlines())
     _plain_import(tmp_path / "small", d / "dict-corpus.txt", n_small + 1)
-    assert main([str(tmp_path / "small"), "--out", str(tmp_path / "hf3"), "--format", "hf", "--gpt2-bpe", str(d)]) == 2
+    assert main([str(tmp_path / "small"), "--out", str(tmp_path / "hf3")] + hf) == 2
     err = capsys.readouterr().err
     assert "merges build on" in err and err.count("\n") == 1 and not (tmp_path / "hf3").exists()
     # a word dictionary (not GPT-2 ids) with --gpt2-bpe: refused; without it: a warning, no tokenizer
     (tmp_path / "words.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(20)))
     _plain_import(tmp_path / "words", tmp_path / "words.txt", 25)
-    assert main([str(tmp_path / "words"), "--out", str(tmp_path / "hf4"), "--format", "hf", "--gpt2-bpe", str(d)]) == 2
+    assert main([str(tmp_path / "words"), "--out", str(tmp_path / "hf4")] + hf) == 2
     err = capsys.readouterr().err
     assert "'w0'" in err and "not a GPT-2 BPE id" in err and not (tmp_path / "hf4").exists()
     assert main([str(tmp_path / "words"), "--out", str(tmp_path / "hf5"), "--format", "hf"]) == 0
@@ -251,7 +253,7 @@ def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys
     assert err.count("\n") == 1 and "not a GPT-2 BPE id" in err and not (tmp_path / "hf5" / "tokenizer.json").exists()
     # --gpt2-bpe is only for an import's dict.txt, and only with --format hf
     (tmp_path / "without" / "dict.txt").unlink()
-    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf6"), "--format", "hf", "--gpt2-bpe", str(d)]) == 2
+    assert main([str(tmp_path / "without"), "--out", str(tmp_path / "hf6")] + hf) == 2
     assert "has no dict.txt" in capsys.readouterr().err and not (tmp_path / "hf6").exists()
     assert main([str(tmp_path / "without"), "--out", str(tmp_path / "p"), "--gpt2-bpe", str(d)]) == 2
     assert "goes with --format hf" in capsys.readouterr().err

@@ -15,8 +15,8 @@ the RoBERTa post-processor (<s> A </s>, pairs <s> A </s></s> B </s>), so AutoTok
 fairseq's ids.  GPT-2 tokens missing from dict.txt get <unk>'s index: exact as long as no merge
 builds on such a token (the `tokenizers` BPE keys merges by id, so two tokens sharing id 3
 cannot both be merge inputs); a dictionary where one does (e.g. made by fairseq-preprocess from
-a small corpus without --srcdict) is refused (`TokenizerRefused`), never approximated.  Released
-dictionaries hold every GPT-2 token: the mapping is a bijection there.  A dict.txt whose symbols
+a small corpus without --srcdict) is refused (`TokenizerRefused`), never approximated.  A
+dictionary listing every GPT-2 id maps one-to-one.  A dict.txt whose symbols
 are not GPT-2 ids (a word or sentencepiece dictionary) is refused too: the text pipeline that
 produced it is not recorded anywhere.
 """

@@ -6,6 +6,7 @@ state, fp32, tested in tests/test_export_hf.py); nothing is approximated:
     data2vec 1.0 speech  -> Data2VecAudioModel   + preprocessor_config.json (Wav2Vec2FeatureExtractor)
     data2vec 1.0 text    -> Data2VecTextModel    + the run's sentencepiece model as an AutoTokenizer
     data2vec 2.0 text    -> RobertaModel          (post-LN blocks, learned positions, no ALiBi), same tokenizer
+    imported fairseq text: + dict.txt and, given the GPT-2 BPE files, a RobertaTokenizer (gpt2_tokenizer.py)
     data2vec 1.0 vision  -> Data2VecVisionModel  + preprocessor_config.json (BeitImageProcessor)
 
 Refused (HFRefused, naming the reason): data2vec 2.0 image (fixed 2-D sin-cos positions and a

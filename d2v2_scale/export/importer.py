@@ -579,6 +579,8 @@ def main(argv=None) -> int:
     if bool(a.out) == bool(a.to_run):
         p.error("give exactly one of --out DIR and --to-run RUN_DIR")
     if a.to_run:
+        if a.gpt2_bpe:
+            p.error("--gpt2-bpe goes with --out (it is stored with dict.txt for the tokenizer of --format hf)")
         if not a.preset:
             p.error("--to-run needs --preset (e.g. image-base)")
         try:
