@@ -7,11 +7,13 @@ import sys
 
 USAGE = """d2v2-export CHECKPOINT_OR_RUN_DIR --out DIR [--which teacher|student] [--with-decoder] [--force]
        d2v2-export CHECKPOINT_OR_RUN_DIR_OR_EXPORT --out DIR --format hf [--which teacher|student] [--force]
+                   [--gpt2-bpe DIR_WITH_encoder.json_AND_vocab.bpe]
 
 examples:
   d2v2-export runs/vitb --out exports/vitb-teacher            # newest complete checkpoint, EMA teacher
   d2v2-export runs/vitb/checkpoints/step_00100000 --out exports/vitb-s --which student --with-decoder
   d2v2-export runs/text --out hf/text --format hf            # AutoModel.from_pretrained("hf/text")
+  d2v2-export exports/nlp-base --out hf/nlp-base --format hf --gpt2-bpe gpt2_bpe/  # + AutoTokenizer
 """
 
 
@@ -31,6 +33,10 @@ def parse_args(argv=None):
                    help="plain (default): safetensors + config.json for model/plain.py; hf: a Hugging Face "
                         "transformers folder (pip install -e '.[hf]'), for the models a transformers class "
                         "computes exactly (docs/EXPORT.md); the input may also be a plain export folder")
+    p.add_argument("--gpt2-bpe", metavar="DIR", default=None,
+                   help="--format hf of an imported fairseq text model (d2v2-import --dict): a folder with "
+                        "fairseq's GPT-2 BPE encoder.json and vocab.bpe; the HF folder then gets a tokenizer that "
+                        "gives the dictionary's ids (docs/EXPORT.md)")
     return p.parse_args(argv)
 
 
@@ -46,13 +52,18 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         try:
-            hcfg = export_hf(args.checkpoint, args.out, which=args.which, force=args.force)
+            hcfg = export_hf(args.checkpoint, args.out, which=args.which, force=args.force, gpt2_bpe=args.gpt2_bpe,
+                             warn=lambda m: print(f"d2v2-export: warning: {m}", file=sys.stderr))
         except ExportError as e:
             print(f"d2v2-export: error: {e}", file=sys.stderr)
             return 2
         print(f"exported the {hcfg['d2v2_export'].get('which')} of {args.checkpoint} as "
               f"{hcfg['architectures'][0]} to {args.out} (AutoModel.from_pretrained)")
         return 0
+    if args.gpt2_bpe:
+        print("d2v2-export: error: --gpt2-bpe goes with --format hf (the plain export keeps dict.txt as it is)",
+              file=sys.stderr)
+        return 2
     try:
         cfg = export_checkpoint(args.checkpoint, args.out, which=args.which or "teacher", with_decoder=args.with_decoder,
                                 force=args.force)

@@ -6,6 +6,7 @@ state, fp32, tested in tests/test_export_hf.py); nothing is approximated:
     data2vec 1.0 speech  -> Data2VecAudioModel   + preprocessor_config.json (Wav2Vec2FeatureExtractor)
     data2vec 1.0 text    -> Data2VecTextModel    + the run's sentencepiece model as an AutoTokenizer
     data2vec 2.0 text    -> RobertaModel          (post-LN blocks, learned positions, no ALiBi), same tokenizer
+    imported fairseq text: + dict.txt and, given the GPT-2 BPE files, a RobertaTokenizer (gpt2_tokenizer.py)
     data2vec 1.0 vision  -> Data2VecVisionModel  + preprocessor_config.json (BeitImageProcessor)
 
 Refused (HFRefused, naming the reason): data2vec 2.0 image (fixed 2-D sin-cos positions and a
@@ -250,20 +251,28 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
     return {"tokenizer.model": data, "tokenizer_config.json": json.dumps(tok, indent=1).encode()}
 
 
-def export_hf(src, out, which: str | None = None, force: bool = False) -> dict:
+def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=None, warn=None) -> dict:
     """`src`: a checkpoint folder or run dir (assembled as d2v2-export does), or an existing plain
     export folder (d2v2-export / d2v2-import output: config.json with "d2v2_export") -> the HF
     folder `out`.  which: teacher | student | None (a checkpoint: the teacher; a plain export
     folder: what it holds, and asking for the other is refused).  A plain export's dict.txt (fairseq dictionary of imported text models) is
-    copied.  Refusals (HFRefused) come before anything is written."""
+    copied, with a transformers tokenizer rebuilt from it and the GPT-2 BPE files (`gpt2_bpe`, a
+    folder with encoder.json + vocab.bpe, or the two files stored in the export by d2v2-import
+    --gpt2-bpe; export/gpt2_tokenizer.py); without them `warn(message)` is called (default: one
+    line on stderr) and the tokenizer is skipped.  Refusals (HFRefused, TokenizerRefused) come
+    before anything is written."""
     from safetensors.torch import load_file
 
     from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint
+    from .gpt2_tokenizer import imported_tokenizer_files
 
     out, src = Path(out), Path(src)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     extra = {}
+    if gpt2_bpe is not None and not (src / "dict.txt").is_file():
+        raise ExportError(f"--gpt2-bpe is for imported fairseq text models (an export folder with dict.txt, "
+                          f"d2v2-import --dict); {src} has no dict.txt")
     if (src / CONFIG).is_file() and (src / WEIGHTS).is_file():
         cfg = json.loads((src / CONFIG).read_text())
         if "d2v2_export" not in cfg:
@@ -275,6 +284,7 @@ def export_hf(src, out, which: str | None = None, force: bool = False) -> dict:
         tensors = load_file(str(src / WEIGHTS))
         if (src / "dict.txt").is_file():
             extra["dict.txt"] = (src / "dict.txt").read_bytes()
+            extra |= imported_tokenizer_files(src, cfg, gpt2_bpe, warn)
     else:
         folder = resolve_checkpoint(src)
         info = read_marker(folder)

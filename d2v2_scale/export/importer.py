@@ -320,17 +320,14 @@ def _check(tensors: dict, expected: dict, where: str) -> None:
 
 
 def read_dictionary(path: str | os.PathLike) -> list[str]:
-    """fairseq dict.txt: one `symbol count [#fairseq:overwrite]` per line -> symbols."""
+    """fairseq dict.txt: one `symbol count [#fairseq:overwrite]` per line -> the symbols after the
+    4 specials, in index order (read as fairseq's Dictionary does: gpt2_tokenizer.fairseq_symbols)."""
+    from .gpt2_tokenizer import SPECIALS, fairseq_symbols
+
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"--dict {path} does not exist")
-    syms = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.rstrip().rsplit(" ", 2 if line.rstrip().endswith("#fairseq:overwrite") else 1)
-        if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
-            raise ExportError(f"--dict {path} line {n}: expected 'symbol count', got {line!r}")
-        syms.append(parts[0])
-    return syms
+    return fairseq_symbols(path.read_text(encoding="utf-8"), f"--dict {path}")[len(SPECIALS):]
 
 
 def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
@@ -434,8 +431,10 @@ def _ns(mcfg: dict):
 
 
 def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str = "teacher",
-                      dict_path: str | os.PathLike | None = None, force: bool = False) -> dict:
-    """fairseq checkpoint `src` -> export folder `out` (as d2v2-export writes).  Returns config.json."""
+                      dict_path: str | os.PathLike | None = None, force: bool = False, gpt2_bpe=None) -> dict:
+    """fairseq checkpoint `src` -> export folder `out` (as d2v2-export writes).  Returns config.json.
+    `gpt2_bpe`: a folder with the GPT-2 BPE encoder.json + vocab.bpe the dictionary's ids come from;
+    stored next to dict.txt (checked first: export/gpt2_tokenizer.py) so `--format hf` writes a tokenizer."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -452,6 +451,15 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
             raise ExportError(f"--dict {dict_path}: {len(syms)} symbols + 4 specials do not fit the model's "
                               f"{mcfg['vocab_size']} token embeddings: not this model's dictionary")
         extra[DICT] = Path(dict_path).read_bytes()
+        if gpt2_bpe is not None:
+            from .gpt2_tokenizer import ENCODER, MERGES, gpt2_tokenizer_files
+
+            # refusals (not GPT-2 ids, tokens no exact tokenizer maps) before anything is written
+            gpt2_tokenizer_files(extra[DICT].decode("utf-8"), gpt2_bpe, mcfg["vocab_size"], mcfg["max_positions"],
+                                 where=f"--dict {dict_path}")
+            extra |= {f: (Path(gpt2_bpe) / f).read_bytes() for f in (ENCODER, MERGES)}
+    elif gpt2_bpe is not None:
+        raise ExportError(f"--gpt2-bpe is for text models; {src} is a {mcfg['modality']} model")
     hist = ck.get("optimizer_history") or [{}]
     step = hist[-1].get("num_updates", 0) if isinstance(hist[-1], dict) else 0
     mcfg["d2v2_export"] = {
@@ -598,6 +606,9 @@ def main(argv=None) -> int:
                    help="the EMA teacher (default: model['_ema'], 1.0 text model['encoder._ema']) or the "
                         "student (what fairseq fine-tunes)")
     p.add_argument("--dict", dest="dict_path", help="text models: the fairseq dict.txt (stored in the export)")
+    p.add_argument("--gpt2-bpe", metavar="DIR", default=None,
+                   help="text models: a folder with fairseq's GPT-2 BPE encoder.json and vocab.bpe (the BPE the "
+                        "dictionary's ids come from), stored with dict.txt; --format hf then writes a tokenizer")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=["plain", "hf"], default="plain",
                    help="with --out: plain (default) or hf, a Hugging Face transformers folder for the models a "
@@ -607,6 +618,8 @@ def main(argv=None) -> int:
     if bool(a.out) == bool(a.to_run):
         p.error("give exactly one of --out DIR and --to-run RUN_DIR")
     if a.to_run:
+        if a.gpt2_bpe:
+            p.error("--gpt2-bpe goes with --out (it is stored with dict.txt for the tokenizer of --format hf)")
         if not a.preset:
             p.error("--to-run needs --preset (e.g. image-base)")
         try:
@@ -623,7 +636,8 @@ def main(argv=None) -> int:
     try:
         if a.format == "hf":
             return _import_hf(a)
-        cfg = import_checkpoint(a.checkpoint, a.out, which=a.which, dict_path=a.dict_path, force=a.force)
+        cfg = import_checkpoint(a.checkpoint, a.out, which=a.which, dict_path=a.dict_path, force=a.force,
+                                gpt2_bpe=a.gpt2_bpe)
     except ExportError as e:
         print(f"d2v2-import: error: {e}", file=sys.stderr)
         return 2
@@ -637,6 +651,7 @@ def main(argv=None) -> int:
 
 def _import_hf(a) -> int:
     """d2v2-import --format hf: the plain import into a temporary folder, then export/hf.py on it."""
+    import sys
     import tempfile
 
     from .hf import export_hf
@@ -646,8 +661,10 @@ def _import_hf(a) -> int:
     Path(a.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     # refusals (HFRefused) come from export_hf, before anything is written to a.out
     with tempfile.TemporaryDirectory(prefix=".d2v2-import-", dir=Path(a.out).resolve().parent) as tmp:
-        import_checkpoint(a.checkpoint, Path(tmp) / "plain", which=a.which, dict_path=a.dict_path)
-        hcfg = export_hf(Path(tmp) / "plain", a.out, which=a.which, force=a.force)
+        import_checkpoint(a.checkpoint, Path(tmp) / "plain", which=a.which, dict_path=a.dict_path,
+                          gpt2_bpe=a.gpt2_bpe)
+        hcfg = export_hf(Path(tmp) / "plain", a.out, which=a.which, force=a.force,
+                         warn=lambda m: print(f"d2v2-import: warning: {m}", file=sys.stderr))
     print(f"imported the {a.which} of {a.checkpoint} as {hcfg['architectures'][0]} to {a.out} "
           f"(AutoModel.from_pretrained)")
     return 0
