@@ -45,7 +45,14 @@ def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
 
 
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
-    """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it."""
+    """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
+    index tensors it ships, model/layout.py)."""
+    from .model.layout import add_layout
+
+    return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
+
+
+def _synthetic_batch(cfg, step: int, seed: int) -> dict:
     from .data import masking
 
     m, mk = cfg.model, cfg.masking
