@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..opcount import host_scalar
 from .attention import alibi_slopes, attention_bias
 from .blocks import Block, make_transformer_config
 from .modality import Modality
@@ -136,11 +137,9 @@ class Encoder(nn.Module):
         outs = []
         for i, blk in zip(self.blocks.indices(), self.blocks):
             # layerdrop (student only; the default RNG is identical on all TP ranks).  The draw is a
-            # host tensor on every machine (no device argument), so reading it waits for no device;
-            # .tolist() reads it without the dispatcher's `.item()`, which `d2v2-bench --count-ops`
-            # (on the CPU, where it cannot tell host from device tensors) would file as a sync
+            # host tensor on every machine (no device argument): reading it waits for no device
             if self.training and self.layerdrop > 0 and i >= self.prenet_depth and not top_k:
-                if torch.rand(()).tolist() < self.layerdrop:
+                if host_scalar(torch.rand(())) < self.layerdrop:
                     continue
             x, t = blk(x, bias)
             if i >= self.total_blocks - top_k:
