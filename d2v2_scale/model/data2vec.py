@@ -190,7 +190,7 @@ class Data2Vec2(nn.Module):
     def layout(self, batch: dict) -> StudentLayout:
         mask = batch["mask"]  # [N, T] True = masked (or padding)
         m = self.clone_batch
-        idx = layout_of(batch, self.modality, m, gather=True)  # shipped by the loader: no host sync
+        idx = layout_of(batch, self.modality, m, self.gathers_kept)  # shipped by the loader: no host sync
         padding = idx[TOKEN_PADDING]  # [B, T] | None
         pad = padding.repeat_interleave(m, 0) if padding is not None else None
         return StudentLayout(mask=mask, padding=padding, pad=pad, zero=mask if pad is None else mask | pad,

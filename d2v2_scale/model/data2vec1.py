@@ -134,7 +134,7 @@ class Data2Vec1(nn.Module):
 
     def _layout(self, batch: dict) -> dict:
         """The loader's index tensors (model/layout.py; derived here for batches built by hand)."""
-        return layout_of(batch, self.modality, 1, gather=False)
+        return layout_of(batch, self.modality, 1, self.gathers_kept)
 
     @torch.no_grad()
     def teacher_source(self, batch: dict) -> Tensor:
