@@ -87,6 +87,25 @@ def test_fill_masked_is_bitwise_the_masked_scatter_and_uneven_masks_are_refused(
         kept_indices(mask)
 
 
+def test_counter_sees_tolist_and_masked_scatter_grad_but_not_host_scalar():
+    """`Tensor.tolist()` (a device-to-host copy on a GPU) and masked_scatter's gradient count as
+    syncs; `host_scalar` (layerdrop's CPU-generator draw) does not, and refuses other devices."""
+    from d2v2_scale.opcount import OpCounter, count_tolist, host_scalar
+
+    x = torch.randn(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    with OpCounter() as c, count_tolist(c):
+        with c.in_phase("student_fwd"):
+            y = torch.zeros(2, 3).masked_scatter(mask, x)
+            host_scalar(torch.rand(()))
+        y.sum().backward()
+        x.detach().tolist()
+    assert dict(c.syncs) == {("other", "aten::masked_scatter_backward"): 1, ("other", "Tensor.tolist"): 1}
+    assert ("student_fwd", "aten::_local_scalar_dense") in c.ops  # the read happened, not as a sync
+    with pytest.raises(ValueError, match="host tensors only"):
+        host_scalar(torch.empty((), device="meta"))
+
+
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_loader_ships_the_layout(kind):
     """Loader batches carry the index tensors, equal to the derivation from the batch's own mask;

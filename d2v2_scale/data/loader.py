@@ -27,7 +27,7 @@ True at masked positions only (padding is never masked); text batches add studen
 [B, T] (the tokens with <mask> / random ids in place) and mask = (student_source == <mask>).
 Every batch also carries the index tensors the student forward derives from the mask
 (model/layout.py, computed here in the workers so the forward reads nothing back to the host):
-  token_padding bool [B, T] or None (no token padded; audio: frame padding, text: padding_mask);
+  token_padding bool [B, T], only when some token is padded (audio: frame padding, text: padding_mask);
   kept int64 [B*M, T_keep] (data2vec 2.0: each row's ascending kept positions);
   loss_rows, loss_cols int64 [n]: the masked, non-padded positions, row-major (image 2.0:
   n = B*M*(L - T_keep), a constant of the config).
@@ -67,10 +67,7 @@ class BatchBuilder:
     """Builds one batch from (epoch, indices); runs inside DataLoader workers (picklable)."""
 
     def __init__(self, cfg, shards: ShardSet):
-        from ..model.layout import add_layout
-
         self.cfg, self.shards = cfg, shards
-        self.add_layout = add_layout
         self.modality = shards.modality
         self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
             shards.manifest.get("num_classes", 0) > 0
@@ -94,8 +91,10 @@ class BatchBuilder:
                     indices[b] = self.shards.substitute(i)
                     bad.append(dict(self.shards.describe(i), reason="row checksum mismatch",
                                     used=int(indices[b])))
+        from ..model.layout import add_layout  # here: the model package is heavy for data-only users
+
         out = getattr(self, "_" + self.modality)(epoch, indices)
-        self.add_layout(out, self.cfg.model)  # the index tensors the forward would otherwise read back
+        add_layout(out, self.cfg.model)  # the index tensors the forward would otherwise read back
         if bad:
             out[BAD_ROWS_KEY] = bad
         return out
