@@ -1,8 +1,8 @@
 """Issue #19 (forward side): the loader ships the student's index tensors (model/layout.py), so the
 forward and backward read nothing back to the host, and the image step compiles as one graph.
 
-CI cost (2-core CPU): about 75 s in all, most of it the whole-step compile (~25 s) and the two
-count-ops updates in a subprocess (~30 s)."""
+CI cost (2-core CPU): about 30 s in all when the machine is idle (75 s measured under load), most of it
+the whole-step compile and the two count-ops updates in a subprocess."""
 
 import json
 import sys
