@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import data_fixtures as fx  # noqa: E402
 
+from d2v2_scale.opcount import OpCounter  # noqa: E402
 from d2v2_scale.model.layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, add_layout, derive_layout  # noqa: E402
 from tests.dist_bodies_model import build_models, make_batch  # noqa: E402
 from tests.test_bench import _run_script  # noqa: E402
@@ -38,7 +39,8 @@ def _step(s, t, batch, seed=5):
 @pytest.mark.parametrize("preset", ["image-tiny", "audio-tiny", "text-tiny", "d2v1-audio-tiny"])
 def test_shipped_indices_give_bitwise_the_same_loss_and_grads(preset):
     """Same batch (audio/text: the second sample padded) with and without the loader's index
-    tensors: identical loss, statistics and gradients, bit for bit.  The shipped tensors are
+    tensors: identical loss, statistics and gradients, bit for bit, and with them the teacher,
+    the student forward and the backward dispatch no host sync.  The shipped tensors are
     what the forward derived before: argsort's kept positions, (mask & ~pad).nonzero()."""
     cfg, s, t = build_models(preset)
     s.train()
@@ -56,7 +58,10 @@ def test_shipped_indices_give_bitwise_the_same_loss_and_grads(preset):
         assert not mask.gather(1, kept).any() and (~mask).sum(1).eq(kept.shape[1]).all()
     else:
         assert KEPT not in shipped  # data2vec 1.0 encodes every position
-    a, b = _step(s, t, plain), _step(s, t, shipped)
+    a = _step(s, t, plain)
+    with OpCounter() as c:  # teacher, student forward and backward of a padded batch: no host sync
+        b = _step(s, t, shipped)
+    assert not c.syncs, dict(c.syncs)
     assert torch.equal(a[0], b[0]), (a[0], b[0])
     assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
