@@ -1,6 +1,6 @@
 """d2v2-bench: time N real training steps of a preset on synthetic inputs of the right shapes.
 
-    d2v2-bench --preset image-large --steps 20 --warmup 5 [--compile] [--json row.json] key=value ...
+    d2v2-bench --preset image-large --steps 20 --warmup 5 [--compile | --compile-step] [--json row.json] key=value ...
     torchrun --nproc_per_node 8 -m d2v2_scale.bench --preset image-large ...   (rank 0 prints)
 
 Each step is `Trainer.train_step` of the real harness (DeepSpeed engine, ZeRO, EMA teacher) on
@@ -45,7 +45,14 @@ def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
 
 
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
-    """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it."""
+    """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
+    index tensors it ships, model/layout.py)."""
+    from .model.layout import add_layout
+
+    return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
+
+
+def _synthetic_batch(cfg, step: int, seed: int) -> dict:
     from .data import masking
 
     m, mk = cfg.model, cfg.masking
@@ -195,10 +202,28 @@ def compile_blocks(trainer) -> str:
         return f"failed: {type(e).__name__}: {e}"
 
 
-def check_compile(cfg) -> None:
+def compile_step(module, backend: str = "inductor") -> None:
+    """torch.compile the whole student forward as ONE graph (fullgraph=True: a graph break is an
+    error, not a silent split): front end, the teacher's call, clone, gather, blocks, decoder and
+    loss.  Possible for image data2vec 2.0, whose shapes are all functions of the config once the
+    loader ships the index tensors (model/layout.py); the backward is AOTAutograd's of that graph.
+    tests/test_layout.py compiles the plain module this way (backend aot_eager on the CPU).
+
+    The forward, not the module call: DeepSpeed's engine puts a forward pre-hook on the module
+    whose throughput timer calls time.time(), a graph break that fullgraph=True refuses; the
+    hooks stay eager around the one graph."""
+    module.forward = torch.compile(module.forward, fullgraph=True, backend=backend)
+
+
+def check_compile(cfg, compile: str = "blocks") -> None:
     """Refuse --compile where it is known not to work, before any step is spent."""
     from .config import ConfigError
 
+    m = cfg.model
+    if compile == "step" and (m.modality != "image" or m.variant != "data2vec2"):
+        raise ConfigError(f"--compile-step with {m.modality} {m.variant}: the whole-step graph needs the static "
+                          "shapes of image data2vec 2.0 (audio/text lengths change per batch and would recompile); "
+                          "use --compile (each block) here")
     if cfg.parallel.zero_stage == 3:
         # measured (docs/BENCHMARKS.md): dynamo traces DeepSpeed's ZeRO-3 gather/release hooks
         # around every block, recompiles on each call until torch._dynamo's recompile limit, then
@@ -223,7 +248,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool = False,
+def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool | str = False,
               breakdown: bool = True, peak_tflops: float = 989.0, output_dir: str | None = None,
               profile: str | None = None) -> dict:
     import tempfile
@@ -243,11 +268,15 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         ov.append("logging.tensorboard=false")
     cfg = build_config(preset, overrides=ov)
     if compile:
-        check_compile(cfg)
+        check_compile(cfg, compile)
     tr = Trainer(cfg, build_data=False)
     info = tr.info
     compile_status = "off"
-    if compile:
+    if compile == "step":
+        compile_step(tr.engine.module)
+        compile_status = "ok (whole step)"
+        breakdown = False  # the per-part syncs would sit inside the graph
+    elif compile:
         compile_status = compile_blocks(tr)
     if info.pp_size > 1:
         # stages overlap micro-batches (1F1B): a per-part split of one rank's time would mislead
@@ -408,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each transformer block (student and teacher; not with ZeRO-3)")
+    ap.add_argument("--compile-step", action="store_true",
+                    help="torch.compile the whole student forward (teacher, decoder, loss) as one graph "
+                         "(image data2vec 2.0; not with ZeRO-3; implies --no-breakdown)")
     ap.add_argument("--no-breakdown", action="store_true", help="time only whole steps (no per-part syncs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default=None, help="write the result row (JSON) here")
@@ -426,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.count_ops:
             row = run_count_ops(a.preset, a.overrides, warmup=a.warmup, output_dir=a.output_dir)
         else:
-            row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile=a.compile,
+            row = run_bench(a.preset, a.overrides, steps=a.steps, warmup=a.warmup, compile="step" if a.compile_step else a.compile,
                             breakdown=not a.no_breakdown, peak_tflops=a.peak_tflops, output_dir=a.output_dir,
                             profile=a.profile)
     except ConfigError as e:

@@ -11,8 +11,11 @@ measured on the CPU and compared before/after a change:
 * host synchronisations: the operators that make the host wait for the device's result on a GPU:
   `aten._local_scalar_dense` (`.item()`, `float(t)`, `bool(t)`, `if t:`), operators whose output
   shape depends on data (`nonzero`, boolean-mask indexing, `masked_select`, `unique`,
-  `repeat_interleave` without an output size) and copies from the device to the host.  On the CPU
-  nothing waits, but each of these is a sync on a GPU;
+  `repeat_interleave` without an output size, the gradient of `masked_scatter`), copies from the
+  device to the host and `Tensor.tolist()` (on the CPU it reads memory without the dispatcher, so
+  it is counted by wrapping it).  On the CPU nothing waits, but each of these is a sync on a GPU.
+  The one exception is `host_scalar(t)`: a read of a tensor that is on the host on every machine
+  (a draw from the CPU generator), refused for any other;
 * collectives: calls into `torch.distributed` (DeepSpeed's communication goes through it);
 * Python time outside operators: wall time of the update minus the time inside operators.
 
@@ -36,13 +39,31 @@ PHASES = ("teacher", "student_fwd", "backward", "optimizer", "ema", "other")
 # operators after which the host must know a device value (a sync on a GPU)
 _SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
              "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim",
-             "aten::is_nonzero", "aten::equal", "aten::allclose"}
+             "aten::is_nonzero", "aten::equal", "aten::allclose",
+             "aten::masked_scatter_backward"}  # its gradient is a boolean-mask select
 
 # torch.distributed entry points that start a collective
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
                 "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "all_to_all",
                 "all_to_all_single", "barrier", "all_gather_object", "broadcast_object_list", "send", "recv",
                 "isend", "irecv", "batch_isend_irecv")
+
+
+_HOST_READS = [0]  # > 0 while host_scalar reads a host tensor
+
+
+def host_scalar(t: torch.Tensor):
+    """t.item() for a tensor that lives on the host on every machine (made without a device, e.g.
+    `torch.rand(())` from the CPU generator): no device sync, so the counter does not file it as
+    one (on the CPU it cannot tell host from device tensors by itself).  A tensor on an
+    accelerator is refused: reading it would be a sync."""
+    if t.device.type != "cpu":
+        raise ValueError(f"host_scalar reads host tensors only, got one on {t.device}: reading it is a host sync")
+    _HOST_READS[0] += 1
+    try:
+        return t.item()
+    finally:
+        _HOST_READS[0] -= 1
 
 
 def _op_name(func) -> str:
@@ -80,7 +101,7 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = _op_name(func)
         self.ops[(self.phase, name)] += 1
-        if _is_sync(name, func, args, kwargs):
+        if _is_sync(name, func, args, kwargs) and not (_HOST_READS[0] and name == "aten::_local_scalar_dense"):
             self.syncs[(self.phase, name)] += 1
         t0 = time.perf_counter()
         out = func(*args, **kwargs)
@@ -117,6 +138,23 @@ def count_collectives(counter: OpCounter, calls: Counter):
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)
+
+
+@contextmanager
+def count_tolist(counter: OpCounter):
+    """Count `Tensor.tolist()` as a host sync under the counter's phase (a device-to-host copy on
+    a GPU; on the CPU it bypasses the dispatcher).  Restored on exit."""
+    saved = torch.Tensor.tolist
+
+    def tolist(self):
+        counter.syncs[(counter.phase, "Tensor.tolist")] += 1
+        return saved(self)
+
+    torch.Tensor.tolist = tolist
+    try:
+        yield
+    finally:
+        torch.Tensor.tolist = saved
 
 
 def _phase_wrap(counter: OpCounter, phase: str, fn):
@@ -164,7 +202,7 @@ def count_update(trainer, batches: list[dict]) -> dict:
     counter = OpCounter()
     instrument_phases(trainer, counter)
     calls: Counter = Counter()
-    with count_collectives(counter, calls), counter:
+    with count_collectives(counter, calls), count_tolist(counter), counter:
         t0 = time.perf_counter()
         trainer.train_step(batches)
         wall = time.perf_counter() - t0

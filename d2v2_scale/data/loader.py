@@ -25,6 +25,12 @@ then longer rows get extra random positions masked down to the batch minimum.
 data2vec 1.0 (masking.generator != "data2vec2", data/masking_d2v1.py): M = 1; mask [B, T] is
 True at masked positions only (padding is never masked); text batches add student_source int64
 [B, T] (the tokens with <mask> / random ids in place) and mask = (student_source == <mask>).
+Every batch also carries the index tensors the student forward derives from the mask
+(model/layout.py, computed here in the workers so the forward reads nothing back to the host):
+  token_padding bool [B, T], only when some token is padded (audio: frame padding, text: padding_mask);
+  kept int64 [B*M, T_keep] (data2vec 2.0: each row's ascending kept positions);
+  loss_rows, loss_cols int64 [n]: the masked, non-padded positions, row-major (image 2.0:
+  n = B*M*(L - T_keep), a constant of the config).
 
 Bad rows: a row whose bytes do not match its checksum (shards.py) is replaced by
 `ShardSet.substitute` (the next good sample; a rule of the index alone, so the batch stays
@@ -85,7 +91,10 @@ class BatchBuilder:
                     indices[b] = self.shards.substitute(i)
                     bad.append(dict(self.shards.describe(i), reason="row checksum mismatch",
                                     used=int(indices[b])))
+        from ..model.layout import add_layout  # here: the model package is heavy for data-only users
+
         out = getattr(self, "_" + self.modality)(epoch, indices)
+        add_layout(out, self.cfg.model)  # the index tensors the forward would otherwise read back
         if bad:
             out[BAD_ROWS_KEY] = bad
         return out

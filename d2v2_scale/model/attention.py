@@ -51,7 +51,9 @@ def attention_bias(batch: int, seq: int, *, positions: Tensor | None = None,
     """Additive attention bias [B, H_local | 1, T, T], or None when there is nothing to add.
 
     positions:   [B, T] int64 original position of each token (None: 0..T-1); only ALiBi uses it.
-    key_padding: [B, T] bool, True = padded key (gets -inf).
+    key_padding: [B, T] bool, True = padded key (gets -inf); None when no key is padded (the
+                 callers' token padding is None then, model/layout.py), so the bias is built
+                 without reading the mask back to the host.
     slopes:      [H_local] ALiBi slopes of this rank's heads (None: no ALiBi).
     scale:       [H_local] learned ALiBi scale of this rank's heads, clamped at 0 here.
     """
@@ -64,7 +66,7 @@ def attention_bias(batch: int, seq: int, *, positions: Tensor | None = None,
         if scale is not None:
             per_head = per_head * scale.clamp_min(0).to(dtype)
         bias = -dist[:, None] * per_head[None, :, None, None]  # [B, H, T, T]
-    if key_padding is not None and bool(key_padding.any()):
+    if key_padding is not None:
         pad = torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device)
         pad = pad.masked_fill(key_padding, float("-inf"))[:, None, None, :]  # [B, 1, 1, T]
         bias = pad if bias is None else bias + pad

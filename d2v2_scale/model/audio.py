@@ -70,9 +70,11 @@ class AudioLocal(nn.Module):
         # PyTorch's default Linear init: the reference resets this projection after its BERT init (spec 12 D9)
         self.proj = nn.Linear(c, mcfg.embed_dim)
 
-    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None,
+                with_padding: bool = True) -> tuple[Tensor, Tensor | None]:
         feats = self.cnn(source)
-        pad = frame_padding(padding_mask, feats.shape[1], self.conv_layers)
+        # with_padding=False: the caller has the padding already (frame_padding reads .any() back)
+        pad = frame_padding(padding_mask, feats.shape[1], self.conv_layers) if with_padding else None
         return self.proj(self.norm(feats)), pad
 
 

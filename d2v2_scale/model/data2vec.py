@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .encoder import Encoder, kept_indices
+from .encoder import Encoder
+from .layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of
 from .loss import token_loss
 from .modality import get_modality
 from .targets import accumulate_layers, finish_targets
@@ -82,13 +83,16 @@ def position_share(y: Tensor, padding: Tensor | None = None) -> Tensor:
     return torch.where(n > g, share, torch.full_like(share, float("nan")))
 
 
-def fill_masked(x_kept: Tensor, mask: Tensor, std: float = MASK_NOISE_STD) -> Tensor:
-    """Student outputs at kept positions [N, T_keep, D] -> [N, T, D] in the original order, masked
-    slots filled with N(0, std^2) noise.  Kept positions are ascending (see kept_indices), and
-    masked_scatter fills in row-major order, so this is the inverse of the gather."""
-    n, t = mask.shape
-    noise = x_kept.new_empty(n, t, x_kept.shape[-1]).normal_(0.0, std)
-    return noise.masked_scatter((~mask).unsqueeze(-1), x_kept)
+def fill_masked(x_kept: Tensor, keep: Tensor, t: int, std: float = MASK_NOISE_STD) -> Tensor:
+    """Student outputs at kept positions [N, T_keep, D] -> [N, t, D] in the original order, masked
+    slots filled with N(0, std^2) noise: the inverse of the gather at keep [N, T_keep].
+
+    A scatter at the kept indices, not a masked_scatter at ~mask: the same values (bitwise, and
+    the same gradient, a gather), but its backward is no boolean-mask select (a host sync on a
+    GPU) and its shapes do not depend on the mask's values (one graph under torch.compile)."""
+    n, d = keep.shape[0], x_kept.shape[-1]
+    noise = x_kept.new_empty(n, t, d).normal_(0.0, std)
+    return noise.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x_kept)
 
 
 class Data2Vec2Teacher(nn.Module):
@@ -141,13 +145,16 @@ class StudentLayout:
 
     mask [N, T] (True = masked), padding [B, T] | None (token padding), pad [N, T] | None (per
     clone), zero [N, T] (masked or padded: zeroed before the positional conv), keep [N, T_keep]
-    (ascending kept positions)."""
+    (ascending kept positions), loss_rows / loss_cols [n] (the masked, non-padded positions).
+    The index tensors come with the batch from the loader (model/layout.py)."""
 
     mask: Tensor
     padding: Tensor | None
     pad: Tensor | None
     zero: Tensor
     keep: Tensor
+    loss_rows: Tensor
+    loss_cols: Tensor
 
 
 class Data2Vec2(nn.Module):
@@ -178,13 +185,16 @@ class Data2Vec2(nn.Module):
             names.append("loss_cls")
         return names
 
+    gathers_kept = True  # the student encodes only the kept tokens: the batch carries `kept` (model/layout.py)
+
     def layout(self, batch: dict) -> StudentLayout:
         mask = batch["mask"]  # [N, T] True = masked (or padding)
         m = self.clone_batch
-        padding = self.modality.token_padding(batch, mask.shape[1])  # [B, T] | None
+        idx = layout_of(batch, self.modality, m, self.gathers_kept)  # shipped by the loader: no host sync
+        padding = idx[TOKEN_PADDING]  # [B, T] | None
         pad = padding.repeat_interleave(m, 0) if padding is not None else None
         return StudentLayout(mask=mask, padding=padding, pad=pad, zero=mask if pad is None else mask | pad,
-                             keep=kept_indices(mask))
+                             keep=idx[KEPT], loss_rows=idx[LOSS_ROWS], loss_cols=idx[LOSS_COLS])
 
     @torch.no_grad()
     def teacher_source(self, batch: dict) -> Tensor:
@@ -195,14 +205,14 @@ class Data2Vec2(nn.Module):
         if "local" in self.modality.teacher_parts:
             return self.modality.teacher_input(batch, None)
         batch[FRONT_RNG_KEY] = default_rng_state()
-        features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+        features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"), with_padding=False)
         return self.modality.teacher_input(batch, features)
 
     def front_end(self, batch: dict) -> Tensor:
         """Local features [B, T, D] of the batch, once per sample (with the front end's dropout
         replayed from the teacher pass under pipelining, see teacher_source)."""
         with replay_rng(batch.get(FRONT_RNG_KEY)):
-            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"), with_padding=False)
         return features
 
     @torch.no_grad()
@@ -250,17 +260,16 @@ class Data2Vec2(nn.Module):
 
     def loss(self, x: Tensor, targets: Tensor, lay: StudentLayout) -> tuple[Tensor, dict]:
         """Student output x [N, E + T_keep, D], targets [B, T, D] -> (loss, stats)."""
-        m, mask, pad = self.clone_batch, lay.mask, lay.pad
+        m, mask = self.clone_batch, lay.mask
         e = self.encoder.num_extra_tokens
 
         # 5. decoder: noise at masked slots, original order, one prediction per position
         # (dropout on the student output first, before the noise: spec 12 D2)
         x_dec = self.decoder.input_dropout(x[:, e:])
-        pred = self.decoder(fill_masked(x_dec, mask, self.mcfg.decoder_noise_std))  # [N, T, D]
+        pred = self.decoder(fill_masked(x_dec, lay.keep, mask.shape[1], self.mcfg.decoder_noise_std))  # [N, T, D]
 
         # 6. loss at masked, non-padded positions against the (repeated) teacher targets
-        loss_pos = mask if pad is None else mask & ~pad
-        rows, cols = loss_pos.nonzero(as_tuple=True)
+        rows, cols = lay.loss_rows, lay.loss_cols  # row-major, as (mask & ~pad).nonzero() lists them
         p, y = pred[rows, cols], targets[torch.div(rows, m, rounding_mode="floor"), cols]  # [n, D]
         n = p.shape[0]
         loss_reg = self.token_loss(p, y).sum() / max(n, 1)

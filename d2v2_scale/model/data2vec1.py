@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .data2vec import compute_var, position_share
 from .encoder import Encoder
 from .layers import BertLinear, TruncNormalLinear
+from .layout import LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of, loss_positions
 from .loss import loss_scale, token_loss
 from .modality import get_modality
 from .targets import accumulate_layers, finish_targets
@@ -126,11 +127,14 @@ class Data2Vec1(nn.Module):
         self.loss_scale = loss_scale(m)
         self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
 
+    gathers_kept = False  # every position is encoded: the batch needs no `kept` (model/layout.py)
+
     def stat_names(self) -> list[str]:
         return ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var", "target_position_share"]
 
-    def _padding(self, batch: dict) -> Tensor | None:
-        return self.modality.token_padding(batch, batch["mask"].shape[1])
+    def _layout(self, batch: dict) -> dict:
+        """The loader's index tensors (model/layout.py; derived here for batches built by hand)."""
+        return layout_of(batch, self.modality, 1, self.gathers_kept)
 
     @torch.no_grad()
     def teacher_source(self, batch: dict) -> Tensor:
@@ -145,7 +149,7 @@ class Data2Vec1(nn.Module):
         local, was_training = self.encoder.local, self.encoder.local.training
         local.train(False)
         try:
-            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+            features, _ = self.encoder.local_features(batch["source"], batch.get("padding_mask"), with_padding=False)
         finally:
             local.train(was_training)
         return self.modality.teacher_input(batch, features)
@@ -155,7 +159,8 @@ class Data2Vec1(nn.Module):
         """Whole model: forward(batch, teacher) -> (loss, stats).  Pipeline stage: hidden = the
         previous stage's output [T, B, D]; targets [B, T, D] on the last stage."""
         mask = batch["mask"]  # [B, T] True = masked
-        padding = self._padding(batch)
+        lay = self._layout(batch)
+        padding = lay[TOKEN_PADDING]
         if self.first_stage:
             x, targets = self._embed(batch, mask, padding, teacher, targets)  # [E + T, B, D]
         else:
@@ -163,12 +168,12 @@ class Data2Vec1(nn.Module):
         x = self._blocks(x, padding)
         if not self.last_stage:
             return x
-        return self.loss(x.transpose(0, 1), targets, mask, padding)
+        return self.loss(x.transpose(0, 1), targets, mask, padding, (lay[LOSS_ROWS], lay[LOSS_COLS]))
 
     # ---- speech and text: the shared Encoder ------------------------------------------------
     def _embed_sequence(self, batch, mask, padding, teacher, targets):
         student_src = batch.get("student_source", batch["source"])
-        x, _ = self.encoder.local_features(student_src, batch.get("padding_mask"))
+        x, _ = self.encoder.local_features(student_src, batch.get("padding_mask"), with_padding=False)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"batch['mask'] is {tuple(mask.shape)}, expected [B, T] = {tuple(x.shape[:2])} "
                              "(data2vec 1.0: one mask row per sample)")
@@ -209,11 +214,13 @@ class Data2Vec1(nn.Module):
         y = teacher(x) if padding is None else teacher(x, padding)
         return y.float()
 
-    def loss(self, x: Tensor, targets: Tensor, mask: Tensor, padding: Tensor | None) -> tuple[Tensor, dict]:
-        """Student output x [B, E + T, D], targets [B, T, D], mask [B, T] -> (loss, stats)."""
+    def loss(self, x: Tensor, targets: Tensor, mask: Tensor, padding: Tensor | None,
+             positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
+        """Student output x [B, E + T, D], targets [B, T, D], mask [B, T] -> (loss, stats).
+        positions: (rows [n], cols [n]) of the masked, non-padded positions when the batch carries
+        them (model/layout.py), else derived from mask and padding here."""
         x = x[:, self.encoder.num_extra_tokens:]
-        loss_pos = mask if padding is None else mask & ~padding
-        rows, cols = loss_pos.nonzero(as_tuple=True)
+        rows, cols = positions if positions is not None else loss_positions(mask, padding)
         p, y = self.decoder(x[rows, cols]), targets[rows, cols]  # [n, D]
         n = p.shape[0]
         loss = token_loss(p, y, self.mcfg.loss_beta, self.loss_scale).sum() / max(n, 1)

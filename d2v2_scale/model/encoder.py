@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..opcount import host_scalar
 from .attention import alibi_slopes, attention_bias
 from .blocks import Block, make_transformer_config
 from .modality import Modality
@@ -29,19 +30,6 @@ def _tp_rank_size() -> tuple[int, int]:
     if ps.model_parallel_is_initialized():
         return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     return 0, 1
-
-
-def kept_indices(mask: Tensor) -> Tensor:
-    """mask [N, T] bool (True = masked) -> ascending kept positions [N, T_keep].
-
-    Every row must keep the same number of positions (the student batch is dense)."""
-    kept = (~mask).sum(1)
-    lo, hi = kept.aminmax()
-    if int(lo) != int(hi):
-        raise ValueError(f"mask rows keep between {int(lo)} and {int(hi)} positions; every row must keep "
-                         "exactly the same number (contract 1)")
-    # a stable sort puts the kept (False) positions first, in ascending order
-    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : int(hi)]
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -105,9 +93,10 @@ class Encoder(nn.Module):
             self.alibi_scale = None
 
     # ---------------------------------------------------------------------------------------
-    def local_features(self, source: Tensor, padding_mask: Tensor | None = None):
-        """-> (features [B, T, D], padding [B, T] | None)."""
-        return self.local(source, padding_mask)
+    def local_features(self, source: Tensor, padding_mask: Tensor | None = None, with_padding: bool = True):
+        """-> (features [B, T, D], padding [B, T] | None; None as well with with_padding=False: for
+        callers that have it from the batch, model/layout.py, as deriving it is a host sync)."""
+        return self.local(source, padding_mask, with_padding=with_padding)
 
     def contextualize(self, x: Tensor, keep: Tensor | None = None, zero: Tensor | None = None) -> Tensor:
         """x [N, T, D] -> [N, E + T_keep, D] (E extra tokens, T_keep = T when keep is None).
@@ -147,9 +136,10 @@ class Encoder(nn.Module):
         the model's last `top_k` (global index)."""
         outs = []
         for i, blk in zip(self.blocks.indices(), self.blocks):
-            # layerdrop (student only; the default RNG is identical on all TP ranks)
+            # layerdrop (student only; the default RNG is identical on all TP ranks).  The draw is a
+            # host tensor on every machine (no device argument): reading it waits for no device
             if self.training and self.layerdrop > 0 and i >= self.prenet_depth and not top_k:
-                if float(torch.rand(())) < self.layerdrop:
+                if host_scalar(torch.rand(())) < self.layerdrop:
                     continue
             x, t = blk(x, bias)
             if i >= self.total_blocks - top_k:

@@ -39,7 +39,7 @@ class PatchEmbed(nn.Module):
         # initialized like a Linear on the flattened patch (MAE / data2vec 2.0 image encoder)
         self.proj = XavierConv2d(mcfg.in_chans, mcfg.embed_dim, kernel_size=p, stride=p)
 
-    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, None]:
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None, with_padding: bool = True) -> tuple[Tensor, None]:
         x = self.proj(source.to(self.proj.weight.dtype))  # [B, D, h, w]; fp32 batch into a bf16 model
         return x.flatten(2).transpose(1, 2), None
 

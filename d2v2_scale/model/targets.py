@@ -18,9 +18,11 @@ EPS = 1e-5
 
 
 def instance_norm_time(x: Tensor, padding: Tensor | None = None, eps: float = EPS) -> Tensor:
-    """x [B, T, D] normalized per (sample, channel) over T; padding [B, T] True = ignore."""
+    """x [B, T, D] normalized per (sample, channel) over T; padding [B, T] True = ignore, None
+    when nothing is padded (every caller's token padding is None then, model/layout.py: no
+    `.any()` read back here)."""
     x = x.float()
-    if padding is None or not bool(padding.any()):
+    if padding is None:
         return F.instance_norm(x.transpose(1, 2), eps=eps).transpose(1, 2)
     keep = (~padding).unsqueeze(-1).float()  # [B, T, 1]
     n = keep.sum(1, keepdim=True).clamp_min(1.0)

@@ -34,12 +34,14 @@ class TextLocal(nn.Module):
         self.norm = nn.LayerNorm(mcfg.embed_dim, eps=mcfg.layer_norm_eps)
         self.dropout = nn.Dropout(mcfg.input_dropout)  # once per sample (D7), replicated over TP ranks
 
-    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None,
+                with_padding: bool = True) -> tuple[Tensor, Tensor | None]:
         t = source.shape[1]
         if t > self.positions.num_embeddings:
             raise ValueError(f"text of {t} tokens exceeds model.max_positions={self.positions.num_embeddings}")
         x = self.tokens(source) + self.positions.weight[:t][None]
-        return self.dropout(self.norm(x)), token_padding(source, padding_mask, self.pad)
+        # with_padding=False: the caller has the padding already (token_padding reads .any() back)
+        return self.dropout(self.norm(x)), token_padding(source, padding_mask, self.pad) if with_padding else None
 
 
 @register

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compat import cuda_calls_on_cpu
+from ..model.layout import token_padding
 
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
 # (mask_token: the BEiT encoder's, model/beit.py, used by its embed() on the first stage)
@@ -169,7 +170,7 @@ class PipelineRunner:
     def _teacher_step(self, data, target: _ScheduleTarget):
         batch = next(data)
         t = batch["mask"].shape[1]
-        padding = self.student.modality.token_padding(batch, t)
+        padding = token_padding(batch, self.student.modality, t)  # shipped by the loader (model/layout.py)
         if self.first:
             out = self.teacher.forward_stage(self.student.teacher_source(batch), padding, None)
         else:
