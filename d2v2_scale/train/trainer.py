@@ -269,12 +269,17 @@ class Trainer:
                     return True, None, {}
                 if self.engine.zero_optimization_stage() == 0 and not getattr(self.engine, "measures_grad_norm",
                                                                               False):
-                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
-                    from deepspeed.runtime.utils import get_global_norm_of_tensors
+                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here.
+                    # A tensor replicated across TP ranks counts once (TP rank 0), as in DeepSpeed's
+                    # clipping: summing every rank's copies over-counted it (TP=2 image-tiny logged
+                    # 21.98 for a norm of 15.54, tests/test_flat_engine.py)
+                    from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
 
+                    mpu = self.engine.mpu
+                    tp0 = mpu is None or mpu.get_model_parallel_rank() == 0
                     grad_norm = float(get_global_norm_of_tensors(
-                        [p.grad for p in self.engine.module.parameters() if p.grad is not None],
-                        mpu=self.engine.mpu))
+                        [p.grad for p in self.engine.module.parameters()
+                         if p.grad is not None and (tp0 or is_model_parallel_parameter(p))], mpu=mpu))
             self.engine.step()
         return False, grad_norm, scalars
 
