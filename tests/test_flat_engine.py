@@ -35,8 +35,8 @@ def flat_run(image_manifest, tmp_path_factory):
 def test_flat_engine_equals_deepspeed_zero0(image_manifest, flat_run, tmp_path):
     """The flat engine gives DeepSpeed ZeRO-0's losses (2 processes: the all-reduce; 2 micro-batches:
     the accumulation).  The arithmetic is the same up to the clipping norm, which the flat engine
-    takes of one buffer (DeepSpeed: a stack of per-tensor norms): measured equal to the last bit
-    or one ulp here, as ZeRO-1/2 vs ZeRO-0 (test_train.test_zero_stages_match)."""
+    takes of one buffer (DeepSpeed: a stack of per-tensor norms): measured bitwise equal here;
+    the bound is test_train.test_zero_stages_match's (ZeRO-1/2 vs ZeRO-0: the last bit or one ulp)."""
     _, flat = flat_run
     ds = _fit(2, image_manifest, tmp_path / "ds", "parallel.zero_stage=0", "optim.grad_accum=2",
               f"max_steps={STEPS}", "logging.every_steps=1")
