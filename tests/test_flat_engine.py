@@ -113,6 +113,17 @@ def test_flat_engine_operator_count_does_not_scale_with_parameters():
     assert c["syncs_per_phase"]["backward"] == 0
 
 
+def test_flat_engine_skips_a_nonfinite_update(image_manifest, tmp_path):
+    """A non-finite gradient (both micro-batches of update 2) is found in the flat buffer: the
+    update is skipped on both ranks, the buffers are cleared, training goes on with finite weights."""
+    res = run_distributed("tests.dist_bodies_train:nan_body", nproc=2, timeout=180, args=[
+        "2", "1", "grad", f"data.manifest={image_manifest}", f"output_dir={tmp_path}", "parallel.zero_stage=0",
+        "parallel.engine=flat", "optim.grad_accum=2", "checkpoint.every_steps=1000", "max_steps=4"])
+    for r in res.values():
+        assert r["stopped"] is None and r["step"] == 4 and r["updates"] == 3 and r["skipped"] == 1, r
+        assert r["params_finite"]
+
+
 @pytest.mark.parametrize("bad,words", [
     (["parallel.engine=flat", "parallel.zero_stage=1"], "parallel.zero_stage=0"),
     (["parallel.engine=flat", "parallel.zero_stage=0", "parallel.pp=2"], "parallel.pp=1"),
