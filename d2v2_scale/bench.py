@@ -320,7 +320,8 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         "preset": preset, "overrides": list(overrides), "modality": cfg.model.modality,
         "device": (torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
         "world_size": world, "tp": info.tp_size, "pp": info.pp_size, "dp": info.dp_size,
-        "zero_stage": cfg.parallel.zero_stage, "dtype": str(tr.dtype).replace("torch.", ""),
+        "zero_stage": cfg.parallel.zero_stage, "engine": cfg.parallel.engine,
+        "dtype": str(tr.dtype).replace("torch.", ""),
         "activation_checkpointing": cfg.model.activation_checkpointing,
         "batch_per_rank": cfg.data.batch_size, "clone_batch": cfg.model.clone_batch,
         "grad_accum": cfg.optim.grad_accum, "samples_per_step": samples,
@@ -372,7 +373,8 @@ def run_count_ops(preset: str, overrides: list[str], warmup: int = 2, output_dir
         tr.train_step(batches)
     counts = count_update(tr, batches)
     return {"preset": preset, "overrides": list(overrides), "warmup": warmup, "world_size": tr.info.world_size,
-            "zero_stage": cfg.parallel.zero_stage, "batch_per_rank": cfg.data.batch_size,
+            "zero_stage": cfg.parallel.zero_stage, "engine": cfg.parallel.engine,
+            "batch_per_rank": cfg.data.batch_size,
             "clone_batch": cfg.model.clone_batch, "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "counts": counts}
 
@@ -401,10 +403,11 @@ def write_profile(trainer, batches, path: str, steps: int = 3, top: int = 40) ->
 
 
 def format_row(row: dict) -> str:
+    engine = "" if row.get("engine", "deepspeed") == "deepspeed" else f" engine={row['engine']}"  # parallel.engine
     lines = [
         f"d2v2-bench  preset={row['preset']}  overrides={' '.join(row['overrides']) or '-'}",
         f"  device={row['device']}  world={row['world_size']} (tp={row['tp']} pp={row['pp']} dp={row['dp']})  "
-        f"zero={row['zero_stage']}  dtype={row['dtype']}  act_ckpt={row['activation_checkpointing']}  "
+        f"zero={row['zero_stage']}{engine}  dtype={row['dtype']}  act_ckpt={row['activation_checkpointing']}  "
         f"compile={row['compile']}",
         f"  torch={row['torch']}  deepspeed={row['deepspeed']}  python={row['python']}  date={row['date']}",
         f"  batch/rank={row['batch_per_rank']} x M={row['clone_batch']}  grad_accum={row['grad_accum']}  "

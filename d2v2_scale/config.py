@@ -272,6 +272,10 @@ class ParallelConfig:
     offload_optimizer: bool = False
     ds_config: str | None = None  # extra DeepSpeed JSON; harness settings win where they must
     pp_microbatches: int = 4
+    # "deepspeed" | "flat": a data-parallel engine over one contiguous gradient buffer
+    # (train/flat_engine.py): ZeRO-0's layout with a few operators per update instead of a
+    # handful per parameter; needs zero_stage=0 and pp=1
+    engine: str = "deepspeed"
 
 
 @dataclass
@@ -703,6 +707,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                     "(DeepSpeed's ZeRO-0 gradient clipping does not sum the norm over pipeline stages). Use "
                     "parallel.zero_stage=1: the same compute and gradient traffic, optimizer states sharded over "
                     "data parallelism")
+    if p.engine not in ("deepspeed", "flat"):
+        errs.append(f"parallel.engine={p.engine!r}: use 'deepspeed' or 'flat'")
+    elif p.engine == "flat" and (p.zero_stage != 0 or p.pp > 1 or p.offload_optimizer):
+        errs.append(f"parallel.engine=flat with parallel.zero_stage={p.zero_stage}, parallel.pp={p.pp}, "
+                    f"parallel.offload_optimizer={p.offload_optimizer}: the flat engine replicates the optimizer "
+                    f"(ZeRO-0's layout) and has no pipeline schedule; set parallel.zero_stage=0, parallel.pp=1 and "
+                    f"no offload, or parallel.engine=deepspeed for sharding or pipelining")
     if p.zero_stage not in (0, 1, 2, 3):
         errs.append(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
     if p.tp < 1 or p.pp < 1:

@@ -163,6 +163,12 @@ def load(engine, folder: Path, rank: int, world_size: int) -> dict:
     if info["world_size"] != world_size:
         raise ValueError(f"checkpoint {folder} was written by {info['world_size']} processes; this run has "
                          f"{world_size}. Exact resume needs the same layout (RNG and data-loader state are per rank)")
+    # the two engines write different files; say which one a run needs before either trips over them
+    written = (info.get("config") or {}).get("parallel", {}).get("engine", "deepspeed")
+    running = "flat" if getattr(engine, "flat_grads", None) is not None else "deepspeed"
+    if written != running:
+        raise ValueError(f"checkpoint {folder} was written with parallel.engine={written}; this run has "
+                         f"parallel.engine={running}: resume with parallel.engine={written}")
     client_path = folder / f"client_rank{rank:05d}.pt"
     if not client_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} lacks {client_path.name}; it is damaged: resume from an "

@@ -50,6 +50,8 @@ def local_grads_nonfinite(engine) -> torch.Tensor | None:
     optimizer offload the partitions are on the host: there its check (the fp16 machinery, which
     bf16/fp32 runs do not call on their own) reads them and agrees across ranks.  Without ZeRO the
     gradients are on the parameters."""
+    if getattr(engine, "flat_grads", None) is not None:  # parallel.engine=flat: one buffer
+        return _any_nonfinite(engine.flat_grads)
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
     if stage in (1, 2) and not getattr(opt, "cpu_offload", False) and \

@@ -122,6 +122,7 @@ class Trainer:
                                 data_parallel_group=dp_group, mpu=mpu)
 
         groups = param_groups_for_weight_decay(student, cfg.optim.weight_decay, cfg.optim.weight_decay_all)
+        flat = None
         if offloads_optimizer(ds_cfg) and torch.cuda.is_available():
             # ZeRO-Offload steps the optimizer on the host: DeepSpeed's vectorised CPU Adam (built
             # with g++ on first use); a torch AdamW there would be several times slower.
@@ -130,12 +131,23 @@ class Trainer:
             optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                          adamw_mode=True)
         else:
+            if cfg.parallel.engine == "flat":
+                from .flat_engine import FlatEngine
+
+                # the optimizer steps one flat fp32 master per group (train/flat_engine.py)
+                flat = FlatEngine(student, groups, cfg.optim.clip_grad, cfg.optim.grad_accum, dp_group=dp_group,
+                                  mpu=mpu)
+                groups = flat.param_groups
             # fused on a GPU: one kernel for all tensors (the foreach default launches several)
             optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                           fused=True if torch.cuda.is_available() else None)
         scheduler = build_scheduler(optimizer, cfg.optim)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
+        if flat is not None:
+            flat.attach(optimizer, scheduler)
+            self.engine, self.optimizer, self.scheduler = flat, optimizer, scheduler
+        else:
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
                                    mpu=mpu, copy=teacher_copied_prefixes(cfg))
         if imported_teacher is not None:
@@ -258,13 +270,19 @@ class Trainer:
                                                      for k, v in stats_sum.items()})
                 if skipped:  # every rank decides together: one rank skipping alone would hang
                     return True, None, {}
-                if self.engine.zero_optimization_stage() == 0:
-                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here
-                    from deepspeed.runtime.utils import get_global_norm_of_tensors
+                if self.engine.zero_optimization_stage() == 0 and not getattr(self.engine, "measures_grad_norm",
+                                                                              False):
+                    # DeepSpeed clips without ZeRO but drops the norm; measure it (TP-aware) here.
+                    # A tensor replicated across TP ranks counts once (TP rank 0), as in DeepSpeed's
+                    # clipping: summing every rank's copies over-counted it (TP=2 image-tiny logged
+                    # 21.98 for a norm of 15.54, tests/test_flat_engine.py)
+                    from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
 
+                    mpu = self.engine.mpu
+                    tp0 = mpu is None or mpu.get_model_parallel_rank() == 0
                     grad_norm = float(get_global_norm_of_tensors(
-                        [p.grad for p in self.engine.module.parameters() if p.grad is not None],
-                        mpu=self.engine.mpu))
+                        [p.grad for p in self.engine.module.parameters()
+                         if p.grad is not None and (tp0 or is_model_parallel_parameter(p))], mpu=mpu))
             self.engine.step()
         return False, grad_norm, scalars
 
