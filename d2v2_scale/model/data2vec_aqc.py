@@ -40,6 +40,7 @@ from ..data import rng
 from .contrastive import aqc_total_loss, cross_contrastive_loss, sample_negatives
 from .data2vec import compute_var, position_share
 from .data2vec1 import Data2Vec1
+from .layout import TOKEN_PADDING
 from .kmeans import cosine_kmeans, num_clusters
 from .loss import token_loss
 from .quantizer import GumbelVectorQuantizer, diversity_loss
@@ -112,7 +113,7 @@ class Data2VecAQC(Data2Vec1):
         cnn = local.cnn(torch.cat([src, batch["source_aug"].to(src.dtype)]))  # [2B, T, C]
         if mask.shape != (b, cnn.shape[1]):
             raise ValueError(f"batch['mask'] is {tuple(mask.shape)}, expected [B, T] = {(b, cnn.shape[1])}")
-        if self._padding(batch) is not None:
+        if self._layout(batch)[TOKEN_PADDING] is not None:
             raise ValueError("data2vec-aqc batches carry no padding (data.audio_crop=batch_min)")
         features_pen = cnn[:b].float().pow(2).mean()  # original view only, before the LayerNorm
         unmasked = local.norm(cnn)  # [2B, T, C]
