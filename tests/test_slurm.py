@@ -57,6 +57,24 @@ def _why_no_cluster() -> str | None:
     return None
 
 
+def _clear_stale_namespaces() -> None:
+    """Delete the cluster's network namespaces left by a run that was killed before `down`.
+
+    `slurm-local.sh up` cannot create `slhead` when it exists ("File exists"), so one killed test session
+    would break every later one on the same machine. A namespace with live processes belongs to a cluster
+    that is still running: that is refused with a message instead of being torn from under it.
+    """
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    names = [line.split()[0] for line in r.stdout.splitlines()
+             if line.split() and re.fullmatch(r"sl(head|n\d+)", line.split()[0])]
+    for ns in names:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30).stdout.split()
+        if pids:
+            pytest.fail(f"network namespace {ns} is in use by pids {' '.join(pids)}: another local SLURM cluster "
+                        f"is running; stop it with `bash {SLURM_LOCAL} down` (SLURM_LOCAL_DIR set to its dir)")
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     why = _why_no_cluster()
@@ -64,6 +82,7 @@ def slurm(tmp_path_factory):
         pytest.skip(f"!!! SLURM TESTS SKIPPED: {why} !!!")
     if not shutil.which("slurmctld") or not shutil.which("slurmd") or not shutil.which("munged"):
         data_fixtures.apt_install("slurmctld", "slurmd", "slurm-client", "munge")
+    _clear_stale_namespaces()
     d = tmp_path_factory.mktemp("slurmci")
     env = dict(os.environ, SLURM_LOCAL_DIR=str(d))
     up = subprocess.run(["bash", str(SLURM_LOCAL), "up", "2"], env=env, capture_output=True, text=True, timeout=180)
