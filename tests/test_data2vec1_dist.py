@@ -1,7 +1,7 @@
-"""data2vec 1.0 at scale, with the 2.0 harness's bodies (tests/dist_bodies_*.py): ZeRO-3 (sharded
-teacher, copied parts shard-local) == ZeRO-0, activation checkpointing == none, TP=2 == TP=1,
-PP=2 == PP=1 (speech), bitwise resume, and d2v2-train -> d2v2-export -> plain twin == the
-training teacher (speech, text).  Real torchrun process groups, DeepSpeed, Megatron-core, and
+"""data2vec 1.0 at scale, with the 2.0 harness's bodies (tests/dist_bodies_*.py): ZeRO-1/2/3
+(sharded teacher, copied parts shard-local; vision: the whole-model EMA teacher sharded) ==
+ZeRO-0, activation checkpointing == none, TP=2 == TP=1, PP=2 == PP=1 (speech), bitwise resume,
+and d2v2-train -> d2v2-export -> plain twin == the training teacher (speech, text, vision).  Real torchrun process groups, DeepSpeed, Megatron-core, and
 the real test corpora (asterisk prompts, WordNet glosses through d2v2-prep)."""
 
 from __future__ import annotations
@@ -29,26 +29,44 @@ def _losses(seq):
     return np.array([l for _, l in seq])
 
 
-@pytest.mark.parametrize("modality", ["audio", "text"])
-def test_zero3_and_checkpointing_match_zero0(modality, tmp_path):
-    """One 2-process group: ZeRO-0, and ZeRO-3 with full activation checkpointing, dropout as in
-    the preset (0.1): the same losses over 4 steps (checkpointing must replay the dropout masks,
-    the sharded teacher must track the replicated one)."""
-    variants = "parallel.zero_stage=0,parallel.zero_stage=3+model.activation_checkpointing=full"
-    res = run_distributed(f"{SCALE}:sweep_body", nproc=2, timeout=300, args=[
-        variants, f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={tmp_path}",
+@pytest.mark.parametrize("modality", ["audio", "text", "image"])
+def test_zero_stages_and_checkpointing_match_zero0(modality, tmp_path):
+    """One 2-process group: ZeRO-0, ZeRO-1, ZeRO-2, and ZeRO-3 with full activation
+    checkpointing, dropout (vision: drop path, attention dropout) as in the preset: the same
+    losses over 4 steps (checkpointing must replay the dropout masks, the sharded teacher must
+    track the replicated one).  Vision: the teacher is the whole BEiT encoder (patch embedding,
+    CLS and mask tokens, shared relative position table, blocks, final norm), every parameter of
+    it sharded under ZeRO-3 and averaged shard-locally (ema_check)."""
+    stages = ["parallel.zero_stage=0", "parallel.zero_stage=1", "parallel.zero_stage=2",
+              "parallel.zero_stage=3+model.activation_checkpointing=full"]
+    body = "sweep_ema_body" if modality == "image" else "sweep_body"
+    res = run_distributed(f"{SCALE}:{body}", nproc=2, timeout=300, args=[
+        ",".join(stages), f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={tmp_path}",
         "max_steps=4", *COMMON])[0]
-    z0, z3 = (_losses(res[v]) for v in variants.split(","))
+    z0, z1, z2, z3 = (_losses(res[v]) for v in stages)
     assert len(z0) == 4 and np.isfinite(z0).all()
+    # ZeRO-1/2 partition the optimizer state and gradients only (the teacher path is ZeRO-0's):
+    # as tests/test_train.py, equal to the last bit or one ulp
+    np.testing.assert_allclose(z1, z0, rtol=1e-6, atol=0, err_msg="ZeRO-1 vs ZeRO-0")
+    np.testing.assert_allclose(z2, z0, rtol=1e-6, atol=0, err_msg="ZeRO-2 vs ZeRO-0")
     # ZeRO-3's float64 clipping norm: last-bit differences (as tests/test_train.py)
-    np.testing.assert_allclose(z3, z0, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(z3, z0, rtol=1e-5, atol=0, err_msg="ZeRO-3 vs ZeRO-0")
     if modality == "audio":  # the positional conv is copied, shard-locally, at every update
-        assert all(res[v + ":copied_gap"] == 0.0 for v in variants.split(","))
+        assert all(res[v + ":copied_gap"] == 0.0 for v in stages)
+    if modality == "image":
+        ema = res[stages[-1] + ":ema"]
+        assert ema["sharded"] == ema["n"] and {"encoder.local.proj.weight", "encoder.extra_tokens",
+                                               "encoder.rel_pos_bias.table", "encoder.final_norm.weight"} <= set(
+            ema["shapes"]), ema["shapes"].keys()
+        assert ema["moved"] > 1e-5 and ema["err"] < 1e-3 * ema["moved"], ema
 
 
-def test_speech_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("modality", ["audio", "text", "image"])
+def test_resume_is_bitwise(modality, tmp_path):
+    """ZeRO-3 x 2, checkpoint at step 2, resume to 4: the uninterrupted losses, bitwise (the EMA
+    masters, the copied speech positions, the dropout / drop-path RNG, the loader's mask keys)."""
     res = run_distributed(f"{SCALE}:resume_body", nproc=2, timeout=300, args=[
-        "2", "d2v1-audio-tiny", f"data.manifest={_manifest('audio')}", f"output_dir={tmp_path}", "max_steps=4",
+        "2", f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={tmp_path}", "max_steps=4",
         "parallel.zero_stage=3", "logging.every_steps=1", "ema.decay=0.9", "ema.end_decay=0.95"])[0]
     full, resumed = dict(map(tuple, res["full"])), dict(map(tuple, res["resumed"]))
     assert sorted(resumed) == [3, 4]
