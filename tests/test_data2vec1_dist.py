@@ -123,3 +123,12 @@ def test_train_export_plain_twin_equals_teacher(modality, tmp_path):
         torch.testing.assert_close(out["x"], ref["last"], atol=2e-5, rtol=1e-5)
         taps = out["ffn"][-m.top_k_layers:]
     torch.testing.assert_close(make_targets(taps, m, None), ref["targets"], atol=2e-5, rtol=1e-5)
+    # d2v2-probe's reading path on the 1.0 export: rows of the training corpus -> pooled features
+    from d2v2_scale.data.shards import ShardSet
+    from d2v2_scale.export.probe import MODALITY_INPUTS, features
+
+    shards = ShardSet(_manifest(modality))
+    samples = [MODALITY_INPUTS[modality][0](shards, i, ecfg) for i in range(3)]
+    for layer in ("final", 0):
+        f = features(enc, samples, layer=layer)
+        assert f.shape == (3, m.embed_dim) and np.isfinite(f).all(), layer
