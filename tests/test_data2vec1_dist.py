@@ -132,3 +132,67 @@ def test_train_export_plain_twin_equals_teacher(modality, tmp_path):
     for layer in ("final", 0):
         f = features(enc, samples, layer=layer)
         assert f.shape == (3, m.embed_dim) and np.isfinite(f).all(), layer
+
+
+def _cli(name: str) -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
+@pytest.mark.parametrize("modality", ["audio", "text", "image"])
+def test_commands_train_export_twin_equals_checkpoint_teacher(modality, tmp_path):
+    """The commands themselves, as a user runs them: `d2v2-train --preset d2v1-X-tiny` (one
+    process, 2 updates, a fast teacher) -> `d2v2-export` -> the plain twin's targets on a fixed
+    input equal the Megatron teacher's (audio, text: fed by the student's front end, as in
+    training) with the weights of the run's last checkpoint, computed by the model code."""
+    import os
+    import subprocess
+
+    from d2v2_scale.config import build_config
+    from d2v2_scale.distributed import init_distributed
+    from d2v2_scale.export import load_export
+    from d2v2_scale.export.consolidate import read_marker, resolve_checkpoint, student_state, teacher_state
+    from d2v2_scale.model import build_student, build_teacher
+    from d2v2_scale.model.targets import make_targets
+    from tests.dist_bodies_export import fixed_source
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    overrides = [f"data.manifest={_manifest(modality)}", "max_steps=2", "logging.every_steps=1",
+                 "ema.decay=0.9", "ema.end_decay=0.95", "data.num_workers=0"]
+    run, export = tmp_path / "run", tmp_path / "export"
+    r = subprocess.run([_cli("d2v2-train"), "--preset", f"d2v1-{modality}-tiny", "--output-dir", str(run),
+                        *overrides], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2/2 loss" in r.stdout, r.stdout[-1000:]
+    r = subprocess.run([_cli("d2v2-export"), str(run), "--out", str(export)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # the reference: the training modules, loaded with the checkpoint's teacher masters and student
+    init_distributed()
+    cfg = build_config(f"d2v1-{modality}-tiny", overrides=overrides)
+    folder = resolve_checkpoint(run)
+    info = read_marker(folder)
+    assert int(info["step"]) == 2
+    student, teacher = build_student(cfg), build_teacher(cfg)
+    student.load_state_dict(student_state(folder, info), strict=True)
+    teacher.load_state_dict(teacher_state(folder, info), strict=True)
+    student.eval(), teacher.eval()
+    # the teacher is its own EMA (0.9 -> 0.95), not the student: a student export would not pass
+    sp = dict(student.named_parameters())
+    assert any(not torch.equal(p, sp[n]) for n, p in teacher.named_parameters())
+    src = fixed_source(cfg.model)
+    with torch.no_grad():
+        want = teacher(student.teacher_source({"source": src})).float()
+        enc, ecfg, _ = load_export(export)
+        out = enc(src)
+    m = types.SimpleNamespace(**ecfg)
+    taps = ([h[:, 1:] for h in out["hidden"][-m.top_k_layers:]] if modality == "image"
+            else out["ffn"][-m.top_k_layers:])
+    torch.testing.assert_close(make_targets(taps, m, None), want, atol=2e-5, rtol=1e-5)
