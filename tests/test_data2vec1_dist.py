@@ -1,8 +1,10 @@
 """data2vec 1.0 at scale, with the 2.0 harness's bodies (tests/dist_bodies_*.py): ZeRO-1/2/3
 (sharded teacher, copied parts shard-local; vision: the whole-model EMA teacher sharded) ==
-ZeRO-0, activation checkpointing == none, TP=2 == TP=1, PP=2 == PP=1 (speech), bitwise resume,
-and d2v2-train -> d2v2-export -> plain twin == the training teacher (speech, text, vision).  Real torchrun process groups, DeepSpeed, Megatron-core, and
-the real test corpora (asterisk prompts, WordNet glosses through d2v2-prep)."""
+ZeRO-0, activation checkpointing == none, TP=2 == TP=1, PP=2 == PP=1 (speech),
+bitwise resume, and d2v2-train -> d2v2-export -> plain twin == the training teacher (speech, text,
+vision; in-process, and through the commands themselves).  Real torchrun process groups,
+DeepSpeed, Megatron-core, and the real test corpora (asterisk prompts, WordNet glosses through
+d2v2-prep)."""
 
 from __future__ import annotations
 
