@@ -76,25 +76,42 @@ def test_resume_is_bitwise(modality, tmp_path):
 
 
 # TP and PP: ZeRO-1, 2 micro-batches per update, dropout 0 (each TP rank / stage draws its own
-# dropout masks, so with dropout the layouts are equal in distribution only)
+# dropout masks, so with dropout the layouts are equal in distribution only); vision: attention
+# dropout 0 for the same reason (TP splits the heads), drop path ON (a per-sample draw: every TP
+# rank must drop the same samples, as the single process does)
 PAR = [*COMMON, "parallel.zero_stage=1", "optim.grad_accum=2", "model.dropout=0", "max_steps=4"]
+PAR_MODALITY = {"image": ["model.attention_dropout=0"]}
 
 
 @pytest.fixture(scope="module")
-def speech_ref(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    return run_distributed(f"{SCALE}:fit_body", nproc=1, timeout=300, args=[
-        "d2v1-audio-tiny", f"data.manifest={_manifest('audio')}", f"output_dir={out}", *PAR])[0]
+def one_process(tmp_path_factory):
+    """The one-process losses of d2v1-<modality>-tiny with PAR, computed once per modality."""
+    cache = {}
+
+    def get(modality):
+        if modality not in cache:
+            out = tmp_path_factory.mktemp(f"ref-{modality}")
+            cache[modality] = run_distributed(f"{SCALE}:fit_body", nproc=1, timeout=300, args=[
+                f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={out}", *PAR,
+                *PAR_MODALITY.get(modality, [])])[0]
+        return cache[modality]
+
+    return get
 
 
-@pytest.mark.parametrize("layout,rtol", [("parallel.pp=2", 0.0), ("parallel.tp=2", 1e-6)])
-def test_speech_tp2_and_pp2_match_one_process(layout, rtol, speech_ref, tmp_path):
-    """PP=2: one block per stage, the top-2 targets cross the boundary: bitwise.  TP=2: the
-    row-parallel all-reduce adds half-sums in another order: float32 rounding."""
+@pytest.mark.parametrize("modality,layout,rtol", [("audio", "parallel.pp=2", 0.0), ("audio", "parallel.tp=2", 1e-6),
+                                                  ("text", "parallel.tp=2", 1e-6), ("image", "parallel.tp=2", 1e-6)])
+def test_tp2_and_pp2_match_one_process(modality, layout, rtol, one_process, tmp_path):
+    """PP=2 (speech): one block per stage, the top-2 targets cross the boundary: bitwise.  TP=2
+    (speech, text, vision: the BEiT relative position table and q/v biases split over heads, the
+    replicated heads, mask embedding and drop path): the row-parallel all-reduce adds half-sums
+    in another order: float32 rounding."""
     res = run_distributed(f"{SCALE}:fit_body", nproc=2, timeout=300, args=[
-        "d2v1-audio-tiny", f"data.manifest={_manifest('audio')}", f"output_dir={tmp_path}", *PAR, layout])
+        f"d2v1-{modality}-tiny", f"data.manifest={_manifest(modality)}", f"output_dir={tmp_path}", *PAR,
+        *PAR_MODALITY.get(modality, []), layout])
     np.testing.assert_array_equal(_losses(res[0]["losses"]), _losses(res[1]["losses"]))
-    np.testing.assert_allclose(_losses(res[0]["losses"]), _losses(speech_ref["losses"]), rtol=rtol, atol=0)
+    np.testing.assert_allclose(_losses(res[0]["losses"]), _losses(one_process(modality)["losses"]), rtol=rtol,
+                               atol=0)
 
 
 @pytest.mark.parametrize("modality", ["audio", "text", "image"])
