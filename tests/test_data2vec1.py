@@ -409,8 +409,14 @@ def test_flops_plan_and_bench():
     pos = 5 * 2 * t * 48 * 19 * 768
     assert f["student"] == pytest.approx(3 * 2 * (12 * block_flops(t, 768) + pos))  # all T frames, M = 1
     assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
-    student, _ = param_tables(cfg)
-    assert sum(p.numel for p in student) == 93_754_880
+    # d2v2-plan's tables: the spec's student counts; the teachers: speech the pos conv, its LN and
+    # the blocks (the CNN front end is the student's), text the blocks only (the embeddings are
+    # the student's), vision the whole encoder without the head
+    for name, n_student, n_teacher in (("d2v1-audio-base", 93_754_880, 3_505_920 + 1_536 + 12 * 7_087_872),
+                                       ("d2v1-text-base", 126_415_872, 12 * 7_087_872),
+                                       ("d2v1-image-base", 86_256_720, 86_256_720 - 768 * 768 - 768)):
+        student, teacher = param_tables(load_preset(name))
+        assert (sum(p.numel for p in student), sum(p.numel for p in teacher)) == (n_student, n_teacher), name
     for name in ("d2v1-audio-tiny", "d2v1-text-tiny", "d2v1-image-tiny"):
         c = load_preset(name)
         batch = synthetic_batch(c)
