@@ -364,6 +364,19 @@ def test_tri_stage_and_cosine_schedules():
     assert lr[0] == pytest.approx(0.0, abs=1e-12) and lr[5000] == pytest.approx(1e-4, rel=1e-3)
     assert lr[10_000] == pytest.approx(2e-4, rel=1e-3)
 
+    def lr_at(cfg, u):  # the cosine schedule's value at update u, without stepping a million times
+        sch = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr), cfg.optim)
+        sch.last_batch_iteration = u
+        return sch.get_lr()[0]
+
+    # text: cosine from 2e-4 at 10k to 0 at 1M (half way at 505k); vision: linear warm-up over
+    # 6,250 updates to 2e-3, cosine to 1e-5 at 500k
+    assert lr_at(cfg, 505_000) == pytest.approx(1e-4, rel=1e-4) and lr_at(cfg, 1_000_000) == pytest.approx(0, abs=1e-12)
+    vi = load_preset("d2v1-image-base")
+    assert [lr_at(vi, u) for u in (0, 3125, 6250)] == pytest.approx([0.0, 1e-3, 2e-3], rel=1e-6, abs=1e-12)
+    assert lr_at(vi, 253_125) == pytest.approx(1e-5 + (2e-3 - 1e-5) / 2, rel=1e-4)
+    assert lr_at(vi, 500_000) == pytest.approx(1e-5, rel=1e-6)
+
 
 # ---- 13. collapse guard ------------------------------------------------------------------------
 def test_collapse_guard():
