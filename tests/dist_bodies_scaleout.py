@@ -70,11 +70,12 @@ def _close(tr) -> None:
     gc.collect()
 
 
-def sweep_body(variants: str, preset: str, *overrides: str, label=lambda v: v):
+def sweep_body(variants: str, preset: str, *overrides: str, label=lambda v: v, ema: bool = False):
     """One process group, one Trainer per variant (comma list of `key=value[+key=value]`:
     activation-checkpointing modes, ZeRO stages, ...), each trained from the same seed on the same
     data: returns {variant: losses} and, for teachers with copied parts, {variant + ":copied_gap":
-    copied_gap}.  Saves a process start per variant."""
+    copied_gap}; with `ema`, for ZeRO-3 variants, {variant + ":ema": ema_check} too.  Saves a
+    process start per variant."""
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
     res = {}
     for i, variant in enumerate(variants.split(",")):
@@ -83,9 +84,17 @@ def sweep_body(variants: str, preset: str, *overrides: str, label=lambda v: v):
         res[label(variant)] = tr.fit()["losses"]
         if tr.teacher.copy:
             res[label(variant) + ":copied_gap"] = copied_gap(tr)
+        if ema and tr.teacher.zero3:
+            res[label(variant) + ":ema"] = ema_check(tr)
         _close(tr)
         del tr
     save_result(res)
+
+
+def sweep_ema_body(variants: str, preset: str, *overrides: str):
+    """sweep_body, plus the sharded-EMA check (ema_check: one update at decay 0.5 on the shards vs
+    on gathered weights) after the ZeRO-3 variants' runs; for teachers without copied parts."""
+    sweep_body(variants, preset, *overrides, ema=True)
 
 
 def resume_body(every: str, preset: str, *overrides: str):

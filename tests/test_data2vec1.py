@@ -276,6 +276,66 @@ def test_parameter_counts_and_init():
     assert abs(float(s.decoder[0].weight.std()) - 0.02) < 0.002 and float(s.decoder[2].bias.abs().max()) == 0
 
 
+# ---- issue item 2: the presets carry the spec's hyperparameters ----------------------------------
+def test_presets_carry_the_spec_hyperparameters():
+    """The numbers of data2vec1-spec A.1-A.3 as the base presets hold them (the mask, target,
+    loss and schedule tests above take them from the presets or from literals; this ties the
+    two), and the tiny presets differ only in size and schedule length, not in the objective."""
+    import dataclasses
+
+    def fields(section, **want):
+        got = {k: getattr(section, k) for k in want}
+        assert got == want, {k: (got[k], v) for k, v in want.items() if got[k] != v}
+
+    sp, tx, vi = (load_preset(f"d2v1-{m}-base") for m in ("audio", "text", "image"))
+    norms = ("instance_norm_target_layer", "layer_norm_target_layer", "instance_norm_targets", "layer_norm_targets")
+    # speech (fairseq base_librispeech)
+    fields(sp.masking, generator="speech_spans", ratio=0.65, length=10)
+    fields(sp.model, variant="data2vec1", clone_batch=1, decoder_layers=0, alibi=False, pre_ln=False,
+           top_k_layers=8, target_tap="ffn", loss_beta=0.0, loss_scale=None, loss_scale_rule="inv_sqrt_dim",
+           head_layers=1, dropout=0.1, layerdrop=0.05, conv_pos_width=95 // 5, conv_pos_groups=16,
+           conv_pos_depth=5, layer_norm_eps=1e-5)
+    assert [getattr(sp.model, n) for n in norms] == [True, False, False, False]
+    fields(sp.ema, decay=0.999, end_decay=0.9999, anneal_end_step=30_000)
+    fields(sp.optim, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=0.0, schedule="tri_stage",
+           tri_stage_ratios=(0.03, 0.9, 0.07), tri_stage_init_scale=0.01, tri_stage_final_scale=0.01,
+           total_steps=400_000)
+    fields(sp.data, min_seconds=2.0, max_seconds=20.0, audio_crop="batch_min")
+    fields(sp.guards, collapse_check=True, collapse_after_steps=5000, min_target_var=0.1, min_pred_var=0.01)
+    # text (fairseq data2vec_text base, the released config)
+    fields(tx.masking, generator="text_spans", ratio=0.35, length=4)
+    fields(tx.model, variant="data2vec1", clone_batch=1, decoder_layers=0, pre_ln=False, top_k_layers=10,
+           target_tap="ffn", loss_beta=4.0, loss_scale=1.0, head_layers=2, dropout=0.1, layerdrop=0.0,
+           vocab_size=50_265, max_positions=514)
+    assert [getattr(tx.model, n) for n in norms] == [False, True, False, False]
+    fields(tx.ema, decay=0.999, end_decay=0.9999, anneal_end_step=300_000)
+    fields(tx.optim, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_grad=5.0, schedule="cosine",
+           warmup_steps=10_000, total_steps=1_000_000, min_lr_ratio=0.0)
+    fields(tx.data, max_tokens=512)
+    assert not tx.guards.collapse_check
+    # vision (data2vec_vision BEiT, ViT-B/16)
+    fields(vi.masking, generator="blockwise", length=16)
+    assert round(vi.masking.ratio * vi.model.num_patches) == 120 and vi.model.num_patches == 196
+    fields(vi.model, variant="data2vec1", clone_batch=1, decoder_layers=0, image_block="beit", pre_ln=True,
+           top_k_layers=6, target_tap="block_end", loss_beta=2.0, loss_scale=None, loss_scale_rule="inv_dim",
+           head_layers=1, layer_norm_eps=1e-6, layer_scale_init=1e-4, drop_path=0.25, attention_dropout=0.05,
+           shared_rel_pos_bias=True, dropout=0.0, layerdrop=0.0, image_size=224, patch_size=16)
+    assert [getattr(vi.model, n) for n in norms] == [False, True, False, True]  # LN each, average, LN
+    fields(vi.ema, decay=0.9998, end_decay=0.9998)
+    fields(vi.optim, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, clip_grad=3.0, schedule="cosine",
+           warmup_steps=6250, total_steps=500_000)
+    assert vi.optim.lr * vi.optim.min_lr_ratio == pytest.approx(1e-5)
+    fields(vi.data, color_jitter=0.4, crop_scale_min=0.08)
+    # the CPU presets: the same objective, smaller
+    objective = ("variant", "clone_batch", "decoder_layers", "target_tap", "loss_beta", "loss_scale",
+                 "loss_scale_rule", "head_layers", "alibi", "pre_ln", "image_block", *norms)
+    for base in (sp, tx, vi):
+        tiny = load_preset(f"d2v1-{base.model.modality}-tiny")
+        assert dataclasses.asdict(tiny.masking) == dataclasses.asdict(base.masking)
+        assert [getattr(tiny.model, k) for k in objective] == [getattr(base.model, k) for k in objective]
+        assert tiny.optim.schedule == base.optim.schedule and tiny.guards.collapse_after_steps == 5000
+
+
 # ---- 12. schedules -----------------------------------------------------------------------------
 def test_tri_stage_and_cosine_schedules():
     from d2v2_scale.train.schedules import build_scheduler
@@ -303,6 +363,19 @@ def test_tri_stage_and_cosine_schedules():
     lr = lrs(cfg, [0, 5000, 10_000])
     assert lr[0] == pytest.approx(0.0, abs=1e-12) and lr[5000] == pytest.approx(1e-4, rel=1e-3)
     assert lr[10_000] == pytest.approx(2e-4, rel=1e-3)
+
+    def lr_at(cfg, u):  # the cosine schedule's value at update u, without stepping a million times
+        sch = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr), cfg.optim)
+        sch.last_batch_iteration = u
+        return sch.get_lr()[0]
+
+    # text: cosine from 2e-4 at 10k to 0 at 1M (half way at 505k); vision: linear warm-up over
+    # 6,250 updates to 2e-3, cosine to 1e-5 at 500k
+    assert lr_at(cfg, 505_000) == pytest.approx(1e-4, rel=1e-4) and lr_at(cfg, 1_000_000) == pytest.approx(0, abs=1e-12)
+    vi = load_preset("d2v1-image-base")
+    assert [lr_at(vi, u) for u in (0, 3125, 6250)] == pytest.approx([0.0, 1e-3, 2e-3], rel=1e-6, abs=1e-12)
+    assert lr_at(vi, 253_125) == pytest.approx(1e-5 + (2e-3 - 1e-5) / 2, rel=1e-4)
+    assert lr_at(vi, 500_000) == pytest.approx(1e-5, rel=1e-6)
 
 
 # ---- 13. collapse guard ------------------------------------------------------------------------
@@ -349,8 +422,14 @@ def test_flops_plan_and_bench():
     pos = 5 * 2 * t * 48 * 19 * 768
     assert f["student"] == pytest.approx(3 * 2 * (12 * block_flops(t, 768) + pos))  # all T frames, M = 1
     assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
-    student, _ = param_tables(cfg)
-    assert sum(p.numel for p in student) == 93_754_880
+    # d2v2-plan's tables: the spec's student counts; the teachers: speech the pos conv, its LN and
+    # the blocks (the CNN front end is the student's), text the blocks only (the embeddings are
+    # the student's), vision the whole encoder without the head
+    for name, n_student, n_teacher in (("d2v1-audio-base", 93_754_880, 3_505_920 + 1_536 + 12 * 7_087_872),
+                                       ("d2v1-text-base", 126_415_872, 12 * 7_087_872),
+                                       ("d2v1-image-base", 86_256_720, 86_256_720 - 768 * 768 - 768)):
+        student, teacher = param_tables(load_preset(name))
+        assert (sum(p.numel for p in student), sum(p.numel for p in teacher)) == (n_student, n_teacher), name
     for name in ("d2v1-audio-tiny", "d2v1-text-tiny", "d2v1-image-tiny"):
         c = load_preset(name)
         batch = synthetic_batch(c)
@@ -378,6 +457,11 @@ def test_vision_student_teacher_whole_model_ema():
     assert names == {n for n, _ in s.named_parameters() if n.startswith("encoder.")}
     assert {"encoder.local.proj.weight", "encoder.extra_tokens", "encoder.rel_pos_bias.table",
             "encoder.final_norm.weight"} <= names
+    # "parameters and buffers alike" (timm ModelEmaV2): the encoder's only buffer is the relative
+    # position index, a constant of the grid (not in the state dict), equal in both: nothing to average
+    buffers = dict(t.named_buffers())
+    assert list(buffers) == ["encoder.rel_pos_bias.index"] and not any("index" in k for k in t.state_dict())
+    assert torch.equal(buffers["encoder.rel_pos_bias.index"], dict(s.named_buffers())["encoder.rel_pos_bias.index"])
     img = torch.randn(2, 3, 32, 32)
     mask = torch.zeros(2, 64, dtype=torch.bool)
     mask[:, 10:30] = True
