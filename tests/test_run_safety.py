@@ -38,11 +38,12 @@ def image_manifest():
 
 
 # ---- item: a damaged newest checkpoint -------------------------------------------------------
-def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
+def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys):
     """4 checkpoints; the newest three damaged three ways (model states deleted, an optimizer
     shard deleted, a client file truncated): --resume auto warns about each, naming the file, and
     resumes from the intact one with the uninterrupted run's losses; an explicit --resume to a
-    damaged one is a one-line error naming the file; losses.json keeps every step."""
+    damaged one is a one-line error naming the file; d2v2-export of the run dir skips the damaged
+    ones alike; losses.json keeps every step, across two resumes."""
     out = tmp_path / "run"
     common = ["--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", out,
               "parallel.zero_stage=1", "checkpoint.every_steps=2", "checkpoint.keep_last=4",
@@ -71,6 +72,20 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
     client = ck / "step_00000004" / "client_rank00000.pt"
     client.write_bytes(client.read_bytes()[:100])
 
+    # d2v2-export of the run dir falls back like --resume auto; a damaged folder named explicitly
+    # is exported with a warning (the teacher needs only the client files)
+    from d2v2_scale.export.cli import main as export_main
+
+    capsys.readouterr()
+    assert export_main([str(out), "--out", str(tmp_path / "exp")]) == 0
+    cap = capsys.readouterr()
+    skipped = [line for line in cap.err.splitlines() if line.startswith("d2v2-export: warning: skipping checkpoint")]
+    assert len(skipped) == 3 and "mp_rank_00_model_states.pt is missing" in skipped[0], cap.err
+    assert f"exported the teacher of {ck / 'step_00000002'} (step 2," in cap.out
+    assert export_main([str(ck / "step_00000008"), "--out", str(tmp_path / "exp8")]) == 0
+    cap = capsys.readouterr()
+    assert "is damaged: " in cap.err and "mp_rank_00_model_states.pt is missing" in cap.err and "(step 8," in cap.out
+
     # explicit --resume to a damaged checkpoint: one line naming the file, before any work
     r = _train(*common, "max_steps=8", "--resume", ck / "step_00000008", timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -88,6 +103,11 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
     assert sorted(history) == list(range(1, 9)), "losses.json keeps the steps before the resume"
     for s in range(1, 9):  # the resumed steps reproduce the uninterrupted run
         assert history[s] == ref[s], (s, history[s], ref[s])
+    # a second resume (from step 6 of the resumed run): losses.json still holds the whole history
+    shutil.rmtree(ck / "step_00000008")
+    r = _train(*common, "max_steps=8", "--resume", "auto")
+    assert r.returncode == 0 and f"resumed from {ck / 'step_00000006'} at step 6" in r.stdout, r.stderr[-3000:]
+    assert json.loads((out / "losses.json").read_text()) == [[s, ref[s]] for s in range(1, 9)]
 
 
 # ---- item: data errors before any process group, one line, exit 2 ------------------------------
