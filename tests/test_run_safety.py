@@ -82,6 +82,11 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys)
     skipped = [line for line in cap.err.splitlines() if line.startswith("d2v2-export: warning: skipping checkpoint")]
     assert len(skipped) == 3 and "mp_rank_00_model_states.pt is missing" in skipped[0], cap.err
     assert f"exported the teacher of {ck / 'step_00000002'} (step 2," in cap.out
+    from d2v2_scale.export.probe import main as probe_main  # its data errors: one line too
+
+    assert probe_main([str(tmp_path / "exp"), "--data", str(tmp_path / "nowhere" / "manifest.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("d2v2-probe: error: no manifest at") and err.count("\n") == 1, err
     assert export_main([str(ck / "step_00000008"), "--out", str(tmp_path / "exp8")]) == 0
     cap = capsys.readouterr()
     assert "is damaged: " in cap.err and "mp_rank_00_model_states.pt is missing" in cap.err and "(step 8," in cap.out
