@@ -91,6 +91,16 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys)
     cap = capsys.readouterr()
     assert "is damaged: " in cap.err and "mp_rank_00_model_states.pt is missing" in cap.err and "(step 8," in cap.out
 
+    # --resume auto with every checkpoint damaged: a one-line error before any work, not a silent
+    # restart from step 0 (whose saves would delete them)
+    from d2v2_scale.train import main
+
+    shutil.copytree(ck / "step_00000008", tmp_path / "all-damaged" / "checkpoints" / "step_00000008")
+    assert main([*map(str, common[:3]), "--output-dir", str(tmp_path / "all-damaged"), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("d2v2-train: --resume auto: all 1 checkpoints under") and err.count("\n") == 1, err
+    assert "mp_rank_00_model_states.pt is missing" in err and not (tmp_path / "all-damaged" / "RUN.lock").exists()
+
     # explicit --resume to a damaged checkpoint: one line naming the file, before any work
     r = _train(*common, "max_steps=8", "--resume", ck / "step_00000008", timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr

@@ -38,7 +38,8 @@ def parse_args(argv=None):
 def preflight(cfg) -> str | None:
     """What can be checked on the files alone, before any process group or model exists (the
     same checks run again later, inside the trainer): the data's manifest against the config,
-    and an explicit --resume folder.  Returns the one-line error, or None."""
+    and the --resume folder (an explicit one intact; under auto, not every checkpoint damaged).
+    Returns the one-line error, or None."""
     from pathlib import Path
 
     from ..data.loader import check_data
@@ -47,7 +48,7 @@ def preflight(cfg) -> str | None:
 
     try:
         check_data(cfg)
-        if cfg.checkpoint.resume and cfg.checkpoint.resume != "auto":
+        if cfg.checkpoint.resume:
             resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
     except (DataError, FileNotFoundError) as e:
         return str(e)

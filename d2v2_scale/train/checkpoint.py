@@ -72,17 +72,24 @@ def damage(folder: Path) -> str | None:
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None:
-    """None -> no resume; "auto" -> newest intact checkpoint or None (damaged newer ones skipped,
-    each reported through `warn(message)`); else that checkpoint dir, which must be intact."""
+    """None -> no resume; "auto" -> newest intact checkpoint, or None when there is no complete
+    one (damaged newer ones skipped, each reported through `warn(message)`; all of them damaged:
+    FileNotFoundError, rather than a silent restart from step 0 that would later delete them);
+    else that checkpoint dir, which must be intact."""
     if not resume:
         return None
     if resume == "auto":
-        for folder in reversed(complete_checkpoints(ckpt_dir)):
+        done = complete_checkpoints(ckpt_dir)
+        for folder in reversed(done):
             why = damage(folder)
             if why is None:
                 return folder
             if warn is not None:
                 warn(f"warning: skipping checkpoint {folder}: {why}; trying an older one")
+        if done:
+            raise FileNotFoundError(f"--resume auto: all {len(done)} checkpoints under {ckpt_dir} are damaged (the "
+                                    f"newest: {damage(done[-1])}): restore the file, or move them away to start "
+                                    f"over from step 0, or give another --output-dir")
         return None
     path = Path(resume)
     if not path.is_dir():
