@@ -90,6 +90,10 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys)
     assert export_main([str(ck / "step_00000008"), "--out", str(tmp_path / "exp8")]) == 0
     cap = capsys.readouterr()
     assert "is damaged: " in cap.err and "mp_rank_00_model_states.pt is missing" in cap.err and "(step 8," in cap.out
+    # the student through DeepSpeed's zero_to_fp32 (ZeRO-1): its progress bars are not shown
+    assert export_main([str(ck / "step_00000002"), "--out", str(tmp_path / "exp-s"), "--which", "student"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and "exported the student" in cap.out, cap.err
 
     # --resume auto with every checkpoint damaged: a one-line error before any work, not a silent
     # restart from step 0 (whose saves would delete them)

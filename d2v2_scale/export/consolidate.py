@@ -266,7 +266,8 @@ def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
         tag.mkdir()
         for p in mine:
             (tag / p.name).symlink_to(p.resolve())
-        with contextlib.redirect_stdout(io.StringIO()):
+        # its log lines (stdout) and tqdm bars (stderr) are nothing a user can act on; errors raise
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             try:
                 sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tp")
             except Exception as e:  # noqa: BLE001
