@@ -336,3 +336,14 @@ def test_reference_global_batch_per_preset_and_matching():
         match_reference_batch(build_config("image-base", overrides=["optim.match_reference_batch=true"]), 3)
     with pytest.raises(ConfigError, match="needs optim.reference_global_batch"):
         build_config("image-tiny", overrides=["optim.match_reference_batch=true"]).validate()
+    # the first log line on 4 GPUs without matching: this run's global batch next to the reference's
+    from types import SimpleNamespace
+
+    from d2v2_scale.train.trainer import Trainer
+
+    run = SimpleNamespace(cfg=build_config("image-base"), samples_per_step=4 * 16,
+                          info=SimpleNamespace(world_size=4, dp_size=4, tp_size=1, pp_size=1))
+    assert Trainer.run_summary(run) == (
+        "run: 4 processes (dp 4 x tp 1 x pp 1), global batch 4 x 16 x 1 (dp x data.batch_size x optim.grad_accum) = "
+        "64 samples per update; the image-base reference: 256 (optim.match_reference_batch=true matches it; "
+        "docs/SCALING.md)")
