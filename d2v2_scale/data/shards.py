@@ -105,7 +105,8 @@ class ShardSet:
             _NOTED_NO_CRC.add(str(self.manifest_path))
             print(f"note: {self.manifest_path} has no per-row checksums (manifest version "
                   f"{self.manifest.get('version', 1)}, an older d2v2-prep): a corrupt row cannot be found or "
-                  f"skipped; {self._fix()} to add them", file=sys.stderr)
+                  f"skipped; re-run the d2v2-prep {self.modality} command that made {self.root} (with "
+                  f"--overwrite) to add them", file=sys.stderr)
 
     # ---- verification -------------------------------------------------------------------
     def _fix(self) -> str:
