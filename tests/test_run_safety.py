@@ -127,6 +127,21 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys)
     r = _train(*common, "max_steps=8", "--resume", "auto")
     assert r.returncode == 0 and f"resumed from {ck / 'step_00000006'} at step 6" in r.stdout, r.stderr[-3000:]
     assert json.loads((out / "losses.json").read_text()) == [[s, ref[s]] for s in range(1, 9)]
+    # resuming under a ZeRO stage DeepSpeed cannot read these files with (it died in a bare
+    # AssertionError), or with another world size: one line naming the field, before any process
+    # group; ZeRO-1 <-> 2 write the same files and pass
+    capsys.readouterr()
+    assert main([*map(str, common), "parallel.zero_stage=3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {ck / 'step_00000008'}: it was written with parallel.zero_stage=1; " \
+        "this run has parallel.zero_stage=3: resume with parallel.zero_stage=1" in err, err
+    from d2v2_scale.config import build_config
+    from d2v2_scale.train import preflight
+
+    cfg = build_config("image-tiny", overrides=[f"data.manifest={image_manifest}", f"output_dir={out}",
+                                                "parallel.zero_stage=2", "checkpoint.resume=auto"])
+    assert preflight(cfg) is None
+    assert "written by 1 processes; this run has 2" in preflight(cfg, world_size=2)
 
 
 # ---- item: data errors before any process group, one line, exit 2 ------------------------------
