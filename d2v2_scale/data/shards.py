@@ -246,7 +246,7 @@ def check_compatible(manifest: dict, manifest_path, cfg) -> None:
     if mod != m.modality:
         raise DataError(f"{manifest_path} holds {mod} data but the config's model.modality is {m.modality!r} "
                         f"(preset {cfg.preset!r}): point data.manifest at {m.modality} shards (d2v2-prep "
-                        f"{m.modality} ...) or use a {mod} preset")
+                        f"{m.modality} ...) or use {'an' if mod[0] in 'aeiou' else 'a'} {mod} preset")
     if mod == "text":
         v = int(manifest["vocab_size"])
         if v > m.vocab_size:
