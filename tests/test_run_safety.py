@@ -362,3 +362,29 @@ def test_reference_global_batch_per_preset_and_matching():
         "run: 4 processes (dp 4 x tp 1 x pp 1), global batch 4 x 16 x 1 (dp x data.batch_size x optim.grad_accum) = "
         "64 samples per update; the image-base reference: 256 (optim.match_reference_batch=true matches it; "
         "docs/SCALING.md)")
+
+
+def test_total_steps_auto(capsys):
+    """optim.total_steps=auto: the LR schedule ends at max_steps (no "stops at ... of the
+    schedule" in the first log line); without max_steps it is a config error naming both fields."""
+    from types import SimpleNamespace
+
+    from d2v2_scale.config import ConfigError, build_config
+    from d2v2_scale.train import main
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config("image-tiny", overrides=["max_steps=40", "optim.total_steps=auto"]).validate()
+    assert cfg.optim.total_steps == 40 and cfg.steps == 40
+    run = SimpleNamespace(cfg=cfg, samples_per_step=8, info=SimpleNamespace(world_size=1, dp_size=1, tp_size=1,
+                                                                            pp_size=1))
+    assert "stops at" not in Trainer.run_summary(run)
+    run.cfg = build_config("image-tiny", overrides=["max_steps=40"])
+    assert "set optim.total_steps=40 (or auto)" in Trainer.run_summary(run)
+    with pytest.raises(ConfigError, match="optim.total_steps=auto takes its value from max_steps: set max_steps"):
+        build_config("image-tiny", overrides=["optim.total_steps=auto"])
+    with pytest.raises(ConfigError, match="model.depth='auto' is not a valid int"):
+        build_config("image-tiny", overrides=["model.depth=auto"])  # only total_steps takes auto
+    assert main(["--preset", "image-tiny", "optim.total_steps=auto", "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("d2v2-train: optim.total_steps=auto takes its value from max_steps")
+    assert main(["--preset", "image-tiny", "max_steps=25", "optim.total_steps=auto", "--print-config"]) == 0
+    assert "total_steps: 25\n" in capsys.readouterr().out
