@@ -14,7 +14,8 @@ is synchronized (use it for the headline step time; the breakdown costs a few sy
 Under pipeline parallelism (parallel.pp > 1) only whole steps are timed: the stages overlap.
 
 FLOPs are the analytic count of `d2v2_scale/model/flops.py`; MFU = achieved FLOP/s per device
-divided by `--peak-tflops` (989: H100/H200 SXM bf16 dense).  Memory: CUDA peak allocated after
+divided by `--peak-tflops` (default on a GPU: logging.peak_tflops, 989 = H100/H200 SXM bf16 dense;
+on a CPU no peak is known, so no MFU unless --peak-tflops is given).  Memory: CUDA peak allocated after
 warmup on GPU, the process's peak RSS on CPU.
 """
 
@@ -249,7 +250,7 @@ def peak_memory_gib() -> float:
 
 
 def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool | str = False,
-              breakdown: bool = True, peak_tflops: float = 989.0, output_dir: str | None = None,
+              breakdown: bool = True, peak_tflops: float | None = None, output_dir: str | None = None,
               profile: str | None = None) -> dict:
     import tempfile
 
@@ -316,6 +317,8 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
     samples = cfg.data.batch_size * k
     med = float(np.median(times))
     tflops_dev = flops_step / med / world / 1e12
+    if peak_tflops is None and torch.cuda.is_available():
+        peak_tflops = cfg.logging.peak_tflops  # a GPU's peak; a CPU's against it would mean nothing
     row = {
         "preset": preset, "overrides": list(overrides), "modality": cfg.model.modality,
         "device": (torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
@@ -330,7 +333,8 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
         "step_s_median": med, "step_s_p10": _pct(times, 10), "step_s_p90": _pct(times, 90),
         "samples_per_s": samples / med, "tokens_per_s": samples * tokens_per_sample(cfg) / med,
         "flops_per_step": flops_step, "flops_split": {k2: v * k for k2, v in sf.items()},
-        "tflops_per_device": tflops_dev, "peak_tflops": peak_tflops, "mfu": tflops_dev / peak_tflops,
+        "tflops_per_device": tflops_dev, "peak_tflops": peak_tflops,
+        "mfu": tflops_dev / peak_tflops if peak_tflops else None,
         "peak_memory_gib": peak_memory_gib(), "losses": losses,
         "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
         "torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version(),
@@ -417,7 +421,8 @@ def format_row(row: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
         f"| {row['step_s_median']:.4f} | {row['step_s_p10']:.4f} | {row['step_s_p90']:.4f} | "
         f"{row['samples_per_s']:,.1f} | {row['tokens_per_s']:,.0f} | {row['tflops_per_device']:.4g} | "
-        f"{100 * row['mfu']:.3g}% | {row['peak_memory_gib']:.2f} ({row['memory_kind']}) |",
+        + (f"{100 * row['mfu']:.3g}% | " if row["mfu"] is not None else "- | ")
+        + f"{row['peak_memory_gib']:.2f} ({row['memory_kind']}) |",
     ]
     if "parts_s" in row:
         p = row["parts_s"]
@@ -444,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile the whole student forward (teacher, decoder, loss) as one graph "
                          "(image data2vec 2.0; not with ZeRO-3; implies --no-breakdown)")
     ap.add_argument("--no-breakdown", action="store_true", help="time only whole steps (no per-part syncs)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for MFU (default: logging.peak_tflops on a GPU; none on a CPU)")
     ap.add_argument("--json", default=None, help="write the result row (JSON) here")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--profile", default=None, metavar="FILE",

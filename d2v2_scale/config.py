@@ -245,7 +245,8 @@ class OptimConfig:
     weight_decay_all: bool = False
     clip_grad: float = 4.0  # 0 disables
     warmup_steps: int = 50_040
-    total_steps: int = 375_300  # optimizer updates
+    # optimizer updates; "auto": max_steps (a short run with a complete LR schedule), set by build_config
+    total_steps: int = field(default=375_300, metadata={"auto": True})
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     # The public config's global batch in samples per update (spec section 9: batch/GPU x GPUs),
@@ -631,6 +632,11 @@ def build_config(preset: str | None = None, yaml_path: str | None = None,
     if yaml_path:
         cfg = load_yaml(yaml_path, base=cfg if preset else None)
     apply_overrides(cfg, overrides or [])
+    if cfg.optim.total_steps == "auto":
+        if cfg.max_steps is None:
+            raise ConfigError("optim.total_steps=auto takes its value from max_steps: set max_steps too (or give "
+                              "optim.total_steps a number of updates)")
+        cfg.optim.total_steps = cfg.max_steps
     return cfg
 
 
@@ -774,7 +780,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         errs.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate)")
     if cfg.optim.grad_accum < 1:
         errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
-    if cfg.optim.warmup_steps > cfg.optim.total_steps:
+    if not isinstance(cfg.optim.total_steps, int):  # "auto" outside build_config
+        errs.append(f"optim.total_steps={cfg.optim.total_steps!r}: give a number of updates, or build the config "
+                    "with build_config (it resolves 'auto' to max_steps)")
+    elif cfg.optim.warmup_steps > cfg.optim.total_steps:
         errs.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds optim.total_steps={cfg.optim.total_steps}")
     if cfg.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
@@ -1010,6 +1019,8 @@ def _merge(obj: Any, d: dict, prefix: str) -> None:
 
 def _coerce(value: Any, f: dataclasses.Field, owner: Any, name: str) -> Any:
     """Coerce a YAML/CLI value to the field's declared type, or raise a readable error."""
+    if value == "auto" and f.metadata.get("auto"):
+        return value  # resolved by build_config (optim.total_steps=auto)
     hints = typing.get_type_hints(type(owner))
     tp = hints.get(f.name, Any)
     origin = typing.get_origin(tp)

@@ -55,7 +55,7 @@ def list_inputs(src: str) -> list[tuple[str, str, int]]:
     p = Path(src)
     if p.is_dir():
         out = []
-        for dirpath, _, files in os.walk(p):
+        for dirpath, files in pipeline.walk(p):
             for f in files:
                 if Path(f).suffix.lower() in AUDIO_EXTS:
                     fp = Path(dirpath) / f

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,7 @@ def list_inputs(src: str | None, file_list: str | None) -> tuple[list[tuple[str,
     out = []
     if classes:
         for ci, c in enumerate(classes):
-            for dirpath, _, files in os.walk(root / c):
+            for dirpath, files in pipeline.walk(root / c):
                 for f in files:
                     if Path(f).suffix.lower() in IMAGE_EXTS:
                         p = Path(dirpath) / f

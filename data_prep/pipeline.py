@@ -114,6 +114,26 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> None:
                              f"{more}): give a new or empty folder, or pass --overwrite to write there anyway")
 
 
+def walk(root: str | os.PathLike) -> Iterable[tuple[str, list[str]]]:
+    """(folder, file names) under `root`, like os.walk, but into symlinked folders too (a corpus
+    often links its parts in; os.walk skips them without a word).  A link back up its own path
+    (a loop) is not entered; two links to one folder are both walked, and real_files_once reports
+    the second one's files as aliases."""
+    keys: dict[str, tuple[int, int]] = {}
+    top = os.path.normpath(root)
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        st = os.stat(dirpath)
+        keys[dirpath] = key = (st.st_dev, st.st_ino)
+        up = dirpath
+        while up != top:  # this folder's ancestors on the walked path (all walked, so all in keys)
+            up = os.path.dirname(up)
+            if keys.get(up) == key:
+                dirs[:] = []  # a loop: every level below repeats this one
+                break
+        else:
+            yield dirpath, files
+
+
 def real_files_once(items: list[tuple]) -> tuple[list[tuple], list[Skip]]:
     """Keep the first (in `items` order) of inputs that are the same file on disk (symlinks such
     as fortune's `*.u8 -> *`, hard links); the others become 'alias of ...' entries for the
@@ -141,7 +161,7 @@ def unsupported_files(root: str | os.PathLike, exts: set[str]) -> list[Skip]:
     report entries with paths relative to `root`, sorted."""
     root = Path(root)
     out = []
-    for dirpath, _, files in os.walk(root):
+    for dirpath, files in walk(root):
         for f in files:
             ext = Path(f).suffix.lower()
             if ext not in exts:

@@ -58,7 +58,7 @@ def list_files(srcs: list[str]) -> tuple[list[tuple[str, str]], list[Skip]]:
         if not p.exists():
             raise SystemExit(f"error: text source {p} does not exist")
         if p.is_dir():
-            for dirpath, _, files in os.walk(p):
+            for dirpath, files in pipeline.walk(p):
                 for f in files:
                     fp = Path(dirpath) / f
                     disp = str(fp.relative_to(p.parent))
@@ -306,6 +306,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.spm_model:  # before any work: one line, not sentencepiece's traceback
+        if not Path(args.spm_model).is_file():
+            raise SystemExit(f"error: --spm-model {args.spm_model} does not exist or is not a file: give a "
+                             f"sentencepiece .model, or leave --spm-model out to train one")
+        try:
+            _spm(str(Path(args.spm_model).resolve()))
+        except RuntimeError as e:
+            raise SystemExit(f"error: --spm-model {args.spm_model} is not a sentencepiece model ({e}): give the "
+                             f".model file sentencepiece wrote, or leave --spm-model out to train one") from None
     files, ignored = list_files(args.src)
     if not files:
         raise SystemExit(f"error: no text files under {' '.join(args.src)}")

@@ -442,7 +442,8 @@ def test_flops_plan_and_bench():
                         f"main(['--preset', 'd2v1-text-tiny', '--steps', '1', '--warmup', '1', '--json', "
                         f"r'{tmp}/b.json', '--output-dir', r'{tmp}/b'])\n", Path(tmp), timeout=120)
         row = json.loads(Path(tmp, "b.json").read_text())
-    assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["clone_batch"] == 1, r.stdout[-500:]
+    assert row["flops_per_step"] > 0 and row["clone_batch"] == 1, r.stdout[-500:]
+    assert row["mfu"] is None if row["device"].startswith("cpu") else 0 < row["mfu"] < 1  # no GPU peak on a CPU
 
 
 def test_vision_student_teacher_whole_model_ema():

@@ -223,16 +223,23 @@ def test_text_symlink_aliases_are_read_once_and_reported(tmp_path):
     (d / "art.u8").symlink_to("art")  # the fortunes package's layout
     (d / "zen.u8").symlink_to(d / "zen")
     (d / ".hidden").write_text("not a document\n")
+    # a folder linked in (os.walk alone skips it silently), linked twice, and a link back up (a loop)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "tao").write_text("\n".join(fx.wordnet_glosses(70)[60:]) + "\n")
+    (d / "more").symlink_to(tmp_path / "extra")
+    (d / "more2").symlink_to("more")
+    (d / "loop").symlink_to(".")
     prep(["text", str(d), "--out", str(tmp_path / "o"), "--mode", "doc", "--spm-model", _text_spm(),
           "--workers", "1"])
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert m["num_rows"] == 60 and m["source"] == ["fortunes/art", "fortunes/zen"]
+    assert m["num_rows"] == 70 and m["source"] == ["fortunes/art", "fortunes/more/tao", "fortunes/zen"]
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["ignored_files"] == [
         {"source": "fortunes/.hidden", "reason": "hidden file"},
         {"source": "fortunes/art.u8", "reason": "alias of fortunes/art (same file, read once)"},
+        {"source": "fortunes/more2/tao", "reason": "alias of fortunes/more/tao (same file, read once)"},
         {"source": "fortunes/zen.u8", "reason": "alias of fortunes/zen (same file, read once)"}]
-    assert rep["ignored_by_reason"] == {"hidden file": 1, "alias": 2}
+    assert rep["ignored_by_reason"] == {"hidden file": 1, "alias": 3}
 
 
 def test_image_unsupported_files_listed_and_report_is_reproducible(tmp_path):
@@ -244,6 +251,7 @@ def test_image_unsupported_files_listed_and_report_is_reproducible(tmp_path):
     (src / "a" / "scan.heic").write_bytes(b"x")
     (src / "a" / "alias.png").symlink_to(src / "a" / p.name)
     (src / "a" / "corrupt.png").write_bytes(b"not an image at all" * 8)  # PIL names a BytesIO at 0x...
+    (src / "a" / "loop").symlink_to("..")  # a link back up: not walked again (nor forever)
     outs = [tmp_path / "o1", tmp_path / "o2"]
     for o in outs:
         prep(["image", str(src), "--out", str(o), "--workers", "1"])
@@ -278,6 +286,11 @@ def test_out_and_source_errors(tmp_path, capsys):
     assert (busy / "manifest.json").exists() and (busy / "thesis.tex").exists()
     prep(base + ["--out", str(busy)])  # only its own files now: a re-run is fine
     fails(["text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")], r"nope.txt does not exist")
+    fails(["text", str(txt), "--spm-model", str(tmp_path / "nope.model"), "--out", str(tmp_path / "o")],
+          r"--spm-model .*nope.model does not exist")
+    fails(["text", str(txt), "--spm-model", str(txt), "--out", str(tmp_path / "o")],
+          r"--spm-model .*t.txt is not a sentencepiece model")
+    assert not (tmp_path / "o").exists()
     fails(["image", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], r"nope does not exist")
     fails(["audio", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], r"nope does not exist")
     # all inputs bad: a non-zero exit (report written, no manifest)

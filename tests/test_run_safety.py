@@ -38,11 +38,12 @@ def image_manifest():
 
 
 # ---- item: a damaged newest checkpoint -------------------------------------------------------
-def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
+def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys):
     """4 checkpoints; the newest three damaged three ways (model states deleted, an optimizer
     shard deleted, a client file truncated): --resume auto warns about each, naming the file, and
     resumes from the intact one with the uninterrupted run's losses; an explicit --resume to a
-    damaged one is a one-line error naming the file; losses.json keeps every step."""
+    damaged one is a one-line error naming the file; d2v2-export of the run dir skips the damaged
+    ones alike; losses.json keeps every step, across two resumes."""
     out = tmp_path / "run"
     common = ["--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", out,
               "parallel.zero_stage=1", "checkpoint.every_steps=2", "checkpoint.keep_last=4",
@@ -71,6 +72,39 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
     client = ck / "step_00000004" / "client_rank00000.pt"
     client.write_bytes(client.read_bytes()[:100])
 
+    # d2v2-export of the run dir falls back like --resume auto; a damaged folder named explicitly
+    # is exported with a warning (the teacher needs only the client files)
+    from d2v2_scale.export.cli import main as export_main
+
+    capsys.readouterr()
+    assert export_main([str(out), "--out", str(tmp_path / "exp")]) == 0
+    cap = capsys.readouterr()
+    skipped = [line for line in cap.err.splitlines() if line.startswith("d2v2-export: warning: skipping checkpoint")]
+    assert len(skipped) == 3 and "mp_rank_00_model_states.pt is missing" in skipped[0], cap.err
+    assert f"exported the teacher of {ck / 'step_00000002'} (step 2," in cap.out
+    from d2v2_scale.export.probe import main as probe_main  # its data errors: one line too
+
+    assert probe_main([str(tmp_path / "exp"), "--data", str(tmp_path / "nowhere" / "manifest.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("d2v2-probe: error: no manifest at") and err.count("\n") == 1, err
+    assert export_main([str(ck / "step_00000008"), "--out", str(tmp_path / "exp8")]) == 0
+    cap = capsys.readouterr()
+    assert "is damaged: " in cap.err and "mp_rank_00_model_states.pt is missing" in cap.err and "(step 8," in cap.out
+    # the student through DeepSpeed's zero_to_fp32 (ZeRO-1): its progress bars are not shown
+    assert export_main([str(ck / "step_00000002"), "--out", str(tmp_path / "exp-s"), "--which", "student"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and "exported the student" in cap.out, cap.err
+
+    # --resume auto with every checkpoint damaged: a one-line error before any work, not a silent
+    # restart from step 0 (whose saves would delete them)
+    from d2v2_scale.train import main
+
+    shutil.copytree(ck / "step_00000008", tmp_path / "all-damaged" / "checkpoints" / "step_00000008")
+    assert main([*map(str, common[:3]), "--output-dir", str(tmp_path / "all-damaged"), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("d2v2-train: --resume auto: all 1 checkpoints under") and err.count("\n") == 1, err
+    assert "mp_rank_00_model_states.pt is missing" in err and not (tmp_path / "all-damaged" / "RUN.lock").exists()
+
     # explicit --resume to a damaged checkpoint: one line naming the file, before any work
     r = _train(*common, "max_steps=8", "--resume", ck / "step_00000008", timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -88,6 +122,26 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path):
     assert sorted(history) == list(range(1, 9)), "losses.json keeps the steps before the resume"
     for s in range(1, 9):  # the resumed steps reproduce the uninterrupted run
         assert history[s] == ref[s], (s, history[s], ref[s])
+    # a second resume (from step 6 of the resumed run): losses.json still holds the whole history
+    shutil.rmtree(ck / "step_00000008")
+    r = _train(*common, "max_steps=8", "--resume", "auto")
+    assert r.returncode == 0 and f"resumed from {ck / 'step_00000006'} at step 6" in r.stdout, r.stderr[-3000:]
+    assert json.loads((out / "losses.json").read_text()) == [[s, ref[s]] for s in range(1, 9)]
+    # resuming under a ZeRO stage DeepSpeed cannot read these files with (it died in a bare
+    # AssertionError), or with another world size: one line naming the field, before any process
+    # group; ZeRO-1 <-> 2 write the same files and pass
+    capsys.readouterr()
+    assert main([*map(str, common), "parallel.zero_stage=3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {ck / 'step_00000008'}: it was written with parallel.zero_stage=1; " \
+        "this run has parallel.zero_stage=3: resume with parallel.zero_stage=1" in err, err
+    from d2v2_scale.config import build_config
+    from d2v2_scale.train import preflight
+
+    cfg = build_config("image-tiny", overrides=[f"data.manifest={image_manifest}", f"output_dir={out}",
+                                                "parallel.zero_stage=2", "checkpoint.resume=auto"])
+    assert preflight(cfg) is None
+    assert "written by 1 processes; this run has 2" in preflight(cfg, world_size=2)
 
 
 # ---- item: data errors before any process group, one line, exit 2 ------------------------------
@@ -297,3 +351,40 @@ def test_reference_global_batch_per_preset_and_matching():
         match_reference_batch(build_config("image-base", overrides=["optim.match_reference_batch=true"]), 3)
     with pytest.raises(ConfigError, match="needs optim.reference_global_batch"):
         build_config("image-tiny", overrides=["optim.match_reference_batch=true"]).validate()
+    # the first log line on 4 GPUs without matching: this run's global batch next to the reference's
+    from types import SimpleNamespace
+
+    from d2v2_scale.train.trainer import Trainer
+
+    run = SimpleNamespace(cfg=build_config("image-base"), samples_per_step=4 * 16,
+                          info=SimpleNamespace(world_size=4, dp_size=4, tp_size=1, pp_size=1))
+    assert Trainer.run_summary(run) == (
+        "run: 4 processes (dp 4 x tp 1 x pp 1), global batch 4 x 16 x 1 (dp x data.batch_size x optim.grad_accum) = "
+        "64 samples per update; the image-base reference: 256 (optim.match_reference_batch=true matches it; "
+        "docs/SCALING.md)")
+
+
+def test_total_steps_auto(capsys):
+    """optim.total_steps=auto: the LR schedule ends at max_steps (no "stops at ... of the
+    schedule" in the first log line); without max_steps it is a config error naming both fields."""
+    from types import SimpleNamespace
+
+    from d2v2_scale.config import ConfigError, build_config
+    from d2v2_scale.train import main
+    from d2v2_scale.train.trainer import Trainer
+
+    cfg = build_config("image-tiny", overrides=["max_steps=40", "optim.total_steps=auto"]).validate()
+    assert cfg.optim.total_steps == 40 and cfg.steps == 40
+    run = SimpleNamespace(cfg=cfg, samples_per_step=8, info=SimpleNamespace(world_size=1, dp_size=1, tp_size=1,
+                                                                            pp_size=1))
+    assert "stops at" not in Trainer.run_summary(run)
+    run.cfg = build_config("image-tiny", overrides=["max_steps=40"])
+    assert "set optim.total_steps=40 (or auto)" in Trainer.run_summary(run)
+    with pytest.raises(ConfigError, match="optim.total_steps=auto takes its value from max_steps: set max_steps"):
+        build_config("image-tiny", overrides=["optim.total_steps=auto"])
+    with pytest.raises(ConfigError, match="model.depth='auto' is not a valid int"):
+        build_config("image-tiny", overrides=["model.depth=auto"])  # only total_steps takes auto
+    assert main(["--preset", "image-tiny", "optim.total_steps=auto", "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("d2v2-train: optim.total_steps=auto takes its value from max_steps")
+    assert main(["--preset", "image-tiny", "max_steps=25", "optim.total_steps=auto", "--print-config"]) == 0
+    assert "total_steps: 25\n" in capsys.readouterr().out

@@ -61,6 +61,7 @@ from .shards import ShardSet, check_compatible
 
 _BATCH_CLONE = 1 << 31  # clone id used for per-batch draws (never a real clone index)
 BAD_ROWS_KEY = "bad_rows"  # batch key (worker -> main process only): the bad rows this batch replaced
+ERROR_KEY = "data_error"  # batch key (worker -> main process only): a DataError's message, raised there
 
 
 class BatchBuilder:
@@ -242,7 +243,10 @@ class _BatchDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, indices = key
-        return self.builder(epoch, indices)
+        try:
+            return self.builder(epoch, indices)
+        except DataError as e:  # the Loader raises it again in the main process: raised in a worker,
+            return {ERROR_KEY: str(e)}  # torch would put the worker's traceback inside its message
 
 
 class _EpochKeys(Sampler):
@@ -380,6 +384,8 @@ class Loader:
                 if self._generation != gen:
                     stale = True
                     break
+                if ERROR_KEY in batch:
+                    raise DataError(batch[ERROR_KEY])
                 bad = batch.pop(BAD_ROWS_KEY, None)
                 if bad:
                     self._record_bad(bad)

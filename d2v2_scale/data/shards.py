@@ -105,7 +105,8 @@ class ShardSet:
             _NOTED_NO_CRC.add(str(self.manifest_path))
             print(f"note: {self.manifest_path} has no per-row checksums (manifest version "
                   f"{self.manifest.get('version', 1)}, an older d2v2-prep): a corrupt row cannot be found or "
-                  f"skipped; {self._fix()} to add them", file=sys.stderr)
+                  f"skipped; re-run the d2v2-prep {self.modality} command that made {self.root} (with "
+                  f"--overwrite) to add them", file=sys.stderr)
 
     # ---- verification -------------------------------------------------------------------
     def _fix(self) -> str:
@@ -245,7 +246,7 @@ def check_compatible(manifest: dict, manifest_path, cfg) -> None:
     if mod != m.modality:
         raise DataError(f"{manifest_path} holds {mod} data but the config's model.modality is {m.modality!r} "
                         f"(preset {cfg.preset!r}): point data.manifest at {m.modality} shards (d2v2-prep "
-                        f"{m.modality} ...) or use a {mod} preset")
+                        f"{m.modality} ...) or use {'an' if mod[0] in 'aeiou' else 'a'} {mod} preset")
     if mod == "text":
         v = int(manifest["vocab_size"])
         if v > m.vocab_size:

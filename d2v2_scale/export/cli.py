@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .consolidate import ExportError, export_checkpoint
 
+    def warn(msg: str) -> None:
+        print(f"d2v2-export: warning: {msg}", file=sys.stderr)
+
     if args.format == "hf":
         from .hf import export_hf
 
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
             return 2
         try:
             hcfg = export_hf(args.checkpoint, args.out, which=args.which, force=args.force, gpt2_bpe=args.gpt2_bpe,
-                             warn=lambda m: print(f"d2v2-export: warning: {m}", file=sys.stderr))
+                             warn=warn)
         except ExportError as e:
             print(f"d2v2-export: error: {e}", file=sys.stderr)
             return 2
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         return 2
     try:
         cfg = export_checkpoint(args.checkpoint, args.out, which=args.which or "teacher", with_decoder=args.with_decoder,
-                                force=args.force)
+                                force=args.force, warn=warn)
     except ExportError as e:
         print(f"d2v2-export: error: {e}", file=sys.stderr)
         return 2

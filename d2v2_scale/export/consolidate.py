@@ -64,8 +64,18 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or the newest COMPLETE one under an output dir / checkpoints dir."""
+def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
+    """A checkpoint folder, or the newest intact one under an output dir / checkpoints dir.
+
+    Under a run dir, newer checkpoints that are damaged (a file their COMPLETE marker lists is
+    missing or has another size: train/checkpoint.py `damage`) are skipped, as `--resume auto`
+    skips them, each through `warn(message)` (default: one line on stderr).  A checkpoint folder
+    named explicitly is taken even when damaged, with that warning: the export reads only some
+    of its files (the teacher: the client files), and one it cannot read is named then."""
+    from ..train.checkpoint import damage
+    from .gpt2_tokenizer import _stderr_warning
+
+    warn = warn or _stderr_warning
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p} does not exist")
@@ -76,6 +86,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if not (p / MARKER).is_file():
             raise ExportError(f"checkpoint {p} has no {MARKER} marker: its save was interrupted or it is "
                               f"not a d2v2 checkpoint; export an older complete checkpoint")
+        why = damage(p)
+        if why is not None:
+            warn(f"checkpoint {p} is damaged: {why}; exporting what it holds (or give the run dir: its newest "
+                 f"intact checkpoint is taken)")
         return p
     ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     found = [c for c in ck.iterdir() if c.is_dir() and _TAG.match(c.name)]
@@ -83,7 +97,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not done:
         what = f"{len(found)} incomplete (no {MARKER} marker)" if found else "no step_XXXXXXXX folders"
         raise ExportError(f"no complete checkpoint under {ck}: {what}")
-    return done[-1]
+    for c in reversed(done):
+        why = damage(c)
+        if why is None:
+            return c
+        warn(f"skipping checkpoint {c}: {why}; trying an older one")
+    raise ExportError(f"no intact checkpoint under {ck}: all {len(done)} complete ones are damaged (see the "
+                      f"warnings above); export one of them by name to take what it holds")
 
 
 def read_marker(folder: Path) -> dict:
@@ -246,7 +266,8 @@ def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
         tag.mkdir()
         for p in mine:
             (tag / p.name).symlink_to(p.resolve())
-        with contextlib.redirect_stdout(io.StringIO()):
+        # its log lines (stdout) and tqdm bars (stderr) are nothing a user can act on; errors raise
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             try:
                 sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tp")
             except Exception as e:  # noqa: BLE001
@@ -345,13 +366,14 @@ def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: boo
 
 
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str = "teacher",
-                      with_decoder: bool = False, force: bool = False) -> dict:
+                      with_decoder: bool = False, force: bool = False, warn=None) -> dict:
     """Export `src` (checkpoint folder or output dir) to the folder `out`.  Returns the config
-    written (model fields + d2v2_export)."""
+    written (model fields + d2v2_export).  `warn(message)`: damaged checkpoints skipped or taken
+    (resolve_checkpoint)."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    folder = resolve_checkpoint(src)
+    folder = resolve_checkpoint(src, warn)
     info = read_marker(folder)
     tensors, prov = assemble(folder, info, which, with_decoder)
     config = dict(info["config"]["model"])

@@ -286,7 +286,7 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
             extra["dict.txt"] = (src / "dict.txt").read_bytes()
             extra |= imported_tokenizer_files(src, cfg, gpt2_bpe, warn)
     else:
-        folder = resolve_checkpoint(src)
+        folder = resolve_checkpoint(src, warn)
         info = read_marker(folder)
         cfg = dict(info["config"]["model"])
         hf_target(cfg)

@@ -332,12 +332,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ..data.manifest import DataError
     from .consolidate import ExportError
 
     try:
         res = run_probe(args.export, args.data, args.pool, args.baseline, args.test_fraction, args.seed, args.c,
                         args.max_samples, layer=args.layer)
-    except (ProbeError, ExportError, FileNotFoundError) as e:
+    except (ProbeError, ExportError, DataError, FileNotFoundError) as e:  # a missing or damaged manifest
         print(f"d2v2-probe: error: {e}", file=sys.stderr)
         return 2
     line = (f"linear probe ({res['modality']}, layer {res['layer']}, {res['pool']} pool, {res['n_train']} train / "

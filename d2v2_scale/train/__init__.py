@@ -35,22 +35,30 @@ def parse_args(argv=None):
     return args, overrides
 
 
-def preflight(cfg) -> str | None:
+def preflight(cfg, world_size: int = 1) -> str | None:
     """What can be checked on the files alone, before any process group or model exists (the
     same checks run again later, inside the trainer): the data's manifest against the config,
-    and an explicit --resume folder.  Returns the one-line error, or None."""
+    and the --resume folder (an explicit one intact; under auto, not every checkpoint damaged;
+    the one taken written by this many processes under this parallel layout).  Returns the
+    one-line error, or None."""
+    import json
     from pathlib import Path
 
     from ..data.loader import check_data
     from ..data.manifest import DataError
-    from .checkpoint import resolve_resume
+    from .checkpoint import MARKER, layout_problem, resolve_resume
 
     try:
         check_data(cfg)
-        if cfg.checkpoint.resume and cfg.checkpoint.resume != "auto":
-            resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
+        folder = resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
     except (DataError, FileNotFoundError) as e:
         return str(e)
+    if folder is not None:
+        par = cfg.parallel
+        why = layout_problem(json.loads((folder / MARKER).read_text()), world_size,
+                             {"zero_stage": par.zero_stage, "tp": par.tp, "pp": par.pp, "engine": par.engine})
+        if why is not None:
+            return f"--resume {cfg.checkpoint.resume}: checkpoint {folder}: {why}"
     return None
 
 
@@ -81,7 +89,7 @@ def main(argv=None) -> int:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
               "--data.manifest PATH/manifest.json", file=sys.stderr)
         return 2
-    err = preflight(cfg)
+    err = preflight(cfg, world)
     if err:
         print(f"d2v2-train: {err}", file=sys.stderr)
         return 2

@@ -72,17 +72,24 @@ def damage(folder: Path) -> str | None:
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None:
-    """None -> no resume; "auto" -> newest intact checkpoint or None (damaged newer ones skipped,
-    each reported through `warn(message)`); else that checkpoint dir, which must be intact."""
+    """None -> no resume; "auto" -> newest intact checkpoint, or None when there is no complete
+    one (damaged newer ones skipped, each reported through `warn(message)`; all of them damaged:
+    FileNotFoundError, rather than a silent restart from step 0 that would later delete them);
+    else that checkpoint dir, which must be intact."""
     if not resume:
         return None
     if resume == "auto":
-        for folder in reversed(complete_checkpoints(ckpt_dir)):
+        done = complete_checkpoints(ckpt_dir)
+        for folder in reversed(done):
             why = damage(folder)
             if why is None:
                 return folder
             if warn is not None:
                 warn(f"warning: skipping checkpoint {folder}: {why}; trying an older one")
+        if done:
+            raise FileNotFoundError(f"--resume auto: all {len(done)} checkpoints under {ckpt_dir} are damaged (the "
+                                    f"newest: {damage(done[-1])}): restore the file, or move them away to start "
+                                    f"over from step 0, or give another --output-dir")
         return None
     path = Path(resume)
     if not path.is_dir():
@@ -93,6 +100,32 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None
         raise FileNotFoundError(f"--resume {path}: the checkpoint is damaged: {why}; resume from an older one "
                                 f"or use --resume auto (it skips damaged checkpoints)")
     return path
+
+
+# DeepSpeed reads a checkpoint back only under a compatible ZeRO stage: stages 1 and 2 write the
+# same files; 0 (no optimizer shards) and 3 (partitioned parameters) only their own.  Measured:
+# 1 -> 2 resumes; 1 -> 0 fails in an AttributeError, 1 -> 3 in a bare AssertionError.
+_ZERO_FILES = {0: 0, 1: 1, 2: 1, 3: 3}
+
+
+def layout_problem(info: dict, world_size: int, layout: dict) -> str | None:
+    """Why a checkpoint (its COMPLETE marker `info`) cannot be resumed by a run of `world_size`
+    processes with `layout` (any of zero_stage, tp, pp, engine: this run's parallel.*), or None.
+    Exact resume needs the same world size (RNG and loader state are per rank) and the layout
+    DeepSpeed wrote its files under (their names and shapes follow the TP x PP ranks)."""
+    if info["world_size"] != world_size:
+        return (f"it was written by {info['world_size']} processes; this run has {world_size}. Exact resume needs "
+                f"the same layout (RNG and data-loader state are per rank)")
+    written = {"zero_stage": info.get("zero_stage"), "tp": info.get("tp"), "pp": info.get("pp"),
+               "engine": (info.get("config") or {}).get("parallel", {}).get("engine", "deepspeed")}
+    for key, running in layout.items():
+        was = written.get(key)
+        if was is None or (key == "zero_stage" and _ZERO_FILES.get(was) == _ZERO_FILES.get(running)):
+            continue  # an older marker without it, or ZeRO-1 <-> 2 (the same files)
+        if was != running:
+            return (f"it was written with parallel.{key}={was}; this run has parallel.{key}={running}: resume "
+                    f"with parallel.{key}={was}")
+    return None
 
 
 def rng_state() -> dict:
@@ -160,15 +193,12 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last:
 def load(engine, folder: Path, rank: int, world_size: int) -> dict:
     """Collective: restore DeepSpeed state and return this rank's client dict."""
     info = json.loads((folder / MARKER).read_text())
-    if info["world_size"] != world_size:
-        raise ValueError(f"checkpoint {folder} was written by {info['world_size']} processes; this run has "
-                         f"{world_size}. Exact resume needs the same layout (RNG and data-loader state are per rank)")
     # the two engines write different files; say which one a run needs before either trips over them
-    written = (info.get("config") or {}).get("parallel", {}).get("engine", "deepspeed")
+    # (d2v2-train checks the whole layout before any process group: train/__init__.py preflight)
     running = "flat" if getattr(engine, "flat_grads", None) is not None else "deepspeed"
-    if written != running:
-        raise ValueError(f"checkpoint {folder} was written with parallel.engine={written}; this run has "
-                         f"parallel.engine={running}: resume with parallel.engine={written}")
+    why = layout_problem(info, world_size, {"engine": running})
+    if why is not None:
+        raise ValueError(f"checkpoint {folder}: {why}")
     client_path = folder / f"client_rank{rank:05d}.pt"
     if not client_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} lacks {client_path.name}; it is damaged: resume from an "

@@ -383,7 +383,7 @@ class Trainer:
                 line += " (optim.match_reference_batch=true matches it; docs/SCALING.md)"
         if cfg.steps < o.total_steps:
             line += (f"; max_steps={cfg.steps} stops at {cfg.steps} of the {o.total_steps}-update LR schedule "
-                     f"(optim.total_steps): the LR will not decay to its end; set optim.total_steps={cfg.steps} "
+                     f"(optim.total_steps): the LR will not decay to its end; set optim.total_steps={cfg.steps} (or auto) "
                      + ("and optim.warmup_steps below it " if o.warmup_steps > cfg.steps else "")
                      + "for a complete schedule")
         return line
