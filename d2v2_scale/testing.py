@@ -31,6 +31,13 @@ class DistributedTestError(AssertionError):
     pass
 
 
+def console_script(name: str) -> str:
+    """The path of this environment's console script `name` (d2v2-train, d2v2-prep, ...): the one
+    next to the running Python, else the first on PATH, so tests run the installed commands."""
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
 def save_result(obj) -> None:
     """Called inside a body: store this rank's JSON-able result for the parent test."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from d2v2_scale.testing import run_distributed
+from d2v2_scale.testing import console_script, run_distributed
 from tests import data_fixtures
 
 # fast teacher (0.9 -> 0.95): the targets move within a few steps
@@ -55,11 +52,6 @@ def test_zero3_equals_zero0_and_resume_is_bitwise(manifest, tmp_path):
     assert {"loss/regression", "loss/contrastive", *AQC_STATS} <= set(res["last"])
 
 
-def _cli(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else shutil.which(name)
-
-
 @pytest.fixture(scope="module")
 def one_process_run(manifest, tmp_path_factory):
     """`d2v2-train --preset aqc-tiny`, one process, the PAR settings: the run folder."""
@@ -67,7 +59,7 @@ def one_process_run(manifest, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    r = subprocess.run([_cli("d2v2-train"), "--preset", "aqc-tiny", f"data.manifest={manifest}",
+    r = subprocess.run([console_script("d2v2-train"), "--preset", "aqc-tiny", f"data.manifest={manifest}",
                         "--output-dir", str(out), *PAR], capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     (out / "stdout.txt").write_text(r.stdout)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v2_scale.testing import run_distributed
+from d2v2_scale.testing import console_script, run_distributed
 from tests import data_fixtures
 
 SCALE = "tests.dist_bodies_scaleout"
@@ -153,15 +153,6 @@ def test_train_export_plain_twin_equals_teacher(modality, tmp_path):
         assert f.shape == (3, m.embed_dim) and np.isfinite(f).all(), layer
 
 
-def _cli(name: str) -> str:
-    import shutil
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else shutil.which(name)
-
-
 @pytest.mark.parametrize("modality", ["audio", "text", "image"])
 def test_commands_train_export_twin_equals_checkpoint_teacher(modality, tmp_path):
     """The commands themselves, as a user runs them: `d2v2-train --preset d2v1-X-tiny` (its own
@@ -186,7 +177,7 @@ def test_commands_train_export_twin_equals_checkpoint_teacher(modality, tmp_path
     overrides = [f"data.manifest={_manifest(modality)}", "max_steps=2", "logging.every_steps=1",
                  "ema.decay=0.9", "ema.end_decay=0.95", "data.num_workers=0"]
     run, export = tmp_path / "run", tmp_path / "export"
-    r = subprocess.run([_cli("d2v2-train"), "--preset", f"d2v1-{modality}-tiny", "--output-dir", str(run),
+    r = subprocess.run([console_script("d2v2-train"), "--preset", f"d2v1-{modality}-tiny", "--output-dir", str(run),
                         *overrides], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2/2 loss" in r.stdout, r.stdout[-1000:]

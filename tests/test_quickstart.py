@@ -2,15 +2,9 @@
 (sklearn digits -> d2v2-prep shards -> 2-process ZeRO-3 torchrun training -> logs + checkpoint)."""
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-
-def _console_script(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else shutil.which(name)
+from d2v2_scale.testing import console_script
 
 
 def test_quickstart_end_to_end(tmp_path):
@@ -22,7 +16,7 @@ def test_quickstart_end_to_end(tmp_path):
 
     out = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([_console_script("d2v2-quickstart"), "--out", str(out), "--nproc", "1", "--zero-stage", "0"],
+    r = subprocess.run([console_script("d2v2-quickstart"), "--out", str(out), "--nproc", "1", "--zero-stage", "0"],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "quickstart done." in r.stdout
@@ -46,9 +40,9 @@ def test_quickstart_end_to_end(tmp_path):
 
 
 def test_train_cli_rejects_bad_config_before_starting(tmp_path):
-    r = subprocess.run([_console_script("d2v2-train"), "--preset", "image-tiny", "model.dept=3"],
+    r = subprocess.run([console_script("d2v2-train"), "--preset", "image-tiny", "model.dept=3"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "did you mean 'depth'" in r.stderr
-    r = subprocess.run([_console_script("d2v2-train"), "--preset", "image-tiny"], capture_output=True, text=True,
+    r = subprocess.run([console_script("d2v2-train"), "--preset", "image-tiny"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "data.manifest is not set" in r.stderr

@@ -16,19 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from d2v2_scale.testing import console_script
 from tests import data_fixtures
-
-
-def _cli(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else shutil.which(name)
 
 
 def _train(*args, timeout=300, env=None):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
         e.pop(k, None)
-    return subprocess.run([_cli("d2v2-train"), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([console_script("d2v2-train"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=e)
 
 

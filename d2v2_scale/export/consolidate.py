@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -64,6 +65,11 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+def stderr_warning(msg: str) -> None:
+    """The export tools' default `warn`: one line on stderr."""
+    print(f"warning: {msg}", file=sys.stderr)
+
+
 def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
     """A checkpoint folder, or the newest intact one under an output dir / checkpoints dir.
 
@@ -72,10 +78,9 @@ def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
     skips them, each through `warn(message)` (default: one line on stderr).  A checkpoint folder
     named explicitly is taken even when damaged, with that warning: the export reads only some
     of its files (the teacher: the client files), and one it cannot read is named then."""
-    from ..train.checkpoint import damage
-    from .gpt2_tokenizer import _stderr_warning
+    from ..train.checkpoint import complete_checkpoints, damage, newest_intact
 
-    warn = warn or _stderr_warning
+    warn = warn or stderr_warning
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p} does not exist")
@@ -92,16 +97,14 @@ def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
                  f"intact checkpoint is taken)")
         return p
     ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    found = [c for c in ck.iterdir() if c.is_dir() and _TAG.match(c.name)]
-    done = sorted((c for c in found if (c / MARKER).is_file()), key=lambda c: int(_TAG.match(c.name).group(1)))
+    done = complete_checkpoints(ck)
     if not done:
+        found = [c for c in ck.iterdir() if c.is_dir() and _TAG.match(c.name)]
         what = f"{len(found)} incomplete (no {MARKER} marker)" if found else "no step_XXXXXXXX folders"
         raise ExportError(f"no complete checkpoint under {ck}: {what}")
-    for c in reversed(done):
-        why = damage(c)
-        if why is None:
-            return c
-        warn(f"skipping checkpoint {c}: {why}; trying an older one")
+    intact = newest_intact(done, warn)
+    if intact is not None:
+        return intact
     raise ExportError(f"no intact checkpoint under {ck}: all {len(done)} complete ones are damaged (see the "
                       f"warnings above); export one of them by name to take what it holds")
 

@@ -27,7 +27,7 @@ import json
 import re
 from pathlib import Path
 
-from .consolidate import ExportError
+from .consolidate import ExportError, stderr_warning
 
 ENCODER, MERGES = "encoder.json", "vocab.bpe"
 GPT2_URLS = ("https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/encoder.json",
@@ -175,18 +175,12 @@ def gpt2_tokenizer_files(dict_text: str, bpe_dir, vocab_size: int, max_positions
             "tokenizer_config.json": json.dumps(cfg, indent=1).encode()}
 
 
-def _stderr_warning(msg: str) -> None:
-    import sys
-
-    print(f"warning: {msg}", file=sys.stderr)
-
-
 def imported_tokenizer_files(folder, cfg: dict, bpe_dir=None, warn=None) -> dict[str, bytes]:
     """A plain export's dict.txt (d2v2-import --dict) -> the tokenizer files, with the GPT-2 BPE
     files from `bpe_dir` (--gpt2-bpe) or stored next to dict.txt (d2v2-import --gpt2-bpe).
     Without them, or for a dictionary whose symbols are not GPT-2 ids: {} and one warning line
     (the model is still exported; dict.txt is copied by the caller)."""
-    folder, warn = Path(folder), warn or _stderr_warning
+    folder, warn = Path(folder), warn or stderr_warning
     where = str(folder / "dict.txt")
     text = (folder / "dict.txt").read_text(encoding="utf-8")
     if bpe_dir is None:

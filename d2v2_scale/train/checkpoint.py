@@ -71,6 +71,19 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def newest_intact(done: list[Path], warn=None) -> Path | None:
+    """The newest of `done` (complete checkpoints, oldest first) that `damage` finds intact, or
+    None; each newer damaged one is reported through `warn(message)`.  Shared by `--resume auto`
+    and `d2v2-export RUN_DIR`, so both skip the same checkpoints."""
+    for folder in reversed(done):
+        why = damage(folder)
+        if why is None:
+            return folder
+        if warn is not None:
+            warn(f"skipping checkpoint {folder}: {why}; trying an older one")
+    return None
+
+
 def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None:
     """None -> no resume; "auto" -> newest intact checkpoint, or None when there is no complete
     one (damaged newer ones skipped, each reported through `warn(message)`; all of them damaged:
@@ -80,12 +93,9 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, warn=None) -> Path | None
         return None
     if resume == "auto":
         done = complete_checkpoints(ckpt_dir)
-        for folder in reversed(done):
-            why = damage(folder)
-            if why is None:
-                return folder
-            if warn is not None:
-                warn(f"warning: skipping checkpoint {folder}: {why}; trying an older one")
+        folder = newest_intact(done, (lambda m: warn(f"warning: {m}")) if warn is not None else None)
+        if folder is not None:
+            return folder
         if done:
             raise FileNotFoundError(f"--resume auto: all {len(done)} checkpoints under {ckpt_dir} are damaged (the "
                                     f"newest: {damage(done[-1])}): restore the file, or move them away to start "
