@@ -1,7 +1,7 @@
 """CPU compatibility for DeepSpeed and Megatron-core, in one place.
 
 CI and developer machines have no GPU, so every distributed path is exercised on CPU with gloo.
-The measured facts behind each patch are in `shared/docs/cpu-distributed-facts.md`; each
+The measured facts behind each patch are in docs/REFERENCE.md §5; each
 function here applies one of them and does nothing on a CUDA machine.  Nothing else in the
 project patches third-party libraries.
 """

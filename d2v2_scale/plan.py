@@ -245,7 +245,7 @@ def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1
     teacher = t_tok * (10 + 24 / tp) * d * scale + m.top_k_layers * t_tok * d * dtype_bytes + t_tok * d * 4
     if pp > 1 and last:  # the targets of all M micro-batches wait for the student pass
         teacher += microbatches * b * t * d * 4
-    # + the two-layer head's hidden (before and after GELU) for text (spec 12 D1)
+    # + the two-layer head's hidden (before and after GELU) for text (docs/REFERENCE.md §1.10 D1)
     head = 2 * int(m.decoder_dim * m.decoder_projection_ratio) if m.decoder_projection_layers == 2 else 0
     decoder = b * mm * t * (m.decoder_layers * 4 * m.decoder_dim + 2 * d + head) * dtype_bytes if last else 0
     front = in_flight * b * mm * t * d * dtype_bytes * 2 if first else 0  # repeated features + filled sequence

@@ -301,7 +301,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["pack", "doc"], default="pack",
                    help="pack: blocks of --block-size tokens; doc: one row per document")
     p.add_argument("--block-size", type=int, default=511,
-                   help="tokens per packed block (511: the loader prepends <s> for 512, spec 12 D10)")
+                   help="tokens per packed block (511: the loader prepends <s> for 512, docs/REFERENCE.md §1.10 D10)")
     p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not append </s> to documents (default: append, add_eos=%(default)s)")
 
 

@@ -54,7 +54,7 @@ def tp_step_body(tp: str, workdir: str):
     for name in PRESETS:
         cfg = load_preset(name)
         cfg.model.dropout = 0.0  # attention dropout masks cannot match across TP layouts
-        # the input dropouts (spec 12 D2/D3/D7) act on tensors replicated over the TP group: drawn
+        # the input dropouts (docs/REFERENCE.md §1.10 D2/D3/D7) act on tensors replicated over the TP group: drawn
         # from the shared default generator, they match across TP layouts and stay on
         cfg.model.encoder_input_dropout = cfg.model.decoder_input_dropout = 0.1
         cfg.parallel.tp = tp

@@ -1,5 +1,5 @@
-"""data2vec-aqc, the objective (model/data2vec_aqc.py): the spec's AQC tests 3 (routing), 8 (loss
-composition on the real objective), 9 (gradient flow), 10 (parameter count), 11 (config guards),
+"""data2vec-aqc, the objective (model/data2vec_aqc.py): docs/REFERENCE.md §3: routing (§3.3), the loss
+composition on the real objective (§3.8), gradient flow, the parameter count (§3.9), config guards,
 plus the keyed random draws and the export of an AQC run's config.  The building blocks
 (quantizer, negatives, k-means, logits) are tested in tests/test_aqc_parts.py, the augmented view
 in tests/test_aqc_augment.py, scale-out in tests/test_aqc_dist.py."""

@@ -1,4 +1,4 @@
-"""data2vec-aqc's augmented second view (data2vec-aqc-spec.md B.2; the spec's AQC tests 1, 2 and
+"""data2vec-aqc's augmented second view (docs/REFERENCE.md §3.2: augmentations, view alignment and
 the noise_dir config guard): formulas, frequencies, sox reverb (against a literal transcription
 of sox reverb.c and against the real `sox` program), view alignment and determinism per key."""
 

@@ -1,6 +1,6 @@
-"""data2vec-aqc's building blocks (data2vec-aqc-spec.md B.4-B.8; its AQC test list items 4-8):
+"""data2vec-aqc's building blocks (docs/REFERENCE.md §3.4-§3.8):
 the Gumbel quantizer, same-utterance negatives, cosine k-means, the cross-contrastive loss and
-the B.8 total.  Plain PyTorch on one process: these modules run replicated on every rank."""
+the §3.8 total.  Plain PyTorch on one process: these modules run replicated on every rank."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The BEiT-style encoder of data2vec 1.0 vision (model/beit.py), its plain twin
 (model/plain_beit.py) and the BEiT blockwise mask generator (data/masking_beit.py), against the
-numbers of data2vec1-spec.md A.3."""
+numbers of docs/REFERENCE.md §2.4."""
 
 import math
 import tempfile
@@ -66,7 +66,7 @@ def test_config_rejects_impossible_beit_values(field, value, msg):
 
 
 def test_vit_b_parameter_count(dist):
-    """Spec A.3: ViT-B student with the Linear(768, 768) head and the mask token: 86,256,720;
+    """docs/REFERENCE.md §2.4: ViT-B student with the Linear(768, 768) head and the mask token: 86,256,720;
     7,088,640 per block.  Built on the meta device (no memory, no init)."""
     from d2v2_scale.model.beit import BeitBlock, BeitEncoder
     from d2v2_scale.model.flops import beit_encoder_params, encoder_params_analytic
@@ -442,7 +442,7 @@ def test_mask_generator_is_beit_exactly():
 
 
 def test_mask_generator_10000_draws():
-    """Spec A.3 test 3, over 10,000 draws: at most 120 masked, mean >= 119.5; blocks inside the
+    """docs/REFERENCE.md §2.4 masking, over 10,000 draws: at most 120 masked, mean >= 119.5; blocks inside the
     grid, each adding between 1 and `remaining` new cells; keyed (same key -> same mask,
     independent of the batch it is drawn in)."""
     from d2v2_scale.data import rng
@@ -583,7 +583,7 @@ def test_probe_reads_the_beit_twin():
 
 
 def test_weight_decay_groups_follow_beit(dist):
-    """Spec A.3 (timm optimizer): no decay on 1-D parameters (norms, biases, q/v biases, layer
+    """docs/REFERENCE.md §2.4 (timm optimizer): no decay on 1-D parameters (norms, biases, q/v biases, layer
     scales) and the CLS token; the mask token (3-D) and the relative position table (2-D) decay."""
     from d2v2_scale.model import param_groups_for_weight_decay
     from d2v2_scale.model.beit import BeitEncoder

@@ -20,7 +20,7 @@ def test_each_preset_loads_and_validates(name):
 
 
 def test_spec_table_numbers():
-    # a few rows of the spec's table (section 9) that are easy to get wrong
+    # a few rows of the table in docs/REFERENCE.md §1.9 that are easy to get wrong
     b, l, h = (load_preset(n) for n in ("image-base", "image-large", "image-huge"))
     assert (b.model.depth, b.model.prenet_depth, b.model.clone_batch, b.model.top_k_layers) == (10, 2, 16, 10)
     assert (b.masking.ratio, b.masking.adjust, b.masking.length) == (0.8, 0.07, 3)
@@ -32,7 +32,7 @@ def test_spec_table_numbers():
     assert t.model.layer_norm_target_layer and t.model.instance_norm_targets and not t.model.instance_norm_target_layer
     assert load_preset("text-base").model.loss_scale == 1.0 and b.model.loss_scale is None
     assert b.optim.betas == (0.9, 0.95) and load_preset("audio-base").optim.betas == (0.9, 0.98)
-    # spec 12 D8: image Adam eps 1e-8 (fairseq default), audio/text yamls 1e-6
+    # docs/REFERENCE.md §1.10 D8: image Adam eps 1e-8 (fairseq default), audio/text yamls 1e-6
     assert {n: load_preset(n).optim.eps for n in SPEC_PRESETS} == {
         n: 1e-8 if n.startswith("image") else 1e-6 for n in SPEC_PRESETS}
 

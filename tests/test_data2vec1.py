@@ -1,4 +1,4 @@
-"""data2vec 1.0 (model/data2vec1.py, data/masking_d2v1.py): the data2vec1-spec's test list for
+"""data2vec 1.0 (model/data2vec1.py, data/masking_d2v1.py): the facts of docs/REFERENCE.md §2 for
 speech and text -- mask statistics, mask-embedding placement, teacher taps and targets by hand,
 loss numerics, EMA values and copied parts, teacher input, parameter counts, init, schedules,
 the collapse guard, and the impossible mixes the config refuses."""
@@ -35,7 +35,7 @@ def test_speech_mask_statistics():
     keys = _keys(n)
     counts = M.span_counts(keys, np.full(n, 500), 0.65, 10, 1)
     assert set(counts.tolist()) == {32, 33} and abs(counts.mean() - 32.5) < 0.03
-    for t, expected in ((500, 0.4909), (250, 0.4926)):  # exact combinatorial values (spec A.1)
+    for t, expected in ((500, 0.4909), (250, 0.4926)):  # exact combinatorial values (docs/REFERENCE.md §2.2)
         m = M.speech_span_mask(keys, np.full(n, t), t, 0.65, 10, same_count=False)
         assert abs(m.mean() - expected) < 0.005, (t, m.mean())
         # every masked set is a union of length-10 runs starting at <= T - 11
@@ -276,9 +276,9 @@ def test_parameter_counts_and_init():
     assert abs(float(s.decoder[0].weight.std()) - 0.02) < 0.002 and float(s.decoder[2].bias.abs().max()) == 0
 
 
-# ---- issue item 2: the presets carry the spec's hyperparameters ----------------------------------
+# ---- issue item 2: the presets carry the reference hyperparameters (docs/REFERENCE.md §2) ----------
 def test_presets_carry_the_spec_hyperparameters():
-    """The numbers of data2vec1-spec A.1-A.3 as the base presets hold them (the mask, target,
+    """The numbers of docs/REFERENCE.md §2.2-§2.4 as the base presets hold them (the mask, target,
     loss and schedule tests above take them from the presets or from literals; this ties the
     two), and the tiny presets differ only in size and schedule length, not in the objective."""
     import dataclasses
@@ -422,7 +422,7 @@ def test_flops_plan_and_bench():
     pos = 5 * 2 * t * 48 * 19 * 768
     assert f["student"] == pytest.approx(3 * 2 * (12 * block_flops(t, 768) + pos))  # all T frames, M = 1
     assert f["decoder"] == pytest.approx(3 * 2 * 2 * 0.65 * t * 768 * 768)  # Linear head at masked frames
-    # d2v2-plan's tables: the spec's student counts; the teachers: speech the pos conv, its LN and
+    # d2v2-plan's tables: the student counts of docs/REFERENCE.md §2.2-§2.3; the teachers: speech the pos conv, its LN and
     # the blocks (the CNN front end is the student's), text the blocks only (the embeddings are
     # the student's), vision the whole encoder without the head
     for name, n_student, n_teacher in (("d2v1-audio-base", 93_754_880, 3_505_920 + 1_536 + 12 * 7_087_872),
@@ -510,7 +510,7 @@ def test_weight_decay_option_and_beit_groups(name, decay_all):
 
 
 def test_vision_color_jitter_as_torchvision():
-    """BEiT's ColorJitter(0.4, 0.4, 0.4) (spec A.3): brightness, contrast and saturation factors
+    """BEiT's ColorJitter(0.4, 0.4, 0.4) (docs/REFERENCE.md §2.4): brightness, contrast and saturation factors
     uniform in [0.6, 1.4], applied through PIL's ImageEnhance in a random order (torchvision's
     PIL path); keyed, so a resumed run redraws it; before the crop; the presets turn it on."""
     from PIL import Image, ImageEnhance

@@ -78,7 +78,7 @@ def test_image_batch_contract():
 
 
 def test_image_crop_is_reference_random_resized_crop():
-    """Spec 12 D5: RandomResizedCrop with scale (0.2, 1.0) and bicubic resampling."""
+    """docs/REFERENCE.md §1.10 D5: RandomResizedCrop with scale (0.2, 1.0) and bicubic resampling."""
     from PIL import Image
 
     from d2v2_scale.config import load_preset
@@ -104,7 +104,7 @@ def test_image_crop_is_reference_random_resized_crop():
 
 
 def test_audio_batch_contract():
-    """Spec 12 D6 (data.audio_crop="batch_min", the default): no padding, every clip cut to the
+    """docs/REFERENCE.md §1.10 D6 (data.audio_crop="batch_min", the default): no padding, every clip cut to the
     batch's shortest clip (at most data.max_seconds) at its own offset, out of the whole file
     normalized to zero mean / unit variance; clips under data.min_seconds never appear."""
     from d2v2_scale.data import augment
@@ -159,7 +159,7 @@ def test_text_batch_contract():
             assert mask[r * m.clone_batch:(r + 1) * m.clone_batch][:, pad[r]].all()
         s = ShardSet(fx.prepared("text"))
         for r, i in enumerate(b["index"].tolist()):
-            # spec 12 D10: <s> + a window of max_tokens - 1 = 63 stream tokens of the (64-token) block
+            # docs/REFERENCE.md §1.10 D10: <s> + a window of max_tokens - 1 = 63 stream tokens of the (64-token) block
             row, got = np.asarray(s.get(i)["tokens"]), src[r, ~pad[r]]
             assert got[0] == s.manifest["bos_id"] == 0 and len(got) == min(len(row) + 1, cfg.data.max_tokens)
             assert any((row[o:o + len(got) - 1] == got[1:]).all() for o in range(len(row) - len(got) + 2))
@@ -383,7 +383,7 @@ def test_manifest_without_row_checksums_still_loads(tmp_path, capfd):
 
 
 def test_audio_too_few_clips_above_min_seconds():
-    """Clips under data.min_seconds are dropped (spec 12 D6); when too few are left the error
+    """Clips under data.min_seconds are dropped (docs/REFERENCE.md §1.10 D6); when too few are left the error
     names the field before any worker starts."""
     cfg = fx.tiny_cfg("audio", fx.prepared("audio"), num_workers=0, min_seconds=5.0, max_seconds=20.0)
     with pytest.raises(DataError, match=r"only 0 of 78 clips are at least data.min_seconds=5.0 s long"):

@@ -1,4 +1,4 @@
-"""Masks (spec section 7): exact counts, blockiness, padding, independence, determinism."""
+"""Masks (docs/REFERENCE.md §1.7): exact counts, blockiness, padding, independence, determinism."""
 
 import numpy as np
 import pytest

@@ -222,7 +222,7 @@ def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
     student, teacher, conv decoder): on fairseq's batch and masks (dropout off, masked-slot noise
     std 0 on both sides) its loss equals fairseq's pretraining loss."""
     if case == "text" and not _has_text_head():
-        pytest.skip("the training decoder has no 2-layer text head (spec D1) in this version")
+        pytest.skip("the training decoder has no 2-layer text head (docs/REFERENCE.md §1.10 D1) in this version")
     ref = torch.load(oracle / case / "oracle.pt")
     s, t, mcfg, _ = _imported_training_model(oracle / case / "checkpoint.pt", "")
     batch = {"source": ref["source"], "mask": ref["mask"].bool()}
@@ -239,7 +239,7 @@ def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
 
 
 def test_text_decoder_head(oracle):
-    """The text recipe's 2-layer decoder head (spec D1) maps to decoder.proj.{0,2} where the
+    """The text recipe's 2-layer decoder head (docs/REFERENCE.md §1.10 D1) maps to decoder.proj.{0,2} where the
     training decoder has it, and is refused, naming the field, where it does not."""
     from d2v2_scale.export.importer import decoder_state, import_state
 

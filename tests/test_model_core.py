@@ -199,7 +199,7 @@ def test_loss_scaling_and_cls_weight(name, beta):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert stats["masked_tokens"].item() == lpos.sum().item()
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
-    # text: the two-layer head keeps BERT's N(0, 0.02) init (spec 12 D1/D9), so the untrained
+    # text: the two-layer head keeps BERT's N(0, 0.02) init (docs/REFERENCE.md §1.10 D1/D9), so the untrained
     # predictions are small (0.004 here); image/audio heads have PyTorch's default init
     assert stats["target_var"] > 0.1 and stats["pred_var"] > (1e-3 if name == "text-tiny" else 0.01)
     torch.testing.assert_close(stats["target_position_share"], position_share(y.float(), pad))
@@ -307,8 +307,8 @@ def test_teacher_name_contract(name, has_local, has_context):
 
 
 def test_weight_decay_groups():
-    """Spec 12 D4: no decay only for 1-D parameters, biases and the ALiBi scale; the image CLS
-    token and the learned text positions are decayed (an earlier spec exempted them too)."""
+    """docs/REFERENCE.md §1.10 D4: no decay only for 1-D parameters, biases and the ALiBi scale; the image CLS
+    token and the learned text positions are decayed (the paper's description exempts them, docs/REFERENCE.md §4.1)."""
     from d2v2_scale.model import param_groups_for_weight_decay
 
     for name in ("image-tiny", "audio-tiny", "text-tiny"):

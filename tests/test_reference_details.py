@@ -1,4 +1,4 @@
-"""The reference's training details D1-D10 (data2vec2-spec.md section 12), each against its
+"""The reference's training details D1-D10 (docs/REFERENCE.md §1.10), each against its
 definition.  D4 (weight decay) is in test_model_core.test_weight_decay_groups, D5 (image crop) in
 test_data_loader.test_image_crop_is_reference_random_resized_crop, D8 (Adam eps) in
 test_config.test_spec_table_numbers, D6 (audio batches) in test_data_loader.test_audio_batch_contract,

@@ -329,7 +329,7 @@ def test_killed_deepspeed_runner_takes_its_ranks(image_manifest, tmp_path):
 
 
 def test_reference_global_batch_per_preset_and_matching():
-    """Spec section 9 (batch/GPU x GPUs; audio's per-GPU seconds stand as the preset's clips per
+    """docs/REFERENCE.md §1.9 (batch/GPU x GPUs; audio's per-GPU seconds stand as the preset's clips per
     GPU) and optim.match_reference_batch on fewer GPUs than the reference."""
     from d2v2_scale.config import ConfigError, build_config, match_reference_batch
 

@@ -119,7 +119,7 @@ def test_positional_collapse_guard_stops_text_run(tmp_path):
     and token embeddings of equal size): a 0.2 threshold trips on the first checked update,
     which the default (None: log only) does not."""
     manifest = data_fixtures.prepared("text") / "manifest.json"
-    # min_pred_var=0: the text decoder's two-layer head keeps BERT's N(0, 0.02) init (spec 12
+    # min_pred_var=0: the text decoder's two-layer head keeps BERT's N(0, 0.02) init (docs/REFERENCE.md §1.10
     # D1/D9), so its untrained predictions' variance (~0.004) is below the variance guard's 0.01
     # (meant for after 5k updates); this test is about the position share alone
     common = ["guards.collapse_check=true", "guards.collapse_after_steps=3", "max_steps=6", "guards.min_pred_var=0"]

@@ -27,7 +27,7 @@ __all__ = ["CheckpointConfig", "DataConfig", "EmaConfig", "GuardConfig", "Loggin
 
 @dataclass
 class MaskConfig:
-    """Mask ratio R, adjust A, block/span length B (spec section 7)."""
+    """Mask ratio R, adjust A, block/span length B (docs/REFERENCE.md §1.7)."""
 
     ratio: float = 0.8
     adjust: float = 0.07
@@ -44,7 +44,7 @@ class MaskConfig:
 
 @dataclass
 class EmaConfig:
-    """Teacher EMA schedule (spec section 4)."""
+    """Teacher EMA schedule (docs/REFERENCE.md §1.4)."""
 
     decay: float = 0.9998
     end_decay: float = 0.99999
@@ -62,7 +62,7 @@ class DataConfig:
     verify: str = "fast"  # "fast" (size + footer hash) | "full" | "none"; rows: checksum on read unless "none"
     max_bad_rows: int = 100  # rows failing their checksum that are replaced (and logged) before the run stops
     # image augmentation (random-resized-crop + flip, bicubic): the reference's scale range
-    # (0.2, 1.0) (spec 12 D5; torchvision's default would be 0.08)
+    # (0.2, 1.0) (docs/REFERENCE.md §1.10 D5; torchvision's default would be 0.08)
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     hflip: bool = True
@@ -71,7 +71,7 @@ class DataConfig:
     color_jitter: float = 0.0
     # audio, seconds: clips under min_seconds are dropped; "batch_min" cuts every clip of a batch to
     # the batch's shortest (at most max_seconds) at a random start, so batches carry no padding
-    # (the reference, spec 12 D6); "random_length" draws one length per batch in [min, max] and pads
+    # (the reference, docs/REFERENCE.md §1.10 D6); "random_length" draws one length per batch in [min, max] and pads
     sample_rate: int = 16000
     min_seconds: float = 2.0
     max_seconds: float = 20.0
@@ -79,9 +79,9 @@ class DataConfig:
     # text blocks (tokens)
     max_tokens: int = 512
     # text: each sample is `<s>` + a window of max_tokens - 1 stream tokens (the reference's 511-token
-    # blocks with <s> prepended, spec 12 D10; d2v2-prep text packs blocks of 511 by default)
+    # blocks with <s> prepended, docs/REFERENCE.md §1.10 D10; d2v2-prep text packs blocks of 511 by default)
     prepend_bos: bool = True
-    # data2vec-aqc (data2vec-aqc-spec.md B.2): "aqc" adds `source_aug` [B, S] to audio batches, an
+    # data2vec-aqc (docs/REFERENCE.md §3.2): "aqc" adds `source_aug` [B, S] to audio batches, an
     # augmented copy of each whole utterance (normalized separately, cropped at the same offset as
     # `source`); "single" (default) leaves batches as they are.  model.variant=data2vec_aqc reads it.
     views: str = "single"
@@ -110,7 +110,7 @@ class OptimConfig:
     total_steps: int = field(default=375_300, metadata={"auto": True})
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
-    # The public config's global batch in samples per update (spec section 9: batch/GPU x GPUs),
+    # The public config's global batch in samples per update (docs/REFERENCE.md §1.9: batch/GPU x GPUs),
     # which its LR, warmup and EMA steps were tuned for; None: unknown (nothing to compare).
     reference_global_batch: int | None = None
     # true: set grad_accum so that data-parallel ranks x data.batch_size x grad_accum equals
@@ -157,7 +157,7 @@ class LoggingConfig:
 @dataclass
 class GuardConfig:
     max_consecutive_nonfinite: int = 5
-    collapse_check: bool = False  # spec: image configs turn it off
+    collapse_check: bool = False  # the reference's image configs turn it off (docs/REFERENCE.md §1.6)
     collapse_after_steps: int = 5000
     min_target_var: float = 0.1
     min_pred_var: float = 0.01

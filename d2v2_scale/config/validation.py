@@ -122,7 +122,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 
 def _views_errors(d: DataConfig, modality: str) -> list[str]:
-    """data.views and the second-view augmentation fields (data2vec-aqc-spec.md B.2)."""
+    """data.views and the second-view augmentation fields (docs/REFERENCE.md §3.2)."""
     if d.views not in ("single", "aqc"):
         return [f"data.views={d.views!r}: use 'single' or 'aqc' (data2vec-aqc's augmented second view)"]
     if d.views == "single":
@@ -225,10 +225,10 @@ def _aqc_errors(cfg: RunConfig) -> list[str]:
     # only there, so neither has a meaning in AQC mode
     if m.loss_beta != 0:
         errs.append(f"model.loss_beta={m.loss_beta} with model.variant=data2vec_aqc: data2vec-aqc's loss is L2 / "
-                    "sqrt(D) (its smooth-L1 branch cannot run, spec B.8); set model.loss_beta=0")
+                    "sqrt(D) (its smooth-L1 branch cannot run, docs/REFERENCE.md §3.8); set model.loss_beta=0")
     if m.loss_scale is not None or m.loss_scale_rule != "inv_sqrt_dim":
         errs.append(f"model.loss_scale={m.loss_scale} / model.loss_scale_rule={m.loss_scale_rule!r} with "
-                    "model.variant=data2vec_aqc: the regression term is fixed at 1/sqrt(D) (spec B.8); set "
+                    "model.variant=data2vec_aqc: the regression term is fixed at 1/sqrt(D) (docs/REFERENCE.md §3.8); set "
                     "model.loss_scale=null and model.loss_scale_rule=inv_sqrt_dim")
     if cfg.parallel.pp > 1:
         errs.append(f"parallel.pp={cfg.parallel.pp} with model.variant=data2vec_aqc: the quantizer needs the CNN "

@@ -2,7 +2,7 @@
 
 Modules (one concept each): manifest (format + hashes), shards (zero-copy reader),
 sampler (data-parallel slices, shuffling, length bucketing), rng (counter-based randomness),
-masking (spec section 7 masks), augment (per-sample augmentations), augment_speech (data2vec-aqc's
+masking (docs/REFERENCE.md §1.7 masks), augment (per-sample augmentations), augment_speech (data2vec-aqc's
 augmented second view of an utterance: noise, sox reverb, background noise), loader (batches).
 `build_loader` is imported lazily so that `data_prep` can use the light modules without torch.
 """

@@ -6,7 +6,7 @@ image: (data2vec 1.0 vision only, `data.color_jitter` > 0) colour jitter as torc
        jitter, flip, crop); then
        random-resized-crop (torchvision's algorithm: 10 tries at scale x aspect in
        [3/4, 4/3], else a centre crop) straight to the model size with bicubic resampling
-       (the reference's `RandomResizedCrop(scale=(0.2, 1.0), interpolation=BICUBIC)`, spec 12
+       (the reference's `RandomResizedCrop(scale=(0.2, 1.0), interpolation=BICUBIC)`, docs/REFERENCE.md §1.10
        D5), horizontal flip, then
        ImageNet mean/std normalization of the whole batch.
 audio: a random window of at most `crop_len` samples, then zero mean / unit variance.
@@ -29,7 +29,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _NORM_LUT = {3: ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None]),
              1: ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN.mean()) / IMAGENET_STD.mean())}
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
-CROP_RESAMPLE = Image.Resampling.BICUBIC  # spec 12 D5
+CROP_RESAMPLE = Image.Resampling.BICUBIC  # docs/REFERENCE.md §1.10 D5
 
 
 def decode_image(row: dict, channels: int) -> Image.Image:

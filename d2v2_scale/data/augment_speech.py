@@ -1,6 +1,6 @@
 """data2vec-aqc's second view of an utterance: Gaussian noise, sox reverb, background noise.
 
-The reference (data2vec-aqc-spec.md B.2) builds, in the data worker, an augmented copy of the
+The reference (docs/REFERENCE.md §3.2) builds, in the data worker, an augmented copy of the
 WHOLE utterance (float in [-1, 1], before normalization and cropping) with three RandomApply's
 in this order, each applied iff u <= p:
   1. Gaussian noise, p 0.6: sigma_n ~ U(0.001, 0.7) x std(audio) (unbiased); audio + N(0, sigma_n^2);

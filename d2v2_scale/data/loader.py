@@ -11,16 +11,16 @@ are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` line
   audio: source float32 [B, S] (each file normalized to zero mean / unit variance as a whole,
          then cropped; zeros at padding); padding_mask bool [B, S] (True = padding; all False
          with data.audio_crop="batch_min", the default: every clip is cut to the batch's
-         shortest, at most data.max_seconds, at a random start, spec 12 D6); mask bool [B*M, T],
+         shortest, at most data.max_seconds, at a random start, docs/REFERENCE.md §1.10 D6); mask bool [B*M, T],
          T = model.audio_frames(S), frames >= audio_frames(valid samples) are padding (True).
          With data.views="aqc" (data2vec-aqc) also source_aug float32 [B, S]: an augmented copy of
          each whole utterance (augment_speech.py), normalized on its own, cropped at the same offset.
   text:  source int64 [B, T] (pad = model.pad_token_id, T <= data.max_tokens); with
          data.prepend_bos each row is <s> + a random window of max_tokens - 1 stream tokens
-         (the reference's 511 + 1, spec 12 D10);
+         (the reference's 511 + 1, docs/REFERENCE.md §1.10 D10);
          padding_mask bool [B, T]; mask bool [B*M, T].
 Every mask row of a batch keeps exactly the same number of positions, and kept positions are
-never padding: each row first gets the spec's exact count over its own unpadded length,
+never padding: each row first gets the exact count of docs/REFERENCE.md §1.7 over its own unpadded length,
 then longer rows get extra random positions masked down to the batch minimum.
 data2vec 1.0 (masking.generator != "data2vec2", data/masking_d2v1.py): M = 1; mask [B, T] is
 True at masked positions only (padding is never masked); text batches add student_source int64
@@ -155,7 +155,7 @@ class BatchBuilder:
         if d.views == "aqc":  # data2vec-aqc: + an augmented copy of each whole utterance, same crop below
             waves, views = augment_speech.aqc_views(raws, rng.make_keys(d.seed, epoch, indices, 0),
                                                     self.aug_params, self.noise_bank)
-        else:  # each file is normalized whole (zero mean, unit variance), then cropped (spec 12 D6)
+        else:  # each file is normalized whole (zero mean, unit variance), then cropped (docs/REFERENCE.md §1.10 D6)
             waves = [augment.normalize_wave(w) for w in raws]
         cap = int(round(d.max_seconds * sr))
         if d.audio_crop == "batch_min":
@@ -297,7 +297,7 @@ class Loader:
         check_compatible(self.manifest, self.shards.manifest_path, cfg)
         lengths = self.shards.lengths()
         eligible = None
-        if self.manifest["modality"] == "audio":  # clips under data.min_seconds are dropped (spec 12 D6)
+        if self.manifest["modality"] == "audio":  # clips under data.min_seconds are dropped (docs/REFERENCE.md §1.10 D6)
             eligible = np.flatnonzero(lengths >= cfg.data.min_seconds * cfg.data.sample_rate)
             if len(eligible) < cfg.data.batch_size * dp_size:
                 raise DataError(f"{self.shards.manifest_path}: only {len(eligible)} of {len(lengths)} clips are at "

@@ -1,4 +1,4 @@
-"""Masks for data2vec 2.0 (spec section 7), vectorized numpy, computed in loader workers.
+"""Masks for data2vec 2.0 (docs/REFERENCE.md §1.7), vectorized numpy, computed in loader workers.
 
 Convention everywhere: a mask is bool with True = masked (or padding), False = kept (the
 student sees it).  Every function takes per-row uint64 `keys` (see `rng.make_keys`: one key
@@ -93,7 +93,7 @@ def span_mask(keys: np.ndarray, lengths, total: int, ratio: float, adjust: float
         use = (np.arange(c)[None, :, None] < n_starts[:, None, None]) & (pos < lengths[:, None, None])
         rows = np.broadcast_to(np.arange(n)[:, None, None], pos.shape)
         masked[rows[use], pos[use]] = True
-    n_mask = np.array([int(t * ratio) for t in lengths], dtype=np.int64)  # python float rule, as spec
+    n_mask = np.array([int(t * ratio) for t in lengths], dtype=np.int64)  # python float rule (docs/REFERENCE.md §1.7)
     scores = rng.uniform(keys, total, rng.STREAM_MASK_FIX) + masked
     scores[~valid] = -np.inf
     return _top_k_rows(scores, n_mask) | ~valid

@@ -1,4 +1,4 @@
-"""BEiT blockwise image masks for data2vec 1.0 vision (data2vec1-spec.md A.3), vectorized numpy.
+"""BEiT blockwise image masks for data2vec 1.0 vision (docs/REFERENCE.md §2.4), vectorized numpy.
 
 BEiT's `MaskingGenerator` (ViT-B/16 at 224: a 14 x 14 grid, 120 masked patches, blocks of at
 least 16, aspect ratio log-uniform in [0.3, 1/0.3]):

@@ -1,4 +1,4 @@
-"""Masks for data2vec 1.0 (data2vec1-spec A.1, A.2), vectorized numpy, computed in loader workers.
+"""Masks for data2vec 1.0 (docs/REFERENCE.md §2.2, §2.3), vectorized numpy, computed in loader workers.
 
 Unlike the data2vec 2.0 generators (data/masking.py) these are NOT exact-count: the number of
 spans is rounded probabilistically, spans overlap and merge, and only the speech mask is then

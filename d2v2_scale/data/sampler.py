@@ -21,7 +21,7 @@ class ShardedBatchSampler:
     def __init__(self, num_samples: int, batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  lengths: np.ndarray | None = None, bucket_batches: int = 64, eligible: np.ndarray | None = None):
         """lengths: per global sample index; eligible: the global indices to draw from (default
-        all; audio leaves out clips under data.min_seconds, spec 12 D6)."""
+        all; audio leaves out clips under data.min_seconds, docs/REFERENCE.md §1.10 D6)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.eligible = None if eligible is None else np.asarray(eligible, dtype=np.int64)

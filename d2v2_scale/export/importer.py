@@ -3,7 +3,7 @@
 names; config validation, teacher composition, writing and `--to-run` are shared, here.)
 
 The released files (`base_imagenet.pt`, `base_libri.pt`, `nlp_base.pt`, ...) are fairseq trainer
-checkpoints (spec section 13):
+checkpoints (docs/REFERENCE.md §1.11):
     ckpt["cfg"]["model"]   Data2VecMultiConfig as a plain dict (depth, embed_dim, modalities, ...)
     ckpt["model"]          student state dict (fp16 for the v2 recipes) + "_ema": {name: fp32}
 The output is what `d2v2-export` writes (consolidate.write_export): model.safetensors (fp32,
@@ -167,7 +167,7 @@ def model_config(fcfg: dict) -> dict:
           "pre-LN data2vec 2.0 models are not represented by the twin's importer (post-LN only)")
     _need(fcfg.get("norm_affine", True), "model.norm_affine", False, "the twin's LayerNorms have affine parameters")
     _need(not fcfg.get("end_of_block_targets", False), "model.end_of_block_targets", True,
-          "the twin's targets are FFN outputs before the residual (spec section 3)")
+          "the twin's targets are FFN outputs before the residual (docs/REFERENCE.md §1.3)")
     _need(not fcfg.get("batch_norm_target_layer", False), "model.batch_norm_target_layer", True,
           "the twin has instance/layer norm targets only")
     _need(int(m.get("num_extra_tokens", 0)) == (1 if mod == "IMAGE" else 0), f"{pre}.num_extra_tokens",
@@ -197,7 +197,7 @@ def model_config(fcfg: dict) -> dict:
         out.update(decoder_dim=int(dec["decoder_dim"]), decoder_kernel=int(dec["decoder_kernel"]),
                    decoder_layers=int(dec["decoder_layers"]), decoder_groups=int(dec["decoder_groups"]),
                    decoder_residual=bool(dec.get("decoder_residual", True)))
-    # spec 12 D1-D3/D7 fields, where this version of ModelConfig has them: the file's values
+    # docs/REFERENCE.md §1.10 D1-D3/D7 fields, where this version of ModelConfig has them: the file's values
     if "decoder_projection_layers" in out and dec:
         out.update(decoder_projection_layers=int(dec.get("projection_layers", 1)),
                    decoder_projection_ratio=float(dec.get("projection_ratio", 2.0)))
@@ -380,7 +380,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
     """The student's convolutional decoder -> the training model's names (fp32):
         M decoder.blocks.{i}.0.{weight,bias} -> decoder.convs.{i}.*   (Conv, then LN/GELU: no params)
         M decoder.proj.{weight,bias}         -> decoder.proj.*
-        M decoder.proj.{0,2}.*               -> decoder.proj.{0,2}.*   (text: 2-layer head, spec D1)
+        M decoder.proj.{0,2}.*               -> decoder.proj.{0,2}.*   (text: 2-layer head, docs/REFERENCE.md §1.10 D1)
     data2vec 1.0 files: the regression head -> decoder.* (speech final_proj: a Linear; text
     regression_head.{0,2}: decoder.{0,2}) and speech's mask_emb -> mask_emb (importer1.py).
     Refused: no decoder in the file (released audio files may be stripped), or a 2-layer head when
@@ -403,7 +403,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
     if n_proj > 1 and "decoder_projection_layers" not in mcfg:
         raise ImportRefused(f"model.modalities.{mcfg['modality']}.decoder.projection_layers={n_proj} is not "
                             f"supported: the training decoder ends in one Linear (the text recipe's 2-layer "
-                            f"projection, spec D1, is not implemented in this version)")
+                            f"projection, docs/REFERENCE.md §1.10 D1, is not implemented in this version)")
     for f in ("add_positions_masked", "add_positions_all"):
         if dec.get(f):
             raise ImportRefused(f"model.modalities.{mcfg['modality']}.decoder.{f}=True is not supported: the "

@@ -1,7 +1,7 @@
 """fairseq data2vec 1.0 checkpoints (`data2vec_audio`, `data2vec_text`) -> the plain twin's names.
 
 The released 1.0 files (speech `audio_base_ls.pt`, text `nlp_base.pt` of data2vec 1.0, ...) are
-fairseq trainer checkpoints like the 2.0 ones (spec section 13.1: "cfg", "model", ...), but of
+fairseq trainer checkpoints like the 2.0 ones (docs/REFERENCE.md §1.11: "cfg", "model", ...), but of
 fairseq's examples/data2vec/models/data2vec_audio.py and data2vec_text.py:
 
     ckpt["cfg"]["model"]    Data2VecAudioConfig (a Wav2Vec2Config: encoder_layers, encoder_embed_dim,

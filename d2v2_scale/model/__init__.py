@@ -28,7 +28,7 @@ from .data2vec_aqc import Data2VecAQC
 from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the ALiBi scales
-# (spec 12 D4: the reference's `optim_overrides` skip only 1-D parameters, biases and the ALiBi
+# (docs/REFERENCE.md §1.10 D4: the reference's `optim_overrides` skip only 1-D parameters, biases and the ALiBi
 # scale, so the image CLS token and the learned text positions ARE decayed)
 NO_DECAY_MARKERS = ("alibi_scale",)
 
@@ -68,7 +68,7 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
 def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Optimizer groups: [{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}], empty ones left out.
 
-    No decay for biases, norms (every 1-D parameter) and the ALiBi scales (spec 12 D4); the CLS
+    No decay for biases, norms (every 1-D parameter) and the ALiBi scales (docs/REFERENCE.md §1.10 D4); the CLS
     token, learned positions and embeddings are decayed, except what a module's
     `no_weight_decay()` names.  `decay_all` (optim.weight_decay_all, fairseq's Adam): every
     parameter is decayed.  Frozen parameters are left out."""

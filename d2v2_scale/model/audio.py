@@ -67,7 +67,7 @@ class AudioLocal(nn.Module):
         c = self.conv_layers[-1][0]
         self.cnn = ConvFeatureExtractor(self.conv_layers)
         self.norm = nn.LayerNorm(c, eps=mcfg.layer_norm_eps)
-        # PyTorch's default Linear init: the reference resets this projection after its BERT init (spec 12 D9)
+        # PyTorch's default Linear init: the reference resets this projection after its BERT init (docs/REFERENCE.md §1.10 D9)
         self.proj = nn.Linear(c, mcfg.embed_dim)
 
     def forward(self, source: Tensor, padding_mask: Tensor | None = None,

@@ -1,4 +1,4 @@
-"""The BEiT-style ViT of data2vec 1.0 vision (data2vec1-spec.md A.3), from Megatron-core parts.
+"""The BEiT-style ViT of data2vec 1.0 vision (docs/REFERENCE.md §2.4), from Megatron-core parts.
 
     x = patch_embed(image)                       [B, P, D]   Conv2d(C, D, p, stride p) with bias
     x = x * (1 - w) + mask_token * w             student: w = mask [B, P]; BEFORE the CLS token

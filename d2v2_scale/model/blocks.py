@@ -1,10 +1,10 @@
 """The encoder block, composed from Megatron-core parts.
 
-    post-LN (spec default):  x = LN1(x + Attn(x));  t = MLP(x);  x = LN2(x + t)
+    post-LN (default):       x = LN1(x + Attn(x));  t = MLP(x);  x = LN2(x + t)
     pre-LN  (option):        x = x + Attn(LN1(x));  t = MLP(LN2(x));  x = x + t
 
 Every block returns ``(x, t)``: `t` is the MLP output BEFORE the residual add and LN2, which is
-the teacher's target tap (spec section 3).
+the teacher's target tap (docs/REFERENCE.md §1.2, §1.3: post-LN is the reference's default).
 
 Megatron's `TransformerLayer` is pre-LN with fused bias-dropout-add and no way to hand out the
 MLP output, so the block is composed here from Megatron's `SelfAttention` (ColumnParallel qkv

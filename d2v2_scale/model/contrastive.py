@@ -1,4 +1,4 @@
-"""data2vec-aqc's cross-contrastive InfoNCE pieces (data2vec-aqc-spec.md B.5, B.7, B.8).
+"""data2vec-aqc's cross-contrastive InfoNCE pieces (docs/REFERENCE.md §3.5, §3.7, §3.8).
 
     sample_negatives      per masked position, `num` other masked positions of the same utterance
     cross_contrastive_loss  cos/0.1 logits against [positive; negatives], identical-code

@@ -9,7 +9,7 @@ Student forward, top to bottom like the paper (N = B*M student rows):
     5. decoder  = conv(restore_order(student + noise at masked))       [N, T, D]
     6. loss     = at masked, non-padded positions, vs targets[row // M]
 
-Loss (spec section 6), with s = loss_scale or 1/sqrt(D) and n = number of loss positions:
+Loss (docs/REFERENCE.md §1.6), with s = loss_scale or 1/sqrt(D) and n = number of loss positions:
     loss_regression = (1/n) * sum_{masked tokens} s * sum_c l(pred, y)       (l = MSE or smooth-L1)
     loss_cls        = cls_loss_weight * sum_{rows r} s * sum_c l(cls_r, mean_t y[r // M])
     loss            = loss_regression + loss_cls
@@ -201,7 +201,7 @@ class Data2Vec2(nn.Module):
         """The tensor the teacher starts from: the raw input, or (teacher without its own front end)
         the student's local features, detached.  Pipeline only: the teacher pass runs before the
         student's, so the generator state is kept in the batch for the student's front end to
-        draw the same dropout mask (text, spec 12 D7: the teacher sees the post-dropout input)."""
+        draw the same dropout mask (text, docs/REFERENCE.md §1.10 D7: the teacher sees the post-dropout input)."""
         if "local" in self.modality.teacher_parts:
             return self.modality.teacher_input(batch, None)
         batch[FRONT_RNG_KEY] = default_rng_state()
@@ -264,7 +264,7 @@ class Data2Vec2(nn.Module):
         e = self.encoder.num_extra_tokens
 
         # 5. decoder: noise at masked slots, original order, one prediction per position
-        # (dropout on the student output first, before the noise: spec 12 D2)
+        # (dropout on the student output first, before the noise: docs/REFERENCE.md §1.10 D2)
         x_dec = self.decoder.input_dropout(x[:, e:])
         pred = self.decoder(fill_masked(x_dec, lay.keep, mask.shape[1], self.mcfg.decoder_noise_std))  # [N, T, D]
 

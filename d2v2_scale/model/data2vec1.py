@@ -1,6 +1,6 @@
 """data2vec 1.0: the student forward (with loss), composed from the parts data2vec 2.0 uses.
 
-Student forward (data2vec1-spec A.0, A.4), B samples, T positions, M = 1:
+Student forward (docs/REFERENCE.md §2.1, §2.5), B samples, T positions, M = 1:
 
     1. features = local(student input)                 [B, T, D]   text: tokens with <mask> ids
     2. targets  = teacher(unmasked input)              [B, T, D]   no_grad, eval, one pass
@@ -144,7 +144,7 @@ class Data2Vec1(nn.Module):
         the image itself, the teacher has its own patch embedding)."""
         if is_beit(self.mcfg):
             return batch["source"]
-        # the teacher runs in eval mode (spec A.0): the front end it borrows drops nothing (the
+        # the teacher runs in eval mode (docs/REFERENCE.md §2.1): the front end it borrows drops nothing (the
         # text embedding dropout lives in the front end; data2vec 2.0 feeds it post-dropout, D7)
         local, was_training = self.encoder.local, self.encoder.local.training
         local.train(False)

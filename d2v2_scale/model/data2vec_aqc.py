@@ -1,5 +1,5 @@
 """data2vec-aqc: data2vec 1.0 speech plus an augmented view, a Gumbel quantizer, per-step k-means
-and two cross-contrastive losses (data2vec-aqc-spec.md B.3-B.8, docs/AQC.md).
+and two cross-contrastive losses (docs/REFERENCE.md §3.3-§3.8, docs/AQC.md).
 
 Student forward, B utterances, T frames, M masked per row (the same M in every row), C the CNN
 width, D the model width, Q = model.aqc_vq_dim:

@@ -1,4 +1,4 @@
-"""The light convolutional decoder (spec section 5), 1-D (audio, text) or 2-D (image grid).
+"""The light convolutional decoder (docs/REFERENCE.md §1.5), 1-D (audio, text) or 2-D (image grid).
 
     x [N, T, D] (input_dropout applied by the caller, see below)
                 -> per layer: Conv(k, padding k//2, groups g) -> LayerNorm(no affine) -> GELU
@@ -12,7 +12,7 @@ The two-layer head's modules are `proj.0` and `proj.2`, the reference's names.
 `input_dropout` is a module without parameters that data2vec.py applies to the student output
 before the masked slots get their noise; no position information is added.
 
-Init (spec 12 D9): the convs keep PyTorch's default init (the reference's BERT init touches
+Init (docs/REFERENCE.md §1.10 D9): the convs keep PyTorch's default init (the reference's BERT init touches
 Linear/Embedding only); image/audio reset `proj` to PyTorch's default, the text head keeps the
 BERT N(0, 0.02) init (`bert_proj=True`).
 """

@@ -1,4 +1,4 @@
-"""Teacher = EMA of the student (spec section 4), single-process version.
+"""Teacher = EMA of the student (docs/REFERENCE.md §1.4), single-process version.
 
 The decay anneals linearly from `ema.decay` to `ema.end_decay` over `ema.anneal_end_step`
 updates, then stays at `end_decay`:

@@ -111,7 +111,7 @@ class Encoder(nn.Module):
             x = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.context_norm is not None:
             x = self.context_norm(x)
-        # after the context LayerNorm, as the reference's BlockEncoder does (spec 12 D3); the
+        # after the context LayerNorm, as the reference's BlockEncoder does (docs/REFERENCE.md §1.10 D3); the
         # tensor is replicated over TP ranks, so the default generator (same on every rank) draws it
         return self.input_dropout(x)
 

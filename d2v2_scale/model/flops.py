@@ -37,7 +37,7 @@ def _decoder_flops(m, t: int) -> float:
     for _ in range(m.decoder_layers):
         total += 2 * t * (c_in // m.decoder_groups) * k * m.decoder_dim
         c_in = m.decoder_dim
-    if m.decoder_projection_layers == 2:  # Linear(dec, r*dec) -> GELU -> Linear(r*dec, D) (text, spec 12 D1)
+    if m.decoder_projection_layers == 2:  # Linear(dec, r*dec) -> GELU -> Linear(r*dec, D) (text, docs/REFERENCE.md §1.10 D1)
         hidden = int(m.decoder_dim * m.decoder_projection_ratio)
         return total + 2 * t * hidden * (m.decoder_dim + m.embed_dim)
     return total + 2 * t * m.decoder_dim * m.embed_dim
@@ -64,7 +64,7 @@ def _local_flops(m, seq: int, n_samples: int | None) -> float:
 
 
 def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | None = None) -> tuple[int, int]:
-    """(T, T_keep) for the config's modality and masking ratio (spec section 7 counts)."""
+    """(T, T_keep) for the config's modality and masking ratio (docs/REFERENCE.md §1.7 counts)."""
     m, r = cfg.model, cfg.masking.ratio
     if m.modality == "image":
         t = m.num_patches

@@ -70,7 +70,7 @@ class Image(Modality):
         return FixedPositions2d(self.mcfg)
 
     def build_extra_tokens(self) -> nn.Parameter:
-        # N(0, 1): the reference's nn.init.normal_ on the CLS token (spec 12 D9), not BERT's 0.02
+        # N(0, 1): the reference's nn.init.normal_ on the CLS token (docs/REFERENCE.md §1.10 D9), not BERT's 0.02
         return nn.Parameter(torch.empty(1, 1, self.mcfg.embed_dim).normal_(0.0, CLS_INIT_STD))
 
     def build_decoder(self, ndim: int = 2, grid: tuple[int, int] | None = None) -> nn.Module:

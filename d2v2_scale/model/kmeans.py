@@ -1,4 +1,4 @@
-"""Per-step spherical (cosine) k-means for data2vec-aqc's same-cluster negatives (data2vec-aqc-spec.md B.6).
+"""Per-step spherical (cosine) k-means for data2vec-aqc's same-cluster negatives (docs/REFERENCE.md §3.6).
 
 The reference builds a fresh `fast_pytorch_kmeans.KMeans(n_clusters=max(2, T // 16),
 mode='cosine', max_iter=100, tol=1e-4)` every step; this is that algorithm (full batch, random

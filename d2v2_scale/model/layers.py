@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-INIT_STD = 0.02  # BERT-style init for linears and embeddings (spec section 2)
+INIT_STD = 0.02  # BERT-style init for linears and embeddings (docs/REFERENCE.md §1.2)
 
 
 class BertLinear(nn.Linear):

@@ -1,5 +1,5 @@
-"""The per-token regression loss both objectives use (data2vec 2.0 spec section 6,
-data2vec1-spec A.1-A.3).
+"""The per-token regression loss both objectives use (docs/REFERENCE.md §1.6,
+§2.2-§2.4).
 
     token_loss(pred, y) = scale * sum_c l(pred_c, y_c)       l = squared error (beta = 0)
                                                              or smooth-L1 with beta (beta > 0)

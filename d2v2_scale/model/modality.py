@@ -11,7 +11,7 @@ A `Modality` builds:
 and says:
   * `context_norm`: LayerNorm after positions/extra tokens, before the prenet (post-LN models);
   * `input_dropout`: dropout on the encoder input after the context LayerNorm, per clone (audio
-    0.1, spec 12 D3; text applies it in its front end instead, once per sample, D7);
+    0.1, docs/REFERENCE.md §1.10 D3; text applies it in its front end instead, once per sample, D7);
   * `teacher_parts`: which encoder parts the teacher owns besides its blocks;
   * `teacher_input(batch, features)`: the tensor the teacher is called with;
   * `token_padding(batch, T)`: the padding `build_local()` returns, from the batch alone (pipeline
@@ -50,12 +50,12 @@ class Modality:
     def __init__(self, mcfg):
         self.mcfg = mcfg
 
-    # spec 12 D9: image/audio reset the decoder projection to PyTorch's default init; text keeps BERT's
+    # docs/REFERENCE.md §1.10 D9: image/audio reset the decoder projection to PyTorch's default init; text keeps BERT's
     bert_decoder_proj = False
 
     @property
     def input_dropout(self) -> float:
-        """Encoder input dropout after the context LayerNorm, per clone (spec 12 D3)."""
+        """Encoder input dropout after the context LayerNorm, per clone (docs/REFERENCE.md §1.10 D3)."""
         return self.mcfg.input_dropout
 
     def build_local(self) -> nn.Module:

@@ -1,4 +1,4 @@
-"""wav2vec 2.0's Gumbel vector quantizer, as data2vec-aqc uses it (data2vec-aqc-spec.md B.4).
+"""wav2vec 2.0's Gumbel vector quantizer, as data2vec-aqc uses it (docs/REFERENCE.md §3.4).
 
 Plain PyTorch, no tensor parallelism: it is small (410,240 parameters at base) and runs
 replicated on every rank where the CNN features live.  Parameter names follow fairseq's

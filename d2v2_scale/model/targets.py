@@ -1,4 +1,4 @@
-"""Teacher targets from the top-K FFN outputs (spec section 3).
+"""Teacher targets from the top-K FFN outputs (docs/REFERENCE.md §1.3).
 
     y = final_norm( mean_k  layer_norm_k( instance_norm_k( t_k ) ) )      in fp32
 

@@ -1,6 +1,6 @@
 """Text modality: token embedding + learned absolute positions + LayerNorm + dropout 0.1, 1-D conv
-decoder ending in a two-layer projection head (spec 12 D1).  The teacher is blocks only
-(`ema_encoder_only`), fed with the student's embeddings AFTER dropout, detached (spec 12 D7): the
+decoder ending in a two-layer projection head (docs/REFERENCE.md §1.10 D1).  The teacher is blocks only
+(`ema_encoder_only`), fed with the student's embeddings AFTER dropout, detached (docs/REFERENCE.md §1.10 D7): the
 dropout runs once per sample in the front end, before the M clones are made, so every clone and
 the teacher see the same dropout mask.
 

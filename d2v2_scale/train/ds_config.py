@@ -80,7 +80,7 @@ def student_ds_config(cfg: RunConfig, dp_size: int) -> dict:
         # memory_efficient_linear off: zero.Init would replace torch.nn.functional.linear for the
         # whole process with a version that adds the bias after the matmul (two roundings), so the
         # torch Linears (decoder projection, audio projection: non-zero biases at the reference
-        # init, spec 12 D9) computed other bf16 numbers than under ZeRO-0/1/2 (measured: first
+        # init, docs/REFERENCE.md §1.10 D9) computed other bf16 numbers than under ZeRO-0/1/2 (measured: first
         # loss 14.09796 vs 14.09918).  The Megatron blocks never used it.
         defaults["zero_optimization"] = {"stage3_prefetch_bucket_size": 50_000_000,
                                          "stage3_max_live_parameters": 1_000_000_000,

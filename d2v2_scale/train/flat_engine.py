@@ -29,7 +29,7 @@ It exposes the slice of DeepSpeed's engine interface the trainer uses (forward, 
 the accumulation boundary, zero_grad, the grad norm, checkpoint save/load), and writes DeepSpeed's
 ZeRO-0 file name for the module (`mp_rank_XX_model_states.pt`, key "module"), so `d2v2-export`
 reads its checkpoints unchanged.  No ZeRO sharding and no pipeline parallelism (validated up
-front in config.py).
+front in config/validation.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * Non-finite loss or gradient: the step is skipped on every rank (no update, no EMA, no LR
   step) and counted; K in a row stop the run with a checkpoint of the last good weights.
-* Collapse (spec section 6): after `collapse_after_steps` updates, target variance below
+* Collapse (docs/REFERENCE.md §1.6): after `collapse_after_steps` updates, target variance below
   `min_target_var` or prediction variance below `min_pred_var` stops the run with a checkpoint;
   so does, opt-in, a target position share above `max_target_position_share` (targets that
   have become a function of the position: their variance looks healthy).

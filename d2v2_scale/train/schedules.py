@@ -2,7 +2,7 @@
 
   * "cosine":    linear warm-up from 0 over optim.warmup_steps, then cosine to
                  optim.min_lr_ratio * lr at optim.total_steps (DeepSpeed's WarmupCosineLR).
-  * "tri_stage": fairseq's `tri_stage` (data2vec 1.0 speech, data2vec1-spec A.1).  With
+  * "tri_stage": fairseq's `tri_stage` (data2vec 1.0 speech, docs/REFERENCE.md §2.2).  With
                  phase ratios (a, h, d) of U = optim.total_steps updates, W = int(a U),
                  H = int(h U), D = int(d U), peak = lr:
                      u < W:           lr(u) = s0 * peak + u * (peak - s0 * peak) / W

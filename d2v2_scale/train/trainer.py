@@ -226,7 +226,7 @@ class Trainer:
         self.step += 1
         self.updates += 1
         decay = self.ema_decay()
-        if decay < 1.0:  # spec: the EMA step is skipped once decay == 1
+        if decay < 1.0:  # the EMA step is skipped once decay == 1 (docs/REFERENCE.md §1.4)
             self.teacher.update(decay)
         out = dict(scalars)
         gn = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
