@@ -67,3 +67,21 @@ def test_model_sections_partition_the_flat_fields():
     assert grouped == flat and len(set(flat)) == len(flat)
     assert len(ModelConfig.sections()) == len(MODEL_SECTIONS)
     assert ModelConfig.sections()["AqcSection"][0] == "aqc_latent_groups"
+
+
+@pytest.mark.parametrize("name", presets.NAMES)
+def test_printed_config_reads_back_and_heads_each_model_group(name):
+    """--print-config / config.yaml: every field, read back to the same values; short lists on one
+    line; a comment heading before each model section group."""
+    import yaml
+
+    from d2v2_scale.config.model import SECTION_TITLES
+
+    cfg = load_preset(name)
+    text = cfg.to_yaml()
+    assert yaml.safe_load(text) == cfg.to_dict()
+    lines = text.splitlines()
+    for title in SECTION_TITLES.values():
+        assert f"  # ---- {title}" in lines
+    assert any(line.startswith("  conv_feature_layers: [[") for line in lines)
+    assert "  betas: [" + ", ".join(str(b) for b in cfg.optim.betas) + "]" in lines

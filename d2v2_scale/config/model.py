@@ -189,9 +189,22 @@ class AqcSection:
     aqc_features_pen_weight: float = 10.0  # x N_m x mean(CNN features^2) of the original view
 
 
-# The sections in reading order: the order of the fields in `config.yaml` and `--print-config`.
-MODEL_SECTIONS = (EncoderSection, ImageSection, AudioSection, TextSection, TargetSection, DecoderSection,
-                  LossSection, ObjectiveSection, Data2vec1Section, BeitSection, AqcSection)
+# The sections in reading order: the order of the fields in `config.yaml` and `--print-config`,
+# with the heading each gets there.
+SECTION_TITLES = {
+    EncoderSection: "encoder (every objective and modality)",
+    ImageSection: "image front end",
+    AudioSection: "audio front end",
+    TextSection: "text front end",
+    TargetSection: "clones and teacher targets",
+    DecoderSection: "decoder (data2vec 2.0)",
+    LossSection: "loss",
+    ObjectiveSection: "objective",
+    Data2vec1Section: "data2vec 1.0 (variant data2vec1, data2vec_aqc)",
+    BeitSection: "BEiT image block (data2vec 1.0 vision)",
+    AqcSection: "data2vec-aqc (variant data2vec_aqc)",
+}
+MODEL_SECTIONS = tuple(SECTION_TITLES)
 
 
 @dataclass

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .merge import _merge, _to_plain
-from .model import ModelConfig
+from .model import SECTION_TITLES, ModelConfig
 from .validation import validate
 
 __all__ = ["CheckpointConfig", "DataConfig", "EmaConfig", "GuardConfig", "LoggingConfig", "MaskConfig",
@@ -192,7 +192,10 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved config as YAML (`config.yaml`, `--print-config`): short lists on one line,
+        the model section's groups under a comment heading each (config/model.py)."""
+        text = yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=110)
+        return _head_model_sections(text)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config atomically (temp name, then rename)."""
@@ -211,3 +214,29 @@ class RunConfig:
     def validate(self, world_size: int | None = None) -> "RunConfig":
         validate(self, world_size)
         return self
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, with lists of numbers (and lists of such lists) in flow style."""
+
+
+def _flow_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(x, (list, dict)) or (isinstance(x, list) and not any(isinstance(y, (list, dict)) for y in x))
+               for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _flow_list)
+
+
+def _head_model_sections(text: str) -> str:
+    """A `# ---- title` line before the first key of each model section group."""
+    heads = {fields(cls)[0].name: title for cls, title in SECTION_TITLES.items()}
+    out, in_model = [], False
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            in_model = line == "model:"
+        elif in_model and not line.startswith("   ") and line[2:].split(":", 1)[0] in heads:
+            out.append(f"  # ---- {heads[line[2:].split(':', 1)[0]]}")
+        out.append(line)
+    return "\n".join(out) + "\n"
