@@ -18,6 +18,8 @@ import yaml
 from .common import ConfigError
 
 PRESET_DIR = Path(__file__).with_name("presets")
+# libyaml's safe loader where PyYAML has it (every process that imports the config reads these)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # The presets in the order `d2v2-train --help` and error messages list them: data2vec 2.0
 # (docs/REFERENCE.md §1.9), its CPU-sized tiny twins, data2vec 1.0 (§2), data2vec-aqc (§3.9).
@@ -34,7 +36,7 @@ def _read(name: str) -> dict:
         raise ConfigError(f"preset file {path} does not exist (a `base:` names a preset or a _fragment in "
                           f"{PRESET_DIR})")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"preset file {path} is not valid YAML: {e}") from None
     if not isinstance(d, dict) or not all(isinstance(v, dict) for k, v in d.items() if k != "base"):
@@ -50,16 +52,27 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def resolve(name: str, _chain: tuple[str, ...] = ()) -> dict:
-    """The preset's values with its `base:` chain applied: {section: {key: value}}."""
+def resolve(name: str, _chain: tuple[str, ...] = (), _done: dict | None = None) -> dict:
+    """The preset's values with its `base:` chain applied: {section: {key: value}}.  `_done`
+    keeps the chains already resolved (a fresh copy is returned either way)."""
     if name in _chain:
         raise ConfigError(f"preset {name!r}: its base chain comes back to itself ({' -> '.join(_chain + (name,))})")
+    if _done is not None and name in _done:
+        return copy.deepcopy(_done[name])
     d = _read(name)
     base = d.pop("base", None)
-    return _deep_merge(resolve(str(base), _chain + (name,)), d) if base is not None else d
+    out = _deep_merge(resolve(str(base), _chain + (name,), _done), d) if base is not None else d
+    if _done is not None:
+        _done[name] = copy.deepcopy(out)
+    return out
 
 
-PRESETS: dict[str, dict] = {name: resolve(name) for name in NAMES}
+def _resolve_all() -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    return {name: resolve(name, _done=done) for name in NAMES}
+
+
+PRESETS: dict[str, dict] = _resolve_all()
 
 
 def preset_names() -> list[str]:
