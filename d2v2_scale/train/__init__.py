@@ -48,6 +48,11 @@ def preflight(cfg, world_size: int = 1) -> str | None:
     from ..data.manifest import DataError
     from .checkpoint import MARKER, layout_problem, resolve_resume
 
+    from .trackers import wandb_missing
+
+    missing = wandb_missing(cfg)
+    if missing:
+        return missing
     try:
         check_data(cfg)
         folder = resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    if not cfg.data.manifest:
+    if not cfg.data.manifest and not cfg.data.manifests:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
               "--data.manifest PATH/manifest.json", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ class Metrics:
         self._n = 0
         self._t0 = time.perf_counter()
         self._steps_in_window = 0
+        self.trackers: list = []  # more destinations of the same scalars (trackers.py: W&B), rank 0
 
     def accumulate(self, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
@@ -63,17 +64,23 @@ class Metrics:
             for k, v in out.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        for t in self.trackers:
+            t.log(out, step)
         self._sums, self._n, self._steps_in_window = {}, 0, 0
         self._t0 = time.perf_counter()
         return out
 
     def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
         if self.writer is not None:
             self.writer.close()
 
 
-def format_line(step: int, total: int, s: dict[str, float]) -> str:
-    return (f"step {step}/{total} loss {s.get('loss/total', float('nan')):.4f} "
+def format_line(step: int, total: int, s: dict[str, float], progress: str = "") -> str:
+    """progress: train/progress.py's "(45.0%) elapsed .. eta ..", after step/total."""
+    return (f"step {step}/{total} " + (progress + " " if progress else "") + f"loss {s.get('loss/total', float('nan')):.4f} "
             f"tvar {s.get('stats/target_var', float('nan')):.3f} pvar {s.get('stats/pred_var', float('nan')):.3f} "
             f"tpos {s.get('stats/target_position_share', float('nan')):.3f} "
             f"lr {s.get('opt/lr', 0):.2e} ema {s.get('opt/ema_decay', 0):.6f} gnorm {s.get('opt/grad_norm', 0):.3f} "
