@@ -203,7 +203,8 @@ def corpus_counts(trainer) -> dict[str, int] | None:
     import torch
     import torch.distributed as dist
 
-    t = torch.as_tensor(loader.corpus_samples, dtype=torch.int64, device=trainer.info.device)
+    # a copy: on the host as_tensor would share the loader's array and the all-reduce would add into it
+    t = torch.tensor(loader.corpus_samples, dtype=torch.int64, device=trainer.info.device)
     if dist.is_initialized() and trainer.info.dp_size > 1:
         from megatron.core import parallel_state as ps
 
