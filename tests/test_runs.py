@@ -84,7 +84,7 @@ def test_progress_eta_from_smoothed_step_time():
     assert p.step_time == pytest.approx((1 - a) * 1.0 + a * 2.0)
     line = format_line(121, 1100, {"perf/samples_per_s": 1.0, "perf/tokens_per_s": 1.0, "perf/memory_gib": 1.0},
                        p.text(121))
-    assert line.startswith("step 121/1100 (11.0%) elapsed 00:00:0") and " eta 00:" in line
+    assert line.startswith("step 121/1100 loss nan ") and " | 11.0% elapsed 00:00:0" in line and " eta 00:" in line
 
 
 # ---- mixed corpora: sampler and loader (no process group) ---------------------------------------

@@ -79,8 +79,9 @@ class Metrics:
 
 
 def format_line(step: int, total: int, s: dict[str, float], progress: str = "") -> str:
-    """progress: train/progress.py's "(45.0%) elapsed .. eta ..", after step/total."""
-    return (f"step {step}/{total} " + (progress + " " if progress else "") + f"loss {s.get('loss/total', float('nan')):.4f} "
+    """progress: train/progress.py's "45.0% elapsed .. eta ..", at the end of the line (the line
+    keeps starting with "step N/TOTAL loss X" for whoever parses it)."""
+    return (f"step {step}/{total} loss {s.get('loss/total', float('nan')):.4f} "
             f"tvar {s.get('stats/target_var', float('nan')):.3f} pvar {s.get('stats/pred_var', float('nan')):.3f} "
             f"tpos {s.get('stats/target_position_share', float('nan')):.3f} "
             f"lr {s.get('opt/lr', 0):.2e} ema {s.get('opt/ema_decay', 0):.6f} gnorm {s.get('opt/grad_norm', 0):.3f} "
@@ -90,4 +91,5 @@ def format_line(step: int, total: int, s: dict[str, float], progress: str = "") 
             f"skipped {int(s.get('guard/skipped_total', 0))}"
             # objective-specific losses and statistics (data2vec-aqc: loss/contrastive, aqc/*)
             + "".join(f" {k.split('/', 1)[1]} {v:.4g}" for k, v in sorted(s.items())
-                      if k.startswith("aqc/") or k == "loss/contrastive"))
+                      if k.startswith("aqc/") or k == "loss/contrastive")
+            + (f" | {progress}" if progress else ""))

@@ -43,5 +43,5 @@ class Progress:
 
     def text(self, step: int) -> str:
         pct = 100.0 * step / max(self.total, 1)
-        return (f"({pct:.1f}%) elapsed {hms(time.perf_counter() - self.t0)} "
+        return (f"{pct:.1f}% elapsed {hms(time.perf_counter() - self.t0)} "
                 f"eta {hms(self.eta_s(step)) if self.step_time is not None else '?'}")

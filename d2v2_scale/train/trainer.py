@@ -459,7 +459,7 @@ class Trainer:
                     progress.update(self.step, last["perf/step_time_s"])
                     mix = run_record.mix_text(self)  # a collective for a mix of corpora: every rank
                     if self.main:
-                        print(format_line(self.step, total, last, progress.text(self.step)) + mix, flush=True)
+                        print(format_line(self.step, total, last, progress.text(self.step) + mix), flush=True)
                 preempted = _save_requested()
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
                     folder = self.save()
