@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         return 0
     if not cfg.data.manifest and not cfg.data.manifests:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
-              "--data.manifest PATH/manifest.json", file=sys.stderr)
+              "--data.manifest PATH/manifest.json (or data.manifests=[A,B] for a mix of corpora)", file=sys.stderr)
         return 2
     err = preflight(cfg, world)
     if err:

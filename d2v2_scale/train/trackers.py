@@ -13,6 +13,7 @@ import importlib
 import json
 import re
 import secrets
+import sys
 from pathlib import Path
 
 WANDB_ID_FILE = "wandb_run.json"
@@ -87,7 +88,8 @@ class WandbTracker:
         self.run.config.update(record, allow_val_change=True)
 
     def close(self) -> None:
-        self.run.finish()
+        # called from the trainer's `finally`: an exception on its way out marks the W&B run failed
+        self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 def _write_json_atomic(path: Path, obj) -> None:
