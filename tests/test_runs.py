@@ -123,7 +123,8 @@ def test_mixture_follows_weights_is_deterministic_and_resumes_exactly(two_corpor
     # from that state gives the same four
     loader = ranks[0]
     loader.load_state_dict({"epoch": 1, "position": 3, "num_samples": 400, "bad_rows": [],
-                            "corpus_samples": [50, 170], "mixture": shards.paths, "draws_per_epoch": [100, 300]})
+                            "corpus_samples": [50, 170], "mixture": ["elsewhere/books", "elsewhere/wiki"],
+                            "corpus_rows": [200, 200], "draws_per_epoch": [100, 300]})
     it = iter(loader)
     first = next(it)
     assert loader.corpus_samples.sum() == 50 + 170 + 8

@@ -346,7 +346,7 @@ class Loader:
                 "bad_rows": list(self.bad_rows.values()),
                 **({} if self.corpus_samples is None else
                    {"corpus_samples": self.corpus_samples.tolist(), "mixture": self.shards.paths,
-                    "draws_per_epoch": self.sampler.draws.tolist()})}
+                    "corpus_rows": [len(s) for s in self.shards.sets], "draws_per_epoch": self.sampler.draws.tolist()})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last consumed batch; an iterator in progress restarts from here."""
@@ -354,12 +354,13 @@ class Loader:
             raise DataError(f"the loader state is for {state['num_samples']} samples but {self.shards.manifest_path} "
                             f"holds {len(self.shards)}: resume with the same data")
         if self.corpus_samples is not None:
-            here = {"mixture": self.shards.paths, "draws_per_epoch": self.sampler.draws.tolist()}
+            # the corpora's sizes and shares, not their paths: the data may have moved since
+            here = {"corpus_rows": [len(s) for s in self.shards.sets], "draws_per_epoch": self.sampler.draws.tolist()}
             if any(state.get(k) != v for k, v in here.items()):
-                raise DataError(f"the loader state is for the mix {state.get('mixture')} drawing "
-                                f"{state.get('draws_per_epoch')} samples per epoch, this run mixes {here['mixture']} "
-                                f"drawing {here['draws_per_epoch']}: resume with the same data.manifests and "
-                                "data.manifest_weights")
+                raise DataError(f"the loader state is for the mix {state.get('mixture')} of {state.get('corpus_rows')} "
+                                f"rows drawing {state.get('draws_per_epoch')} samples per epoch, this run mixes "
+                                f"{self.shards.paths} of {here['corpus_rows']} rows drawing {here['draws_per_epoch']}: "
+                                "resume with the same data.manifests and data.manifest_weights")
             self.corpus_samples[:] = state["corpus_samples"]
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.bad_rows = {(b["shard"], b["row"]): b for b in state.get("bad_rows", [])}
