@@ -186,19 +186,24 @@ def test_mixture_config_and_compatibility_errors(two_corpora, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_text_mixture_needs_one_vocabulary(tmp_path):
+@pytest.mark.parametrize("kind,field,value,message", [
+    ("text", "spm_model", {"path": "spm.model", "sha256": "0" * 64},
+     r"cannot be mixed: the vocabulary .* --spm-model .*a/spm.model"),
+    ("audio", "dtype", "float32", r"cannot be mixed: dtype 'float32' vs 'int16'.* --sample-rate/--dtype of .*a")])
+def test_mixture_needs_one_preprocessing(kind, field, value, message, tmp_path):
+    """Text tokenized with another sentencepiece model, audio stored as another sample type."""
     from d2v2_scale.data.loader import check_data
 
     paths = []
-    for name, sha in (("a", None), ("b", "0" * 64)):
-        shutil.copytree(data_fixtures.prepared("text"), tmp_path / name)
-        if sha:  # a corpus tokenized with another sentencepiece model
+    for name in ("a", "b"):
+        shutil.copytree(data_fixtures.prepared(kind), tmp_path / name)
+        if name == "b":
             m = json.loads((tmp_path / name / "manifest.json").read_text())
-            m["spm_model"]["sha256"] = sha
+            m[field] = value
             (tmp_path / name / "manifest.json").write_text(json.dumps(m))
         paths.append(str(tmp_path / name / "manifest.json"))
-    cfg = build_config("text-tiny", overrides=[f"data.manifests=[{','.join(paths)}]"])
-    with pytest.raises(DataError, match=r"cannot be mixed: the vocabulary .* --spm-model .*a/spm.model"):
+    cfg = build_config(f"{kind}-tiny", overrides=[f"data.manifests=[{','.join(paths)}]"])
+    with pytest.raises(DataError, match=message):
         check_data(cfg)
 
 
