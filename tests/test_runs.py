@@ -87,6 +87,42 @@ def test_progress_eta_from_smoothed_step_time():
     assert line.startswith("step 121/1100 loss nan ") and " | 11.0% elapsed 00:00:0" in line and " eta 00:" in line
 
 
+# ---- run record pieces ------------------------------------------------------------------------
+def test_code_version_and_record_history(tmp_path):
+    from d2v2_scale.train import run_record
+
+    assert run_record.code_version(tmp_path)["git"] == "not a git checkout"  # never fails
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (repo / "untracked.txt").write_text("a run folder, say")
+    assert run_record.code_version(repo) == {"commit": head, "dirty": False, "branch": run_record.code_version(
+        repo)["branch"], "path": str(repo)}
+    (repo / "a.py").write_text("x = 2\n")
+    assert run_record.code_version(repo)["dirty"] is True
+    # a sub-folder of a checkout is not the checkout (a venv inside some other repository)
+    (repo / "sub").mkdir()
+    assert run_record.code_version(repo / "sub")["git"] == "not a git checkout"
+
+    # the history: appended per (re)start; a damaged file is kept aside, never overwritten
+    out = tmp_path / "run"
+    out.mkdir()
+    run_record.append(out, {"event": "start", "step": 0})
+    run_record.append(out, {"event": "resume", "step": 5})
+    run_record.finish(out, {"step": 9, "stopped": None})
+    hist = json.loads((out / run_record.RECORD_NAME).read_text())["history"]
+    assert [h["event"] for h in hist] == ["start", "resume"] and hist[1]["end"]["step"] == 9
+    (out / run_record.RECORD_NAME).write_text('{"history": [')
+    run_record.append(out, {"event": "resume", "step": 9})
+    assert [p.read_text() for p in out.glob(run_record.RECORD_NAME + ".damaged-*")] == ['{"history": [']
+    assert json.loads((out / run_record.RECORD_NAME).read_text())["history"] == [{"event": "resume", "step": 9}]
+
+
 # ---- mixed corpora: sampler and loader (no process group) ---------------------------------------
 def test_mixture_follows_weights_is_deterministic_and_resumes_exactly(two_corpora):
     from d2v2_scale.data.loader import build_loader
