@@ -102,7 +102,10 @@ def check_mixture(manifests: list[tuple[dict, Path]]) -> None:
 def load_manifests(paths) -> list[tuple[dict, Path]]:
     out = []
     for p in paths:
-        m, root = load_manifest(p)
+        try:
+            m, root = load_manifest(p)
+        except DataError as e:  # the message speaks of data.manifest: say which list it is in
+            raise DataError(f"data.manifests: {e}") from None
         out.append((m, root / "manifest.json"))
     return out
 
