@@ -213,10 +213,10 @@ def corpus_counts(trainer) -> dict[str, int] | None:
 
 
 def mix_text(trainer) -> str:
-    """" mix NAME COUNT (PCT%) ..." for the log line (every rank calls it; see corpus_counts)."""
+    """" | mix NAME COUNT (PCT%) ..." for the log line (every rank calls it; see corpus_counts)."""
     counts = corpus_counts(trainer)
     if counts is None:
         return ""
     trainer.corpus_samples = counts
     n = max(sum(counts.values()), 1)
-    return " mix" + "".join(f" {k} {v} ({100 * v / n:.1f}%)" for k, v in counts.items())
+    return " | mix" + "".join(f" {k} {v} ({100 * v / n:.1f}%)" for k, v in counts.items())
