@@ -41,7 +41,8 @@ source path), keeps the list in its state, and raises DataError once there are m
 
 Randomness: all draws (crop, flip, audio/text windows, masks) are keyed on (data.seed,
 epoch, global sample index, clone index), so results do not depend on the worker count,
-prefetching or resuming.  Audio clips shorter than data.min_seconds are never sampled; the
+prefetching or resuming.  A mix of corpora (data.manifests, mixture.py) reads its corpora as one
+index space and keys on the draw id (pass x total + global index), which `index` then holds.  Audio clips shorter than data.min_seconds are never sampled; the
 crop length is the batch's shortest clip (capped at data.max_seconds), or with
 data.audio_crop="random_length" drawn once per batch (keyed on the batch's first sample).
 """
