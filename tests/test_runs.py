@@ -360,6 +360,8 @@ def test_two_corpus_run_resumes_exactly_with_record_and_wandb(two_corpora, tmp_p
     hparams = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info.hparams
     assert hparams["world.dp"].number_value == 2 and hparams["data.manifest_weights"].string_value == "[1, 3]"
     tb_scalars = set(acc.Tags()["scalars"])
+    # the mix's running totals as scalars: the end record's counts at the last step
+    assert {k: acc.Scalars(f"data/samples/{k}")[-1].value for k in ("books", "wiki")} == hist[1]["end"]["corpus_samples"]
 
     # W&B, offline: one run id for both starts, the same scalars as TensorBoard, the record as config
     run_file = json.loads((out / "wandb_run.json").read_text())

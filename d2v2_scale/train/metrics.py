@@ -45,11 +45,13 @@ class Metrics:
         self._n += 1
         self._steps_in_window += 1
 
-    def flush(self, step: int) -> dict[str, float]:
-        """Average the window, add throughput/MFU/memory, write to TensorBoard, return it."""
+    def flush(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Average the window, add throughput/MFU/memory (and `extra`, values as they are, e.g.
+        running totals), write to TensorBoard and the trackers, return it."""
         dt = time.perf_counter() - self._t0
         n = max(self._n, 1)
         out = {k: v / n for k, v in self._sums.items()}
+        out.update(extra or {})
         steps = max(self._steps_in_window, 1)
         step_time = dt / steps
         out["perf/step_time_s"] = step_time

@@ -209,14 +209,19 @@ def corpus_counts(trainer) -> dict[str, int] | None:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(t, group=ps.get_data_parallel_group())
-    return dict(zip(loader.shards.names, (int(x) for x in t.tolist())))
+    counts = dict(zip(loader.shards.names, (int(x) for x in t.tolist())))
+    trainer.corpus_samples = counts  # the newest totals, for the record's `end`
+    return counts
 
 
-def mix_text(trainer) -> str:
-    """" | mix NAME COUNT (PCT%) ..." for the log line (every rank calls it; see corpus_counts)."""
-    counts = corpus_counts(trainer)
+def count_scalars(counts: dict[str, int] | None) -> dict[str, float]:
+    """data/samples/NAME: a mix's samples drawn so far per corpus, as scalars for TensorBoard and W&B."""
+    return {f"data/samples/{k}": float(v) for k, v in (counts or {}).items()}
+
+
+def mix_text(counts: dict[str, int] | None) -> str:
+    """" | mix NAME COUNT (PCT%) ..." for the log line; "" for one corpus."""
     if counts is None:
         return ""
-    trainer.corpus_samples = counts
     n = max(sum(counts.values()), 1)
     return " | mix" + "".join(f" {k} {v} ({100 * v / n:.1f}%)" for k, v in counts.items())

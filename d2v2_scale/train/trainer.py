@@ -455,11 +455,12 @@ class Trainer:
                     losses.append((self.step, scalars["loss/total"]))
                 self.metrics.accumulate(scalars)
                 if self.step % cfg.logging.every_steps == 0 or self.step == total or self.step == first:
-                    last = self.metrics.flush(self.step)
+                    counts = run_record.corpus_counts(self)  # a collective for a mix of corpora: every rank
+                    last = self.metrics.flush(self.step, run_record.count_scalars(counts))
                     progress.update(self.step, last["perf/step_time_s"])
-                    mix = run_record.mix_text(self)  # a collective for a mix of corpora: every rank
                     if self.main:
-                        print(format_line(self.step, total, last, progress.text(self.step) + mix), flush=True)
+                        print(format_line(self.step, total, last, progress.text(self.step) + run_record.mix_text(counts)),
+                              flush=True)
                 preempted = _save_requested()
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
                     folder = self.save()
