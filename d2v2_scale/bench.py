@@ -1,4 +1,5 @@
-"""d2v2-bench: time N real training steps of a preset on synthetic inputs of the right shapes.
+"""d2v2-bench: time N real training steps of a preset on synthetic inputs of the right shapes
+(any system: data2vec 2.0, data2vec 1.0 d2v1-*, data2vec-aqc aqc-*).
 
     d2v2-bench --preset image-large --steps 20 --warmup 5 [--compile | --compile-step] [--json row.json] key=value ...
     torchrun --nproc_per_node 8 -m d2v2_scale.bench --preset image-large ...   (rank 0 prints)

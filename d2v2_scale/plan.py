@@ -1,4 +1,5 @@
-"""d2v2-plan: predict per-GPU memory and per-step communication of a data2vec 2.0 run.
+"""d2v2-plan: predict per-GPU memory and per-step communication of a run of any
+preset (data2vec 2.0, data2vec 1.0 d2v1-*, data2vec-aqc aqc-*).
 
     d2v2-plan --preset image-large --nodes 2 --gpus-per-node 8 --zero 3 [--tp 1] [--batch 8]
               [--gpu-mem-gb 80] [--nvlink-gbps 450] [--inter-gbps 50] [--mfu 0.45] [--act-ckpt both]

@@ -8,6 +8,9 @@
    digits, against the random-init twin (the weights pretraining started from): both accuracies;
 5. prints where the TensorBoard logs, the checkpoint and the export are.
 
+The quickstart runs data2vec 2.0; the other systems train the same way with their presets
+(d2v2-train --preset d2v1-image-tiny for data2vec 1.0, --preset aqc-tiny for data2vec-aqc speech).
+
 A few minutes on a 2-core laptop.  Everything goes under --out (default runs/quickstart).
 """
 

@@ -1,4 +1,6 @@
 """`d2v2-prep image|audio|text ...`: prepare Arrow shards + manifest for d2v2-scale.
+The same shards feed every system it trains (data2vec 2.0, data2vec 1.0, data2vec-aqc); prepare
+each source once and mix them per run with data.manifests (docs/DATA.md).
 `d2v2-prep verify MANIFEST`: check a prepared corpus offline (every shard and every row).
 
 Every prepare subcommand shares --out, --shard-size-mb, --workers, --overwrite.  Re-running the

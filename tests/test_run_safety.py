@@ -53,7 +53,10 @@ def test_resume_auto_skips_damaged_checkpoints(image_manifest, tmp_path, capsys)
     first = r.stdout.splitlines()[0]
     assert first.startswith("run: 1 processes") and "max_steps=8 stops at 8 of the 300-update LR schedule" in first
     steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 4 and all(" data " in line and "mfu" not in line for line in steps), steps
+    # steps 1 (the first is always logged), 2, 4, 6, 8, each with its progress and ETA
+    assert len(steps) == 5 and all(" data " in line and "mfu" not in line for line in steps), steps
+    assert steps[0].startswith("step 1/8 loss ") and " | 12.5% elapsed " in steps[0] and " eta " in steps[0]
+    assert " | 100.0% elapsed " in steps[-1] and steps[-1].endswith(" eta 00:00:00")
     ref = dict(map(tuple, json.loads((out / "losses.json").read_text())))
     assert sorted(ref) == list(range(1, 9))
     ck = out / "checkpoints"

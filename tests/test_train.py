@@ -150,7 +150,7 @@ def test_tensorboard_scalars(image_manifest, tmp_path):
     assert want <= tags, want - tags
     assert ("perf/mfu" in tags) == torch.cuda.is_available()  # MFU only against a known (GPU) peak
     steps = [e.step for e in acc.Scalars("loss/total")]
-    assert steps == [5, 10]
+    assert steps == [1, 5, 10]  # every logging.every_steps, and the first step of a run
     assert all(0 < e.value < 1 for e in acc.Scalars("opt/ema_decay"))
     assert (tmp_path / "config.yaml").is_file()
 

@@ -56,6 +56,11 @@ class DataConfig:
     """Shards and batches."""
 
     manifest: str | None = None  # path to a data_prep manifest.json
+    # several corpora mixed per run instead of data.manifest (data/mixture.py, docs/DATA.md):
+    # manifest paths, and the share of samples drawn from each (any positive numbers, normalized;
+    # empty: each corpus in proportion to its size)
+    manifests: tuple = ()
+    manifest_weights: tuple = ()
     batch_size: int = 16  # samples per data-parallel rank per micro-step (before x M)
     num_workers: int = 2
     seed: int = 1
@@ -152,6 +157,13 @@ class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     peak_tflops: float = 989.0  # H100/H200 SXM bf16 dense, for MFU
+    # Weights & Biases next to TensorBoard (train/trackers.py; the optional extra `wandb`), rank 0
+    # only; the run id is kept in the run folder so `--resume auto` continues the same W&B run
+    wandb: bool = False
+    wandb_project: str = "d2v2-scale"
+    wandb_entity: str | None = None  # None: the account's default entity
+    wandb_run_name: str | None = None  # None: the output folder's name
+    wandb_tags: tuple = ()
 
 
 @dataclass

@@ -5,6 +5,9 @@ reported together in one `ConfigError`.
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from typing import TYPE_CHECKING
 
 from .common import MODALITIES, ConfigError
@@ -117,6 +120,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if share is not None and not 0.0 < share < 1.0:
         errs.append(f"guards.max_target_position_share={share} must be in (0, 1) (or null to only log it)")
     errs += _objective_errors(cfg)
+    errs += mixture_errors(cfg.data) + tracker_errors(cfg.logging)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -312,3 +316,49 @@ def match_reference_batch(cfg: RunConfig, world_size: int) -> RunConfig:
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
+
+def mixture_errors(d) -> list[str]:
+    """Config-level problems of data.manifests / data.manifest_weights (no file is read)."""
+    errs = []
+    if d.manifests and d.manifest:
+        errs.append("data.manifest and data.manifests are both set: give one corpus as data.manifest, or a mix as "
+                    "data.manifests=[A/manifest.json,B/manifest.json] (data.manifest=null)")
+    if d.manifest_weights and not d.manifests:
+        errs.append("data.manifest_weights is set without data.manifests: the weights are the shares of the corpora "
+                    "listed in data.manifests")
+    if not d.manifests:
+        return errs
+    if not all(isinstance(p, str) and p for p in d.manifests):
+        errs.append(f"data.manifests={list(d.manifests)!r}: give a list of manifest paths")
+    elif len({os.path.normpath(p) for p in d.manifests}) != len(d.manifests):
+        errs.append(f"data.manifests={list(d.manifests)!r} names a corpus twice: list each once and raise its "
+                    "share in data.manifest_weights instead")
+    if d.manifest_weights:
+        w = d.manifest_weights
+        if len(w) != len(d.manifests):
+            errs.append(f"data.manifest_weights has {len(w)} values for {len(d.manifests)} data.manifests: give one "
+                        "weight per corpus (or none: in proportion to their sizes)")
+        elif not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and math.isfinite(x)
+                     for x in w):
+            errs.append(f"data.manifest_weights={list(w)!r}: every weight must be a positive number")
+    return errs
+
+
+_TAG_MAX = 64  # W&B's limit on a tag's length
+
+
+def tracker_errors(lg) -> list[str]:
+    """Problems of the logging.wandb* fields (config only; the package is checked by wandb_missing)."""
+    errs = []
+    if not lg.wandb:
+        return errs
+    if not isinstance(lg.wandb_project, str) or not lg.wandb_project.strip() or re.search(r"[/\\#?%:]",
+                                                                                          lg.wandb_project):
+        errs.append(f"logging.wandb_project={lg.wandb_project!r}: give a W&B project name without / \\ # ? % :")
+    if lg.wandb_entity is not None and (not str(lg.wandb_entity).strip() or "/" in str(lg.wandb_entity)):
+        errs.append(f"logging.wandb_entity={lg.wandb_entity!r}: give a W&B user or team name, or null for the "
+                    "account's default")
+    bad = [t for t in lg.wandb_tags if not isinstance(t, str) or not t.strip() or len(t) > _TAG_MAX]
+    if bad:
+        errs.append(f"logging.wandb_tags: {bad!r}: tags are non-empty strings of at most {_TAG_MAX} characters")
+    return errs

@@ -41,7 +41,8 @@ source path), keeps the list in its state, and raises DataError once there are m
 
 Randomness: all draws (crop, flip, audio/text windows, masks) are keyed on (data.seed,
 epoch, global sample index, clone index), so results do not depend on the worker count,
-prefetching or resuming.  Audio clips shorter than data.min_seconds are never sampled; the
+prefetching or resuming.  A mix of corpora (data.manifests, mixture.py) reads its corpora as one
+index space and keys on the draw id (pass x total + global index), which `index` then holds.  Audio clips shorter than data.min_seconds are never sampled; the
 crop length is the batch's shortest clip (capped at data.max_seconds), or with
 data.audio_crop="random_length" drawn once per batch (keyed on the batch's first sample).
 """
@@ -54,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, augment_speech, masking, masking_beit, masking_d2v1, rng
+from . import augment, augment_speech, masking, masking_beit, masking_d2v1, mixture, rng
 from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
@@ -277,6 +278,10 @@ def _worker_init(_):
 def check_data(cfg) -> None:
     """The manifest-level checks (exists, modality, vocabulary, sample rate) on their own: cheap
     (one JSON read), so `d2v2-train` runs them before any process group or model exists."""
+    if cfg.data.manifests:  # a mix of corpora (data/mixture.py)
+        from .mixture import check_data_mixture
+
+        return check_data_mixture(cfg)
     if not cfg.data.manifest:
         raise DataError("data.manifest is not set: prepare data with `d2v2-prep image|audio|text ... --out DIR` "
                         "and set data.manifest=DIR/manifest.json")
@@ -288,11 +293,11 @@ class Loader:
     """Iterable over batch dicts forever; exact resume via state_dict()/load_state_dict()."""
 
     def __init__(self, cfg, dp_rank: int, dp_size: int):
-        if not cfg.data.manifest:
+        if not cfg.data.manifest and not cfg.data.manifests:
             raise DataError("data.manifest is not set: prepare data with `d2v2-prep image|audio|text ... --out DIR` "
                             "and set data.manifest=DIR/manifest.json")
         self.cfg = cfg
-        self.shards = ShardSet(cfg.data.manifest, verify=cfg.data.verify)
+        self.shards = mixture.open_corpus(cfg)  # a ShardSet, or a MixedShardSet for data.manifests
         self.manifest = self.shards.manifest
         check_compatible(self.manifest, self.shards.manifest_path, cfg)
         lengths = self.shards.lengths()
@@ -309,8 +314,10 @@ class Loader:
             raise DataError(f"{self.shards.manifest_path} has a vocabulary of {self.manifest['vocab_size']} tokens but "
                             f"data2vec 1.0 uses id model.vocab_size - 1 = {masking_d2v1.text_mask_id(cfg.model)} as "
                             f"<mask>: set model.vocab_size={int(self.manifest['vocab_size']) + 1} (or larger)")
-        self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
-                                           cfg.data.seed, lengths=lengths, eligible=eligible)
+        self.sampler = mixture.make_sampler(self.shards, cfg, dp_rank, dp_size, lengths, eligible)
+        # a mix: samples consumed per corpus on this rank (resumed with the position)
+        self.corpus_samples = np.zeros(len(self.shards.sets), dtype=np.int64) \
+            if isinstance(self.shards, mixture.MixedShardSet) else None
         self.builder = BatchBuilder(cfg, self.shards)
         if self.builder.aug_params is not None and cfg.model.variant != "data2vec_aqc":
             print(f"warning: data.views='aqc': audio batches carry the augmented view source_aug, but only "
@@ -337,13 +344,25 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.data.seed,
                 "num_samples": len(self.shards), "batches_per_epoch": len(self.sampler),
-                "bad_rows": list(self.bad_rows.values())}
+                "bad_rows": list(self.bad_rows.values()),
+                **({} if self.corpus_samples is None else
+                   {"corpus_samples": self.corpus_samples.tolist(), "mixture": self.shards.paths,
+                    "corpus_rows": [len(s) for s in self.shards.sets], "draws_per_epoch": self.sampler.draws.tolist()})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last consumed batch; an iterator in progress restarts from here."""
         if state.get("num_samples", len(self.shards)) != len(self.shards):
             raise DataError(f"the loader state is for {state['num_samples']} samples but {self.shards.manifest_path} "
                             f"holds {len(self.shards)}: resume with the same data")
+        if self.corpus_samples is not None:
+            # the corpora's sizes and shares, not their paths: the data may have moved since
+            here = {"corpus_rows": [len(s) for s in self.shards.sets], "draws_per_epoch": self.sampler.draws.tolist()}
+            if any(state.get(k) != v for k, v in here.items()):
+                raise DataError(f"the loader state is for the mix {state.get('mixture')} of {state.get('corpus_rows')} "
+                                f"rows drawing {state.get('draws_per_epoch')} samples per epoch, this run mixes "
+                                f"{self.shards.paths} of {here['corpus_rows']} rows drawing {here['draws_per_epoch']}: "
+                                "resume with the same data.manifests and data.manifest_weights")
+            self.corpus_samples[:] = state["corpus_samples"]
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.bad_rows = {(b["shard"], b["row"]): b for b in state.get("bad_rows", [])}
         self._generation += 1
@@ -390,6 +409,9 @@ class Loader:
                 if bad:
                     self._record_bad(bad)
                 self.position += 1  # consumed by the trainer from here on
+                if self.corpus_samples is not None:
+                    self.corpus_samples += np.bincount(self.shards.corpus_of(batch["index"].numpy()),
+                                                       minlength=len(self.corpus_samples))
                 yield batch
                 if self._generation != gen:
                     stale = True

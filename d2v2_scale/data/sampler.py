@@ -56,12 +56,16 @@ class ShardedBatchSampler:
             parts = []
             for s in range(0, len(idx), win):
                 w = idx[s:s + win]
-                parts.append(w[np.argsort(self.lengths[w], kind="stable")])
+                parts.append(w[np.argsort(self._length(w), kind="stable")])
             batches = np.concatenate(parts).reshape(-1, self.bs)
             order = np.random.default_rng([self.seed, epoch, self.rank, 0xB0C4]).permutation(len(batches))
             batches = batches[order]
         self._cache = (epoch, batches)
         return batches
+
+    def _length(self, indices: np.ndarray) -> np.ndarray:
+        """Bucketing lengths of these samples (a mixture's draw ids map to rows: data/mixture.py)."""
+        return self.lengths[indices]
 
     def __len__(self) -> int:
         return self.batches_per_epoch

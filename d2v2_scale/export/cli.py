@@ -19,7 +19,9 @@ examples:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2v2-export", usage=USAGE,
-                                description="Export a d2v2 checkpoint to the plain-PyTorch twin (model/plain.py)")
+                                description="Export a d2v2 checkpoint of any system it trains (data2vec 2.0, "
+                                            "data2vec 1.0, data2vec-aqc) to the plain-PyTorch twin (model/plain.py) "
+                                            "or a Hugging Face folder")
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
                                       "(the newest COMPLETE checkpoint is taken)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")

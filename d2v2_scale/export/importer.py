@@ -593,8 +593,10 @@ def main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="d2v2-import", description="Import a fairseq data2vec checkpoint "
-                                "(2.0 Data2VecMultiModel: image, audio, text; 1.0 data2vec_audio, data2vec_text) "
-                                "as a plain-PyTorch export (docs/EXPORT.md)")
+                                "(data2vec 2.0 Data2VecMultiModel: image, audio, text; data2vec 1.0 data2vec_audio, "
+                                "data2vec_text) as a plain-PyTorch export (docs/EXPORT.md). data2vec-aqc's "
+                                "checkpoints (a fork of fairseq) are not read: train data2vec-aqc here (preset aqc-*) "
+                                "and export it with d2v2-export")
     p.add_argument("checkpoint", help="fairseq checkpoint .pt (e.g. base_imagenet.pt, base_libri.pt, nlp_base.pt, "
                                       "or a data2vec 1.0 speech / text file)")
     p.add_argument("--out", help="output folder (model.safetensors + config.json [+ dict.txt])")

@@ -1,4 +1,5 @@
-"""`d2v2-probe`: linear-probe evaluation of an exported encoder (frozen features).
+"""`d2v2-probe`: linear-probe evaluation of an exported encoder (frozen features)
+of any system: data2vec 2.0, data2vec 1.0 or data2vec-aqc.
 
     d2v2-probe EXPORT_DIR --data SHARDS/manifest.json [--pool mean|cls] [--layer final|K|targets]
                [--baseline init|torch|none]

@@ -9,19 +9,29 @@ from ..config import ConfigError, build_config, match_reference_batch, preset_na
 
 USAGE = """d2v2-train --preset PRESET [--config FILE.yaml] [--resume auto|DIR] [section.key=VALUE ...]
 
-Pretrain a data2vec 2.0 model.  Start it under torchrun, the deepspeed launcher or SLURM srun
-(one process per GPU); rank/world/master come from the launcher.
+Pretrain a model of the data2vec family on images, speech or text.  The preset picks the system:
+  data2vec 2.0   image-*, audio-*, text-*        (fast targets, decoder, multi-mask; the default)
+  data2vec 1.0   d2v1-image-*, d2v1-audio-*, d2v1-text-*   (one mask per sample, regression head)
+  data2vec-aqc   aqc-*                           (speech: data2vec 1.0 + augmented view, quantizer,
+                                                  contrastive loss; docs/AQC.md)
+Start it under torchrun, the deepspeed launcher or SLURM srun (one process per GPU);
+rank/world/master come from the launcher.  Data: one corpus as data.manifest, or a mix as
+data.manifests=[A,B] data.manifest_weights=[wA,wB] (docs/DATA.md).  Logs: TensorBoard, the run
+record OUTPUT_DIR/run_record.json, and Weights & Biases with logging.wandb=true.
 
 examples:
   torchrun --nproc_per_node 8 -m d2v2_scale.train --preset image-base \\
       --data.manifest shards/imagenet/manifest.json --output_dir runs/vitb
   d2v2-train --preset image-tiny data.manifest=demo/manifest.json max_steps=50
+  d2v2-train --preset d2v1-text-base data.manifests=[books/manifest.json,wiki/manifest.json] \\
+      data.manifest_weights=[1,3] logging.wandb=true logging.wandb_project=roberta-mix
+  d2v2-train --preset aqc-base data.manifest=librispeech/manifest.json data.noise_dir=musan/noise
 """
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2v2-train", usage=USAGE,
-                                description="data2vec 2.0 pretraining on DeepSpeed + Megatron-core")
+                                description="data2vec 2.0, data2vec 1.0 and data2vec-aqc pretraining on DeepSpeed + Megatron-core")
     p.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--config", help="YAML config (may name a preset itself)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
@@ -48,6 +58,11 @@ def preflight(cfg, world_size: int = 1) -> str | None:
     from ..data.manifest import DataError
     from .checkpoint import MARKER, layout_problem, resolve_resume
 
+    from .trackers import wandb_missing
+
+    missing = wandb_missing(cfg)
+    if missing:
+        return missing
     try:
         check_data(cfg)
         folder = resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
@@ -85,9 +100,9 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    if not cfg.data.manifest:
+    if not cfg.data.manifest and not cfg.data.manifests:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
-              "--data.manifest PATH/manifest.json", file=sys.stderr)
+              "--data.manifest PATH/manifest.json (or data.manifests=[A,B] for a mix of corpora)", file=sys.stderr)
         return 2
     err = preflight(cfg, world)
     if err:

@@ -37,6 +37,7 @@ class Metrics:
         self._n = 0
         self._t0 = time.perf_counter()
         self._steps_in_window = 0
+        self.trackers: list = []  # more destinations of the same scalars (trackers.py: W&B), rank 0
 
     def accumulate(self, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
@@ -44,11 +45,13 @@ class Metrics:
         self._n += 1
         self._steps_in_window += 1
 
-    def flush(self, step: int) -> dict[str, float]:
-        """Average the window, add throughput/MFU/memory, write to TensorBoard, return it."""
+    def flush(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Average the window, add throughput/MFU/memory (and `extra`, values as they are, e.g.
+        running totals), write to TensorBoard and the trackers, return it."""
         dt = time.perf_counter() - self._t0
         n = max(self._n, 1)
         out = {k: v / n for k, v in self._sums.items()}
+        out.update(extra or {})
         steps = max(self._steps_in_window, 1)
         step_time = dt / steps
         out["perf/step_time_s"] = step_time
@@ -63,16 +66,23 @@ class Metrics:
             for k, v in out.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        for t in self.trackers:
+            t.log(out, step)
         self._sums, self._n, self._steps_in_window = {}, 0, 0
         self._t0 = time.perf_counter()
         return out
 
     def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
         if self.writer is not None:
             self.writer.close()
 
 
-def format_line(step: int, total: int, s: dict[str, float]) -> str:
+def format_line(step: int, total: int, s: dict[str, float], progress: str = "") -> str:
+    """progress: train/progress.py's "45.0% elapsed .. eta ..", at the end of the line (the line
+    keeps starting with "step N/TOTAL loss X" for whoever parses it)."""
     return (f"step {step}/{total} loss {s.get('loss/total', float('nan')):.4f} "
             f"tvar {s.get('stats/target_var', float('nan')):.3f} pvar {s.get('stats/pred_var', float('nan')):.3f} "
             f"tpos {s.get('stats/target_position_share', float('nan')):.3f} "
@@ -83,4 +93,5 @@ def format_line(step: int, total: int, s: dict[str, float]) -> str:
             f"skipped {int(s.get('guard/skipped_total', 0))}"
             # objective-specific losses and statistics (data2vec-aqc: loss/contrastive, aqc/*)
             + "".join(f" {k.split('/', 1)[1]} {v:.4g}" for k, v in sorted(s.items())
-                      if k.startswith("aqc/") or k == "loss/contrastive"))
+                      if k.startswith("aqc/") or k == "loss/contrastive")
+            + (f" | {progress}" if progress else ""))

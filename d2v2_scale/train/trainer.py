@@ -24,9 +24,11 @@ import torch.distributed as dist
 from ..config import RunConfig, match_reference_batch
 from ..distributed import MegatronMPU, init_distributed
 from . import checkpoint as ckpt
+from . import run_record
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
 from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite, local_grads_nonfinite
 from .metrics import Metrics, format_line
+from .progress import Progress
 from .schedules import build_scheduler
 from .teacher import EmaTeacher
 
@@ -179,6 +181,7 @@ class Trainer:
                                # a GPU's peak means nothing for a CPU run: no MFU there
                                peak_tflops=cfg.logging.peak_tflops if torch.cuda.is_available() else None)
         self.stopped_reason: str | None = None
+        self.corpus_samples: dict[str, int] | None = None  # a mix of corpora: samples so far per corpus
 
     # ------------------------------------------------------------------------------------
     def ema_decay(self) -> float:
@@ -388,6 +391,23 @@ class Trainer:
                      + "for a complete schedule")
         return line
 
+    def _start_record(self, resumed: Path | None) -> None:
+        """The run record of this (re)start: to the run folder, TensorBoard and W&B (rank 0).
+        Every rank calls it (the per-corpus counts of a mix are summed over data-parallel ranks)."""
+        self.corpus_samples = run_record.corpus_counts(self)
+        if not self.main:
+            return
+        rec = run_record.build_record(self, resumed)
+        if self.corpus_samples is not None:
+            rec["data"]["mixture"]["samples_so_far"] = self.corpus_samples
+        run_record.append(self.out, rec)
+        if self.metrics.writer is not None:
+            run_record.to_tensorboard(self.metrics.writer, rec)
+        if self.cfg.logging.wandb:
+            from .trackers import WandbTracker
+
+            self.metrics.trackers.append(WandbTracker(self.cfg, self.out, rec, resumed=resumed is not None))
+
     def _warn(self, msg: str) -> None:
         if self.main:
             print(msg, file=sys.stderr, flush=True)
@@ -412,8 +432,11 @@ class Trainer:
         resumed = self.resume(cfg.checkpoint.resume)
         if resumed and self.main:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
+        self._start_record(resumed)
         it = iter(self.loader)
         total = cfg.steps
+        progress = Progress(self.step, total)
+        first = self.step + 1  # the first and the last step of every (re)start are always logged
         losses: list[tuple[int, float]] = []
         # the steps before the resume point come from the previous runs' losses.json (steps after
         # it, from a run that went on past its last checkpoint, are redone and replaced)
@@ -431,10 +454,13 @@ class Trainer:
                 if "loss/total" in scalars:
                     losses.append((self.step, scalars["loss/total"]))
                 self.metrics.accumulate(scalars)
-                if self.step % cfg.logging.every_steps == 0 or self.step == total:
-                    last = self.metrics.flush(self.step)
+                if self.step % cfg.logging.every_steps == 0 or self.step == total or self.step == first:
+                    counts = run_record.corpus_counts(self)  # a collective for a mix of corpora: every rank
+                    last = self.metrics.flush(self.step, run_record.count_scalars(counts))
+                    progress.update(self.step, last["perf/step_time_s"])
                     if self.main:
-                        print(format_line(self.step, total, last), flush=True)
+                        print(format_line(self.step, total, last, progress.text(self.step) + run_record.mix_text(counts)),
+                              flush=True)
                 preempted = _save_requested()
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total or preempted:
                     folder = self.save()
@@ -445,6 +471,9 @@ class Trainer:
                         self.stopped_reason = "save-and-exit requested (signal)"
                         break
         finally:
+            if self.main:  # no collective here: an exception may have left the other ranks elsewhere
+                run_record.finish(self.out, {"step": self.step, "stopped": self.stopped_reason,
+                                             "corpus_samples": self.corpus_samples})
             self.metrics.close()
         self._write_losses(earlier + losses)
         return {"step": self.step, "losses": losses, "last": last}
