@@ -239,6 +239,10 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
+    # "torch": torch.optim.AdamW's eps, added to sqrt(v / (1 - beta2^t)); "fairseq": fairseq's Adam,
+    # eps added to sqrt(v) before the bias correction (a larger effective eps early in training;
+    # docs/TRAINING.md "Optimizer")
+    adam_eps_form: str = "torch"
     weight_decay: float = 0.05
     # true: decay every parameter, 1-D ones included (fairseq's Adam: the data2vec 1.0 speech and
     # text references); false: biases, norms and the ALiBi scale are not decayed (data2vec 2.0, BEiT)
@@ -778,6 +782,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                     "reference): set optim.reference_global_batch=N, or optim.grad_accum yourself")
     if not cfg.optim.lr > 0:
         errs.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate)")
+    if cfg.optim.adam_eps_form not in ("torch", "fairseq"):
+        errs.append(f"optim.adam_eps_form={cfg.optim.adam_eps_form!r}: use 'torch' (AdamW's) or 'fairseq' (eps "
+                    f"added before the bias correction)")
     if cfg.optim.grad_accum < 1:
         errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
     if not isinstance(cfg.optim.total_steps, int):  # "auto" outside build_config
