@@ -14,7 +14,7 @@ import torch
 
 from d2v2_scale.config import load_preset
 
-from . import fairseq_trainer_oracle
+from . import fairseq_oracle, fairseq_trainer_oracle
 
 CACHE = Path(os.environ.get("D2V2_FAIRSEQ_CACHE", Path.home() / ".cache" / "d2v2-scale" / "fairseq-oracle"))
 
@@ -25,7 +25,9 @@ def oracle_dir(systems: list[str] = ()) -> Path:
 
 
 def _built(parts: list[str]) -> Path:
-    key = hashlib.sha256(Path(fairseq_trainer_oracle.__file__).read_bytes()).hexdigest()[:12]
+    # keyed by both scripts' content (this one writes its checkpoints with fairseq_oracle's writer)
+    key = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (fairseq_trainer_oracle, fairseq_oracle))
+                         ).hexdigest()[:12]
     out = CACHE / f"trainer-{key}"
     todo = [p for p in parts if not (out / f"DONE-{p}").is_file()]
     if todo:
@@ -87,6 +89,14 @@ def test_lr_schedule_resumes_deepspeed_scheduler_state():
     assert opt.param_groups[0]["lr"] == pytest.approx(schedule_fn(cfg.optim)(7) * cfg.optim.lr)
     sch.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(schedule_fn(cfg.optim)(8) * cfg.optim.lr)
+
+
+def test_adam_eps_form_is_validated():
+    from d2v2_scale.config import ConfigError, build_config
+
+    assert build_config("image-tiny", None, ["optim.adam_eps_form=fairseq"]).optim.adam_eps_form == "fairseq"
+    with pytest.raises(ConfigError, match="optim.adam_eps_form='apex'"):
+        build_config("image-tiny", None, ["optim.adam_eps_form=apex"]).validate()
 
 
 def test_adam_fairseq_eps_matches_fairseq_adam(units):
