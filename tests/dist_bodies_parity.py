@@ -100,8 +100,10 @@ def trajectory_body(spec_json: str, *layout: str):
         for who, ours in (("student", _student_state(tr)), ("teacher", tr.teacher.gathered_state_dict())):
             common = [k for k in ours if f"{who}.{k}" in want]
             assert len(common) > 0.8 * len(ours), (who, sorted(set(ours) - {k for k in common})[:5])
-            dev[who] = max(((ours[k] - want[f"{who}.{k}"]).abs().max() /
-                            want[f"{who}.{k}"].abs().max().clamp_min(1e-12)).item() for k in common)
+            rel = {k: ((ours[k] - want[f"{who}.{k}"]).abs().max() /
+                       want[f"{who}.{k}"].abs().max().clamp_min(1e-12)).item() for k in common}
+            dev[who] = max(rel.values())
+            dev[f"{who}_worst"] = max(rel, key=rel.get)
         rec["final"] = dev
         out[s["system"]] = rec
         del tr

@@ -158,5 +158,7 @@ def test_trajectory_matches_fairseq_trainer(trainer_oracle, tmp_path, engine):
         assert len(res[system]["loss"]) == fairseq_trainer_oracle.SNAPSHOT
         for k in KEYS:
             assert row[k][0] < 1e-4, (engine, system, k, row[k], res[system][k])
-        # fp32 on both sides; the rest is summation order (measured: <= 2e-5 after 12 updates)
+        # fp32 on both sides; the rest is summation order: <= 3e-6 except image's attention qkv
+        # bias (measured 1.1e-4): its key part has only rounding-noise gradients (softmax ignores a
+        # key bias), which Adam with eps 1e-8 turns into steps that differ between the two sides
         assert row["final"]["student"] < 1e-3 and row["final"]["teacher"] < 1e-3, (engine, system, row["final"])
