@@ -6,9 +6,9 @@ trainer sets the LR for update k (1-based) with `step_update(k - 1)` (`Trainer._
 one).  `torch.optim.lr_scheduler.LambdaLR` does the same: it applies f(0) when built and f(u)
 after its u-th `step()`, so update k runs at f(k - 1) x peak under DeepSpeed's engine and the
 flat engine alike (both step the scheduler after each applied update).  DeepSpeed's
-`WarmupCosineLR` (used before) started at iteration -1 and was one update late (update k ran at
-(k - 2) / W x peak in warm-up: two updates at LR 0, the peak never reached) and its cosine phase
-one update early; docs/TRAINING.md "Learning rate".
+`WarmupCosineLR` (used before) started at iteration -1 and was one update late in warm-up (update
+k ran at (k - 2) / W x peak: two updates at LR 0, update W + 1 at (W - 1) / W x peak, the peak
+never reached); docs/TRAINING.md "Learning rate".
 
   * "cosine":    fairseq's `cosine` (t_mult 1, lr_shrink unused) with W = optim.warmup_steps,
                  U = optim.total_steps, peak = lr, m = optim.min_lr_ratio * lr:
