@@ -14,6 +14,8 @@ Two halves:
     fp16 student state + "_ema": fp32 teacher, ...}), and records fairseq's own outputs on a
     fixed input: student features (unmasked encoder), the EMA teacher's targets (captured from
     `make_targets` inside the real pretraining forward) and the loss on a fixed batch/mask.
+    Each case also has checkpoint_fp32.pt: the same model saved as an --amp / fp32 run saves it
+    (fp32 student, unrounded).
 """
 
 from __future__ import annotations
@@ -196,18 +198,20 @@ def _masks(n_rows: int, t: int, n_masked: int, gen):
     return m
 
 
-def _save_fairseq(model, cfg, out: Path, updates: int) -> None:
+def _save_fairseq(model, cfg, out: Path, updates: int, fp16: bool = True, name: str = "checkpoint.pt") -> None:
     """out/checkpoint.pt as fairseq's trainer writes it: the trainer halves the model for fp16
     training (the EMA's fp32 copy, in the state dict under "_ema", stays fp32); numpy scalars in
-    extra_state as fairseq's meters leave them.  The model is back in fp32 afterwards."""
+    extra_state as fairseq's meters leave them.  fp16=False: an --amp / fp32 run's file (the
+    student stays fp32).  The model is back in fp32 afterwards."""
     import numpy as np
     import torch
 
-    model.half()
+    if fp16:
+        model.half()
     ckpt = {
         "args": None,
         "cfg": {"_name": None, "model": _plain(cfg), "task": {"_name": "oracle"},
-                "common": {"fp16": True, "seed": 1}},
+                "common": {"fp16": fp16, "amp": not fp16, "seed": 1}},
         "model": model.state_dict(),
         "criterion": None,
         "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",
@@ -216,7 +220,7 @@ def _save_fairseq(model, cfg, out: Path, updates: int) -> None:
         "extra_state": {"metrics": {}, "previous_training_time": np.float64(12.5),
                         "train_iterator": {"epoch": 1, "iterations_in_epoch": updates, "shuffle": True}},
     }
-    torch.save(ckpt, out / "checkpoint.pt")
+    torch.save(ckpt, out / name)
     model.float()
 
 
@@ -251,6 +255,8 @@ def build_case(case: str, out: Path) -> None:
             p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         model.ema.build_fp32_params()
     # fairseq's trainer halves the model for fp16 training; the EMA copy stays fp32
+    # the same weights unrounded first (an --amp run's file), then the fp16 one the oracle uses
+    _save_fairseq(model, cfg, out, updates=7, fp16=False, name="checkpoint_fp32.pt")
     _save_fairseq(model, cfg, out, updates=7)
 
     mod = case.split("_")[0].upper()
@@ -370,6 +376,8 @@ def build_case1(case: str, out: Path) -> None:
             if not name.startswith(skip):
                 p.copy_(p + torch.randn(p.shape, generator=gen) * (0.2 if p.dim() == 1 else 0.05))
         ema.build_fp32_params()
+    # the same weights unrounded first (an --amp run's file), then the fp16 one the oracle uses
+    _save_fairseq(model, cfg, out, updates=9, fp16=False, name="checkpoint_fp32.pt")
     _save_fairseq(model, cfg, out, updates=9)
     model.eval()
     res = {}

@@ -5,6 +5,7 @@ and the plain twin's student features and teacher targets are compared with fair
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import types
 from pathlib import Path
@@ -454,3 +455,34 @@ def test_imported_d2v1_training_model_loss_matches_fairseq(oracle, dist, case):
         loss, stats = s.eval()(batch, teacher=t)
     assert int(stats["masked_tokens"].item()) == ref["sample_size"]
     assert abs(loss.item() - ref["loss"]) < 1e-5 * max(1.0, ref["loss"]), (loss.item(), ref["loss"])
+
+
+@pytest.mark.parametrize("case", ["image_p1", "audio", "text", "d2v1_audio", "d2v1_text"])
+def test_to_run_imports_fp32_checkpoints(oracle, tmp_path, case):
+    """`d2v2-import --to-run` on an fp32 (fairseq --amp) file: the teacher's entries that the EMA
+    does not hold are the student's values in tensors of their own (the file's fp32 student used
+    to be shared between them and safetensors refused to write it), and every weight is the file's
+    fp32 value, unrounded."""
+    from safetensors.torch import load_file
+
+    from d2v2_scale.model import mapping
+
+    ck_path, run = oracle / case / "checkpoint_fp32.pt", tmp_path / "run"
+    preset = case.replace("d2v1_", "d2v1-").split("_")[0] + "-tiny"
+    assert main([str(ck_path), "--to-run", str(run), "--preset", preset]) == 0
+    got = load_file(run / "checkpoints" / "imported" / "weights.safetensors")
+    meta = json.loads((run / "checkpoints" / "imported" / "import.json").read_text())
+    ck = load_fairseq(ck_path)
+    student, mcfg, _ = import_state(ck, "student")
+    teacher, _, from_student = import_state(ck, "teacher")
+    assert from_student == meta["teacher_from_student"]
+    assert from_student or case in ("image_p1", "d2v1_text")  # the others' EMAs lack entries
+    heads = mcfg["num_heads"]
+    for k, v in mapping.plain_to_megatron(student, heads).items():
+        assert torch.equal(got[f"student.{k}"], v), k
+    for k, v in mapping.plain_to_megatron(teacher, heads).items():
+        assert torch.equal(got[f"teacher.{k}"], v), k
+    if not case.startswith("d2v1"):  # (the 1.0 oracle's student is fp16-rounded on purpose)
+        # the file's student is fp32 and not fp16-representable: nothing was rounded on the way
+        w = next(v for k, v in student.items() if k.endswith("weight") and v.dim() == 2)
+        assert not torch.equal(w, w.half().float())

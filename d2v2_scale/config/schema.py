@@ -105,9 +105,15 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
+    # "torch": torch.optim.AdamW's eps, added to sqrt(v / (1 - beta2^t)); "fairseq": fairseq's Adam,
+    # eps added to sqrt(v) before the bias correction (a larger effective eps early in training;
+    # docs/TRAINING.md "Optimizer")
+    adam_eps_form: str = "torch"
     weight_decay: float = 0.05
     # true: decay every parameter, 1-D ones included (fairseq's Adam: the data2vec 1.0 speech and
-    # text references); false: biases, norms and the ALiBi scale are not decayed (data2vec 2.0, BEiT)
+    # text references; also what fairseq's trainer did for the released 2.0 models, whose recipes ask
+    # otherwise, docs/TRAINING.md "Optimizer"); false: biases, norms and the ALiBi scale are not
+    # decayed (data2vec 2.0's recipes and paper, BEiT)
     weight_decay_all: bool = False
     clip_grad: float = 4.0  # 0 disables
     warmup_steps: int = 50_040

@@ -107,6 +107,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                     "reference): set optim.reference_global_batch=N, or optim.grad_accum yourself")
     if not cfg.optim.lr > 0:
         errs.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate)")
+    if cfg.optim.adam_eps_form not in ("torch", "fairseq"):
+        errs.append(f"optim.adam_eps_form={cfg.optim.adam_eps_form!r}: use 'torch' (AdamW's) or 'fairseq' (eps "
+                    f"added before the bias correction)")
     if cfg.optim.grad_accum < 1:
         errs.append(f"optim.grad_accum={cfg.optim.grad_accum} must be >= 1")
     if not isinstance(cfg.optim.total_steps, int):  # "auto" outside build_config

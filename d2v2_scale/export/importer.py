@@ -368,7 +368,11 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
         _check(tensors, expected, f"{where} ({ema_key} teacher)")
         for k in sorted(set(expected) - set(tensors)):
             if k in student:
-                tensors[k] = student[k]
+                # a copy: `.float()` returned the file's own tensor for an fp32 student (fairseq
+                # --amp / fp32 runs), so the teacher entry would share memory with the student's
+                # (and with the student of another import_state call on the same file), which
+                # safetensors refuses to write and an in-place EMA step would corrupt
+                tensors[k] = student[k].clone()
                 from_student.append(k)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -488,6 +492,21 @@ STRUCTURE = ("modality", "depth", "prenet_depth", "embed_dim", "num_heads", "mlp
              "decoder_groups", "decoder_residual", "variant", "head_layers")
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing memory with another (safetensors refuses shared storage;
+    a mapping may return views of one file tensor under two names): the later ones copied."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.contiguous()
+        key = (v.untyped_storage().data_ptr(), v.device)
+        if key in seen and v.numel():
+            v = v.clone()
+            key = (v.untyped_storage().data_ptr(), v.device)
+        seen.add(key)
+        out[k] = v
+    return out
+
+
 def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: str, force: bool = False) -> dict:
     """Write <run_dir>/checkpoints/imported/ (student + decoder, EMA teacher, in the training model's
     full, unsharded names) and <run_dir>/import.yaml (the preset + the file's model config).
@@ -545,7 +564,7 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     ckdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{RUN_IMPORT}.tmp-", dir=ckdir))
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / RUN_WEIGHTS))
+        save_file(_unshared(tensors), str(tmp / RUN_WEIGHTS))
         (tmp / RUN_META).write_text(json.dumps(meta, indent=1))
         if dest.exists():
             shutil.rmtree(dest)

@@ -29,7 +29,7 @@ from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config,
 from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite, local_grads_nonfinite
 from .metrics import Metrics, format_line
 from .progress import Progress
-from .schedules import build_scheduler
+from .schedules import build_scheduler, fairseq_adam_eps
 from .teacher import EmaTeacher
 
 
@@ -144,6 +144,7 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                           fused=True if torch.cuda.is_available() else None)
         scheduler = build_scheduler(optimizer, cfg.optim)
+        self.adam = optimizer  # the torch optimizer whose groups hold lr / eps (DeepSpeed wraps it)
         if flat is not None:
             flat.attach(optimizer, scheduler)
             self.engine, self.optimizer, self.scheduler = flat, optimizer, scheduler
@@ -204,6 +205,12 @@ class Trainer:
         """One optimizer update over `grad_accum` micro-batches.  Returns scalars to log."""
         assert len(micro_batches) == self.cfg.optim.grad_accum
         self.engine.train()
+        lr = self.adam.param_groups[0]["lr"]  # the LR this update runs at (the scheduler steps after it)
+        o = self.cfg.optim
+        if o.adam_eps_form == "fairseq":  # this update is the optimizer's step updates + 1
+            eps = fairseq_adam_eps(o.eps, o.betas[1], self.updates + 1)
+            for g in self.adam.param_groups:
+                g["eps"] = eps
         set_updates = getattr(self.engine.module, "set_num_updates", None)
         if set_updates is not None:  # data2vec-aqc: the Gumbel temperature and the key of its random draws
             set_updates(self.updates)
@@ -233,9 +240,7 @@ class Trainer:
             self.teacher.update(decay)
         out = dict(scalars)
         gn = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
-        out.update({"opt/lr": self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr")
-                    else self.engine.get_lr()[0],
-                    "opt/ema_decay": decay, "opt/grad_norm": float(gn) if gn is not None else 0.0,
+        out.update({"opt/lr": lr, "opt/ema_decay": decay, "opt/grad_norm": float(gn) if gn is not None else 0.0,
                     "guard/skipped_total": self.guard.skipped_total})
         reason = self.guard.collapse_reason(self.updates, out.get("stats/target_var", math.inf),
                                             out.get("stats/pred_var", math.inf),
