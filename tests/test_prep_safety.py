@@ -1,0 +1,211 @@
+"""d2v2-prep against inputs the round-trip tests do not use: every PIL image mode (what the loader
+yields), two preps into one --out, very long text documents, manifests naming files outside
+their folder (docs/DATA.md)."""
+
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import data_fixtures as fx  # noqa: E402
+
+from d2v2_scale.data import augment  # noqa: E402
+from d2v2_scale.data.manifest import DataError  # noqa: E402
+from d2v2_scale.data.shards import ShardSet  # noqa: E402
+from data_prep.cli import main as prep  # noqa: E402
+
+os.environ["D2V2_PREP_NO_PROGRESS"] = "1"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", D2V2_PREP_NO_PROGRESS="1")
+
+
+# ---- image modes ---------------------------------------------------------------------------------
+
+def _png(arr: np.ndarray, color_type: int, bit_depth: int = 16) -> bytes:
+    """A PNG written by hand (PIL writes no 16-bit colour PNG): color_type 0 grey, 2 RGB, 4 grey+alpha,
+    6 RGBA; arr [H, W] or [H, W, C] of sample values."""
+    h = arr.shape[0]
+    raw = np.ascontiguousarray(arr.astype(">u2" if bit_depth == 16 else "u1")).reshape(h, -1)
+    data = b"".join(b"\0" + raw[i].tobytes() for i in range(h))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    ihdr = struct.pack(">IIBBBBB", arr.shape[1], h, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+S = 48  # image side
+HALF = np.zeros((S, S), bool)
+HALF[:, S // 2:] = True  # right half
+
+
+def _mode_images() -> dict[str, tuple[bytes, str, float | None]]:
+    """file name -> (file bytes, PIL mode it opens as, mean pixel value (0..255) a viewer shows, or None
+    when d2v2-prep must skip it)."""
+    g16 = np.full((S, S), 32896, np.uint16)  # 128 * 257: mid grey in 16 bits
+    cmyk = Image.new("CMYK", (S, S), (0, 0, 0, 128))  # 50 % black ink: grey 127
+    la = np.dstack([np.zeros((S, S), np.uint8), np.where(HALF, 255, 0).astype(np.uint8)])  # black, left transparent
+    rgba = np.dstack([np.zeros((S, S, 3), np.uint8), np.where(HALF, 255, 0).astype(np.uint8)])
+    pal = Image.fromarray(HALF.astype(np.uint8), "P")
+    pal.putpalette([0, 0, 0, 0, 0, 0])  # index 0 (left) and 1 (right) both black, index 0 transparent
+    bits = Image.fromarray((np.indices((S, S)).sum(0) % 2).astype(bool))  # a 1-bit checkerboard
+    return {
+        "gray16.png": (_png(g16, 0), "I;16", 128.0),
+        "gray16be.tif": (_save(Image.frombytes("I;16B", (S, S), g16.astype(">u2").tobytes()), "TIFF"),
+                         "I;16B", 128.0),
+        "gray16.pgm": (b"P5\n%d %d\n65535\n" % (S, S) + g16.astype(">u2").tobytes(), "I", 128.0),
+        "rgb16.png": (_png(np.dstack([g16] * 3), 2), "RGB", 128.0),
+        "gray_alpha16.png": (_png(np.dstack([np.zeros((S, S)), np.where(HALF, 65535, 0)]), 4), "RGBA", 127.5),
+        "la.png": (_save(Image.fromarray(la, "LA"), "PNG"), "LA", 127.5),
+        "rgba.png": (_save(Image.fromarray(rgba, "RGBA"), "PNG"), "RGBA", 127.5),
+        "palette_transparent.png": (_save(pal, "PNG", transparency=0), "P", 127.5),
+        "palette_transparent.gif": (_save(pal, "GIF", transparency=0), "P", 127.5),
+        "cmyk.jpg": (_save(cmyk, "JPEG", quality=95), "CMYK", 127.0),
+        "bits.png": (_save(bits, "PNG"), "1", 127.5),
+        "int32.tif": (_save(Image.fromarray(np.full((S, S), 1 << 20, np.int32)), "TIFF"), "I", None),
+        "float.tif": (_save(Image.fromarray(np.full((S, S), 0.5, np.float32)), "TIFF"), "F", None),
+    }
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """A 64x32 JPEG stored sideways (left half black, right half white) with EXIF orientation 6:
+    shown upright it is 32x64, black on top."""
+    a = np.where(np.arange(64)[None, :] < 32, 0, 255).astype(np.uint8).repeat(32, 0)
+    ex = Image.Exif()
+    ex[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return _save(Image.fromarray(a, "L").convert("RGB"), "JPEG", quality=95, exif=ex.tobytes())
+
+
+def _loader_pixels(manifest: Path) -> dict[str, np.ndarray]:
+    """source path -> the loader's image for that row, back in 0..255 (un-normalized), [C, H, W]:
+    whole image (crop scale 1, no flip)."""
+    from d2v2_scale.data.loader import BatchBuilder
+
+    cfg = fx.tiny_cfg("image", manifest, crop_scale_min=1.0, crop_scale_max=1.0, hflip=False)
+    shards = ShardSet(manifest)
+    b = BatchBuilder(cfg, shards)(0, np.arange(len(shards)))
+    x = b["source"].numpy() * augment.IMAGENET_STD[None, :, None, None] + augment.IMAGENET_MEAN[None, :, None, None]
+    return {shards.get(int(i), ["path"])["path"]: x[k] * 255 for k, i in enumerate(b["index"].tolist())}
+
+
+def test_image_modes_train_as_they_look(tmp_path):
+    src = tmp_path / "modes"
+    src.mkdir()
+    cases = _mode_images()
+    for name, (data, mode, _) in cases.items():
+        (src / name).write_bytes(data)
+        assert Image.open(src / name).mode == mode, name  # the mode this case is about
+    (src / "rotated.jpg").write_bytes(_exif_rotated_jpeg())
+    prep(["image", str(src), "--out", str(tmp_path / "o"), "--workers", "1"])
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    skipped = {s["source"]: s["reason"] for s in rep["skips"]}
+    assert set(skipped) == {n for n, c in cases.items() if c[2] is None}
+    assert re.fullmatch(r"unsupported pixels: 32-bit integer pixels \(mode I, values 1048576..1048576\) have no "
+                        r"defined 8-bit range: convert the file to 8 or 16 bits per sample", skipped["int32.tif"])
+    assert skipped["float.tif"].startswith("unsupported pixels: 32-bit float pixels (mode F)")
+    px = _loader_pixels(tmp_path / "o" / "manifest.json")
+    for name, (_, mode, mean) in cases.items():
+        if mean is not None:
+            assert abs(px[name].mean() - mean) < 1.5, (name, mode, px[name].mean(), mean)
+            assert np.ptp(px[name].mean((1, 2))) < 1.5, name  # grey stays grey in every channel
+    for name in ("la.png", "rgba.png", "palette_transparent.png", "gray_alpha16.png"):  # transparent = white
+        im = px[name].mean(0)
+        assert im[:, :10].mean() > 250 and im[:, -10:].mean() < 5, name
+    rot = px["rotated.jpg"].mean(0)  # upright: black on top, white below
+    top, bottom = rot[: rot.shape[0] // 2 - 2].mean(), rot[rot.shape[0] // 2 + 2:].mean()
+    assert top < 10 and bottom > 245, (top, bottom)
+    s = ShardSet(tmp_path / "o")
+    rows = {s.get(i)["path"]: s.get(i) for i in range(len(s))}
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (32, 64)
+    assert Image.open(io.BytesIO(bytes(rows["rotated.jpg"]["image"]))).format == "JPEG"  # lossy stays lossy
+    for name, r in rows.items():  # what is stored decodes as 8-bit RGB or L, without transparency
+        im = Image.open(io.BytesIO(bytes(r["image"])))
+        assert im.mode in ("RGB", "L") and "transparency" not in im.info, (name, im.mode)
+
+
+def test_loader_converts_16bit_and_alpha_rows_of_older_shards():
+    """A shard written by an older d2v2-prep stores such files as found: the loader scales them too."""
+    g16 = _png(np.full((8, 8), 32896, np.uint16), 0)
+    assert np.asarray(augment.decode_image({"image": g16}, 3)).mean() == 128
+    rgba = _save(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "PNG")
+    assert np.asarray(augment.decode_image({"image": rgba}, 3)).mean() == 255
+
+
+# ---- manifests stay inside their folder ----------------------------------------------------------
+
+def test_manifest_entries_outside_their_folder_are_refused(tmp_path):
+    good = fx.prepared("image")
+    outside = tmp_path / "secret.arrow"
+    outside.write_bytes((good / "shard-00001.arrow").read_bytes())  # a valid shard, but not in the folder
+
+    def corpus(name, entry=None):
+        d = tmp_path / name
+        d.mkdir()
+        for sh in good.glob("shard-*.arrow"):
+            (d / sh.name).write_bytes(sh.read_bytes())
+        m = json.loads((good / "manifest.json").read_text())
+        if entry is not None:
+            m["shards"][1]["file"] = entry
+        (d / "manifest.json").write_text(json.dumps(m))
+        return d
+
+    cases = {"../../etc/passwd": "(a .. path)", "/etc/passwd": "(an absolute path)", "a/../../x": "(a .. path)",
+             "link.arrow": f"is a symlink to {outside}", 7: "is not a file name"}
+    for k, (entry, why) in enumerate(cases.items()):
+        d = corpus(f"m{k}", entry)
+        (d / "link.arrow").symlink_to(outside)
+        with pytest.raises(DataError) as e:
+            ShardSet(d / "manifest.json", verify="none")
+        msg = str(e.value)
+        assert msg.startswith(f"{d / 'manifest.json'}: shards[1].file = {entry!r} ") and why in msg, msg
+        assert "\n" not in msg and "re-run d2v2-prep" in msg
+        # through the command a user types: one line, nothing opened
+        r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(d)], env=ENV,
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: {msg}" and r.stdout == "", r
+    d = corpus("inside")  # a symlink that stays inside the folder is fine
+    (d / "shard-00001.arrow").rename(d / "real-00001.arrow")
+    (d / "shard-00001.arrow").symlink_to("real-00001.arrow")
+    assert len(ShardSet(d, verify="full")) == 200
+    # the text export's tokenizer path (spm_model.path) is held to the same rule
+    from d2v2_scale.export import ExportError
+    from d2v2_scale.export.hf import spm_tokenizer_files
+
+    t = tmp_path / "text"
+    t.mkdir()
+    m = json.loads((fx.prepared("text") / "manifest.json").read_text())
+    m["spm_model"]["path"] = "/etc/passwd"
+    (t / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match=r"manifest.json: spm_model.path = '/etc/passwd' points outside"):
+        spm_tokenizer_files({"data": {"manifest": str(t / "manifest.json")}}, {"modality": "text"})
+
+
+def test_train_refuses_a_manifest_escaping_its_folder(tmp_path):
+    good = fx.prepared("image")
+    d = tmp_path / "evil"
+    d.mkdir()
+    m = json.loads((good / "manifest.json").read_text())
+    m["shards"][0]["file"] = "../" * 12 + "etc/passwd"
+    (d / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run([sys.executable, "-m", "d2v2_scale.train", "--preset", "image-tiny",
+                        f"data.manifest={d / 'manifest.json'}", "max_steps=1", f"output_dir={tmp_path / 'run'}"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "passwd" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "shards[0].file" in last and "points outside the manifest's folder" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
