@@ -24,6 +24,7 @@ label (int64, -1 = unlabelled).
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import json
 import io
@@ -86,13 +87,19 @@ def chunk_file(path: str, disp: str, sep: bytes) -> list[tuple[str, str, int, in
         pos = CHUNK_BYTES
         while pos < size:
             f.seek(pos)
-            window = b""
+            # scan each 64 KiB piece once (with the last len(sep) - 1 bytes before it, for a separator
+            # across two pieces): a document of many MB costs one pass, not one per piece read
+            scanned, tail, i = pos, b"", -1
             while True:
                 more = f.read(1 << 16)
-                window += more
-                i = window.find(sep)
-                if i >= 0 or not more:
+                if not more:
                     break
+                i = (tail + more).find(sep)
+                if i >= 0:
+                    i += scanned - len(tail) - pos
+                    break
+                scanned += len(more)
+                tail = (tail + more)[-(len(sep) - 1):] if len(sep) > 1 else b""
             if i < 0:
                 break
             cut = pos + i + len(sep)
@@ -189,47 +196,69 @@ def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool, fmt: s
 class BlockPacker(Packer):
     """Concatenate documents and cut blocks of exactly `block` tokens (the last may be shorter).
 
-    `docs` holds [start, source] of the documents in the carry; a negative start means the
-    document began in an earlier block, so a block's `source` reads "file@offset+tokens".
+    `carry` holds the tokens not yet in a block (fewer than `block` between calls) and `docs` the
+    [start, source] of the documents in it, start relative to the carry; a negative start means
+    the document began in an earlier block, so a block's `source` reads "file@offset+tokens".
+
+    Linear in the tokens: each `add` copies the carry and the new documents once into one
+    buffer and cuts every full block out of it as a view (the packer kept a Python list and
+    re-sliced the rest after each block, so one document of n tokens cost n^2 / block copies:
+    a 5 MB line took minutes, docs/BENCHMARKS.md).  `copied` counts the tokens copied, for
+    tests/test_prep_safety.py.
     """
 
     def __init__(self, block: int, wide: bool):
         self.block, self.dt = block, (np.int32 if wide else np.uint16)
-        self.tokens: list[int] = []
+        self.carry = np.zeros(0, self.dt)
         self.docs: list[list] = []
+        self.copied = 0
 
     def add(self, rows):
-        out = []
-        for r in rows:
-            self.docs.append([len(self.tokens), r["source"]])
-            self.tokens.extend(int(t) for t in r["tokens"])
-            while len(self.tokens) >= self.block:
-                out.append(self._emit(self.block))
+        if not rows:
+            return []
+        parts = [self.carry] + [np.asarray(r["tokens"], dtype=self.dt) for r in rows]
+        sizes = np.fromiter((len(a) for a in parts), dtype=np.int64, count=len(parts))
+        starts = [d[0] for d in self.docs] + np.cumsum(sizes)[:-1].tolist()
+        sources = [d[1] for d in self.docs] + [r["source"] for r in rows]
+        buf = np.concatenate(parts)
+        self.copied += len(buf)
+        cut = len(buf) - len(buf) % self.block
+        out = [self._row(buf, starts, sources, a, self.block) for a in range(0, cut, self.block)]
+        self.carry = buf[cut:].copy()  # < block tokens; a view would keep the whole buffer alive
+        self.copied += len(self.carry)
+        first = max(bisect.bisect_right(starts, cut) - 1, 0)  # the document running at the cut, then later ones
+        self.docs = [[st - cut, src] for st, src in zip(starts[first:], sources[first:])]
         return out
 
-    def _emit(self, n):
-        start, src = self.docs[0]
-        row = {"tokens": np.asarray(self.tokens[:n], dtype=self.dt),
-               "doc_offsets": np.asarray([d[0] for d in self.docs if 0 <= d[0] < n], dtype=np.int32),
-               "n_tokens": n, "source": src if start == 0 else f"{src}+{-start}"}
-        self.tokens = self.tokens[n:]
-        for d in self.docs:
-            d[0] -= n
-        first = max(i for i, d in enumerate(self.docs) if d[0] <= 0) if self.docs[0][0] <= 0 else 0
-        self.docs = self.docs[first:]
-        return row
+    def _row(self, buf: np.ndarray, starts: list[int], sources: list[str], a: int, n: int) -> dict:
+        """The block buf[a:a+n]: documents starting inside it, source = the document running at a."""
+        k = bisect.bisect_right(starts, a) - 1
+        lo, hi = bisect.bisect_left(starts, a), bisect.bisect_left(starts, a + n)
+        return {"tokens": buf[a:a + n], "doc_offsets": np.asarray(starts[lo:hi], dtype=np.int32) - a,
+                "n_tokens": n, "source": sources[k] if starts[k] == a else f"{sources[k]}+{a - starts[k]}"}
 
     def finish(self):
-        out = [self._emit(len(self.tokens))] if self.tokens else []
-        self.docs = []
+        out = [self._row(self.carry, [d[0] for d in self.docs], [d[1] for d in self.docs], 0, len(self.carry))] \
+            if len(self.carry) else []
+        self.carry, self.docs = np.zeros(0, self.dt), []
         return out
 
     def state(self):
-        return {"tokens": self.tokens, "docs": self.docs}
+        return {"tokens": self.carry.tolist(), "docs": self.docs}
 
     def load(self, state):
-        if state:
-            self.tokens, self.docs = state["tokens"], state["docs"]
+        """`state` comes from a progress file on disk: checked, ValueError if it is not a packer's."""
+        if not state:
+            return
+        if not isinstance(state, dict):
+            raise ValueError("not a text packer state")
+        toks, docs = state.get("tokens"), state.get("docs")
+        if not (isinstance(toks, list) and len(toks) < self.block and all(type(t) is int for t in toks)
+                and isinstance(docs, list) and all(isinstance(d, list) and len(d) == 2 and type(d[0]) is int
+                                                   and isinstance(d[1], str) for d in docs)
+                and [d[0] for d in docs] == sorted(d[0] for d in docs)):
+            raise ValueError("not a text packer state")
+        self.carry, self.docs = np.asarray(toks, dtype=self.dt), docs
 
 
 def _collect_docs(item, doc_per, fmt="text"):
@@ -357,6 +386,8 @@ def main(args: argparse.Namespace) -> dict:
     packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
     spm_hash = sha256_file(spm_path)
     fp = dict(fp_base, spm_hash=spm_hash)
+    if args.mode == "pack":  # 2: the linear packer, whose `source` names the document a block starts with
+        fp["packer"] = 2  # where the old one named the document before it: no resume across the two
     extra = {"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
              "unk_id": sp.unk_id(),
              "spm_model": {"path": os.path.relpath(spm_path, out) if spm_path.parent == out else str(spm_path),
