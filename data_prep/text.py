@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import hashlib
 import json
 import io
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from d2v2_scale.data.manifest import sha256_file
+from d2v2_scale.data.manifest import MANIFEST_NAME, sha256_file
 
 from . import pipeline
 from .pipeline import ItemResult, Packer, Skip
@@ -169,11 +170,15 @@ _SPM = {}
 
 
 def _spm(path: str):
+    """The processor of the model file at `path`, once per process and file version (a run with
+    --overwrite in the same process, e.g. a test, may replace spm.model)."""
     import sentencepiece as spm
 
-    if path not in _SPM:
-        _SPM[path] = spm.SentencePieceProcessor(model_file=path)
-    return _SPM[path]
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    if key not in _SPM:
+        _SPM[key] = spm.SentencePieceProcessor(model_file=path)
+    return _SPM[key]
 
 
 def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool, fmt: str = "text",
@@ -289,9 +294,10 @@ def label_index(items, doc_per: str, fmt: str, workers: int) -> tuple[dict[str, 
     return dict(zip(found, ids)), classes
 
 
-def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, max_sentences: int,
-              workers: int, fmt: str = "text") -> Path:
-    """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread)."""
+def train_spm(items, doc_per: str, vocab_size: int, model_type: str, max_sentences: int,
+              workers: int, fmt: str = "text") -> bytes:
+    """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread);
+    the model file's bytes (written into --out only once the run may change it)."""
     import sentencepiece as spm
 
     parts = _map_items(functools.partial(_collect_docs, doc_per=doc_per, fmt=fmt), items, workers)
@@ -307,11 +313,16 @@ def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, 
         sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
         character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=1,
         shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2, hard_vocab_limit=False)
-    final = out / "spm.model"
-    tmp = out / ".spm.model.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, final)
-    return final
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -353,27 +364,40 @@ def main(args: argparse.Namespace) -> dict:
     sep = b"\n\n" if args.doc_per == "paragraph" else b"\n"
     items = [c for path, disp in files for c in chunk_file(path, disp, sep)]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    pipeline.lock_out(out)  # before the first write (the model below); held until the run ends
     fp_base = {"modality": "text", "files": [(d, os.path.getsize(p) if os.path.exists(p) else -1)
                                              for p, d in files],
                "doc_per": args.doc_per, "mode": args.mode, "block": args.block_size, "eos": args.add_eos,
                "shard_size_mb": args.shard_size_mb}
     if fmt != "text":  # only then: plain-text runs keep their old fingerprint
         fp_base["format"] = fmt
+    spm_path = out / "spm.model"  # the corpus folder holds its model (a manifest names files inside it only)
     if args.spm_model:
-        spm_path = Path(args.spm_model).resolve()
-        fp_base["spm"] = sha256_file(spm_path)
+        given = Path(args.spm_model).resolve()
+        spm_bytes = given.read_bytes()
+        fp_base["spm"] = hashlib.sha256(spm_bytes).hexdigest()
     else:
         fp_base["spm_train"] = [args.vocab_size, args.spm_type, args.spm_max_sentences]
-        spm_path = out / "spm.model"
-        # Reuse the model of an interrupted run (same args); otherwise (re)train it.
-        prog = out / pipeline.PROGRESS_NAME
-        resumable = spm_path.exists() and prog.exists() and \
-            json.loads(prog.read_text()).get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
-        if not resumable or args.overwrite:
-            spm_path = train_spm(items, args.doc_per, out, args.vocab_size, args.spm_type,
-                                 args.spm_max_sentences, args.workers, fmt)
-    sp = _spm(str(spm_path))
+        spm_bytes = None
+        if spm_path.is_file() and not spm_path.is_symlink() and not args.overwrite:
+            # the model of an interrupted run, or of this finished job, with these args: no retraining
+            prog = out / pipeline.PROGRESS_NAME
+            old = pipeline.read_progress(prog) if prog.exists() else None
+            resumable = old is not None and old.get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
+            try:
+                man = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).exists() else {}
+            except (OSError, ValueError):
+                man = {}  # check_finished names it
+            done = isinstance(man, dict) and man.get("spm_args") == pipeline.fingerprint(fp_base)
+            if resumable or done:
+                spm_bytes = spm_path.read_bytes()
+        if spm_bytes is None:
+            spm_bytes = train_spm(items, args.doc_per, args.vocab_size, args.spm_type, args.spm_max_sentences,
+                                  args.workers, fmt)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=spm_bytes)
+    spm_hash = hashlib.sha256(spm_bytes).hexdigest()
     vocab = sp.get_piece_size()
     wide = vocab > 65535
     labelled = fmt != "text" and args.mode == "doc"
@@ -381,21 +405,26 @@ def main(args: argparse.Namespace) -> dict:
         print(f"note: --mode pack mixes documents in a block, so the --format {fmt} labels are not stored "
               "(use --mode doc to keep them)", file=sys.stderr)
     index, classes = label_index(items, args.doc_per, fmt, args.workers) if labelled else (None, [])
-    proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
-                             wide=wide, fmt=fmt, label_index=index)
-    packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
-    spm_hash = sha256_file(spm_path)
     fp = dict(fp_base, spm_hash=spm_hash)
     if args.mode == "pack":  # 2: the linear packer, whose `source` names the document a block starts with
         fp["packer"] = 2  # where the old one named the document before it: no resume across the two
+    if labelled:
+        fp["classes"] = classes
+    # Only now may the folder change: not at all when it holds another job's finished corpus.
+    done = pipeline.check_finished(out, pipeline.run_fingerprint(fp, len(items), schema(wide, labelled)),
+                                   args.overwrite)
+    if done is None and not (spm_path.is_file() and not spm_path.is_symlink()
+                             and sha256_file(spm_path) == spm_hash):
+        write_atomic(spm_path, spm_bytes)
+    proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
+                             wide=wide, fmt=fmt, label_index=index)
+    packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
     extra = {"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-             "unk_id": sp.unk_id(),
-             "spm_model": {"path": os.path.relpath(spm_path, out) if spm_path.parent == out else str(spm_path),
-                           "sha256": spm_hash},
+             "unk_id": sp.unk_id(), "spm_model": {"path": spm_path.name, "sha256": spm_hash},
+             "spm_args": pipeline.fingerprint(fp_base),
              "mode": args.mode, "block_size": args.block_size, "doc_per": args.doc_per,
              "source": [d for _, d in files]}
     if labelled:
-        fp["classes"] = classes
         extra.update(input_format=fmt, classes=classes, num_classes=len(classes))
     return pipeline.run(out, modality="text", items=items, process=proc, schema=schema(wide, labelled),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,

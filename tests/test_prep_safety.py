@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -274,3 +275,109 @@ def test_text_chunking_finds_a_break_after_a_long_line(tmp_path):
         p.write_bytes(filler * first + sep + b"tail" + sep)
         chunks = text.chunk_file(str(p), "t", sep)
         assert [(a, b) for _, _, a, b in chunks] == [(0, first + len(sep)), (first + len(sep), p.stat().st_size)]
+
+
+# ---- one d2v2-prep per output folder -------------------------------------------------------------
+
+def _images(root: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(2):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def _prep_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "data_prep.cli", "image", str(src), "--out", str(out), "--workers", "1",
+            "--shard-size-mb", "0.02", *extra]
+
+
+def _is_exactly(out: Path, src: Path) -> None:
+    """`out` holds the finished corpus of `src` and nothing of another run."""
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"] == str(src)
+    assert sorted(p.name for p in out.glob("shard-*")) == [s["file"] for s in m["shards"]]
+    assert ShardSet(out).scan() == []
+    assert not list(out.glob(".*.tmp")) and not (out / ".progress.json").exists()
+
+
+def _contents(out: Path) -> dict[str, bytes]:
+    """Every file of `out` but the lock (which names the last run that held it)."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".d2v2-prep.lock"}
+
+
+def test_two_preps_into_one_folder(tmp_path):
+    a, b = _images(tmp_path / "A", 30, 0), _images(tmp_path / "B", 20, 1)
+    out = tmp_path / "same"
+    # 1. B starts while A holds the folder (A stopped mid-run with SIGSTOP: a real process, held there)
+    pa = subprocess.Popen(_prep_cmd(a, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out / ".d2v2-prep.lock"
+    for _ in range(600):
+        if lock.exists() and lock.read_text().startswith(f"pid {pa.pid} "):
+            break
+        assert pa.poll() is None, pa.communicate()
+        time.sleep(0.05)
+    os.kill(pa.pid, 19)  # SIGSTOP
+    try:
+        rb = subprocess.run(_prep_cmd(b, out), env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(pa.pid, 18)  # SIGCONT
+    assert rb.returncode == 1 and rb.stdout == ""
+    line = rb.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: --out {re.escape(str(out))} is being written by another d2v2-prep \(pid {pa.pid} "
+                        rf"on \S+, started [^)]*: d2v2-prep image {re.escape(str(a))} --out {re.escape(str(out))} "
+                        r".*\): wait for it to finish, or give another --out", line), line
+    _, err = pa.communicate(timeout=300)
+    assert pa.returncode == 0, err
+    _is_exactly(out, a)
+    # 2. another corpus into the finished folder: refused, nothing touched; the same job: nothing to do
+    before = _contents(out)
+    rb = subprocess.run(_prep_cmd(b, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rb.returncode == 1 and "already holds a finished corpus" in rb.stderr.strip().splitlines()[-1]
+    ra = subprocess.run(_prep_cmd(a, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert ra.returncode == 0 and "nothing to do" in ra.stderr
+    assert _contents(out) == before
+    # 3. both started at once: one wins, the other says why; the folder is exactly the winner's corpus
+    out2 = tmp_path / "race"
+    procs = {src: subprocess.Popen(_prep_cmd(src, out2), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for src in (a, b)}
+    res = {src: (p.wait(timeout=300), p.stderr.read()) for src, p in procs.items()}
+    ok = [src for src, (rc, _) in res.items() if rc == 0]
+    assert len(ok) == 1, res
+    loser_msg = next(err for rc, err in res.values() if rc != 0).strip().splitlines()[-1]
+    assert "is being written by another d2v2-prep" in loser_msg or "already holds a finished corpus" in loser_msg
+    _is_exactly(out2, ok[0])
+    # 4. --overwrite killed half-way: no manifest (the old corpus is not readable over new shards),
+    #    and re-running it finishes the new corpus
+    r = subprocess.run(_prep_cmd(b, out, "--overwrite"), env=dict(ENV, D2V2_PREP_EXIT_AFTER_SHARDS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 75 and not (out / "manifest.json").exists()
+    r = subprocess.run(_prep_cmd(b, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    _is_exactly(out, b)
+
+
+def test_text_prep_into_another_jobs_folder_changes_nothing(tmp_path):
+    """A different text corpus into a finished text folder is refused before its sentencepiece model
+    is trained into the folder (it replaced spm.model, and the finished corpus no longer matched its
+    model); --spm-model is copied in, so the manifest names only files in its folder."""
+    spm = str(fx.prepared("text") / "spm.model")
+    t1, t2 = tmp_path / "t1.txt", tmp_path / "t2.txt"
+    g = fx.wordnet_glosses(400)
+    t1.write_text("\n".join(g[:200]) + "\n")
+    t2.write_text("\n".join(g[200:]) + "\n")
+    out = tmp_path / "o"
+    prep(["text", str(t1), "--out", str(out), "--vocab-size", "300", "--workers", "1"])
+    before = _contents(out)
+    with pytest.raises(SystemExit, match="already holds a finished corpus"):
+        prep(["text", str(t2), "--out", str(out), "--vocab-size", "300", "--workers", "1"])
+    with pytest.raises(SystemExit, match="already holds a finished corpus"):
+        prep(["text", str(t2), "--out", str(out), "--spm-model", spm, "--workers", "1"])
+    assert _contents(out) == before
+    prep(["text", str(t1), "--out", str(out), "--vocab-size", "300", "--workers", "1"])  # the same job: no-op
+    assert _contents(out) == before
+    o2 = tmp_path / "o2"
+    prep(["text", str(t2), "--out", str(o2), "--spm-model", spm, "--workers", "1", "--mode", "doc"])
+    m = json.loads((o2 / "manifest.json").read_text())
+    assert m["spm_model"]["path"] == "spm.model" and (o2 / "spm.model").read_bytes() == Path(spm).read_bytes()
