@@ -141,6 +141,7 @@ def lock_out(out: str | os.PathLike) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+        holder = "".join(c if c.isprintable() else "?" for c in holder)  # the file is not ours to trust
         os.close(fd)
         raise SystemExit(f"error: --out {out} is being written by another d2v2-prep ({holder}): wait for it to "
                          "finish, or give another --out") from None

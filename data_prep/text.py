@@ -383,13 +383,17 @@ def main(args: argparse.Namespace) -> dict:
             # the model of an interrupted run, or of this finished job, with these args: no retraining
             prog = out / pipeline.PROGRESS_NAME
             old = pipeline.read_progress(prog) if prog.exists() else None
-            resumable = old is not None and old.get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
+            extra = old.get("extra") if old is not None else None
             try:
                 man = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).exists() else {}
             except (OSError, ValueError):
                 man = {}  # check_finished names it
-            done = isinstance(man, dict) and man.get("spm_args") == pipeline.fingerprint(fp_base)
-            if resumable or done:
+            # the recorded hash too: a model damaged or replaced since is trained again, not trusted
+            recorded = (extra.get("spm_hash") if isinstance(extra, dict) and
+                        extra.get("spm_args") == json.loads(json.dumps(fp_base)) else None) or \
+                ((man.get("spm_model") or {}).get("sha256") if isinstance(man, dict) and
+                 man.get("spm_args") == pipeline.fingerprint(fp_base) else None)
+            if recorded and sha256_file(spm_path) == recorded:
                 spm_bytes = spm_path.read_bytes()
         if spm_bytes is None:
             spm_bytes = train_spm(items, args.doc_per, args.vocab_size, args.spm_type, args.spm_max_sentences,
@@ -411,11 +415,9 @@ def main(args: argparse.Namespace) -> dict:
     if labelled:
         fp["classes"] = classes
     # Only now may the folder change: not at all when it holds another job's finished corpus.
-    done = pipeline.check_finished(out, pipeline.run_fingerprint(fp, len(items), schema(wide, labelled)),
-                                   args.overwrite)
-    if done is None and not (spm_path.is_file() and not spm_path.is_symlink()
-                             and sha256_file(spm_path) == spm_hash):
-        write_atomic(spm_path, spm_bytes)
+    pipeline.check_finished(out, pipeline.run_fingerprint(fp, len(items), schema(wide, labelled)), args.overwrite)
+    if not (spm_path.is_file() and not spm_path.is_symlink() and sha256_file(spm_path) == spm_hash):
+        write_atomic(spm_path, spm_bytes)  # done: this job's corpus, whose model was damaged since
     proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
                              wide=wide, fmt=fmt, label_index=index)
     packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
@@ -430,4 +432,4 @@ def main(args: argparse.Namespace) -> dict:
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra=extra,
                         packer=packer, desc="text", overwrite=args.overwrite,
-                        progress_extra={"spm_args": fp_base}, ignored=ignored)
+                        progress_extra={"spm_args": fp_base, "spm_hash": spm_hash}, ignored=ignored)

@@ -377,7 +377,56 @@ def test_text_prep_into_another_jobs_folder_changes_nothing(tmp_path):
     assert _contents(out) == before
     prep(["text", str(t1), "--out", str(out), "--vocab-size", "300", "--workers", "1"])  # the same job: no-op
     assert _contents(out) == before
+    (out / "spm.model").write_bytes(b"damaged")  # not trusted for the same job: trained again, restored
+    prep(["text", str(t1), "--out", str(out), "--vocab-size", "300", "--workers", "1"])
+    assert _contents(out) == before
     o2 = tmp_path / "o2"
     prep(["text", str(t2), "--out", str(o2), "--spm-model", spm, "--workers", "1", "--mode", "doc"])
     m = json.loads((o2 / "manifest.json").read_text())
     assert m["spm_model"]["path"] == "spm.model" and (o2 / "spm.model").read_bytes() == Path(spm).read_bytes()
+
+
+def test_a_damaged_or_foreign_progress_file_is_not_resumed(tmp_path, capfd):
+    """.progress.json is read from disk: a shard list naming other files, a shard changed since, or
+    bytes that are not JSON are reported and the run starts over, ending in the right corpus."""
+    import shutil
+
+    src = _images(tmp_path / "A", 30, 0)
+    ref = tmp_path / "ref"
+    prep(["image", str(src), "--out", str(ref), "--workers", "1", "--shard-size-mb", "0.02"])
+    killed = tmp_path / "killed"
+    r = subprocess.run(_prep_cmd(src, killed), env=dict(ENV, D2V2_PREP_EXIT_AFTER_SHARDS="2"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 75 and len(json.loads((killed / ".progress.json").read_text())["shards"]) == 2
+    (tmp_path / "secret.arrow").write_bytes((ref / "shard-00000.arrow").read_bytes())
+
+    def outside(s):
+        s["shards"][0]["file"] = "../secret.arrow"
+
+    def swapped(s):  # a shard replaced after it was recorded
+        s["shards"][1] = dict(s["shards"][1], footer_sha256="0" * 64)
+
+    def bad_item(s):
+        s["next_item"] = -4
+
+    for k, (damage, why) in enumerate([(outside, "its entry for shard-00000.arrow is damaged"),
+                                       (swapped, "shard-00001.arrow differs from what it recorded"),
+                                       (bad_item, "it is damaged"), (None, "cannot be read")]):
+        out = tmp_path / f"o{k}"
+        shutil.copytree(killed, out)
+        prog = out / ".progress.json"
+        if damage is None:
+            prog.write_bytes(b"\x00garbage")
+        else:
+            st = json.loads(prog.read_text())
+            damage(st)
+            prog.write_text(json.dumps(st))
+        capfd.readouterr()
+        prep(["image", str(src), "--out", str(out), "--workers", "1", "--shard-size-mb", "0.02"])
+        err = capfd.readouterr().err
+        assert why in err and "starting over" in err and "resuming" not in err, err
+        assert json.loads((out / "manifest.json").read_text())["shards"] == \
+            json.loads((ref / "manifest.json").read_text())["shards"]
+    shutil.copytree(killed, tmp_path / "intact")  # the check does not stop an intact resume
+    prep(["image", str(src), "--out", str(tmp_path / "intact"), "--workers", "1", "--shard-size-mb", "0.02"])
+    assert "resuming" in capfd.readouterr().err

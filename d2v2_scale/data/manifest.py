@@ -96,6 +96,10 @@ def load_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
         raise DataError(f"manifest {p} has no list of shard entries ('shards'): re-run d2v2-prep to rewrite it")
     for k, s in enumerate(shards):
         confined_path(p, s.get("file"), f"shards[{k}].file")
+        for key in ("rows", "bytes"):
+            if type(s.get(key)) is not int or s[key] < 0:
+                raise DataError(f"{p}: shards[{k}].{key} = {s.get(key)!r} is not a count: the manifest is damaged; "
+                                "re-run d2v2-prep to rewrite it")
     return m, p.parent
 
 
