@@ -5,8 +5,9 @@
 Each document is one line of WordNet definitions (tests/data_fixtures.py) repeated to the
 length, prepared with an existing sentencepiece model (8000 pieces, trained once on the
 definitions, one per line) so only the per-document work is timed:
-  prep      the whole `d2v2-prep text LINE --spm-model M --workers 1` in a subprocess (wall s);
-            the first row, a 1 kB document, is the start-up cost (interpreter, imports)
+  prep      the whole `d2v2-prep text LINE --spm-model M --workers 1 --overwrite` (its main(), in
+            this process: wall s without interpreter start and imports; the first row, a 1 kB
+            document, is the fixed cost of a run)
   chunk / encode / pack   the three stages in this process: finding document breaks
             (data_prep.text.chunk_file), sentencepiece encoding (process), block packing
             (BlockPacker, 511-token blocks)
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +59,6 @@ def main() -> None:
         prep(["text", str(work / "glosses.txt"), "--out", str(work / "spm"), "--workers", "1"])
     spm = str(work / "spm" / "spm.model")
     one = " ".join(glosses)
-    env = dict(os.environ, OMP_NUM_THREADS="1", D2V2_PREP_NO_PROGRESS="1")
     print("| document | tokens | prep (s) | s/MB | chunk (s) | encode (s) | pack (s) |")
     print("|---|---|---|---|---|---|---|")
     for mb in [0.001] + args.mb:
@@ -70,9 +69,7 @@ def main() -> None:
         for r in range(args.repeats):
             out = work / f"out{mb:g}-{r}"
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "data_prep.cli", "text", str(line), "--out", str(out),
-                            "--spm-model", spm, "--workers", "1", "--overwrite"], env=env, check=True,
-                           capture_output=True)
+            prep(["text", str(line), "--out", str(out), "--spm-model", spm, "--workers", "1", "--overwrite"])
             walls.append(time.perf_counter() - t)
             parts.append(stages(line, spm))
         med = [statistics.median(p[i] for p in parts) for i in range(3)]

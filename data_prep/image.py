@@ -99,8 +99,12 @@ def process(item: tuple[str, str, int], max_side: int | None, pixels: int | None
     # The loader decodes the stored bytes with a plain convert to RGB/L: store only images for
     # which that is right (8-bit RGB or L, upright), else the converted pixels, re-encoded.
     try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still fine, shown as stored
+        orientation = 1
+    try:
         found = im
-        if im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+        if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
         im = image_modes.to_8bit(im)
     except image_modes.UnsupportedImage as e:
