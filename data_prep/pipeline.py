@@ -136,7 +136,11 @@ def lock_out(out: str | os.PathLike) -> None:
     key = os.path.realpath(out)
     if key in _LOCKS:
         return
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a lock file planted as a symlink must not make us truncate its target
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the lock file {out / LOCK_NAME} ({e.strerror}; a symlink there is "
+                         "refused): remove it, or give another --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

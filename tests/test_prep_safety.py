@@ -176,9 +176,12 @@ def test_manifest_entries_outside_their_folder_are_refused(tmp_path):
         assert msg.startswith(f"{d / 'manifest.json'}: shards[1].file = {entry!r} ") and why in msg, msg
         assert "\n" not in msg and "re-run d2v2-prep" in msg
         # through the command a user types: one line, nothing opened
-        r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(d)], env=ENV,
-                           capture_output=True, text=True)
-        assert r.returncode == 1 and r.stderr.strip() == f"error: {msg}" and r.stdout == "", r
+        if k == 0:
+            r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(d)], env=ENV,
+                               capture_output=True, text=True)
+            assert r.returncode == 1 and r.stderr.strip() == f"error: {msg}" and r.stdout == "", r
+        with pytest.raises(SystemExit, match=re.escape(f"error: {msg}")):
+            prep(["verify", str(d)])
     d = corpus("inside")  # a symlink that stays inside the folder is fine
     (d / "shard-00001.arrow").rename(d / "real-00001.arrow")
     (d / "shard-00001.arrow").symlink_to("real-00001.arrow")
@@ -307,7 +310,7 @@ def _contents(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".d2v2-prep.lock"}
 
 
-def test_two_preps_into_one_folder(tmp_path):
+def test_two_preps_into_one_folder(tmp_path, capfd):
     a, b = _images(tmp_path / "A", 30, 0), _images(tmp_path / "B", 20, 1)
     out = tmp_path / "same"
     # 1. B starts while A holds the folder (A stopped mid-run with SIGSTOP: a real process, held there)
@@ -333,10 +336,9 @@ def test_two_preps_into_one_folder(tmp_path):
     _is_exactly(out, a)
     # 2. another corpus into the finished folder: refused, nothing touched; the same job: nothing to do
     before = _contents(out)
-    rb = subprocess.run(_prep_cmd(b, out), env=ENV, capture_output=True, text=True, timeout=300)
-    assert rb.returncode == 1 and "already holds a finished corpus" in rb.stderr.strip().splitlines()[-1]
-    ra = subprocess.run(_prep_cmd(a, out), env=ENV, capture_output=True, text=True, timeout=300)
-    assert ra.returncode == 0 and "nothing to do" in ra.stderr
+    with pytest.raises(SystemExit, match="already holds a finished corpus"):
+        prep(_prep_cmd(b, out)[3:])
+    prep(_prep_cmd(a, out)[3:])  # nothing to do
     assert _contents(out) == before
     # 3. both started at once: one wins, the other says why; the folder is exactly the winner's corpus
     out2 = tmp_path / "race"
@@ -353,9 +355,17 @@ def test_two_preps_into_one_folder(tmp_path):
     r = subprocess.run(_prep_cmd(b, out, "--overwrite"), env=dict(ENV, D2V2_PREP_EXIT_AFTER_SHARDS="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 75 and not (out / "manifest.json").exists()
-    r = subprocess.run(_prep_cmd(b, out), env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    capfd.readouterr()
+    prep(_prep_cmd(b, out)[3:])
+    assert "resuming" in capfd.readouterr().err
     _is_exactly(out, b)
+    victim = tmp_path / "victim.txt"  # a lock file planted as a symlink: refused, its target untouched
+    victim.write_text("keep")
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / ".d2v2-prep.lock").symlink_to(victim)
+    with pytest.raises(SystemExit, match=r"cannot create the lock file .*planted/.d2v2-prep.lock"):
+        prep(_prep_cmd(a, tmp_path / "planted")[3:])
+    assert victim.read_text() == "keep"
 
 
 def test_text_prep_into_another_jobs_folder_changes_nothing(tmp_path):
