@@ -103,14 +103,14 @@ def load_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
     return m, p.parent
 
 
-def confined_path(manifest_path: str | os.PathLike, name, entry: str) -> Path:
+def confined_path(manifest_path: str | os.PathLike, name, entry: str, fix: str | None = None) -> Path:
     """The file a manifest entry names, refused (DataError, one line naming the manifest and the
     entry) unless it stays inside the manifest's folder: a relative path without `..`, that does
     not resolve (symlinks followed) outside the folder.  A manifest may come from elsewhere (a
     downloaded corpus, someone else's run): it must not make a reader open /etc/passwd or
     another user's files (docs/DATA.md, "Trust boundary")."""
     root = Path(manifest_path).parent
-    fix = "a manifest names only files inside its own folder: re-run d2v2-prep to rewrite it"
+    fix = "a manifest names only files inside its own folder: " + (fix or "re-run d2v2-prep to rewrite it")
     if not isinstance(name, str) or not name or "\0" in name:
         raise DataError(f"{manifest_path}: {entry} = {name!r} is not a file name: {fix}")
     parts = Path(name).parts
