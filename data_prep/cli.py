@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import check_out
 
         check_out(args.out, args.overwrite)
-    rc = args.main(args)
+    from .pipeline import release_out
+
+    try:
+        rc = args.main(args)  # locks --out before its first write (pipeline.lock_out)
+    finally:
+        release_out()  # for callers in this process (tests, the quickstart); an exit releases it too
     return rc if isinstance(rc, int) else 0
 
 

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
+
+from d2v2_scale.data import image_modes
 
 from . import pipeline
 from .pipeline import ItemResult, Skip
 
+EXIF_ORIENTATION = 0x0112
+# in the fingerprint: 2 = pixels normalized by d2v2_scale.data.image_modes (a finished or
+# interrupted run of an older d2v2-prep is not taken as this one)
+PIXEL_RULES = 2
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
@@ -90,13 +96,28 @@ def process(item: tuple[str, str, int], max_side: int | None, pixels: int | None
         return ItemResult(skips=[Skip(disp, f"cannot decode: {type(e).__name__}: {e}")])
     if im.width == 0 or im.height == 0:
         return ItemResult(skips=[Skip(disp, "cannot decode: zero-size image")])
-    if im.mode not in ("RGB", "L"):
-        im = im.convert("RGB")
-    if max_side and max(im.size) > max_side:
+    # The loader decodes the stored bytes with a plain convert to RGB/L: store only images for
+    # which that is right (8-bit RGB or L, upright), else the converted pixels, re-encoded.
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still fine, shown as stored
+        orientation = 1
+    try:
+        found = im
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+        im = image_modes.to_8bit(im)
+    except image_modes.UnsupportedImage as e:
+        return ItemResult(skips=[Skip(disp, f"unsupported pixels: {e}")])
+    except Exception as e:  # a damaged EXIF block or a conversion PIL cannot do
+        return ItemResult(skips=[Skip(disp, f"cannot convert to 8-bit RGB: {type(e).__name__}: {e}")])
+    resize = bool(max_side and max(im.size) > max_side)
+    if resize:
         s = max_side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.BICUBIC)
+    if resize or im is not found:
         b = io.BytesIO()
-        if fmt == "JPEG":
+        if fmt == "JPEG":  # a lossy source stays lossy (PNG would be ~5x larger)
             im.save(b, format="JPEG", quality=quality)
         else:
             im.save(b, format="PNG")
@@ -134,7 +155,8 @@ def main(args: argparse.Namespace) -> dict:
                          + (f" ({len(ignored)} files with other extensions)" if ignored else ""))
     proc = functools.partial(process, max_side=args.max_side, pixels=args.pixels, quality=args.jpeg_quality)
     fp = {"modality": "image", "items": [(d, lab) for _, d, lab in items], "max_side": args.max_side,
-          "pixels": args.pixels, "quality": args.jpeg_quality, "shard_size_mb": args.shard_size_mb}
+          "pixels": args.pixels, "quality": args.jpeg_quality, "shard_size_mb": args.shard_size_mb,
+          "pixel_rules": PIXEL_RULES}
     return pipeline.run(args.out, modality="image", items=items, process=proc, schema=schema(bool(args.pixels)),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra={"classes": classes, "num_classes": len(classes),

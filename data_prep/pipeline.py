@@ -9,17 +9,24 @@ The run is a pure function of its inputs and arguments:
     only then is `.progress.json` (next item, finished shards, skips so far, packer carry)
     replaced, so a killed run restarts from the last finished shard and writes byte-identical
     shards to an uninterrupted run;
-  * `report.json` and `manifest.json` are written last, atomically.
+  * `report.json` and `manifest.json` are written last, atomically;
+  * one d2v2-prep at a time per output folder: `.d2v2-prep.lock` is flock'ed for the whole
+    run (lock_out), and a folder holding a finished corpus of another job is refused before
+    anything in it changes (check_finished); --overwrite first removes the old manifest, so
+    the folder is never a readable mix of two runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +36,12 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, ROW_CRC, VERSION, footer_sha256,
-                                      sha256_file, write_json_atomic)
+from d2v2_scale.data.manifest import (FORMAT, MANIFEST_NAME, REPORT_NAME, ROW_CRC, VERSION, DataError,
+                                      footer_sha256, sha256_file, write_json_atomic)
 from d2v2_scale.data.shards import row_crc32, table_columns
 
 PROGRESS_NAME = ".progress.json"
+LOCK_NAME = ".d2v2-prep.lock"
 # Test hook: exit abruptly (no cleanup, like a kill) after this many shards were written.
 EXIT_AFTER_ENV = "D2V2_PREP_EXIT_AFTER_SHARDS"
 
@@ -96,7 +104,8 @@ def label_ids(raw: list[str | None]) -> tuple[list[int], list[str]]:
 LABEL_FIELD = ("label", pa.int64())
 
 
-OURS = re.compile(r"shard-\d+\.arrow|manifest\.json|report\.json|spm\.model|\.progress\.json|\..*\.tmp")
+OURS = re.compile(r"shard-\d+\.arrow|manifest\.json|report\.json|spm\.model|\.progress\.json|\..*\.tmp|"
+                  r"\.d2v2-prep\.lock")
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
@@ -112,6 +121,116 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> None:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             raise SystemExit(f"error: --out {out} holds files d2v2-prep did not write ({', '.join(foreign[:3])}"
                              f"{more}): give a new or empty folder, or pass --overwrite to write there anyway")
+
+
+_LOCKS: dict[str, int] = {}  # output folder (resolved) -> fd holding its flock, in this process
+
+
+def lock_out(out: str | os.PathLike) -> None:
+    """Create `out` and hold an exclusive lock on it until release_out (or this process ends),
+    or exit with one line naming the d2v2-prep that holds it: two runs into one folder would
+    interleave their shards and both report success.  flock: released by the kernel when the
+    holder dies, so a killed run never leaves a stale lock.  Idempotent within a process."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        return
+    try:  # O_NOFOLLOW: a lock file planted as a symlink must not make us truncate its target
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the lock file {out / LOCK_NAME} ({e.strerror}; a symlink there is "
+                         "refused): remove it, or give another --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+        holder = "".join(c if c.isprintable() else "?" for c in holder)  # the file is not ours to trust
+        os.close(fd)
+        raise SystemExit(f"error: --out {out} is being written by another d2v2-prep ({holder}): wait for it to "
+                         "finish, or give another --out") from None
+    # the lock file is never removed: a new file would let a third run lock it beside the holder
+    info = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: "
+            f"d2v2-prep {' '.join(sys.argv[1:])}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode() + b"\n", 0)
+    _LOCKS[key] = fd
+    for tmp in out.glob(".*.tmp"):  # temp files of a killed run (ours: nobody else writes here now)
+        if OURS.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
+def release_out(out: str | os.PathLike | None = None) -> None:
+    """Release the lock of `out` (None: every lock this process holds)."""
+    keys = list(_LOCKS) if out is None else [os.path.realpath(out)]
+    for k in keys:
+        fd = _LOCKS.pop(k, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def run_fingerprint(args_fingerprint: dict, n_items: int, schema: pa.Schema) -> str:
+    """The job's identity as stored in its manifest and progress file.  `schema` without ROW_CRC."""
+    schema = schema.append(pa.field(ROW_CRC, pa.uint32()))  # no resume across versions
+    return fingerprint({"args": args_fingerprint, "n_items": n_items, "schema": schema.to_string()})
+
+
+def check_finished(out: Path, fp: str, overwrite: bool) -> dict | None:
+    """With the lock held, before anything in `out` changes.  The manifest of a finished corpus
+    made by this same job (fingerprint `fp`: nothing to do); None when there is none; exit with
+    one line for another job's corpus (or an unreadable manifest) unless `overwrite`, which
+    removes the old manifest and report first: from then on the folder is no finished corpus,
+    so a reader never sees the old manifest over new shards, even if the rebuild is killed."""
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.exists():
+        return None
+    if overwrite:
+        manifest_path.unlink()
+        (out / REPORT_NAME).unlink(missing_ok=True)
+        return None
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {manifest_path} cannot be read ({type(e).__name__}: {e}): pass --overwrite to "
+                         "rebuild the corpus there, or give another --out") from None
+    if isinstance(m, dict) and m.get("fingerprint") == fp:
+        return m
+    raise SystemExit(f"error: {out} already holds a finished corpus made with other inputs, arguments or d2v2-prep "
+                     "version; choose another --out or pass --overwrite to replace it")
+
+
+def read_progress(path: Path) -> dict | None:
+    """A progress file's JSON object, or None (with a warning) when it cannot be read."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"warning: {path} cannot be read ({type(e).__name__}); starting over", file=sys.stderr)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def progress_problem(out: Path, state: dict, n_items: int) -> str | None:
+    """What makes a progress file unusable for resuming, or None.  It is read from disk, so its
+    shard list is checked against the folder (names, sizes, footers: cheap) before any of it
+    goes into a manifest."""
+    shards = state.get("shards")
+    nxt = state.get("next_item")
+    if not (isinstance(shards, list) and type(nxt) is int and 0 <= nxt <= n_items
+            and isinstance(state.get("skips"), list) and isinstance(state.get("notes"), list)
+            and all(isinstance(k, dict) and isinstance(k.get("source"), str) and isinstance(k.get("reason"), str)
+                    for k in state["skips"]) and all(isinstance(n, str) for n in state["notes"])):
+        return "it is damaged"
+    for k, sh in enumerate(shards):
+        name = f"shard-{k:05d}.arrow"
+        if not isinstance(sh, dict) or sh.get("file") != name or type(sh.get("rows")) is not int:
+            return f"its entry for {name} is damaged"
+        p = out / name
+        try:
+            if p.is_symlink() or p.stat().st_size != sh.get("bytes") or footer_sha256(p) != sh.get("footer_sha256"):
+                return f"{name} differs from what it recorded"
+        except (OSError, DataError):
+            return f"{name} is missing or damaged"
+    return None
 
 
 def walk(root: str | os.PathLike) -> Iterable[tuple[str, list[str]]]:
@@ -235,35 +354,38 @@ def run(out_dir: str | os.PathLike, *, modality: str, items: list, process: Call
     ignored: files found but not inputs (aliases, unsupported extensions, hidden files), listed
     in report.json under "ignored"."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    schema = schema.append(pa.field(ROW_CRC, pa.uint32()))  # in the fingerprint: no resume across versions
-    fp = fingerprint({"args": args_fingerprint, "n_items": len(items), "schema": schema.to_string()})
+    lock_out(out)  # held until the process ends (or data_prep.cli releases it)
+    fp = run_fingerprint(args_fingerprint, len(items), schema)
+    schema = schema.append(pa.field(ROW_CRC, pa.uint32()))
     progress_path = out / PROGRESS_NAME
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists() and not overwrite:
-        m = json.loads(manifest_path.read_text())
-        if m.get("fingerprint") == fp:
-            print(f"{manifest_path} is already complete for these inputs and arguments; nothing to do",
-                  file=sys.stderr)
-            return m
-        raise SystemExit(f"error: {out} already holds a finished corpus made with other inputs/arguments; "
-                         "choose another --out or pass --overwrite")
-    state = {"fingerprint": fp, "next_item": 0, "shards": [], "skips": [], "notes": [], "packer": None,
+    done = check_finished(out, fp, overwrite)
+    if done is not None:
+        print(f"{manifest_path} is already complete for these inputs and arguments; nothing to do", file=sys.stderr)
+        return done
+    fresh = {"fingerprint": fp, "next_item": 0, "shards": [], "skips": [], "notes": [], "packer": None,
              "items_done": 0, "extra": progress_extra or {}}
-    if progress_path.exists() and not overwrite:
-        old = json.loads(progress_path.read_text())
-        if old.get("fingerprint") == fp:
+    state = fresh
+    old = read_progress(progress_path) if progress_path.exists() and not overwrite else None
+    if old is not None:
+        problem = "it is from different inputs/arguments" if old.get("fingerprint") != fp else \
+            progress_problem(out, old, len(items))
+        if problem is None and packer is not None:
+            try:
+                packer.load(old.get("packer"))
+            except ValueError:
+                problem = "its text packer state is damaged"
+        if problem is None:
             state = old
             print(f"resuming {out}: {len(state['shards'])} shards done, continuing at item "
                   f"{state['next_item']}/{len(items)}", file=sys.stderr)
         else:
-            print(f"warning: {progress_path} is from different inputs/arguments; starting over", file=sys.stderr)
-    if state["next_item"] == 0 and not state["shards"]:
+            print(f"warning: {progress_path} cannot be resumed ({problem}); starting over", file=sys.stderr)
+    if state is fresh:
+        progress_path.unlink(missing_ok=True)
         for p in out.glob("shard-*.arrow"):  # leftovers of an unrelated earlier run
             p.unlink()
         state["skips"] = [vars(s) for s in pre_skips]
-    if packer is not None:
-        packer.load(state["packer"])
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
     written_here = 0
 

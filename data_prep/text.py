@@ -24,7 +24,9 @@ label (int64, -1 = unlabelled).
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
+import hashlib
 import json
 import io
 import os
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from d2v2_scale.data.manifest import sha256_file
+from d2v2_scale.data.manifest import MANIFEST_NAME, sha256_file
 
 from . import pipeline
 from .pipeline import ItemResult, Packer, Skip
@@ -86,13 +88,19 @@ def chunk_file(path: str, disp: str, sep: bytes) -> list[tuple[str, str, int, in
         pos = CHUNK_BYTES
         while pos < size:
             f.seek(pos)
-            window = b""
+            # scan each 64 KiB piece once (with the last len(sep) - 1 bytes before it, for a separator
+            # across two pieces): a document of many MB costs one pass, not one per piece read
+            scanned, tail, i = pos, b"", -1
             while True:
                 more = f.read(1 << 16)
-                window += more
-                i = window.find(sep)
-                if i >= 0 or not more:
+                if not more:
                     break
+                i = (tail + more).find(sep)
+                if i >= 0:
+                    i += scanned - len(tail) - pos
+                    break
+                scanned += len(more)
+                tail = (tail + more)[-(len(sep) - 1):] if len(sep) > 1 else b""
             if i < 0:
                 break
             cut = pos + i + len(sep)
@@ -162,11 +170,15 @@ _SPM = {}
 
 
 def _spm(path: str):
+    """The processor of the model file at `path`, once per process and file version (a run with
+    --overwrite in the same process, e.g. a test, may replace spm.model)."""
     import sentencepiece as spm
 
-    if path not in _SPM:
-        _SPM[path] = spm.SentencePieceProcessor(model_file=path)
-    return _SPM[path]
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    if key not in _SPM:
+        _SPM[key] = spm.SentencePieceProcessor(model_file=path)
+    return _SPM[key]
 
 
 def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool, fmt: str = "text",
@@ -189,47 +201,69 @@ def process(item, doc_per: str, spm_path: str, add_eos: bool, wide: bool, fmt: s
 class BlockPacker(Packer):
     """Concatenate documents and cut blocks of exactly `block` tokens (the last may be shorter).
 
-    `docs` holds [start, source] of the documents in the carry; a negative start means the
-    document began in an earlier block, so a block's `source` reads "file@offset+tokens".
+    `carry` holds the tokens not yet in a block (fewer than `block` between calls) and `docs` the
+    [start, source] of the documents in it, start relative to the carry; a negative start means
+    the document began in an earlier block, so a block's `source` reads "file@offset+tokens".
+
+    Linear in the tokens: each `add` copies the carry and the new documents once into one
+    buffer and cuts every full block out of it as a view (the packer kept a Python list and
+    re-sliced the rest after each block, so one document of n tokens cost n^2 / block copies:
+    a 5 MB line took minutes, docs/BENCHMARKS.md).  `copied` counts the tokens copied, for
+    tests/test_prep_safety.py.
     """
 
     def __init__(self, block: int, wide: bool):
         self.block, self.dt = block, (np.int32 if wide else np.uint16)
-        self.tokens: list[int] = []
+        self.carry = np.zeros(0, self.dt)
         self.docs: list[list] = []
+        self.copied = 0
 
     def add(self, rows):
-        out = []
-        for r in rows:
-            self.docs.append([len(self.tokens), r["source"]])
-            self.tokens.extend(int(t) for t in r["tokens"])
-            while len(self.tokens) >= self.block:
-                out.append(self._emit(self.block))
+        if not rows:
+            return []
+        parts = [self.carry] + [np.asarray(r["tokens"], dtype=self.dt) for r in rows]
+        sizes = np.fromiter((len(a) for a in parts), dtype=np.int64, count=len(parts))
+        starts = [d[0] for d in self.docs] + np.cumsum(sizes)[:-1].tolist()
+        sources = [d[1] for d in self.docs] + [r["source"] for r in rows]
+        buf = np.concatenate(parts)
+        self.copied += len(buf)
+        cut = len(buf) - len(buf) % self.block
+        out = [self._row(buf, starts, sources, a, self.block) for a in range(0, cut, self.block)]
+        self.carry = buf[cut:].copy()  # < block tokens; a view would keep the whole buffer alive
+        self.copied += len(self.carry)
+        first = max(bisect.bisect_right(starts, cut) - 1, 0)  # the document running at the cut, then later ones
+        self.docs = [[st - cut, src] for st, src in zip(starts[first:], sources[first:])]
         return out
 
-    def _emit(self, n):
-        start, src = self.docs[0]
-        row = {"tokens": np.asarray(self.tokens[:n], dtype=self.dt),
-               "doc_offsets": np.asarray([d[0] for d in self.docs if 0 <= d[0] < n], dtype=np.int32),
-               "n_tokens": n, "source": src if start == 0 else f"{src}+{-start}"}
-        self.tokens = self.tokens[n:]
-        for d in self.docs:
-            d[0] -= n
-        first = max(i for i, d in enumerate(self.docs) if d[0] <= 0) if self.docs[0][0] <= 0 else 0
-        self.docs = self.docs[first:]
-        return row
+    def _row(self, buf: np.ndarray, starts: list[int], sources: list[str], a: int, n: int) -> dict:
+        """The block buf[a:a+n]: documents starting inside it, source = the document running at a."""
+        k = bisect.bisect_right(starts, a) - 1
+        lo, hi = bisect.bisect_left(starts, a), bisect.bisect_left(starts, a + n)
+        return {"tokens": buf[a:a + n], "doc_offsets": np.asarray(starts[lo:hi], dtype=np.int32) - a,
+                "n_tokens": n, "source": sources[k] if starts[k] == a else f"{sources[k]}+{a - starts[k]}"}
 
     def finish(self):
-        out = [self._emit(len(self.tokens))] if self.tokens else []
-        self.docs = []
+        out = [self._row(self.carry, [d[0] for d in self.docs], [d[1] for d in self.docs], 0, len(self.carry))] \
+            if len(self.carry) else []
+        self.carry, self.docs = np.zeros(0, self.dt), []
         return out
 
     def state(self):
-        return {"tokens": self.tokens, "docs": self.docs}
+        return {"tokens": self.carry.tolist(), "docs": self.docs}
 
     def load(self, state):
-        if state:
-            self.tokens, self.docs = state["tokens"], state["docs"]
+        """`state` comes from a progress file on disk: checked, ValueError if it is not a packer's."""
+        if not state:
+            return
+        if not isinstance(state, dict):
+            raise ValueError("not a text packer state")
+        toks, docs = state.get("tokens"), state.get("docs")
+        if not (isinstance(toks, list) and len(toks) < self.block and all(type(t) is int for t in toks)
+                and isinstance(docs, list) and all(isinstance(d, list) and len(d) == 2 and type(d[0]) is int
+                                                   and isinstance(d[1], str) for d in docs)
+                and [d[0] for d in docs] == sorted(d[0] for d in docs)):
+            raise ValueError("not a text packer state")
+        self.carry, self.docs = np.asarray(toks, dtype=self.dt), docs
 
 
 def _collect_docs(item, doc_per, fmt="text"):
@@ -260,9 +294,10 @@ def label_index(items, doc_per: str, fmt: str, workers: int) -> tuple[dict[str, 
     return dict(zip(found, ids)), classes
 
 
-def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, max_sentences: int,
-              workers: int, fmt: str = "text") -> Path:
-    """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread)."""
+def train_spm(items, doc_per: str, vocab_size: int, model_type: str, max_sentences: int,
+              workers: int, fmt: str = "text") -> bytes:
+    """Train sentencepiece on the documents (deterministic: fixed order, even subsample, 1 thread);
+    the model file's bytes (written into --out only once the run may change it)."""
     import sentencepiece as spm
 
     parts = _map_items(functools.partial(_collect_docs, doc_per=doc_per, fmt=fmt), items, workers)
@@ -278,11 +313,16 @@ def train_spm(items, doc_per: str, out: Path, vocab_size: int, model_type: str, 
         sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
         character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=1,
         shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2, hard_vocab_limit=False)
-    final = out / "spm.model"
-    tmp = out / ".spm.model.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, final)
-    return final
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -324,27 +364,44 @@ def main(args: argparse.Namespace) -> dict:
     sep = b"\n\n" if args.doc_per == "paragraph" else b"\n"
     items = [c for path, disp in files for c in chunk_file(path, disp, sep)]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    pipeline.lock_out(out)  # before the first write (the model below); held until the run ends
     fp_base = {"modality": "text", "files": [(d, os.path.getsize(p) if os.path.exists(p) else -1)
                                              for p, d in files],
                "doc_per": args.doc_per, "mode": args.mode, "block": args.block_size, "eos": args.add_eos,
                "shard_size_mb": args.shard_size_mb}
     if fmt != "text":  # only then: plain-text runs keep their old fingerprint
         fp_base["format"] = fmt
+    spm_path = out / "spm.model"  # the corpus folder holds its model (a manifest names files inside it only)
     if args.spm_model:
-        spm_path = Path(args.spm_model).resolve()
-        fp_base["spm"] = sha256_file(spm_path)
+        given = Path(args.spm_model).resolve()
+        spm_bytes = given.read_bytes()
+        fp_base["spm"] = hashlib.sha256(spm_bytes).hexdigest()
     else:
         fp_base["spm_train"] = [args.vocab_size, args.spm_type, args.spm_max_sentences]
-        spm_path = out / "spm.model"
-        # Reuse the model of an interrupted run (same args); otherwise (re)train it.
-        prog = out / pipeline.PROGRESS_NAME
-        resumable = spm_path.exists() and prog.exists() and \
-            json.loads(prog.read_text()).get("extra", {}).get("spm_args") == json.loads(json.dumps(fp_base))
-        if not resumable or args.overwrite:
-            spm_path = train_spm(items, args.doc_per, out, args.vocab_size, args.spm_type,
-                                 args.spm_max_sentences, args.workers, fmt)
-    sp = _spm(str(spm_path))
+        spm_bytes = None
+        if spm_path.is_file() and not spm_path.is_symlink() and not args.overwrite:
+            # the model of an interrupted run, or of this finished job, with these args: no retraining
+            prog = out / pipeline.PROGRESS_NAME
+            old = pipeline.read_progress(prog) if prog.exists() else None
+            extra = old.get("extra") if old is not None else None
+            try:
+                man = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).exists() else {}
+            except (OSError, ValueError):
+                man = {}  # check_finished names it
+            # the recorded hash too: a model damaged or replaced since is trained again, not trusted
+            recorded = (extra.get("spm_hash") if isinstance(extra, dict) and
+                        extra.get("spm_args") == json.loads(json.dumps(fp_base)) else None) or \
+                ((man.get("spm_model") or {}).get("sha256") if isinstance(man, dict) and
+                 man.get("spm_args") == pipeline.fingerprint(fp_base) else None)
+            if recorded and sha256_file(spm_path) == recorded:
+                spm_bytes = spm_path.read_bytes()
+        if spm_bytes is None:
+            spm_bytes = train_spm(items, args.doc_per, args.vocab_size, args.spm_type, args.spm_max_sentences,
+                                  args.workers, fmt)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=spm_bytes)
+    spm_hash = hashlib.sha256(spm_bytes).hexdigest()
     vocab = sp.get_piece_size()
     wide = vocab > 65535
     labelled = fmt != "text" and args.mode == "doc"
@@ -352,22 +409,27 @@ def main(args: argparse.Namespace) -> dict:
         print(f"note: --mode pack mixes documents in a block, so the --format {fmt} labels are not stored "
               "(use --mode doc to keep them)", file=sys.stderr)
     index, classes = label_index(items, args.doc_per, fmt, args.workers) if labelled else (None, [])
+    fp = dict(fp_base, spm_hash=spm_hash)
+    if args.mode == "pack":  # 2: the linear packer, whose `source` names the document a block starts with
+        fp["packer"] = 2  # where the old one named the document before it: no resume across the two
+    if labelled:
+        fp["classes"] = classes
+    # Only now may the folder change: not at all when it holds another job's finished corpus.
+    pipeline.check_finished(out, pipeline.run_fingerprint(fp, len(items), schema(wide, labelled)), args.overwrite)
+    if not (spm_path.is_file() and not spm_path.is_symlink() and sha256_file(spm_path) == spm_hash):
+        write_atomic(spm_path, spm_bytes)  # done: this job's corpus, whose model was damaged since
     proc = functools.partial(process, doc_per=args.doc_per, spm_path=str(spm_path), add_eos=args.add_eos,
                              wide=wide, fmt=fmt, label_index=index)
     packer = BlockPacker(args.block_size, wide) if args.mode == "pack" else None
-    spm_hash = sha256_file(spm_path)
-    fp = dict(fp_base, spm_hash=spm_hash)
     extra = {"vocab_size": vocab, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-             "unk_id": sp.unk_id(),
-             "spm_model": {"path": os.path.relpath(spm_path, out) if spm_path.parent == out else str(spm_path),
-                           "sha256": spm_hash},
+             "unk_id": sp.unk_id(), "spm_model": {"path": spm_path.name, "sha256": spm_hash},
+             "spm_args": pipeline.fingerprint(fp_base),
              "mode": args.mode, "block_size": args.block_size, "doc_per": args.doc_per,
              "source": [d for _, d in files]}
     if labelled:
-        fp["classes"] = classes
         extra.update(input_format=fmt, classes=classes, num_classes=len(classes))
     return pipeline.run(out, modality="text", items=items, process=proc, schema=schema(wide, labelled),
                         shard_size_mb=args.shard_size_mb, workers=args.workers, args_fingerprint=fp,
                         manifest_extra=extra,
                         packer=packer, desc="text", overwrite=args.overwrite,
-                        progress_extra={"spm_args": fp_base}, ignored=ignored)
+                        progress_extra={"spm_args": fp_base, "spm_hash": spm_hash}, ignored=ignored)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from . import rng
+from . import image_modes, rng
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -40,6 +40,9 @@ def decode_image(row: dict, channels: int) -> Image.Image:
         im = Image.fromarray(arr)
     else:
         im = Image.open(io.BytesIO(row["image"]))
+        # d2v2-prep stores only 8-bit RGB/L; a shard of an older one may hold 16-bit or alpha images,
+        # which a plain convert clips to white / blackens (image_modes)
+        im = image_modes.to_8bit(im)
     want = "RGB" if channels == 3 else "L"
     return im if im.mode == want else im.convert(want)  # greyscale -> 3 channels when the model wants RGB
 

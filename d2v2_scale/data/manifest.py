@@ -91,4 +91,35 @@ def load_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
     if m.get("version", 0) > VERSION:
         raise DataError(f"manifest {p} has version {m.get('version')}; this reader understands <= {VERSION}: "
                         "update d2v2-scale")
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise DataError(f"manifest {p} has no list of shard entries ('shards'): re-run d2v2-prep to rewrite it")
+    for k, s in enumerate(shards):
+        confined_path(p, s.get("file"), f"shards[{k}].file")
+        for key in ("rows", "bytes"):
+            if type(s.get(key)) is not int or s[key] < 0:
+                raise DataError(f"{p}: shards[{k}].{key} = {s.get(key)!r} is not a count: the manifest is damaged; "
+                                "re-run d2v2-prep to rewrite it")
     return m, p.parent
+
+
+def confined_path(manifest_path: str | os.PathLike, name, entry: str, fix: str | None = None) -> Path:
+    """The file a manifest entry names, refused (DataError, one line naming the manifest and the
+    entry) unless it stays inside the manifest's folder: a relative path without `..`, that does
+    not resolve (symlinks followed) outside the folder.  A manifest may come from elsewhere (a
+    downloaded corpus, someone else's run): it must not make a reader open /etc/passwd or
+    another user's files (docs/DATA.md, "Trust boundary")."""
+    root = Path(manifest_path).parent
+    fix = "a manifest names only files inside its own folder: " + (fix or "re-run d2v2-prep to rewrite it")
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise DataError(f"{manifest_path}: {entry} = {name!r} is not a file name: {fix}")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise DataError(f"{manifest_path}: {entry} = {name!r} points outside the manifest's folder "
+                        f"({'an absolute path' if Path(name).is_absolute() else 'a .. path'}): {fix}")
+    path = root / name
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DataError(f"{manifest_path}: {entry} = {name!r} is a symlink to {real}, outside the manifest's "
+                        f"folder {real_root}: {fix}, or copy the file into the folder")
+    return path

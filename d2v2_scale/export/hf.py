@@ -232,8 +232,17 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
         return {}
     m = json.loads(man.read_text())
     spm = m.get("spm_model") or {}
-    path = man.parent / str(spm.get("path", ""))
-    if not spm or not path.is_file():
+    if not spm:
+        return {}
+    from ..data.manifest import DataError, confined_path
+
+    try:  # the manifest may come from elsewhere: its spm path must stay inside its folder
+        path = confined_path(man, spm.get("path"), "spm_model.path",
+                             "copy the sentencepiece model into it and set spm_model.path to the file's name "
+                             "(d2v2-prep text now copies a --spm-model there itself)")
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    if not path.is_file():
         return {}
     data = path.read_bytes()
     if spm.get("sha256") and hashlib.sha256(data).hexdigest() != spm["sha256"]:
