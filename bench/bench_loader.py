@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import data_fixtures as fx  # noqa: E402
 
 from d2v2_scale.config import load_preset  # noqa: E402
-from d2v2_scale.data import masking, rng  # noqa: E402
+from d2v2_scale.data.masking import data2vec2 as masking
+from d2v2_scale.data import rng  # noqa: E402
 from d2v2_scale.data.loader import BatchBuilder  # noqa: E402
 from d2v2_scale.data.shards import ShardSet  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402

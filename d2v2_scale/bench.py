@@ -48,13 +48,13 @@ def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
     """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
     index tensors it ships, model/layout.py)."""
-    from .model.layout import add_layout
+    from .data.layout import add_layout
 
     return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
 
 
 def _synthetic_batch(cfg, step: int, seed: int) -> dict:
-    from .data import masking
+    from .data.masking import data2vec2 as masking
 
     m, mk = cfg.model, cfg.masking
     b, clones = cfg.data.batch_size, m.clone_batch
@@ -84,11 +84,12 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
 
 
 def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
-    from .data import masking_d2v1
+    from .data.masking import data2vec1 as masking_d2v1
 
     m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
     if m.modality == "image":
-        from .data import masking, masking_beit
+        from .data.masking import data2vec2 as masking
+        from .data.masking import beit as masking_beit
 
         mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
                                             num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)

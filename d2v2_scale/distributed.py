@@ -145,7 +145,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None,
         return _INFO
 
     apply_cpu_compat()
-    from .train.runlock import die_with_launcher
+    from .runlock import die_with_launcher
 
     die_with_launcher()  # d2v2-train does it first thing; bench and other entry points here
     launcher, env = resolve_launch_env()

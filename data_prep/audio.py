@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
-from . import pipeline
-from .pipeline import ItemResult, Skip
+from data_prep import pipeline
+from data_prep.pipeline import ItemResult, Skip
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".snd", ".w64", ".caf"}
 

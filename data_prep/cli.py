@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import audio, image, text
+from data_prep import audio, image, text
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -63,7 +63,7 @@ def verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "out_checked", False):  # before any work (text trains sentencepiece into --out)
-        from .pipeline import check_out
+        from data_prep.pipeline import check_out
 
         check_out(args.out, args.overwrite)
     rc = args.main(args)

@@ -36,8 +36,8 @@ import pyarrow as pa
 
 from d2v2_scale.data.manifest import sha256_file
 
-from . import pipeline
-from .pipeline import ItemResult, Packer, Skip
+from data_prep import pipeline
+from data_prep.pipeline import ItemResult, Packer, Skip
 
 CHUNK_BYTES = 1 << 20  # parallel work unit; boundaries are moved to the next document break
 

@@ -47,8 +47,8 @@ def perturb_(module: torch.nn.Module, seed: int = 0) -> None:
 
 def beit_step(tp: str, workdir: str):
     from d2v2_scale.distributed import init_distributed
-    from d2v2_scale.model import mapping
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     tp = int(tp)
     info = init_distributed(tp=tp)

@@ -167,7 +167,7 @@ def test_random_draws_are_keyed_on_the_update():
 def test_gradient_flow(monkeypatch):
     """contr_proj gets gradient from L_t alone (the student term zeroed); the teacher none; the CNN
     through both views; the quantizer and project_q too."""
-    import d2v2_scale.model.data2vec_aqc as aqc_mod
+    import d2v2_scale.model.objectives.aqc.model as aqc_mod
 
     real = aqc_mod.cross_contrastive_loss
     calls = []

@@ -95,8 +95,8 @@ def layout_of(batch: dict, modality, clones: int, gather: bool) -> dict:
 def add_layout(batch: dict, mcfg) -> dict:
     """The loader's call (host tensors, in its workers): `batch` with the layout keys added for
     the objective model.variant builds."""
-    from . import OBJECTIVES
-    from .modality import get_modality
+    from ..model import OBJECTIVES
+    from ..model.core.modality import get_modality
 
     lay = derive_layout(batch, get_modality(mcfg), mcfg.clone_batch, OBJECTIVES[mcfg.variant].gathers_kept)
     batch.update({k: v for k, v in lay.items() if v is not None})  # no token_padding: none is padded

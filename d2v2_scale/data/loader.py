@@ -54,7 +54,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, augment_speech, masking, masking_beit, masking_d2v1, rng
+from .masking import data2vec2 as masking
+from .masking import beit as masking_beit
+from .masking import data2vec1 as masking_d2v1
+from . import augment, augment_speech, rng
 from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
@@ -92,7 +95,7 @@ class BatchBuilder:
                     indices[b] = self.shards.substitute(i)
                     bad.append(dict(self.shards.describe(i), reason="row checksum mismatch",
                                     used=int(indices[b])))
-        from ..model.layout import add_layout  # here: the model package is heavy for data-only users
+        from .layout import add_layout  # here: the model package is heavy for data-only users
 
         out = getattr(self, "_" + self.modality)(epoch, indices)
         add_layout(out, self.cfg.model)  # the index tensors the forward would otherwise read back

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import mapping
+from ..twins import mapping
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -136,10 +136,10 @@ def plain_encoder(mcfg):
     (model/plain_beit.py) for data2vec 1.0 vision (model.image_block=beit).  Both files import
     only torch, so an export stays usable with torch + safetensors alone."""
     if getattr(mcfg, "image_block", "vit2") == "beit":
-        from ..model.plain_beit import PlainBeitEncoder
+        from ..twins.beit import PlainBeitEncoder
 
         return PlainBeitEncoder(mcfg)
-    from ..model.plain import PlainEncoder
+    from ..twins.encoder import PlainEncoder
 
     return PlainEncoder(mcfg)
 

@@ -190,7 +190,7 @@ def representation(encoder, out: dict, layer) -> torch.Tensor:
     if layer == "final":
         return out["x"]
     if layer == "targets":
-        from ..model.targets import make_targets
+        from ..model.core.targets import make_targets
 
         e = encoder.extra_tokens.shape[1] if encoder.extra_tokens is not None else 0
         k = encoder.c.top_k_layers
@@ -240,7 +240,8 @@ def training_init(config: dict, seed: int):
     """PlainEncoder holding the training model's initialization (d2v2 Megatron student, seed)."""
     from ..config import RunConfig
     from ..distributed import init_distributed
-    from ..model import build_student, mapping
+    from ..twins import mapping
+    from ..model import build_student
     from ..train.trainer import seed_everything
     from .consolidate import plain_encoder
 

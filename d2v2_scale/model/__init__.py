@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data2vec import Data2Vec2, Data2Vec2Teacher
-from .data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
-from .data2vec_aqc import Data2VecAQC
-from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
+from .objectives.data2vec2 import Data2Vec2, Data2Vec2Teacher
+from .objectives.data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
+from .objectives.aqc.model import Data2VecAQC
+from .core.ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the ALiBi scales
 # (spec 12 D4: the reference's `optim_overrides` skip only 1-D parameters, biases and the ALiBi

@@ -65,7 +65,7 @@ def preflight(cfg, world_size: int = 1) -> str | None:
 def main(argv=None) -> int:
     from ..compat import quiet_known_warnings
     from ..distributed import resolve_launch_env
-    from .runlock import die_with_launcher
+    from ..runlock import die_with_launcher
 
     die_with_launcher()  # first: a launcher killed from here on takes this rank with it
     quiet_known_warnings()
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if err:
         print(f"d2v2-train: {err}", file=sys.stderr)
         return 2
-    from .runlock import RunLock, RunLockedError
+    from ..runlock import RunLock, RunLockedError
 
     lock = None
     if resolve_launch_env()[1]["RANK"] == "0":  # one owner per run; the other ranks follow it

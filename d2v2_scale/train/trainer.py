@@ -71,7 +71,7 @@ class Trainer:
 
         # ---- model: the same seed on every rank, so every rank builds the same weights ----
         seed_everything(cfg.seed)
-        from ..model.tp_random import TP_RANDOM
+        from ..model.core.tp_random import TP_RANDOM
 
         TP_RANDOM.seed(cfg.seed, info.tp_rank, info.tp_size)  # attention dropout per TP slice
         zero3 = cfg.parallel.zero_stage == 3
@@ -91,7 +91,7 @@ class Trainer:
         # `d2v2-import --to-run`: a fairseq model to continue from, loaded before PP/ZeRO cut it up
         imported_teacher = None
         if cfg.checkpoint.resume == "auto" and not ckpt.complete_checkpoints(self.ckpt_dir):
-            from ..export.importer import load_run_import
+            from ..export.fairseq.importer import load_run_import
 
             imported_teacher = load_run_import(self.ckpt_dir, cfg, student, teacher)
         self.pipeline = None
@@ -182,7 +182,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def ema_decay(self) -> float:
-        from ..model.ema import ema_decay_from_cfg
+        from ..model.core.ema import ema_decay_from_cfg
 
         return ema_decay_from_cfg(self.cfg, self.updates)
 

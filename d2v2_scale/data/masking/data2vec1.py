@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rng
-from .masking import _top_k_rows
+from .. import rng
+from .data2vec2 import _top_k_rows
 
 # streams of their own (data/rng.py): independent of the 2.0 masks' and the augmentations' draws
 STREAM_COUNT = 20  # the U of the probabilistic rounding

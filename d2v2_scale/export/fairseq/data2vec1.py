@@ -73,7 +73,7 @@ def _mlp_ratio(ffn: int, d: int, field: str) -> float:
 
 def model_config1(fcfg: dict) -> dict:
     """cfg["model"] of a fairseq data2vec 1.0 checkpoint -> the ModelConfig fields of the plain twin."""
-    from ..config import ModelConfig
+    from ...config import ModelConfig
 
     name = fcfg.get("_name")
     out = dataclasses.asdict(ModelConfig())

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .consolidate import FORMAT, FORMAT_VERSION, ExportError, plain_keys, write_export
+from ..consolidate import FORMAT, FORMAT_VERSION, ExportError, plain_keys, write_export
 
 DICT = "dict.txt"
 MODELS1 = ("data2vec_audio", "data2vec_text")  # fairseq cfg.model._name of the data2vec 1.0 models (importer1.py)
@@ -148,7 +148,7 @@ def _need(cond: bool, field: str, value, why: str) -> None:
 
 def model_config(fcfg: dict) -> dict:
     """cfg["model"] of a fairseq checkpoint -> the ModelConfig fields (a dict) of the plain twin."""
-    from ..config import ModelConfig
+    from ...config import ModelConfig
 
     name = fcfg.get("_name")
     _need(name in (None, "data2vec_multi"), "model._name", name,
@@ -240,7 +240,7 @@ def model_config(fcfg: dict) -> dict:
 
 def _rename(sd: dict, mod: str, mcfg: dict, where: str, bare_blocks: bool = False) -> dict[str, torch.Tensor]:
     """fairseq names -> plain names (fp32).  Unknown names are refused; pretraining-only ones skipped."""
-    from ..model.plain import sincos_2d
+    from ...twins.encoder import sincos_2d
 
     P, M = mcfg["prenet_depth"], f"modality_encoders.{mod}."
     out: dict[str, torch.Tensor] = {}
@@ -322,7 +322,7 @@ def _check(tensors: dict, expected: dict, where: str) -> None:
 def read_dictionary(path: str | os.PathLike) -> list[str]:
     """fairseq dict.txt: one `symbol count [#fairseq:overwrite]` per line -> the symbols after the
     4 specials, in index order (read as fairseq's Dictionary does: gpt2_tokenizer.fairseq_symbols)."""
-    from .gpt2_tokenizer import SPECIALS, fairseq_symbols
+    from ..gpt2_tokenizer import SPECIALS, fairseq_symbols
 
     path = Path(path)
     if not path.is_file():
@@ -336,7 +336,7 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
         raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
     fcfg = ck["cfg"]["model"]
     if fcfg.get("_name") in MODELS1:  # data2vec 1.0 speech / text: importer1.py
-        from .importer1 import split_state1
+        from .data2vec1 import split_state1
 
         mcfg, student, teacher, ema_key, _ = split_state1(ck, where, with_teacher=which == "teacher")
     else:
@@ -388,7 +388,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
     in one Linear)."""
     if mcfg.get("variant") == "data2vec1":
         # data2vec 1.0: the regression head (final_proj / regression_head) + speech's mask_emb
-        from .importer1 import split_state1
+        from .data2vec1 import split_state1
 
         extra = split_state1(ck, where, with_teacher=False)[4]
         if not any(k.startswith("decoder.") for k in extra):
@@ -452,7 +452,7 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, which: str
                               f"{mcfg['vocab_size']} token embeddings: not this model's dictionary")
         extra[DICT] = Path(dict_path).read_bytes()
         if gpt2_bpe is not None:
-            from .gpt2_tokenizer import ENCODER, MERGES, gpt2_tokenizer_files
+            from ..gpt2_tokenizer import ENCODER, MERGES, gpt2_tokenizer_files
 
             # refusals (not GPT-2 ids, tokens no exact tokenizer maps) before anything is written
             gpt2_tokenizer_files(extra[DICT].decode("utf-8"), gpt2_bpe, mcfg["vocab_size"], mcfg["max_positions"],
@@ -500,9 +500,9 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     import yaml
     from safetensors.torch import save_file
 
-    from ..config import ConfigError, load_preset
-    from ..model import mapping
-    from ..train.checkpoint import complete_checkpoints
+    from ...config import ConfigError, load_preset
+    from ...twins import mapping
+    from ...train.checkpoint import complete_checkpoints
 
     run = Path(run_dir)
     ckdir = run / "checkpoints"
@@ -566,7 +566,7 @@ def load_run_import(ckpt_dir: Path, cfg, student, teacher) -> dict[str, torch.Te
 
     from safetensors.torch import load_file
 
-    from ..model import mapping
+    from ...twins import mapping
 
     folder = Path(ckpt_dir) / RUN_IMPORT
     if not (folder / RUN_META).is_file():
@@ -654,7 +654,7 @@ def _import_hf(a) -> int:
     import sys
     import tempfile
 
-    from .hf import export_hf
+    from ..hf import export_hf
 
     if Path(a.out).exists() and not a.force:
         raise ExportError(f"{a.out} already exists; pass --force to replace it")

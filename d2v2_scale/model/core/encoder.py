@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..opcount import host_scalar
+from ...opcount import host_scalar
 from .attention import alibi_slopes, attention_bias
 from .blocks import Block, make_transformer_config
 from .modality import Modality

@@ -35,7 +35,9 @@ def register(cls):
 def get_modality(mcfg) -> "Modality":
     if mcfg.modality not in REGISTRY:
         # the modules register themselves on import
-        from . import audio, image, text  # noqa: F401
+        from ..modalities import audio
+        from ..modalities import image
+        from ..modalities import text  # noqa: F401
     if mcfg.modality not in REGISTRY:
         raise ValueError(f"model.modality={mcfg.modality!r}: known {sorted(REGISTRY)}")
     return REGISTRY[mcfg.modality](mcfg)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import KaimingConv1d
-from .modality import Modality, register
+from ..core.layers import KaimingConv1d
+from ..core.modality import Modality, register
 
 
 def frame_lengths(n_samples: Tensor, conv_layers) -> Tensor:

@@ -49,10 +49,10 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, set_tensor_model_parallel_attributes
 
-from .blocks import make_transformer_config, megatron_attention, megatron_mlp
-from .encoder import BlockStack, _tp_rank_size
-from .layers import TruncNormalConv2d, trunc_normal_std_
-from .tp_random import TP_RANDOM
+from ..core.blocks import make_transformer_config, megatron_attention, megatron_mlp
+from ..core.encoder import BlockStack, _tp_rank_size
+from ..core.layers import TruncNormalConv2d, trunc_normal_std_
+from ..core.tp_random import TP_RANDOM
 
 
 # ---------------------------------------------------------------------------------------------

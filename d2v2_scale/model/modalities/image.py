@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import XavierConv2d
-from .modality import Modality, register
+from ..core.layers import XavierConv2d
+from ..core.modality import Modality, register
 
 
 CLS_INIT_STD = 1.0

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import BertEmbedding
-from .modality import Modality, register
+from ..core.layers import BertEmbedding
+from ..core.modality import Modality, register
 
 
 def token_padding(source: Tensor, padding_mask: Tensor | None, pad_id: int) -> Tensor | None:

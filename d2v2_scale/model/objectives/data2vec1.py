@@ -32,13 +32,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .data2vec import compute_var, position_share
-from .encoder import Encoder
-from .layers import BertLinear, TruncNormalLinear
-from .layout import LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of, loss_positions
-from .loss import loss_scale, token_loss
-from .modality import get_modality
-from .targets import accumulate_layers, finish_targets
+from .data2vec2 import compute_var, position_share
+from ..core.encoder import Encoder
+from ..core.layers import BertLinear, TruncNormalLinear
+from ...data.layout import LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of, loss_positions
+from ..core.loss import loss_scale, token_loss
+from ..core.modality import get_modality
+from ..core.targets import accumulate_layers, finish_targets
 
 # parameter-name prefixes the teacher copies from the student at every EMA step instead of
 # averaging (fairseq `skip_keys`): the speech positional conv.  Text's copied parts (token and
@@ -70,7 +70,7 @@ class BeitTeacher(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        from .beit import BeitEncoder
+        from ..modalities.beit import BeitEncoder
 
         self.mcfg = cfg.model
         self.encoder = BeitEncoder(cfg.model)
@@ -109,7 +109,7 @@ class Data2Vec1(nn.Module):
         self.modality = get_modality(m)
         self.mask_emb = None
         if is_beit(m):
-            from .beit import BeitEncoder
+            from ..modalities.beit import BeitEncoder
 
             # vision: the BEiT encoder puts its mask_token in place of masked patch embeddings
             self.encoder = BeitEncoder(m)

@@ -27,13 +27,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .encoder import Encoder
-from .layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of
-from .loss import token_loss
-from .modality import get_modality
-from .targets import accumulate_layers, finish_targets
-from .tp_random import _default_state as default_rng_state
-from .tp_random import _set_default_state as set_default_rng_state
+from ..core.encoder import Encoder
+from ...data.layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of
+from ..core.loss import token_loss
+from ..core.modality import get_modality
+from ..core.targets import accumulate_layers, finish_targets
+from ..core.tp_random import _default_state as default_rng_state
+from ..core.tp_random import _set_default_state as set_default_rng_state
 
 MASK_NOISE_STD = 0.01  # decoder input at masked slots: N(0, 0.01^2)
 FRONT_RNG_KEY = "_front_rng"  # batch key: generator state the teacher pass drew the front end's dropout with
