@@ -219,7 +219,7 @@ def test_student_loss_is_mean_over_masked_positions():
 # ---- 8. EMA ------------------------------------------------------------------------------------
 def test_ema_schedules_and_copied_parts():
     from d2v2_scale.model import teacher_copied_prefixes
-    from d2v2_scale.model.core.ema import EMATeacher, ema_decay_from_cfg
+    from d2v2_scale.model.core.ema import ModuleEma, ema_decay_from_cfg
 
     sp, tx = load_preset("d2v1-audio-base"), load_preset("d2v1-text-base")
     assert ema_decay_from_cfg(sp, 0) == pytest.approx(0.999)
@@ -235,7 +235,7 @@ def test_ema_schedules_and_copied_parts():
     with torch.no_grad():
         for p in s.parameters():
             p.add_(torch.randn_like(p))
-    ema = EMATeacher(t, cfg, copy=teacher_copied_prefixes(cfg))
+    ema = ModuleEma(t, cfg, copy=teacher_copied_prefixes(cfg))
     tau = ema.step(s)
     sp_ = dict(s.named_parameters())
     for n, p in t.named_parameters():
@@ -450,7 +450,7 @@ def test_vision_student_teacher_whole_model_ema():
     """BEiT vision: the teacher is an EMA of the whole encoder (patch embedding, CLS, mask token,
     relative position bias, blocks, final norm); mask_token enters before CLS; the loss is
     Sigma_c SL1_2 / D over masked patches against LN(mean_k LN(block end_k)) without CLS."""
-    from d2v2_scale.model.core.ema import EMATeacher
+    from d2v2_scale.model.core.ema import ModuleEma
     from d2v2_scale.model.core.targets import layer_norm_channels
 
     cfg, s, t = _build("d2v1-image-tiny")
@@ -480,7 +480,7 @@ def test_vision_student_teacher_whole_model_ema():
     with torch.no_grad():
         for p in s.parameters():
             p.add_(1.0)
-    tau = EMATeacher(t, cfg).step(s)
+    tau = ModuleEma(t, cfg).step(s)
     sp = dict(s.named_parameters())
     assert tau == pytest.approx(0.998)
     for n, p in t.named_parameters():

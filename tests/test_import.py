@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from d2v2_scale.export.consolidate import load_export
-from d2v2_scale.export.fairseq.importer import (ImportRefused, import_checkpoint, import_state, load_fairseq, main,
-                                       parse_feature_spec)
+from d2v2_scale.export.fairseq.common import ImportRefused, load_fairseq, parse_feature_spec
+from d2v2_scale.export.fairseq.importer import import_checkpoint, import_state, main
 from d2v2_scale.model.core.targets import make_targets
 
 from tests import fairseq_oracle

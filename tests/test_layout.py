@@ -117,7 +117,7 @@ def test_loader_ships_the_layout(kind):
     token_padding is there only when some token is padded (text: the padding_mask)."""
     cfg = fx.tiny_cfg(kind, fx.prepared(kind), num_workers=0)
     from d2v2_scale.data import build_loader
-    from d2v2_scale.model.core.modality import get_modality
+    from d2v2_scale.model.modalities import get_modality
 
     it = iter(build_loader(cfg, 0, 1))
     for _ in range(3):

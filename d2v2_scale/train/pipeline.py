@@ -74,7 +74,7 @@ def stage_blocks(total_blocks: int, pp: int, rank: int) -> range:
 
 def prune_to_stage(model: nn.Module, rank: int, size: int) -> list[str]:
     """Delete what pipeline stage `rank` of `size` does not own (in place).  Works on the student
-    (Data2Vec2) and the teacher (Data2Vec2Teacher).  Returns the names of the parameters every
+    (Data2Vec2) and the teacher (EncoderTeacher).  Returns the names of the parameters every
     stage keeps (replicated across stages: their gradients must be summed over the stages)."""
     enc = model.encoder
     owned = set(stage_blocks(enc.total_blocks, size, rank))
@@ -140,7 +140,7 @@ class PipelineRunner:
     """Runs one update's teacher and student passes through Megatron-core's 1F1B schedule.
 
     student: this stage's Data2Vec2 (the engine's module); teacher: this stage's
-    Data2Vec2Teacher; dtype: the training dtype (the student's messages)."""
+    EncoderTeacher; dtype: the training dtype (the student's messages)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, dtype: torch.dtype, mcfg):
         from megatron.core import parallel_state as ps

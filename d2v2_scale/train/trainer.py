@@ -91,7 +91,7 @@ class Trainer:
         # `d2v2-import --to-run`: a fairseq model to continue from, loaded before PP/ZeRO cut it up
         imported_teacher = None
         if cfg.checkpoint.resume == "auto" and not ckpt.complete_checkpoints(self.ckpt_dir):
-            from ..export.fairseq.importer import load_run_import
+            from .imported_run import load_run_import
 
             imported_teacher = load_run_import(self.ckpt_dir, cfg, student, teacher)
         self.pipeline = None

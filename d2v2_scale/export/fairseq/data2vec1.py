@@ -42,7 +42,8 @@ import re
 
 import torch
 
-from .importer import ImportRefused, _need, parse_feature_spec, text_positions
+from ...config import ModelConfig
+from .common import ImportRefused, _need, parse_feature_spec, text_positions
 
 _LAYER = {"self_attn.out_proj": "attn.proj", "self_attn_layer_norm": "norm1", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
           "final_layer_norm": "norm2"}
@@ -71,9 +72,8 @@ def _mlp_ratio(ffn: int, d: int, field: str) -> float:
     return r
 
 
-def model_config1(fcfg: dict) -> dict:
+def model_config(fcfg: dict) -> dict:
     """cfg["model"] of a fairseq data2vec 1.0 checkpoint -> the ModelConfig fields of the plain twin."""
-    from ...config import ModelConfig
 
     name = fcfg.get("_name")
     out = dataclasses.asdict(ModelConfig())
@@ -191,11 +191,11 @@ def _rename(sd: dict, mcfg: dict, where: str, prefix: str) -> tuple[dict, dict]:
     return out, extra
 
 
-def split_state1(ck: dict, where: str, with_teacher: bool = True):
+def split_state(ck: dict, where: str, with_teacher: bool = True):
     """-> (ModelConfig dict, student plain tensors, EMA plain tensors or None (also when not
     with_teacher: the EMA is then not read at all), the EMA's key in ckpt["model"], the student's
     training-only tensors {mask_emb, decoder.*})."""
-    mcfg = model_config1(ck["cfg"]["model"])
+    mcfg = model_config(ck["cfg"]["model"])
     sd = dict(ck["model"])
     ema_key = "_ema" if mcfg["modality"] == "audio" else "encoder._ema"
     ema = sd.pop(ema_key, None)

@@ -22,25 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...data.layout import TOKEN_PADDING_RULES
 from .decoder import ConvDecoder
-
-REGISTRY: dict[str, type["Modality"]] = {}
-
-
-def register(cls):
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_modality(mcfg) -> "Modality":
-    if mcfg.modality not in REGISTRY:
-        # the modules register themselves on import
-        from ..modalities import audio
-        from ..modalities import image
-        from ..modalities import text  # noqa: F401
-    if mcfg.modality not in REGISTRY:
-        raise ValueError(f"model.modality={mcfg.modality!r}: known {sorted(REGISTRY)}")
-    return REGISTRY[mcfg.modality](mcfg)
 
 
 class Modality:
@@ -78,8 +61,9 @@ class Modality:
                            projection_ratio=m.decoder_projection_ratio, bert_proj=self.bert_decoder_proj)
 
     def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
-        """[B, T] True = padding, or None; default: nothing is padded (fixed-size inputs)."""
-        return None
+        """[B, T] True = padding, or None: the modality's rule in data/layout.py, which the loader
+        applies to the same batch (image: nothing is padded)."""
+        return TOKEN_PADDING_RULES[self.name](batch, self.mcfg, n_tokens)
 
     def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
         """Default: the teacher starts from the student's local features (detached)."""

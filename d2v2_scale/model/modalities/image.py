@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.layers import XavierConv2d
-from ..core.modality import Modality, register
+from ..core.modality import Modality
 
 
 CLS_INIT_STD = 1.0
@@ -56,7 +56,6 @@ class FixedPositions2d(nn.Module):
         return x + self.table.to(x.dtype)
 
 
-@register
 class Image(Modality):
     name = "image"
     num_extra_tokens = 1
