@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import data_fixtures as fx  # noqa: E402
 
 from d2v2_scale.config import load_preset  # noqa: E402
-from d2v2_scale.data.masking import data2vec2 as masking
 from d2v2_scale.data import rng  # noqa: E402
 from d2v2_scale.data.loader import BatchBuilder  # noqa: E402
+from d2v2_scale.data.masking import data2vec2 as masking
 from d2v2_scale.data.shards import ShardSet  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 
@@ -98,7 +98,8 @@ class FileRows:
         if self.modality == "image":
             return {"image": (self.raw / m["path"]).read_bytes(), "label": 0}
         if self.modality == "audio":
-            from data_prep.audio import load_mono, to_int16
+            from d2v2_scale.data.audio_files import load_mono
+            from data_prep.audio import to_int16
 
             x, _, _ = load_mono(str(self.raw / m["path"]), 16000)
             n = 20 * 16000

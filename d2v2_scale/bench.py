@@ -28,10 +28,21 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
+
+from .config import build_config, ConfigError
+from .data import rng
+from .data.layout import add_layout
+from .data.masking import beit as masking_beit, data2vec1 as masking_d2v1, data2vec2 as masking
+from .model.flops import step_flops
+from .model.modalities import get_modality
+from .objectives import DATA2VEC2, objective_of
+from .opcount import count_update, format_counts
+from .train.trainer import Trainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,7 +51,6 @@ import torch
 
 
 def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
-    from .data import rng
 
     return rng.make_keys(seed, step, np.repeat(np.arange(b), m), np.tile(np.arange(m), b))
 
@@ -48,13 +58,11 @@ def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
     """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
     index tensors it ships, model/layout.py)."""
-    from .data.layout import add_layout
 
     return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
 
 
 def _synthetic_batch(cfg, step: int, seed: int) -> dict:
-    from .data.masking import data2vec2 as masking
 
     m, mk = cfg.model, cfg.masking
     b, clones = cfg.data.batch_size, m.clone_batch
@@ -65,7 +73,7 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
         grid = masking.grid_side(m.num_patches)
         mask = masking.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
         return {"source": src, "mask": torch.from_numpy(mask)}
-    if mk.generator != "data2vec2":  # data2vec 1.0: its own generators, one row per sample
+    if not objective_of(m).gathers_kept:  # data2vec 1.0: its own generators, one row per sample
         return _synthetic_batch_d2v1(cfg, g, keys)
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
@@ -84,12 +92,9 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
 
 
 def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
-    from .data.masking import data2vec1 as masking_d2v1
 
     m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
     if m.modality == "image":
-        from .data.masking import data2vec2 as masking
-        from .data.masking import beit as masking_beit
 
         mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
                                             num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)
@@ -114,8 +119,7 @@ def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
 
 def tokens_per_sample(cfg) -> int:
     m = cfg.model
-    return {"image": m.num_patches, "text": cfg.data.max_tokens,
-            "audio": m.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))}[m.modality]
+    return get_modality(m).sequence_length(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,10 +223,9 @@ def compile_step(module, backend: str = "inductor") -> None:
 
 def check_compile(cfg, compile: str = "blocks") -> None:
     """Refuse --compile where it is known not to work, before any step is spent."""
-    from .config import ConfigError
 
     m = cfg.model
-    if compile == "step" and (m.modality != "image" or m.variant != "data2vec2"):
+    if compile == "step" and (m.modality != "image" or objective_of(m) is not DATA2VEC2):
         raise ConfigError(f"--compile-step with {m.modality} {m.variant}: the whole-step graph needs the static "
                           "shapes of image data2vec 2.0 (audio/text lengths change per batch and would recompile); "
                           "use --compile (each block) here")
@@ -253,13 +256,9 @@ def peak_memory_gib() -> float:
 def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool | str = False,
               breakdown: bool = True, peak_tflops: float | None = None, output_dir: str | None = None,
               profile: str | None = None) -> dict:
-    import tempfile
 
     import deepspeed
 
-    from .config import build_config
-    from .model.flops import step_flops
-    from .train.trainer import Trainer
 
     ov = list(overrides)
     if output_dir is None:
@@ -359,11 +358,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
 def run_count_ops(preset: str, overrides: list[str], warmup: int = 2, output_dir: str | None = None) -> dict:
     """One update of `preset` under the operator counter (d2v2_scale/opcount.py), after `warmup`
     uncounted updates (DeepSpeed and the optimizer allocate their state on the first ones)."""
-    import tempfile
 
-    from .config import build_config
-    from .opcount import count_update
-    from .train.trainer import Trainer
 
     ov = list(overrides)
     if output_dir is None:
@@ -462,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
                          "host synchronisations, collectives and Python time outside operators, per phase")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     a = ap.parse_args(argv)
-    from .config import ConfigError
 
     try:
         if a.count_ops:
@@ -475,7 +469,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2v2-bench: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        from .opcount import format_counts
 
         print(format_counts(row) if a.count_ops else format_row(row), flush=True)
         if a.json:

@@ -11,7 +11,10 @@ import argparse
 import os
 import sys
 
-from data_prep import audio, image, text
+from d2v2_scale.data.manifest import DataError
+from d2v2_scale.data.shards import ShardSet
+from . import audio, image, text
+from .pipeline import check_out
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -43,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 def verify(args: argparse.Namespace) -> int:
     """Read the whole corpus: each shard's size, footer hash and sha256, and each row's checksum.
     Prints one line per problem (shard, row, source path, reason) and exits 1 if there is any."""
-    from d2v2_scale.data.manifest import DataError
-    from d2v2_scale.data.shards import ShardSet
 
     try:
         s = ShardSet(args.manifest, verify="none")
@@ -63,7 +64,6 @@ def verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "out_checked", False):  # before any work (text trains sentencepiece into --out)
-        from data_prep.pipeline import check_out
 
         check_out(args.out, args.overwrite)
     rc = args.main(args)

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from data_prep import pipeline
-from data_prep.pipeline import ItemResult, Skip
+from . import pipeline
+from .pipeline import ItemResult, Skip
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import io
+import json
+import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
@@ -36,8 +37,8 @@ import pyarrow as pa
 
 from d2v2_scale.data.manifest import sha256_file
 
-from data_prep import pipeline
-from data_prep.pipeline import ItemResult, Packer, Skip
+from . import pipeline
+from .pipeline import ItemResult, Packer, Skip
 
 CHUNK_BYTES = 1 << 20  # parallel work unit; boundaries are moved to the next document break
 
@@ -243,7 +244,6 @@ def _collect_labels(item, doc_per, fmt):
 
 
 def _map_items(fn, items, workers: int) -> list:
-    import multiprocessing as mp
 
     if workers > 1 and len(items) > 1:
         with mp.get_context("fork").Pool(workers) as pool:

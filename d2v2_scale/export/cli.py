@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .consolidate import export_checkpoint, ExportError
+from .hf import export_hf
+
 USAGE = """d2v2-export CHECKPOINT_OR_RUN_DIR --out DIR [--which teacher|student] [--with-decoder] [--force]
        d2v2-export CHECKPOINT_OR_RUN_DIR_OR_EXPORT --out DIR --format hf [--which teacher|student] [--force]
                    [--gpt2-bpe DIR_WITH_encoder.json_AND_vocab.bpe]
@@ -42,13 +45,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .consolidate import ExportError, export_checkpoint
 
     def warn(msg: str) -> None:
         print(f"d2v2-export: warning: {msg}", file=sys.stderr)
 
     if args.format == "hf":
-        from .hf import export_hf
 
         if args.with_decoder:
             print("d2v2-export: error: --with-decoder has no place in a transformers model (--format hf)",

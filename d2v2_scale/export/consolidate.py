@@ -41,7 +41,10 @@ from pathlib import Path
 
 import torch
 
+from ..train.checkpoint import complete_checkpoints, damage, newest_intact
 from ..twins import mapping
+from ..twins.beit import PlainBeitEncoder
+from ..twins.encoder import PlainEncoder
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -78,7 +81,6 @@ def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
     skips them, each through `warn(message)` (default: one line on stderr).  A checkpoint folder
     named explicitly is taken even when damaged, with that warning: the export reads only some
     of its files (the teacher: the client files), and one it cannot read is named then."""
-    from ..train.checkpoint import complete_checkpoints, damage, newest_intact
 
     warn = warn or stderr_warning
     p = Path(path)
@@ -136,10 +138,8 @@ def plain_encoder(mcfg):
     (model/plain_beit.py) for data2vec 1.0 vision (model.image_block=beit).  Both files import
     only torch, so an export stays usable with torch + safetensors alone."""
     if getattr(mcfg, "image_block", "vit2") == "beit":
-        from ..twins.beit import PlainBeitEncoder
 
         return PlainBeitEncoder(mcfg)
-    from ..twins.encoder import PlainEncoder
 
     return PlainEncoder(mcfg)
 

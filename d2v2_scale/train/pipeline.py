@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..compat import cuda_calls_on_cpu
 from ..data.layout import token_padding
+from ..model.core.blocks import make_transformer_config
 
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
 # (mask_token: the BEiT encoder's, model/beit.py, used by its embed() on the first stage)
@@ -146,7 +147,6 @@ class PipelineRunner:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..model.core.blocks import make_transformer_config
 
         self.student, self.teacher, self.dtype = student, teacher, dtype
         self.first, self.last = student.first_stage, student.last_stage

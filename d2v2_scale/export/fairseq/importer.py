@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ...config import ConfigError, load_preset
+from ...objectives import DATA2VEC1, objective_of
 from ...train.checkpoint import complete_checkpoints
 from ...train.imported_run import RUN_IMPORT, RUN_META, RUN_WEIGHTS, RUN_YAML
 from ...twins import mapping
@@ -47,7 +48,6 @@ from .data2vec2 import _rename, model_config
 
 
 DICT = "dict.txt"
-MODELS1 = ("data2vec_audio", "data2vec_text")  # fairseq cfg.model._name of the data2vec 1.0 models (data2vec1.py)
 
 
 
@@ -98,7 +98,7 @@ def import_state(ck: dict, which: str = "teacher", where: str = "checkpoint"):
     if which not in ("teacher", "student"):
         raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
     fcfg = ck["cfg"]["model"]
-    if fcfg.get("_name") in MODELS1:  # data2vec 1.0 speech / text: data2vec1.py
+    if fcfg.get("_name") in DATA2VEC1.fairseq_models:  # data2vec 1.0 speech / text: data2vec1.py
 
         mcfg, student, teacher, ema_key, _ = data2vec1.split_state(ck, where, with_teacher=which == "teacher")
     else:
@@ -148,7 +148,7 @@ def decoder_state(ck: dict, mcfg: dict, where: str = "checkpoint") -> dict[str, 
     Refused: no decoder in the file (released audio files may be stripped), or a 2-layer head when
     this version's ModelConfig has no decoder_projection_layers (the training decoder then ends
     in one Linear)."""
-    if mcfg.get("variant") == "data2vec1":
+    if objective_of(mcfg) is DATA2VEC1:
         # data2vec 1.0: the regression head (final_proj / regression_head) + speech's mask_emb
 
         extra = data2vec1.split_state(ck, where, with_teacher=False)[4]
@@ -269,7 +269,7 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
                           f"{mcfg['modality']} model")
     if cfg.model.variant != mcfg["variant"]:  # the masks, EMA schedule and optimizer belong to the objective
         raise ExportError(f"--preset {preset} is a {cfg.model.variant} preset; the file holds a {mcfg['variant']} "
-                          f"model (use a {'d2v1-' if mcfg['variant'] == 'data2vec1' else ''}"
+                          f"model (use a {objective_of(mcfg).preset_prefix}"
                           f"{mcfg['modality']}-* preset)")
     for k, v in model.items():
         setattr(cfg.model, k, v)
@@ -283,7 +283,7 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     tensors.update({f"teacher.{k}": v for k, v in mapping.plain_to_megatron(teacher, heads).items()})
     hist = ck.get("optimizer_history") or [{}]
     meta = {"source": str(Path(src).resolve()), "model": model,
-            "format": "fairseq-data2vec1" if mcfg["variant"] == "data2vec1" else "fairseq-data2vec2",
+            "format": objective_of(mcfg).import_format,
             "fairseq_updates": int(hist[-1].get("num_updates", 0)) if isinstance(hist[-1], dict) else 0,
             "teacher_from_student": from_student}
     ckdir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,30 @@ class Audio(Modality):
     def build_local(self) -> nn.Module:
         return AudioLocal(self.mcfg)
 
+    def sequence_length(self, cfg, audio_samples=None, text_tokens=None) -> int:
+        return self.mcfg.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
+
+    def local_flops(self, t: int, n_samples: int | None) -> float:
+        m = self.mcfg
+        total, c_in, n = 0.0, 1, n_samples
+        for c, k, s in m.conv_feature_layers:
+            n = (n - k) // s + 1
+            total += 2 * n * c_in * k * c
+            c_in = c
+        return total + 2 * t * c_in * m.embed_dim
+
+    def positions_flops(self, t: int) -> float:
+        m, d = self.mcfg, self.mcfg.embed_dim
+        return float(m.conv_pos_depth * 2 * t * (d // m.conv_pos_groups) * m.conv_pos_width * d)
+
+    def front_end_params(self) -> int:
+        m, d, n, c_in = self.mcfg, self.mcfg.embed_dim, 0, 1
+        for c, k, _ in m.conv_feature_layers:
+            n += c_in * k * c + 2 * c
+            c_in = c
+        n += 2 * c_in + c_in * d + d  # LN + projection
+        n += m.conv_pos_depth * (d * (d // m.conv_pos_groups) * m.conv_pos_width + d) + 2 * d
+        return n + (m.num_heads if m.alibi else 0)
 
     def build_positions(self) -> nn.Module:
         return ConvPositions(self.mcfg)

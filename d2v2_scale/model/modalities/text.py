@@ -52,3 +52,12 @@ class Text(Modality):
     def build_local(self) -> nn.Module:
         return TextLocal(self.mcfg)
 
+    def sequence_length(self, cfg, audio_samples=None, text_tokens=None) -> int:
+        return text_tokens or cfg.data.max_tokens
+
+    def front_end_params(self) -> int:
+        m, d = self.mcfg, self.mcfg.embed_dim
+        # token + position embeddings, embedding LN; pre-LN text adds a final norm (image/audio:
+        # their final norm replaces the context norm, same size)
+        return m.vocab_size * d + m.max_positions * d + 2 * d + (2 * d if m.pre_ln else 0)
+

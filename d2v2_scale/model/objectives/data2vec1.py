@@ -40,6 +40,7 @@ from ..core.loss import loss_scale, token_loss
 from ..core.stats import compute_var, position_share
 from ..core.targets import accumulate_layers, finish_targets
 from ..modalities import get_modality
+from ..modalities.beit import BeitEncoder
 
 def build_head(mcfg) -> nn.Module:
     """The regression head: [n, D] -> [n, D].  1 layer: Linear(D, D) with torch's default init
@@ -60,7 +61,6 @@ class BeitTeacher(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        from ..modalities.beit import BeitEncoder
 
         self.mcfg = cfg.model
         self.encoder = BeitEncoder(cfg.model)
@@ -99,7 +99,6 @@ class Data2Vec1(nn.Module):
         self.modality = get_modality(m)
         self.mask_emb = None
         if uses_beit(m):
-            from ..modalities.beit import BeitEncoder
 
             # vision: the BEiT encoder puts its mask_token in place of masked patch embeddings
             self.encoder = BeitEncoder(m)
