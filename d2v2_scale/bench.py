@@ -57,7 +57,7 @@ def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
 
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
     """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
-    index tensors it ships, model/layout.py)."""
+    index tensors it ships, data/layout.py)."""
 
     return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
 
@@ -212,7 +212,7 @@ def compile_step(module, backend: str = "inductor") -> None:
     """torch.compile the whole student forward as ONE graph (fullgraph=True: a graph break is an
     error, not a silent split): front end, the teacher's call, clone, gather, blocks, decoder and
     loss.  Possible for image data2vec 2.0, whose shapes are all functions of the config once the
-    loader ships the index tensors (model/layout.py); the backward is AOTAutograd's of that graph.
+    loader ships the index tensors (data/layout.py); the backward is AOTAutograd's of that graph.
     tests/test_layout.py compiles the plain module this way (backend aot_eager on the CPU).
 
     The forward, not the module call: DeepSpeed's engine puts a forward pre-hook on the module

@@ -212,7 +212,7 @@ def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys)
 
     with pytest.raises(HFRefused, match=why) as e:
         hf_target(_model_cfg(preset))
-    assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
+    assert "without --format hf" in str(e.value) and "twins/encoder.py" in str(e.value)
     # the CLI on a plain export of that model: exit 2, one line, nothing written
     cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
     write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)

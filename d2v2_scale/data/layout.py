@@ -39,14 +39,14 @@ def kept_indices(mask: Tensor) -> Tensor:
     """mask [N, T] bool (True = masked) -> ascending kept positions [N, T_keep].
 
     Every row must keep the same number of positions (the student batch is dense); the mask
-    generators of data/masking.py guarantee it (exact counts, then `equalize_kept`)."""
+    generators of data/masking/data2vec2.py guarantee it (exact counts, then `equalize_kept`)."""
     kept = (~mask).sum(1)
     lo, hi = kept.aminmax()
     lo, hi = int(lo), int(hi)
     if lo != hi:
         raise ValueError(f"mask rows keep between {lo} and {hi} positions; every row must keep exactly the "
                          "same number (contract 1: the student gathers a dense [B*M, T_keep] batch; "
-                         "data/masking.py's generators and equalize_kept make the counts equal)")
+                         "data/masking/data2vec2.py's generators and equalize_kept make the counts equal)")
     # a stable sort puts the kept (False) positions first, in ascending order
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :hi]
 
@@ -125,7 +125,7 @@ def layout_of(batch: dict, modality, clones: int, gather: bool) -> dict:
     if shipped(batch):
         if gather and KEPT not in batch:
             raise ValueError("the batch carries loss_rows but no `kept`: it was laid out for data2vec 1.0 "
-                             "(model/layout.py add_layout with the model config the student was built from)")
+                             "(data/layout.py add_layout with the model config the student was built from)")
         return {k: batch.get(k) for k in LAYOUT_KEYS}
     return derive_layout(batch, modality, clones, gather)
 

@@ -22,7 +22,7 @@ examples:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2v2-export", usage=USAGE,
-                                description="Export a d2v2 checkpoint to the plain-PyTorch twin (model/plain.py)")
+                                description="Export a d2v2 checkpoint to the plain-PyTorch twin (twins/encoder.py)")
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
                                       "(the newest COMPLETE checkpoint is taken)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
@@ -33,7 +33,7 @@ def parse_args(argv=None):
                    help="also store the student's decoder tensors (as decoder.*) in the same file")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=["plain", "hf"], default="plain",
-                   help="plain (default): safetensors + config.json for model/plain.py; hf: a Hugging Face "
+                   help="plain (default): safetensors + config.json for twins/encoder.py; hf: a Hugging Face "
                         "transformers folder (pip install -e '.[hf]'), for the models a transformers class "
                         "computes exactly (docs/EXPORT.md); the input may also be a plain export folder")
     p.add_argument("--gpt2-bpe", metavar="DIR", default=None,

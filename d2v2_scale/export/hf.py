@@ -46,7 +46,7 @@ from ..objectives import objective_of, uses_beit
 from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint, write_export, ExportError
 from .gpt2_tokenizer import imported_tokenizer_files
 
-PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with model/plain.py"
+PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with twins/encoder.py"
 
 
 class HFRefused(ExportError):

@@ -212,7 +212,7 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64,
 
     layer: which representation is pooled: "final" (the encoder output, out["x"]), an int k (the
     output of block k, 0-based, before final_norm for pre-LN models) or "targets" (the data2vec
-    teacher targets: the average of the top-K instance-normed FFN outputs, model/targets.py; no
+    teacher targets: the average of the top-K instance-normed FFN outputs, model/core/targets.py; no
     CLS token).
 
     A batch only holds samples of one length, so no sample is ever padded: the audio encoder is

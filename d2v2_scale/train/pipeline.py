@@ -40,7 +40,7 @@ from ..data.layout import token_padding
 from ..model.core.blocks import make_transformer_config
 
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
-# (mask_token: the BEiT encoder's, model/beit.py, used by its embed() on the first stage)
+# (mask_token: the BEiT encoder's, model/modalities/beit.py, used by its embed() on the first stage)
 FIRST_ONLY = ("local", "positions", "extra_tokens", "context_norm", "mask_token")
 LAST_ONLY = ("final_norm",)
 FIRST_ONLY_PARAMS = tuple(f"encoder.{p}" for p in FIRST_ONLY)  # parameter-name prefixes
@@ -170,7 +170,7 @@ class PipelineRunner:
     def _teacher_step(self, data, target: _ScheduleTarget):
         batch = next(data)
         t = batch["mask"].shape[1]
-        padding = token_padding(batch, self.student.modality, t)  # shipped by the loader (model/layout.py)
+        padding = token_padding(batch, self.student.modality, t)  # shipped by the loader (data/layout.py)
         if self.first:
             out = self.teacher.forward_stage(self.student.teacher_source(batch), padding, None)
         else:

@@ -1,9 +1,9 @@
 """Masks for data2vec 1.0 (data2vec1-spec A.1, A.2), vectorized numpy, computed in loader workers.
 
-Unlike the data2vec 2.0 generators (data/masking.py) these are NOT exact-count: the number of
+Unlike the data2vec 2.0 generators (data/masking/data2vec2.py) these are NOT exact-count: the number of
 spans is rounded probabilistically, spans overlap and merge, and only the speech mask is then
 equalized (to the batch minimum, by dropping random masked frames, so trimmed rows have holes
-inside spans).  One mask row per sample (M = 1).  Same conventions as data/masking.py: bool,
+inside spans).  One mask row per sample (M = 1).  Same conventions as data/masking/data2vec2.py: bool,
 True = masked; every draw is keyed on the row's uint64 key (data/rng.py: (seed, epoch, sample
 index)), so a mask never depends on the worker, prefetching or a mid-epoch resume.
 

@@ -77,7 +77,7 @@ def model_config(fcfg: dict) -> dict:
 
     name = fcfg.get("_name")
     out = dataclasses.asdict(ModelConfig())
-    # the data2vec 1.0 objective (model/data2vec1.py): one copy, a regression head, no conv decoder
+    # the data2vec 1.0 objective (model/objectives/data2vec1.py): one copy, a regression head, no conv decoder
     out.update(variant="data2vec1", clone_batch=1, decoder_layers=0, cls_loss_weight=0.0, prenet_depth=0,
                pre_ln=False, alibi=False, target_tap="ffn", loss_scale_rule="inv_sqrt_dim", layer_norm_eps=1e-5,
                **_targets(fcfg))

@@ -9,17 +9,17 @@ Student forward (data2vec1-spec A.0, A.4), B samples, T positions, M = 1:
     5. pred     = head(student at masked, non-padded)  [n, D]      no decoder
     6. loss     = (1/n) * sum_{masked} s * sum_c l(pred, y)
 
-Shared with data2vec 2.0 (model/data2vec.py): the Encoder (front ends, conv positions, blocks,
+Shared with data2vec 2.0 (model/objectives/data2vec2.py): the Encoder (front ends, conv positions, blocks,
 layerdrop), the teacher module `EncoderTeacher` (an EMA encoder that returns the averaged,
 normalized top-K taps; model.target_tap picks FFN output or block end), the target norms
 (targets.py), the loss (loss.py), the collapse statistics.  What the teacher copies from the
 student instead of averaging is the record's `teacher_copied` (d2v2_scale/objectives.py; train/teacher.py, model/core/ema.py).
 
-Vision uses the BEiT encoder (model/beit.py) in the Encoder's place, and its own teacher
+Vision uses the BEiT encoder (model/modalities/beit.py) in the Encoder's place, and its own teacher
 (`BeitTeacher`, an EMA of the whole encoder fed with the image, block-end taps); the two
 encoder kinds are bound once at construction (`_embed`, `_blocks`), not branched on per step.
 
-Parameters: encoder.* (the 2.0 names, or model/beit.py's), decoder.* (the regression head, in
+Parameters: encoder.* (the 2.0 names, or model/modalities/beit.py's), decoder.* (the regression head, in
 the decoder's place: pipeline stages, export and the probe treat it as the decoder), mask_emb [D]
 (speech only; text masks with the <mask> row of the token table, vision with the BEiT encoder's
 mask_token).
@@ -122,7 +122,7 @@ class Data2Vec1(nn.Module):
         return ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var", "target_position_share"]
 
     def _layout(self, batch: dict) -> dict:
-        """The loader's index tensors (model/layout.py; derived here for batches built by hand)."""
+        """The loader's index tensors (data/layout.py; derived here for batches built by hand)."""
         return layout_of(batch, self.modality, 1, self.gathers_kept)
 
     @torch.no_grad()
@@ -207,7 +207,7 @@ class Data2Vec1(nn.Module):
              positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
         """Student output x [B, E + T, D], targets [B, T, D], mask [B, T] -> (loss, stats).
         positions: (rows [n], cols [n]) of the masked, non-padded positions when the batch carries
-        them (model/layout.py), else derived from mask and padding here."""
+        them (data/layout.py), else derived from mask and padding here."""
         x = x[:, self.encoder.num_extra_tokens:]
         rows, cols = positions if positions is not None else loss_positions(mask, padding)
         p, y = self.decoder(x[rows, cols]), targets[rows, cols]  # [n, D]

@@ -119,7 +119,7 @@ class StudentLayout:
     mask [N, T] (True = masked), padding [B, T] | None (token padding), pad [N, T] | None (per
     clone), zero [N, T] (masked or padded: zeroed before the positional conv), keep [N, T_keep]
     (ascending kept positions), loss_rows / loss_cols [n] (the masked, non-padded positions).
-    The index tensors come with the batch from the loader (model/layout.py)."""
+    The index tensors come with the batch from the loader (data/layout.py)."""
 
     mask: Tensor
     padding: Tensor | None
