@@ -37,7 +37,7 @@ import torch
 from .config import build_config, ConfigError
 from .data import rng
 from .data.layout import add_layout
-from .data.masking import beit as masking_beit, data2vec1 as masking_d2v1, data2vec2 as masking
+from .data.masking import beit as beit_masks, data2vec1 as d2v1_masks, data2vec2 as d2v2_masks
 from .model.flops import step_flops
 from .model.modalities import get_modality
 from .objectives import DATA2VEC2, objective_of
@@ -70,8 +70,8 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
     keys = _keys(seed, step, b, clones)
     if m.modality == "image":
         src = torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g)
-        grid = masking.grid_side(m.num_patches)
-        mask = masking.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
+        grid = d2v2_masks.grid_side(m.num_patches)
+        mask = d2v2_masks.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
         return {"source": src, "mask": torch.from_numpy(mask)}
     if not objective_of(m).gathers_kept:  # data2vec 1.0: its own generators, one row per sample
         return _synthetic_batch_d2v1(cfg, g, keys)
@@ -79,15 +79,15 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
         src = torch.randn(b, s, generator=g)
-        mask = masking.span_mask(keys, np.full(b * clones, t), t, mk.ratio, mk.adjust, mk.length)
-        mask = masking.equalize_kept(mask, keys)
+        mask = d2v2_masks.span_mask(keys, np.full(b * clones, t), t, mk.ratio, mk.adjust, mk.length)
+        mask = d2v2_masks.equalize_kept(mask, keys)
         return {"source": src, "padding_mask": torch.zeros(b, s, dtype=torch.bool),
                 "mask": torch.from_numpy(mask)}
     t = cfg.data.max_tokens
     low = max(m.pad_token_id + 1, 4)
     src = torch.randint(low, m.vocab_size, (b, t), generator=g, dtype=torch.int64)
-    mask = masking.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
-    mask = masking.equalize_kept(mask, keys)
+    mask = d2v2_masks.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
+    mask = d2v2_masks.equalize_kept(mask, keys)
     return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool), "mask": torch.from_numpy(mask)}
 
 
@@ -96,23 +96,23 @@ def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
     m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
     if m.modality == "image":
 
-        mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
+        mask = beit_masks.beit_block_mask(keys, d2v2_masks.grid_side(m.num_patches),
                                             num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)
         return {"source": torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g),
                 "mask": torch.from_numpy(mask)}
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
-        mask = masking_d2v1.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
+        mask = d2v1_masks.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
         out = {"source": torch.randn(b, s, generator=g), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
                "mask": torch.from_numpy(mask)}
         if cfg.data.views == "aqc":  # data2vec-aqc: the augmented view, as the loader adds it
             out["source_aug"] = torch.randn(b, s, generator=g)
         return out
     t = cfg.data.max_tokens
-    mask_id = masking_d2v1.text_mask_id(m)
-    src = torch.randint(masking_d2v1.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
-    student, mask = masking_d2v1.text_inputs(keys, src.numpy(), np.full(b, t), mk, mask_id, mask_id)
+    mask_id = d2v1_masks.text_mask_id(m)
+    src = torch.randint(d2v1_masks.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
+    student, mask = d2v1_masks.text_inputs(keys, src.numpy(), np.full(b, t), mk, mask_id, mask_id)
     return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool),
             "student_source": torch.from_numpy(student), "mask": torch.from_numpy(mask)}
 

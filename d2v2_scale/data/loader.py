@@ -58,9 +58,7 @@ from ..objectives import objective_of
 from . import augment, augment_speech, rng
 from .layout import add_layout
 from .manifest import DataError, load_manifest
-from .masking import data2vec2 as masking
-from .masking import beit as masking_beit
-from .masking import data2vec1 as masking_d2v1
+from .masking import beit as beit_masks, data2vec1 as d2v1_masks, data2vec2 as d2v2_masks
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
 
@@ -121,13 +119,13 @@ class BatchBuilder:
                                          cfg.data.color_jitter)
         except Exception as e:  # PIL raises many types for corrupt bytes
             raise self._undecodable(rows, indices, e) from None
-        grid = masking.grid_side(cfg.model.num_patches)
+        grid = d2v2_masks.grid_side(cfg.model.num_patches)
         if not self.objective.gathers_kept:  # data2vec 1.0: BEiT blocks, ratio x P patches (120 / 196)
-            mask = masking_beit.beit_block_mask(self._mask_keys(epoch, indices), grid,
+            mask = beit_masks.beit_block_mask(self._mask_keys(epoch, indices), grid,
                                                 num_mask=int(round(cfg.masking.ratio * cfg.model.num_patches)),
                                                 min_patches=cfg.masking.length)
         else:
-            mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
+            mask = d2v2_masks.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
                                               cfg.masking.adjust, cfg.masking.length)
         out = {"source": torch.from_numpy(src), "mask": torch.from_numpy(mask),
                "index": torch.from_numpy(indices)}
@@ -187,12 +185,12 @@ class BatchBuilder:
                             "re-run d2v2-prep audio with a larger --min-seconds")
         keys = self._mask_keys(epoch, indices)
         if not self.objective.gathers_kept:  # data2vec 1.0 / aqc: speech spans, one row per sample, padding unmasked
-            mask = masking_d2v1.speech_span_mask(keys, frames, T, cfg.masking.ratio, cfg.masking.length)
+            mask = d2v1_masks.speech_span_mask(keys, frames, T, cfg.masking.ratio, cfg.masking.length)
         else:
             rows_frames = np.repeat(frames, m.clone_batch)
-            mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
+            mask = d2v2_masks.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
                                      cfg.masking.length)
-            mask = masking.equalize_kept(mask, keys)
+            mask = d2v2_masks.equalize_kept(mask, keys)
         out = {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
         if views is not None:
@@ -221,12 +219,12 @@ class BatchBuilder:
         if not self.objective.gathers_kept:
             # data2vec 1.0 (masking.generator text_spans or bert): the student reads `student_source` (<mask> ids in place), the teacher
             # `source` (the full original sequence); the loss covers the <mask> positions
-            student, mask = masking_d2v1.text_inputs(keys, src, valid, cfg.masking, masking_d2v1.text_mask_id(m),
+            student, mask = d2v1_masks.text_inputs(keys, src, valid, cfg.masking, d2v1_masks.text_mask_id(m),
                                                      int(self.shards.manifest.get("vocab_size", m.vocab_size - 1)))
             out.update(student_source=torch.from_numpy(student), mask=torch.from_numpy(mask))
             return out
-        mask = masking.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
-        out["mask"] = torch.from_numpy(masking.equalize_kept(mask, keys))
+        mask = d2v2_masks.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
+        out["mask"] = torch.from_numpy(d2v2_masks.equalize_kept(mask, keys))
         return out
 
 
@@ -309,9 +307,9 @@ class Loader:
                                 f"data-parallel ranks = {cfg.data.batch_size * dp_size}: lower data.min_seconds or "
                                 "prepare longer clips")
         if self.manifest["modality"] == "text" and not objective_of(cfg.model).gathers_kept and \
-                int(self.manifest.get("vocab_size", 0)) > masking_d2v1.text_mask_id(cfg.model):
+                int(self.manifest.get("vocab_size", 0)) > d2v1_masks.text_mask_id(cfg.model):
             raise DataError(f"{self.shards.manifest_path} has a vocabulary of {self.manifest['vocab_size']} tokens but "
-                            f"data2vec 1.0 uses id model.vocab_size - 1 = {masking_d2v1.text_mask_id(cfg.model)} as "
+                            f"data2vec 1.0 uses id model.vocab_size - 1 = {d2v1_masks.text_mask_id(cfg.model)} as "
                             f"<mask>: set model.vocab_size={int(self.manifest['vocab_size']) + 1} (or larger)")
         self.sampler = ShardedBatchSampler(len(self.shards), cfg.data.batch_size, dp_rank, dp_size,
                                            cfg.data.seed, lengths=lengths, eligible=eligible)
