@@ -1,4 +1,4 @@
-"""Bodies for the BEiT encoder's tests (model/beit.py), run by d2v2_scale.testing.run_distributed
+"""Bodies for the BEiT encoder's tests (model/modalities/beit.py), run by d2v2_scale.testing.run_distributed
 or in the test process itself (TP=1).
 
 `beit_step(tp, workdir)`: build the tiny BEiT encoder under TP=`tp`, load the full weights the

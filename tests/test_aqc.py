@@ -1,4 +1,4 @@
-"""data2vec-aqc, the objective (model/data2vec_aqc.py): the spec's AQC tests 3 (routing), 8 (loss
+"""data2vec-aqc, the objective (model/objectives/aqc/model.py): the spec's AQC tests 3 (routing), 8 (loss
 composition on the real objective), 9 (gradient flow), 10 (parameter count), 11 (config guards),
 plus the keyed random draws and the export of an AQC run's config.  The building blocks
 (quantizer, negatives, k-means, logits) are tested in tests/test_aqc_parts.py, the augmented view

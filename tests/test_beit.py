@@ -1,5 +1,5 @@
-"""The BEiT-style encoder of data2vec 1.0 vision (model/beit.py), its plain twin
-(model/plain_beit.py) and the BEiT blockwise mask generator (data/masking_beit.py), against the
+"""The BEiT-style encoder of data2vec 1.0 vision (model/modalities/beit.py), its plain twin
+(twins/beit.py) and the BEiT blockwise mask generator (data/masking/beit.py), against the
 numbers of data2vec1-spec.md A.3."""
 
 import math

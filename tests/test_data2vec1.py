@@ -1,4 +1,4 @@
-"""data2vec 1.0 (model/data2vec1.py, data/masking_d2v1.py): the data2vec1-spec's test list for
+"""data2vec 1.0 (model/objectives/data2vec1.py, data/masking/data2vec1.py): the data2vec1-spec's test list for
 speech and text -- mask statistics, mask-embedding placement, teacher taps and targets by hand,
 loss numerics, EMA values and copied parts, teacher input, parameter counts, init, schedules,
 the collapse guard, and the impossible mixes the config refuses."""

@@ -1,4 +1,4 @@
-"""Issue #19 (forward side): the loader ships the student's index tensors (model/layout.py), so the
+"""Issue #19 (forward side): the loader ships the student's index tensors (data/layout.py), so the
 forward and backward read nothing back to the host, and the image step compiles as one graph.
 
 CI cost (2-core CPU): about 30 s in all when the machine is idle (75 s measured under load), most of it
