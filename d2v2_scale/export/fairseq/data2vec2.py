@@ -148,38 +148,58 @@ def _rename(sd: dict, mod: str, mcfg: dict, where: str, bare_blocks: bool = Fals
             out[f"blocks.{int(mt.group(1))}.{mt.group(2)}"] = v
         elif mt := re.match(r"^context_encoder\.norm\.(weight|bias)$", r):
             out[f"context_norm.{mt.group(1)}"] = v
-        elif mod == "IMAGE" and (mt := re.match(r"^local_encoder\.proj\.(weight|bias)$", r)):
-            out[f"local.proj.{mt.group(1)}"] = v
-        elif mod == "IMAGE" and r == "extra_tokens":
-            out["extra_tokens"] = v
-        elif mod == "IMAGE" and r in ("fixed_positional_encoder.positions", "positional_encoder.pos_embed"):
-            want = sincos_2d(mcfg["embed_dim"], mcfg["image_size"] // mcfg["patch_size"])[None]
-            if tuple(v.shape) != tuple(want.shape) or not torch.allclose(v, want, atol=2e-3):
-                raise ImportRefused(f"{where}: {k} is not the 2-D sin-cos table of embed_dim "
-                                    f"{mcfg['embed_dim']} on a {mcfg['image_size'] // mcfg['patch_size']}^2 grid "
-                                    f"(the twin recomputes it; learned or other positions are not supported)")
-        elif mod == "AUDIO" and (mt := re.match(r"^local_encoder\.conv_layers\.(\d+)\.0\.weight$", r)):
-            out[f"local.cnn.convs.{mt.group(1)}.weight"] = v
-        elif mod == "AUDIO" and (mt := re.match(r"^local_encoder\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$", r)):
-            out[f"local.cnn.norms.{mt.group(1)}.{mt.group(2)}"] = v
-        elif mod == "AUDIO" and (mt := re.match(r"^project_features\.([12])\.(weight|bias)$", r)):
-            out[f"local.{'norm' if mt.group(1) == '1' else 'proj'}.{mt.group(2)}"] = v
-        elif mod == "AUDIO" and (mt := re.match(r"^relative_positional_encoder\.(\d+)\.0\.(weight|bias)$", r)):
-            out[f"positions.convs.{int(mt.group(1)) - 1}.{mt.group(2)}"] = v
-        elif mod == "AUDIO" and r == "alibi_scale":
-            h = mcfg["num_heads"]
-            flat = v.reshape(-1)
-            if flat.numel() not in (1, h):
-                raise ImportRefused(f"{where}: {k} has shape {tuple(v.shape)}: per-layer ALiBi scales "
-                                    f"(learned_alibi_scale_per_layer) are not supported")
-            out["alibi_scale"] = flat.expand(h).clone()
-        elif mod == "TEXT" and r == "local_encoder.embed_tokens.weight":
-            out["local.tokens.weight"] = v
-        elif mod == "TEXT" and r == "local_encoder.embed_positions.weight":
-            out["local.positions.weight"] = text_positions(v, mcfg, f"{where}: {k}")
-        elif mod == "TEXT" and (mt := re.match(r"^local_encoder\.layernorm_embedding\.(weight|bias)$", r)):
-            out[f"local.norm.{mt.group(1)}"] = v
         else:
-            raise ImportRefused(f"{where}: parameter {k!r} has no place in the plain twin of this config")
+            for pattern, place in _FRONT_END[mod]:
+                if mt := re.match(pattern, r):
+                    out.update(place(mt, v, mcfg, f"{where}: {k}"))
+                    break
+            else:
+                raise ImportRefused(f"{where}: parameter {k!r} has no place in the plain twin of this config")
     return out
 
+
+def _image_positions(mt, v, mcfg: dict, where: str) -> dict:
+    """The fixed 2-D sin-cos table: checked, not imported (the twin recomputes it)."""
+    g = mcfg["image_size"] // mcfg["patch_size"]
+    want = sincos_2d(mcfg["embed_dim"], g)[None]
+    if tuple(v.shape) != tuple(want.shape) or not torch.allclose(v, want, atol=2e-3):
+        raise ImportRefused(f"{where} is not the 2-D sin-cos table of embed_dim {mcfg['embed_dim']} on a {g}^2 "
+                            f"grid (the twin recomputes it; learned or other positions are not supported)")
+    return {}
+
+
+def _alibi_scale(mt, v, mcfg: dict, where: str) -> dict:
+    h = mcfg["num_heads"]
+    flat = v.reshape(-1)
+    if flat.numel() not in (1, h):
+        raise ImportRefused(f"{where} has shape {tuple(v.shape)}: per-layer ALiBi scales "
+                            f"(learned_alibi_scale_per_layer) are not supported")
+    return {"alibi_scale": flat.expand(h).clone()}
+
+
+# fairseq modality -> [(name under modality_encoders.<MOD>. (regex), (match, tensor, model config,
+# where) -> {twin name: tensor})]: each modality's front end, extra tokens and positions
+_FRONT_END = {
+    "IMAGE": [
+        (r"^local_encoder\.proj\.(weight|bias)$", lambda mt, v, c, w: {f"local.proj.{mt.group(1)}": v}),
+        (r"^extra_tokens$", lambda mt, v, c, w: {"extra_tokens": v}),
+        (r"^(fixed_positional_encoder\.positions|positional_encoder\.pos_embed)$", _image_positions),
+    ],
+    "AUDIO": [
+        (r"^local_encoder\.conv_layers\.(\d+)\.0\.weight$",
+         lambda mt, v, c, w: {f"local.cnn.convs.{mt.group(1)}.weight": v}),
+        (r"^local_encoder\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$",
+         lambda mt, v, c, w: {f"local.cnn.norms.{mt.group(1)}.{mt.group(2)}": v}),
+        (r"^project_features\.([12])\.(weight|bias)$",
+         lambda mt, v, c, w: {f"local.{'norm' if mt.group(1) == '1' else 'proj'}.{mt.group(2)}": v}),
+        (r"^relative_positional_encoder\.(\d+)\.0\.(weight|bias)$",
+         lambda mt, v, c, w: {f"positions.convs.{int(mt.group(1)) - 1}.{mt.group(2)}": v}),
+        (r"^alibi_scale$", _alibi_scale),
+    ],
+    "TEXT": [
+        (r"^local_encoder\.embed_tokens\.weight$", lambda mt, v, c, w: {"local.tokens.weight": v}),
+        (r"^local_encoder\.embed_positions\.weight$",
+         lambda mt, v, c, w: {"local.positions.weight": text_positions(v, c, w)}),
+        (r"^local_encoder\.layernorm_embedding\.(weight|bias)$", lambda mt, v, c, w: {f"local.norm.{mt.group(1)}": v}),
+    ],
+}
