@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from d2v2_scale.model.contrastive import cross_contrastive_loss, sample_negatives
-from d2v2_scale.model.kmeans import cosine_kmeans, num_clusters
-from d2v2_scale.model.quantizer import GumbelVectorQuantizer
+from d2v2_scale.model.objectives.aqc.contrastive import cross_contrastive_loss, sample_negatives
+from d2v2_scale.model.objectives.aqc.kmeans import cosine_kmeans, num_clusters
+from d2v2_scale.model.objectives.aqc.quantizer import GumbelVectorQuantizer
 
 
 def best_ms(fn, repeat: int) -> float:

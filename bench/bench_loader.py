@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import data_fixtures as fx  # noqa: E402
 
 from d2v2_scale.config import load_preset  # noqa: E402
-from d2v2_scale.data import masking, rng  # noqa: E402
+from d2v2_scale.data import rng  # noqa: E402
 from d2v2_scale.data.loader import BatchBuilder  # noqa: E402
+from d2v2_scale.data.masking import data2vec2 as d2v2_masks
 from d2v2_scale.data.shards import ShardSet  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 
@@ -97,7 +98,8 @@ class FileRows:
         if self.modality == "image":
             return {"image": (self.raw / m["path"]).read_bytes(), "label": 0}
         if self.modality == "audio":
-            from data_prep.audio import load_mono, to_int16
+            from d2v2_scale.data.audio_files import load_mono
+            from data_prep.audio import to_int16
 
             x, _, _ = load_mono(str(self.raw / m["path"]), 16000)
             n = 20 * 16000
@@ -212,13 +214,13 @@ def mask_rate(cfg, batch_rows, lengths=None, repeats=20):
     for _ in range(repeats):
         t = time.perf_counter()
         if cfg.model.modality == "image":
-            masking.inverse_block_mask(keys, masking.grid_side(cfg.model.num_patches), m.ratio, m.adjust, m.length)
+            d2v2_masks.inverse_block_mask(keys, d2v2_masks.grid_side(cfg.model.num_patches), m.ratio, m.adjust, m.length)
         elif cfg.model.modality == "audio":
             lens = np.repeat(lengths, M)
-            masking.equalize_kept(masking.span_mask(keys, lens, int(lens.max()), m.ratio, m.adjust, m.length), keys)
+            d2v2_masks.equalize_kept(d2v2_masks.span_mask(keys, lens, int(lens.max()), m.ratio, m.adjust, m.length), keys)
         else:
             lens = np.repeat(lengths, M)
-            masking.equalize_kept(masking.token_mask(keys, lens, int(lens.max()), m.ratio), keys)
+            d2v2_masks.equalize_kept(d2v2_masks.token_mask(keys, lens, int(lens.max()), m.ratio), keys)
         times.append(time.perf_counter() - t)
     return len(keys) / statistics.median(times), statistics.median(times)
 

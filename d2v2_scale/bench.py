@@ -29,10 +29,21 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
+
+from .config import build_config, ConfigError
+from .data import rng
+from .data.layout import add_layout
+from .data.masking import beit as beit_masks, data2vec1 as d2v1_masks, data2vec2 as d2v2_masks
+from .model.flops import step_flops
+from .model.modalities import get_modality
+from .objectives import DATA2VEC2, objective_of
+from .opcount import count_update, format_counts
+from .train.trainer import Trainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,21 +52,18 @@ import torch
 
 
 def _keys(seed: int, step: int, b: int, m: int) -> np.ndarray:
-    from .data import rng
 
     return rng.make_keys(seed, step, np.repeat(np.arange(b), m), np.tile(np.arange(m), b))
 
 
 def synthetic_batch(cfg, step: int = 0, seed: int = 1234) -> dict:
     """One micro-batch of cfg.data.batch_size samples, shaped as the loader makes it (with the
-    index tensors it ships, model/layout.py)."""
-    from .model.layout import add_layout
+    index tensors it ships, data/layout.py)."""
 
     return add_layout(_synthetic_batch(cfg, step, seed), cfg.model)
 
 
 def _synthetic_batch(cfg, step: int, seed: int) -> dict:
-    from .data import masking
 
     m, mk = cfg.model, cfg.masking
     b, clones = cfg.data.batch_size, m.clone_batch
@@ -63,59 +71,56 @@ def _synthetic_batch(cfg, step: int, seed: int) -> dict:
     keys = _keys(seed, step, b, clones)
     if m.modality == "image":
         src = torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g)
-        grid = masking.grid_side(m.num_patches)
-        mask = masking.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
+        grid = d2v2_masks.grid_side(m.num_patches)
+        mask = d2v2_masks.inverse_block_mask(keys, grid, mk.ratio, mk.adjust, mk.length)
         return {"source": src, "mask": torch.from_numpy(mask)}
-    if mk.generator != "data2vec2":  # data2vec 1.0: its own generators, one row per sample
+    if not objective_of(m).gathers_kept:  # data2vec 1.0: its own generators, one row per sample
         return _synthetic_batch_d2v1(cfg, g, keys)
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
         src = torch.randn(b, s, generator=g)
-        mask = masking.span_mask(keys, np.full(b * clones, t), t, mk.ratio, mk.adjust, mk.length)
-        mask = masking.equalize_kept(mask, keys)
+        mask = d2v2_masks.span_mask(keys, np.full(b * clones, t), t, mk.ratio, mk.adjust, mk.length)
+        mask = d2v2_masks.equalize_kept(mask, keys)
         return {"source": src, "padding_mask": torch.zeros(b, s, dtype=torch.bool),
                 "mask": torch.from_numpy(mask)}
     t = cfg.data.max_tokens
     low = max(m.pad_token_id + 1, 4)
     src = torch.randint(low, m.vocab_size, (b, t), generator=g, dtype=torch.int64)
-    mask = masking.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
-    mask = masking.equalize_kept(mask, keys)
+    mask = d2v2_masks.token_mask(keys, np.full(b * clones, t), t, mk.ratio)
+    mask = d2v2_masks.equalize_kept(mask, keys)
     return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool), "mask": torch.from_numpy(mask)}
 
 
 def _synthetic_batch_d2v1(cfg, g: torch.Generator, keys: np.ndarray) -> dict:
-    from .data import masking_d2v1
 
     m, mk, b = cfg.model, cfg.masking, cfg.data.batch_size
     if m.modality == "image":
-        from .data import masking, masking_beit
 
-        mask = masking_beit.beit_block_mask(keys, masking.grid_side(m.num_patches),
+        mask = beit_masks.beit_block_mask(keys, d2v2_masks.grid_side(m.num_patches),
                                             num_mask=int(round(mk.ratio * m.num_patches)), min_patches=mk.length)
         return {"source": torch.randn(b, m.in_chans, m.image_size, m.image_size, generator=g),
                 "mask": torch.from_numpy(mask)}
     if m.modality == "audio":
         s = int(cfg.data.max_seconds * cfg.data.sample_rate)
         t = m.audio_frames(s)
-        mask = masking_d2v1.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
+        mask = d2v1_masks.speech_span_mask(keys, np.full(b, t), t, mk.ratio, mk.length)
         out = {"source": torch.randn(b, s, generator=g), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
                "mask": torch.from_numpy(mask)}
         if cfg.data.views == "aqc":  # data2vec-aqc: the augmented view, as the loader adds it
             out["source_aug"] = torch.randn(b, s, generator=g)
         return out
     t = cfg.data.max_tokens
-    mask_id = masking_d2v1.text_mask_id(m)
-    src = torch.randint(masking_d2v1.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
-    student, mask = masking_d2v1.text_inputs(keys, src.numpy(), np.full(b, t), mk, mask_id, mask_id)
+    mask_id = d2v1_masks.text_mask_id(m)
+    src = torch.randint(d2v1_masks.N_SPECIAL, mask_id, (b, t), generator=g, dtype=torch.int64)
+    student, mask = d2v1_masks.text_inputs(keys, src.numpy(), np.full(b, t), mk, mask_id, mask_id)
     return {"source": src, "padding_mask": torch.zeros(b, t, dtype=torch.bool),
             "student_source": torch.from_numpy(student), "mask": torch.from_numpy(mask)}
 
 
 def tokens_per_sample(cfg) -> int:
     m = cfg.model
-    return {"image": m.num_patches, "text": cfg.data.max_tokens,
-            "audio": m.audio_frames(int(cfg.data.max_seconds * cfg.data.sample_rate))}[m.modality]
+    return get_modality(m).sequence_length(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def compile_step(module, backend: str = "inductor") -> None:
     """torch.compile the whole student forward as ONE graph (fullgraph=True: a graph break is an
     error, not a silent split): front end, the teacher's call, clone, gather, blocks, decoder and
     loss.  Possible for image data2vec 2.0, whose shapes are all functions of the config once the
-    loader ships the index tensors (model/layout.py); the backward is AOTAutograd's of that graph.
+    loader ships the index tensors (data/layout.py); the backward is AOTAutograd's of that graph.
     tests/test_layout.py compiles the plain module this way (backend aot_eager on the CPU).
 
     The forward, not the module call: DeepSpeed's engine puts a forward pre-hook on the module
@@ -219,10 +224,9 @@ def compile_step(module, backend: str = "inductor") -> None:
 
 def check_compile(cfg, compile: str = "blocks") -> None:
     """Refuse --compile where it is known not to work, before any step is spent."""
-    from .config import ConfigError
 
     m = cfg.model
-    if compile == "step" and (m.modality != "image" or m.variant != "data2vec2"):
+    if compile == "step" and (m.modality != "image" or objective_of(m) is not DATA2VEC2):
         raise ConfigError(f"--compile-step with {m.modality} {m.variant}: the whole-step graph needs the static "
                           "shapes of image data2vec 2.0 (audio/text lengths change per batch and would recompile); "
                           "use --compile (each block) here")
@@ -253,13 +257,9 @@ def peak_memory_gib() -> float:
 def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 3, compile: bool | str = False,
               breakdown: bool = True, peak_tflops: float | None = None, output_dir: str | None = None,
               profile: str | None = None) -> dict:
-    import tempfile
 
     import deepspeed
 
-    from .config import build_config
-    from .model.flops import step_flops
-    from .train.trainer import Trainer
 
     ov = list(overrides)
     if output_dir is None:
@@ -359,11 +359,7 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
 def run_count_ops(preset: str, overrides: list[str], warmup: int = 2, output_dir: str | None = None) -> dict:
     """One update of `preset` under the operator counter (d2v2_scale/opcount.py), after `warmup`
     uncounted updates (DeepSpeed and the optimizer allocate their state on the first ones)."""
-    import tempfile
 
-    from .config import build_config
-    from .opcount import count_update
-    from .train.trainer import Trainer
 
     ov = list(overrides)
     if output_dir is None:
@@ -462,7 +458,6 @@ def main(argv: list[str] | None = None) -> int:
                          "host synchronisations, collectives and Python time outside operators, per phase")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     a = ap.parse_args(argv)
-    from .config import ConfigError
 
     try:
         if a.count_ops:
@@ -475,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2v2-bench: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        from .opcount import format_counts
 
         print(format_counts(row) if a.count_ops else format_row(row), flush=True)
         if a.json:

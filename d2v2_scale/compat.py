@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
+import warnings
 
 import torch
 
@@ -44,7 +46,6 @@ def quiet_known_warnings() -> None:
     """Silence third-party warnings a user can do nothing about, which otherwise repeat every
     step and bury the training log: torch's deprecation notices for the collectives DeepSpeed
     calls, and Megatron's notes that Transformer Engine / Apex are absent (we use neither)."""
-    import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     warnings.filterwarnings("ignore", category=UserWarning, message=r"Transformer Engine and Apex are not installed")
@@ -54,7 +55,6 @@ def quiet_known_warnings() -> None:
     # DeepSpeed's logger: on every CPU command "Setting accelerator to CPU. If you have GPU ..."
     # (a CPU run is what the user asked for), and at start "Attempting to get learning rate from
     # scheduler before it has started" (DeepSpeed's own query at engine creation).
-    import logging
 
     noise = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
     logging.getLogger("DeepSpeed").addFilter(lambda record: not str(record.msg).startswith(noise))

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .compat import apply_cpu_compat
+from .runlock import die_with_launcher
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,6 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None,
         return _INFO
 
     apply_cpu_compat()
-    from .train.runlock import die_with_launcher
 
     die_with_launcher()  # d2v2-train does it first thing; bench and other entry points here
     launcher, env = resolve_launch_env()

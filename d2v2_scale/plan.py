@@ -57,7 +57,15 @@ import argparse
 import copy
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
+
+from .config import build_config
+from .distributed import init_distributed
+from .model import build_student, build_teacher
+from .model.flops import seq_len_and_keep, step_flops
+from .model.modalities import get_modality
+from .train.pipeline import on_stage
 
 GB = 1e9
 GIB = 2**30
@@ -88,13 +96,11 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
     """(student, teacher) parameter lists, numel per TP rank; built on the meta device."""
     import torch
 
-    from .distributed import init_distributed
 
     import torch.distributed as dist
 
     if not dist.is_initialized():
         init_distributed(1, 1)
-    from .model import build_student, build_teacher
 
     c = copy.deepcopy(cfg)
     c.parallel.tp = 1
@@ -117,7 +123,6 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
 
 def stage_table(params: list[ParamInfo], total_blocks: int, pp: int, rank: int) -> list[ParamInfo]:
     """The parameters pipeline stage `rank` holds (train/pipeline.py's split)."""
-    from .train.pipeline import on_stage
 
     return [p for p in params if on_stage(p.name, p.block, total_blocks, pp, rank)]
 
@@ -170,7 +175,6 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
                  dtype_bytes: int, persistence_threshold: int = 100_000,
                  max_reuse_distance: int = 1_000_000_000, grad_bytes: int | None = None) -> dict:
     """Logical bytes per rank per optimizer step (one micro-batch), by collective type."""
-    from .model.flops import seq_len_and_keep
 
     gb = grad_bytes or dtype_bytes
     m = cfg.model
@@ -212,7 +216,7 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
     if tp > 1:
         b, mm = cfg.data.batch_size, m.clone_batch
         t, keep = seq_len_and_keep(cfg)
-        e = 1 if m.modality == "image" else 0
+        e = get_modality(m).num_extra_tokens
         s_act = b * mm * (keep + e) * m.embed_dim * dtype_bytes
         t_act = b * (t + e) * m.embed_dim * dtype_bytes
         nb = len({p.block for p in student if p.block is not None})  # this stage's blocks (all without PP)
@@ -226,12 +230,11 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
 def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1, microbatches: int = 1,
                      stage: int = 0) -> dict:
     """Activation bytes of one pipeline stage (the whole model when pp == 1)."""
-    from .model.flops import seq_len_and_keep
 
     m = cfg.model
     b, mm = cfg.data.batch_size, m.clone_batch
     t, keep = seq_len_and_keep(cfg)
-    e = 1 if m.modality == "image" else 0
+    e = get_modality(m).num_extra_tokens
     d, nb = m.embed_dim, m.total_blocks // pp
     first, last = stage == 0, stage == pp - 1
     in_flight = min(pp - stage, microbatches) if pp > 1 else 1  # 1F1B: stage s holds pp - s
@@ -256,12 +259,11 @@ def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1
 
 def p2p_bytes(cfg, tp: int, microbatches: int, dtype_bytes: int = 2) -> dict:
     """Bytes one rank at a stage boundary sends + receives per update (PP > 1)."""
-    from .model.flops import seq_len_and_keep
 
     m = cfg.model
     b, mm = cfg.data.batch_size, m.clone_batch
     t, keep = seq_len_and_keep(cfg)
-    e = 1 if m.modality == "image" else 0
+    e = get_modality(m).num_extra_tokens
     teacher = (e + 2 * t) * b * m.embed_dim * 4
     student = (e + keep) * b * mm * m.embed_dim * dtype_bytes
     return {"teacher_fwd": microbatches * teacher, "student_fwd": microbatches * student,
@@ -301,8 +303,6 @@ def _coll_time(nbytes: float, n: int, spans_nodes: bool, hw: Hardware, factor: f
 def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int | None = None,
               act_ckpt: bool = False, overrides: list[str] | None = None, dtype_bytes: int = 2,
               overhead_gib: float = 2.0, tables=None, pp: int = 1, microbatches: int | None = None) -> Plan:
-    from .config import build_config
-    from .model.flops import step_flops
 
     cfg = build_config(preset, overrides=list(overrides or []))
     if batch:
@@ -398,7 +398,6 @@ def format_plans(plans: list[Plan], hw: Hardware) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
 
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(prog="d2v2-plan", description=__doc__.split("\n\n")[0],
@@ -428,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     hw = Hardware(a.nodes, a.gpus_per_node, a.gpu_mem_gb, a.nvlink_gbps, a.inter_gbps, a.peak_tflops, a.mfu)
     ckpts = {"none": [False], "full": [True], "both": [False, True]}[a.act_ckpt]
     plans = []
-    from .config import build_config
 
     for preset in a.preset:
         tables = param_tables(build_config(preset, overrides=a.overrides), a.tp)

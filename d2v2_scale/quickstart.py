@@ -22,6 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.cli import main as prep_main
+from data_prep.demo import write_digit_folder
+from .distributed import free_port
+from .export import export_checkpoint
+from .export.probe import run_probe
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="d2v2-quickstart", description=__doc__,
@@ -33,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.depth=4")
     args = p.parse_args(argv)
 
-    from data_prep.cli import main as prep_main
-    from data_prep.demo import write_digit_folder
 
     out = Path(args.out)
     raw, shards, run = out / "digits", out / "shards", out / "train"
@@ -47,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[1-2/4] reusing shards in {shards}", flush=True)
 
-    from .distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -66,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     export = out / "export"
     print(f"[4/4] d2v2-export {run} --out {export} --force; d2v2-probe {export} --data {manifest}", flush=True)
-    from .export import export_checkpoint
-    from .export.probe import run_probe
 
     export_checkpoint(run, export, force=True)
     r = run_probe(export, manifest)

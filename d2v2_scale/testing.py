@@ -17,12 +17,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .distributed import free_port
+from .distributed import free_port, slurm_master_port
 
 _DIR_VAR = "D2V2_TEST_DIR"
 
@@ -86,11 +87,9 @@ def run_distributed(target: str, nproc: int, args: list[str] | tuple = (), timeo
                                       start_new_session=True))
     elif launcher == "slurm":
         job_id = str(free_port())  # the master port derives from the job id: make it a free one
-        from .distributed import slurm_master_port
         while True:  # pick a job id whose derived port is free
             port = slurm_master_port(job_id)
             try:
-                import socket
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
                 break

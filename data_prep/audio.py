@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import soundfile as sf
+
+from d2v2_scale.data.audio_files import load_mono  # the decoder d2v2-prep and the loader share
 
 from . import pipeline
 from .pipeline import ItemResult, Skip
@@ -115,23 +116,6 @@ def item_labels(items: list[tuple[str, str, int]], label_from: str | None,
 
 def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def load_mono(path: str, target_sr: int | None, channel: int | None = None) -> tuple[np.ndarray, int, int]:
-    """float64 mono samples (resampled to target_sr when given), source rate, source frames.
-    Channels are averaged, or with `channel` only that one is kept (sox `remix`)."""
-    x, sr = sf.read(path, dtype="float64", always_2d=True)
-    n_src = x.shape[0]
-    if channel is not None:
-        x = x[:, min(channel, x.shape[1] - 1)]
-    else:
-        x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-    if target_sr and sr != target_sr:
-        from scipy.signal import resample_poly  # imported here: scipy.signal takes seconds to import
-
-        g = math.gcd(int(sr), int(target_sr))
-        x = resample_poly(x, target_sr // g, sr // g)
-    return x, sr, n_src
 
 
 def process(item, sample_rate: int, resample: bool, min_s: float, max_s: float, long: str,

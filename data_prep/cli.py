@@ -13,7 +13,10 @@ import argparse
 import os
 import sys
 
+from d2v2_scale.data.manifest import DataError
+from d2v2_scale.data.shards import ShardSet
 from . import audio, image, text
+from .pipeline import check_out
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -45,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 def verify(args: argparse.Namespace) -> int:
     """Read the whole corpus: each shard's size, footer hash and sha256, and each row's checksum.
     Prints one line per problem (shard, row, source path, reason) and exits 1 if there is any."""
-    from d2v2_scale.data.manifest import DataError
-    from d2v2_scale.data.shards import ShardSet
 
     try:
         s = ShardSet(args.manifest, verify="none")
@@ -65,7 +66,6 @@ def verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "out_checked", False):  # before any work (text trains sentencepiece into --out)
-        from .pipeline import check_out
 
         check_out(args.out, args.overwrite)
     from .pipeline import release_out

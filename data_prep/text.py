@@ -27,8 +27,9 @@ import argparse
 import bisect
 import functools
 import hashlib
-import json
 import io
+import json
+import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
@@ -277,7 +278,6 @@ def _collect_labels(item, doc_per, fmt):
 
 
 def _map_items(fn, items, workers: int) -> list:
-    import multiprocessing as mp
 
     if workers > 1 and len(items) > 1:
         with mp.get_context("fork").Pool(workers) as pool:

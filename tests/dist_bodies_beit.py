@@ -1,4 +1,4 @@
-"""Bodies for the BEiT encoder's tests (model/beit.py), run by d2v2_scale.testing.run_distributed
+"""Bodies for the BEiT encoder's tests (model/modalities/beit.py), run by d2v2_scale.testing.run_distributed
 or in the test process itself (TP=1).
 
 `beit_step(tp, workdir)`: build the tiny BEiT encoder under TP=`tp`, load the full weights the
@@ -47,8 +47,8 @@ def perturb_(module: torch.nn.Module, seed: int = 0) -> None:
 
 def beit_step(tp: str, workdir: str):
     from d2v2_scale.distributed import init_distributed
-    from d2v2_scale.model import mapping
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     tp = int(tp)
     info = init_distributed(tp=tp)

@@ -49,7 +49,7 @@ def fit_features_body(feat_path: str, preset: str, *overrides: str):
     out = {"source": src, "targets": targets, "last": last}
     # the student's full weights: ZeRO-3 shards gathered by DeepSpeed, then TP shards all-gathered
     # over the TP group (collective: every rank takes part)
-    from d2v2_scale.model import mapping
+    from d2v2_scale.twins import mapping
 
     params = [p for _, p in tr.engine.module.named_parameters()]
     with deepspeed.zero.GatheredParameters(params) if tr.cfg.parallel.zero_stage == 3 else _null():

@@ -48,7 +48,7 @@ def tp_step_body(tp: str, workdir: str):
     info = init_distributed(tp=tp)
     from d2v2_scale.config import load_preset
     from d2v2_scale.model import build_student, build_teacher, init_teacher_from_student
-    from d2v2_scale.model import mapping
+    from d2v2_scale.twins import mapping
 
     out = {}
     for name in PRESETS:

@@ -41,7 +41,7 @@ def agreement(res: dict, oracle: Path) -> dict:
 def prepare(systems: list[str], updates: int, options: list[str], work: Path, oracle: Path) -> str:
     """Import fairseq's initial and final weights of each system (`d2v2-import --to-run`) -> the
     body's spec (JSON)."""
-    from d2v2_scale.export.importer import main as import_main
+    from d2v2_scale.export.fairseq.importer import main as import_main
     from tests.fairseq_trainer_oracle import SNAPSHOT, SYSTEMS, UPDATES
 
     if updates not in (SNAPSHOT, UPDATES):

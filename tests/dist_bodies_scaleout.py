@@ -123,8 +123,8 @@ def tp_dropout_body():
     import torch.distributed as dist
 
     from d2v2_scale.distributed import init_distributed
-    from d2v2_scale.model.attention import SDPACoreAttention
-    from d2v2_scale.model.tp_random import TP_RANDOM
+    from d2v2_scale.model.core.attention import SDPACoreAttention
+    from d2v2_scale.model.core.tp_random import TP_RANDOM
 
     info = init_distributed(tp=2)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""data2vec-aqc, the objective (model/data2vec_aqc.py): docs/REFERENCE.md §3: routing (§3.3), the loss
+"""data2vec-aqc, the objective (model/objectives/aqc/model.py): docs/REFERENCE.md §3: routing (§3.3), the loss
 composition on the real objective (§3.8), gradient flow, the parameter count (§3.9), config guards,
 plus the keyed random draws and the export of an AQC run's config.  The building blocks
 (quantizer, negatives, k-means, logits) are tested in tests/test_aqc_parts.py, the augmented view
@@ -167,7 +167,7 @@ def test_random_draws_are_keyed_on_the_update():
 def test_gradient_flow(monkeypatch):
     """contr_proj gets gradient from L_t alone (the student term zeroed); the teacher none; the CNN
     through both views; the quantizer and project_q too."""
-    import d2v2_scale.model.data2vec_aqc as aqc_mod
+    import d2v2_scale.model.objectives.aqc.model as aqc_mod
 
     real = aqc_mod.cross_contrastive_loss
     calls = []

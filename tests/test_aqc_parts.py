@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2_scale.model.contrastive import aqc_total_loss, cross_contrastive_loss, sample_negatives
-from d2v2_scale.model.kmeans import cosine_kmeans, num_clusters
-from d2v2_scale.model.quantizer import GumbelVectorQuantizer, diversity_loss, gumbel_temperature
+from d2v2_scale.model.objectives.aqc.contrastive import aqc_total_loss, cross_contrastive_loss, sample_negatives
+from d2v2_scale.model.objectives.aqc.kmeans import cosine_kmeans, num_clusters
+from d2v2_scale.model.objectives.aqc.quantizer import GumbelVectorQuantizer, diversity_loss, gumbel_temperature
 
-from . import fairseq_oracle
+from tests import fairseq_oracle
 
 # test_import's cache: its oracle leaves the fairseq sdist in fairseq/dl, reused here when present
 CACHE = Path(os.environ.get("D2V2_FAIRSEQ_CACHE", Path.home() / ".cache" / "d2v2-scale" / "fairseq-oracle"))

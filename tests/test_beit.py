@@ -1,5 +1,5 @@
-"""The BEiT-style encoder of data2vec 1.0 vision (model/beit.py), its plain twin
-(model/plain_beit.py) and the BEiT blockwise mask generator (data/masking_beit.py), against the
+"""The BEiT-style encoder of data2vec 1.0 vision (model/modalities/beit.py), its plain twin
+(twins/beit.py) and the BEiT blockwise mask generator (data/masking/beit.py), against the
 numbers of docs/REFERENCE.md §2.4."""
 
 import math
@@ -68,9 +68,9 @@ def test_config_rejects_impossible_beit_values(field, value, msg):
 def test_vit_b_parameter_count(dist):
     """docs/REFERENCE.md §2.4: ViT-B student with the Linear(768, 768) head and the mask token: 86,256,720;
     7,088,640 per block.  Built on the meta device (no memory, no init)."""
-    from d2v2_scale.model.beit import BeitBlock, BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitBlock, BeitEncoder
     from d2v2_scale.model.flops import beit_encoder_params, encoder_params_analytic
-    from d2v2_scale.model.plain_beit import PlainBeitEncoder
+    from d2v2_scale.twins.beit import PlainBeitEncoder
 
     m = vit_b_config()
     head = 768 * 768 + 768
@@ -96,8 +96,8 @@ def test_vit_b_parameter_count(dist):
 
 
 def test_relative_position_index_matches_definition(dist):
-    from d2v2_scale.model import plain_beit
-    from d2v2_scale.model.beit import SharedRelativePositionBias, num_relative_distances, relative_position_index
+    from d2v2_scale.twins import beit as plain_beit
+    from d2v2_scale.model.modalities.beit import SharedRelativePositionBias, num_relative_distances, relative_position_index
 
     h, w = 3, 4
     idx = relative_position_index((h, w))
@@ -132,7 +132,7 @@ def test_relative_position_index_matches_definition(dist):
 
 def test_block_by_hand(dist):
     """Pre-LN, q/v-only bias, relative bias on the logits, layer scale, exact GELU, on 3 tokens."""
-    from d2v2_scale.model.beit import BeitBlock
+    from d2v2_scale.model.modalities.beit import BeitBlock
 
     m = beit_model_config(embed_dim=8, num_heads=2)
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def test_block_by_hand(dist):
 def test_encoder_taps_are_block_ends(dist):
     """run_blocks taps = each block's output after its second residual (the "end" tap, CLS
     included), before the final LayerNorm; the output is final_norm(last block)."""
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     m = beit_model_config(depth=3)
     torch.manual_seed(0)
@@ -198,7 +198,7 @@ def test_encoder_taps_are_block_ends(dist):
 
 
 def test_beit_init(dist):
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     m = beit_model_config(depth=3)
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ def test_beit_init(dist):
 
 
 def test_mask_token_replaces_patch_embedding_before_cls(dist):
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     m = beit_model_config()
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def test_mask_token_replaces_patch_embedding_before_cls(dist):
 
 
 def test_drop_path_rate_and_eval(dist):
-    from d2v2_scale.model.beit import BeitBlock, BeitEncoder, DropPath, drop_path_rates
+    from d2v2_scale.model.modalities.beit import BeitBlock, BeitEncoder, DropPath, drop_path_rates
 
     torch.manual_seed(0)
     dp = DropPath(0.25).train()
@@ -297,9 +297,9 @@ def test_drop_path_rate_and_eval(dist):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_plain_twin_matches_megatron(dist, shared):
-    from d2v2_scale.model import mapping
-    from d2v2_scale.model.beit import BeitEncoder
-    from d2v2_scale.model.plain_beit import PlainBeitEncoder
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model.modalities.beit import BeitEncoder
+    from d2v2_scale.twins.beit import PlainBeitEncoder
 
     m = beit_model_config(depth=3, shared_rel_pos_bias=shared)
     torch.manual_seed(0)
@@ -344,7 +344,7 @@ def test_plain_beit_is_standalone():
     import ast
     import inspect
 
-    import d2v2_scale.model.plain_beit as plain
+    import d2v2_scale.twins.beit as plain
 
     tree = ast.parse(inspect.getsource(plain))
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -422,7 +422,7 @@ def _beit_reference(u_of_attempt, height=14, width=14, num_mask=120, min_p=16, m
 def test_mask_generator_is_beit_exactly():
     """The vectorized lockstep generator = BEiT's sequential loop fed the same draws."""
     from d2v2_scale.data import rng
-    from d2v2_scale.data.masking_beit import beit_block_mask
+    from d2v2_scale.data.masking.beit import beit_block_mask
 
     keys = rng.make_keys(3, 1, np.arange(300))
     got = beit_block_mask(keys)
@@ -446,7 +446,7 @@ def test_mask_generator_10000_draws():
     grid, each adding between 1 and `remaining` new cells; keyed (same key -> same mask,
     independent of the batch it is drawn in)."""
     from d2v2_scale.data import rng
-    from d2v2_scale.data.masking_beit import beit_block_mask
+    from d2v2_scale.data.masking.beit import beit_block_mask
 
     keys = rng.make_keys(1, 0, np.arange(10_000))
     t0 = time.perf_counter()
@@ -491,7 +491,7 @@ def _train_step(enc, images, mask, seed=3):
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_replays_the_same_step(dist, mode):
     """Recomputation replays drop path and attention dropout: same output and gradients."""
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     m = beit_model_config(depth=2, drop_path=0.3, attention_dropout=0.2)
     torch.manual_seed(0)
@@ -513,7 +513,7 @@ def test_pipeline_stages_compose_to_the_whole_encoder(dist):
     embedding, CLS, mask token) and blocks 0-1, stage 1 blocks 2-3 and the final norm, both the
     shared relative position table (replicated: gradients summed over stages); stage 0 then
     stage 1 gives the unsplit encoder's output and taps."""
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
     from d2v2_scale.train.pipeline import prune_to_stage
 
     m = beit_model_config(depth=4, drop_path=0.3)
@@ -586,7 +586,7 @@ def test_weight_decay_groups_follow_beit(dist):
     """docs/REFERENCE.md §2.4 (timm optimizer): no decay on 1-D parameters (norms, biases, q/v biases, layer
     scales) and the CLS token; the mask token (3-D) and the relative position table (2-D) decay."""
     from d2v2_scale.model import param_groups_for_weight_decay
-    from d2v2_scale.model.beit import BeitEncoder
+    from d2v2_scale.model.modalities.beit import BeitEncoder
 
     model = torch.nn.Module()
     model.encoder = BeitEncoder(beit_model_config(depth=1))

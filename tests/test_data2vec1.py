@@ -1,4 +1,4 @@
-"""data2vec 1.0 (model/data2vec1.py, data/masking_d2v1.py): the facts of docs/REFERENCE.md §2 for
+"""data2vec 1.0 (model/objectives/data2vec1.py, data/masking/data2vec1.py): the facts of docs/REFERENCE.md §2 for
 speech and text -- mask statistics, mask-embedding placement, teacher taps and targets by hand,
 loss numerics, EMA values and copied parts, teacher input, parameter counts, init, schedules,
 the collapse guard, and the impossible mixes the config refuses."""
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v2_scale.config import ConfigError, build_config, load_preset
-from d2v2_scale.data import masking_d2v1 as M
+from d2v2_scale.data.masking import data2vec1 as M
 from d2v2_scale.data import rng
 
 
@@ -162,7 +162,7 @@ def test_teacher_tap_by_hand(tap):
 
 # ---- 6. targets by hand ------------------------------------------------------------------------
 def test_targets_by_hand():
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.model.core.targets import make_targets
 
     g = torch.Generator().manual_seed(0)
     taps = [torch.randn(2, 5, 4, generator=g) * 3 + 1 for _ in range(3)]
@@ -187,7 +187,7 @@ def test_targets_by_hand():
 
 # ---- 7. loss numerics --------------------------------------------------------------------------
 def test_loss_numerics():
-    from d2v2_scale.model.loss import loss_scale, token_loss
+    from d2v2_scale.model.core.loss import loss_scale, token_loss
 
     one = torch.ones(1, 1)
     assert token_loss(one, 0 * one, 4.0, 1.0).item() == pytest.approx(0.125)
@@ -219,7 +219,7 @@ def test_student_loss_is_mean_over_masked_positions():
 # ---- 8. EMA ------------------------------------------------------------------------------------
 def test_ema_schedules_and_copied_parts():
     from d2v2_scale.model import teacher_copied_prefixes
-    from d2v2_scale.model.ema import EMATeacher, ema_decay_from_cfg
+    from d2v2_scale.model.core.ema import ModuleEma, ema_decay_from_cfg
 
     sp, tx = load_preset("d2v1-audio-base"), load_preset("d2v1-text-base")
     assert ema_decay_from_cfg(sp, 0) == pytest.approx(0.999)
@@ -235,7 +235,7 @@ def test_ema_schedules_and_copied_parts():
     with torch.no_grad():
         for p in s.parameters():
             p.add_(torch.randn_like(p))
-    ema = EMATeacher(t, cfg, copy=teacher_copied_prefixes(cfg))
+    ema = ModuleEma(t, cfg, copy=teacher_copied_prefixes(cfg))
     tau = ema.step(s)
     sp_ = dict(s.named_parameters())
     for n, p in t.named_parameters():
@@ -450,8 +450,8 @@ def test_vision_student_teacher_whole_model_ema():
     """BEiT vision: the teacher is an EMA of the whole encoder (patch embedding, CLS, mask token,
     relative position bias, blocks, final norm); mask_token enters before CLS; the loss is
     Sigma_c SL1_2 / D over masked patches against LN(mean_k LN(block end_k)) without CLS."""
-    from d2v2_scale.model.ema import EMATeacher
-    from d2v2_scale.model.targets import layer_norm_channels
+    from d2v2_scale.model.core.ema import ModuleEma
+    from d2v2_scale.model.core.targets import layer_norm_channels
 
     cfg, s, t = _build("d2v1-image-tiny")
     names = {n for n, _ in t.named_parameters()}
@@ -480,7 +480,7 @@ def test_vision_student_teacher_whole_model_ema():
     with torch.no_grad():
         for p in s.parameters():
             p.add_(1.0)
-    tau = EMATeacher(t, cfg).step(s)
+    tau = ModuleEma(t, cfg).step(s)
     sp = dict(s.named_parameters())
     assert tau == pytest.approx(0.998)
     for n, p in t.named_parameters():

@@ -120,7 +120,7 @@ def test_train_export_plain_twin_equals_teacher(modality, tmp_path):
     (FFN outputs; vision: block ends without CLS), normalized as the preset says, equal the
     training teacher's targets on a fixed input."""
     from d2v2_scale.export import export_checkpoint, load_export
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.model.core.targets import make_targets
 
     feats = tmp_path / "features.pt"
     run_distributed("tests.dist_bodies_export:fit_features_body", nproc=2, timeout=300, args=[
@@ -168,7 +168,7 @@ def test_commands_train_export_twin_equals_checkpoint_teacher(modality, tmp_path
     from d2v2_scale.export import load_export
     from d2v2_scale.export.consolidate import read_marker, resolve_checkpoint, student_state, teacher_state
     from d2v2_scale.model import build_student, build_teacher
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.model.core.targets import make_targets
     from tests.dist_bodies_export import fixed_source
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",

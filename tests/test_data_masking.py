@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from d2v2_scale.config import load_preset
-from d2v2_scale.data import masking, rng
+from d2v2_scale.data.masking import data2vec2 as masking
+from d2v2_scale.data import rng
 
 
 def _keys(n_samples, m, seed=1, epoch=0):

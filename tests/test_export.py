@@ -38,7 +38,7 @@ def _train(tmp: Path, nproc: int, *overrides: str, timeout: int = 240, manifest:
 
 def _plain_outputs(export_dir: Path, source: torch.Tensor):
     from d2v2_scale.export import load_export
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.model.core.targets import make_targets
 
     enc, cfg, _ = load_export(export_dir)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def _check_student(run: Path, feats: dict, out: Path):
     from safetensors.torch import load_file
 
     from d2v2_scale.export import export_checkpoint
-    from d2v2_scale.model import mapping
+    from d2v2_scale.twins import mapping
 
     cfg = export_checkpoint(run, out, which="student", with_decoder=True)
     sd = load_file(str(out / "model.safetensors"))
@@ -247,7 +247,7 @@ _STANDALONE = textwrap.dedent("""
 
 
 def test_plain_twin_loads_export_standalone(zero3_run, tmp_path):
-    import d2v2_scale.model.plain as plain_mod
+    import d2v2_scale.twins.encoder as plain_mod
     from d2v2_scale.export import export_checkpoint
 
     run, feats = zero3_run

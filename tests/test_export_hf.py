@@ -212,7 +212,7 @@ def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys)
 
     with pytest.raises(HFRefused, match=why) as e:
         hf_target(_model_cfg(preset))
-    assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
+    assert "without --format hf" in str(e.value) and "twins/encoder.py" in str(e.value)
     # the CLI on a plain export of that model: exit 2, one line, nothing written
     cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
     write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
@@ -232,7 +232,7 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
     """fairseq Data2VecMultiModel (text) -> d2v2-import --format hf -> RobertaModel in a fresh
     process: its output equals fairseq's own features on the oracle's input; the fairseq
     dictionary travels with it."""
-    from d2v2_scale.export.importer import main
+    from d2v2_scale.export.fairseq.importer import main
 
     out = tmp_path / "hf"
     assert main([str(oracle / "text" / "checkpoint.pt"), "--out", str(out), "--which", "student",
@@ -249,7 +249,7 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
 
 @pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
 def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why):  # noqa: F811
-    from d2v2_scale.export.importer import main
+    from d2v2_scale.export.fairseq.importer import main
 
     out = tmp_path / "hf"
     assert main([str(oracle / case / "checkpoint.pt"), "--out", str(out), "--format", "hf"]) == 2
@@ -288,7 +288,7 @@ def test_fairseq_d2v1_round_trips(oracle, tmp_path, capsys):  # noqa: F811
     fresh process: Data2VecAudioModel / Data2VecTextModel, every block's output equals fairseq's
     on a right-padded batch (real positions, fp32, ATOL)."""
     from d2v2_scale.export.cli import main as export_main
-    from d2v2_scale.export.importer import main as import_main
+    from d2v2_scale.export.fairseq.importer import main as import_main
 
     jobs, refs = {}, {}
     for case, cls in (("d2v1_audio", "Data2VecAudioModel"), ("d2v1_text", "Data2VecTextModel")):

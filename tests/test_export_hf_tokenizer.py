@@ -178,7 +178,7 @@ def test_gpt2_tokenizer_gives_fairseq_ids(bpe, oracle, tmp_path, capsys):  # noq
     the transformers model on that batch equals the plain twin on fairseq's ids."""
     from d2v2_scale.export import load_export
     from d2v2_scale.export.cli import main
-    from d2v2_scale.export.importer import main as import_main
+    from d2v2_scale.export.fairseq.importer import main as import_main
 
     d, ref = bpe
     want = ref["ids"]
@@ -219,7 +219,7 @@ def test_gpt2_tokenizer_missing_files_and_refusals(bpe, oracle, tmp_path, capsys
     dictionaries no tokenizer reproduces exactly are refused (exit 2, nothing written)."""
     from d2v2_scale.export.cli import main
     from d2v2_scale.export.gpt2_tokenizer import GPT2_URLS, fairseq_indices, fairseq_symbols
-    from d2v2_scale.export.importer import main as import_main
+    from d2v2_scale.export.fairseq.importer import main as import_main
 
     d, ref = bpe
     # dict.txt is read as fairseq reads it

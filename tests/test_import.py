@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from d2v2_scale.export.consolidate import load_export
-from d2v2_scale.export.importer import (ImportRefused, import_checkpoint, import_state, load_fairseq, main,
-                                       parse_feature_spec)
-from d2v2_scale.model.targets import make_targets
+from d2v2_scale.export.fairseq.common import ImportRefused, load_fairseq, parse_feature_spec
+from d2v2_scale.export.fairseq.importer import import_checkpoint, import_state, main
+from d2v2_scale.model.core.targets import make_targets
 
-from . import fairseq_oracle
+from tests import fairseq_oracle
 
 CACHE = Path(os.environ.get("D2V2_FAIRSEQ_CACHE", Path.home() / ".cache" / "d2v2-scale" / "fairseq-oracle"))
 # fp16-stored student weights are cast to fp32 on both sides, so both compute in fp32 from the same
@@ -196,8 +196,9 @@ def _imported_training_model(path, preset_prefix: str):
     project's training model built from the `<preset_prefix><modality>-tiny` preset with the file's
     model config (masked-slot noise 0).  -> (student, teacher, the file's model config, run config)."""
     from d2v2_scale.config import load_preset
-    from d2v2_scale.export.importer import decoder_state
-    from d2v2_scale.model import build_student, build_teacher, mapping
+    from d2v2_scale.export.fairseq.importer import decoder_state
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model import build_student, build_teacher
 
     ck = load_fairseq(path)
     student, mcfg, _ = import_state(ck, "student")
@@ -242,7 +243,7 @@ def test_imported_training_model_loss_matches_fairseq(oracle, dist, case):
 def test_text_decoder_head(oracle):
     """The text recipe's 2-layer decoder head (docs/REFERENCE.md §1.10 D1) maps to decoder.proj.{0,2} where the
     training decoder has it, and is refused, naming the field, where it does not."""
-    from d2v2_scale.export.importer import decoder_state, import_state
+    from d2v2_scale.export.fairseq.importer import decoder_state, import_state
 
     ck = load_fairseq(oracle / "text" / "checkpoint.pt")
     _, mcfg, _ = import_state(ck, "student")
@@ -262,7 +263,7 @@ def test_to_run_resumes_with_fairseq_loss(oracle, tmp_path, case, layout):
     student, EMA teacher and decoder (fresh optimizer, step 0) and its first loss on fairseq's batch
     and masks is fairseq's loss, under TP=2 and under ZeRO-3 with the batch split over 2 ranks."""
     from d2v2_scale.testing import run_distributed
-    from d2v2_scale.export.importer import load_fairseq, import_state
+    from d2v2_scale.export.fairseq.importer import load_fairseq, import_state
 
     run = tmp_path / "run"
     preset = f"{case.split('_')[0]}-tiny"
@@ -422,7 +423,7 @@ def test_to_run_d2v1_speech_resumes_with_fairseq_loss(oracle, tmp_path, capsys):
 def test_d2v1_heads_to_training_names(oracle, tmp_path):
     """--to-run's head mapping: speech final_proj -> decoder.{weight,bias} + mask_emb; text
     regression_head.{0,2} -> decoder.{0,2} (head_layers 2), regression_head.0 -> decoder.* (1)."""
-    from d2v2_scale.export.importer import decoder_state
+    from d2v2_scale.export.fairseq.importer import decoder_state
 
     ck = load_fairseq(oracle / "d2v1_audio" / "checkpoint.pt")
     assert sorted(decoder_state(ck, import_state(ck, "student")[1])) == ["decoder.bias", "decoder.weight", "mask_emb"]

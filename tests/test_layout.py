@@ -1,4 +1,4 @@
-"""Issue #19 (forward side): the loader ships the student's index tensors (model/layout.py), so the
+"""Issue #19 (forward side): the loader ships the student's index tensors (data/layout.py), so the
 forward and backward read nothing back to the host, and the image step compiles as one graph.
 
 CI cost (2-core CPU): about 30 s in all when the machine is idle (75 s measured under load), most of it
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import data_fixtures as fx  # noqa: E402
 
 from d2v2_scale.opcount import OpCounter  # noqa: E402
-from d2v2_scale.model.layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, add_layout, derive_layout  # noqa: E402
+from d2v2_scale.data.layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, add_layout, derive_layout  # noqa: E402
 from tests.dist_bodies_model import build_models, make_batch  # noqa: E402
 from tests.test_bench import _run_script  # noqa: E402
 
@@ -71,8 +71,8 @@ def test_fill_masked_is_bitwise_the_masked_scatter_and_uneven_masks_are_refused(
     """The decoder input is now a scatter at the kept positions; it equals the masked_scatter at
     ~mask it replaces (same noise draw, same values), and so does its gradient.  A mask whose rows
     keep different counts is refused with the contract named."""
-    from d2v2_scale.model.data2vec import fill_masked
-    from d2v2_scale.model.layout import kept_indices
+    from d2v2_scale.model.objectives.data2vec2 import fill_masked
+    from d2v2_scale.data.layout import kept_indices
 
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(6, 10, dtype=torch.bool)
@@ -117,7 +117,7 @@ def test_loader_ships_the_layout(kind):
     token_padding is there only when some token is padded (text: the padding_mask)."""
     cfg = fx.tiny_cfg(kind, fx.prepared(kind), num_workers=0)
     from d2v2_scale.data import build_loader
-    from d2v2_scale.model.modality import get_modality
+    from d2v2_scale.model.modalities import get_modality
 
     it = iter(build_loader(cfg, 0, 1))
     for _ in range(3):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v2_scale.config import load_preset
-from d2v2_scale.model.data2vec import position_share
+from d2v2_scale.model.core.stats import position_share
 from tests.dist_bodies_model import make_batch
 
 
@@ -54,7 +54,7 @@ def _capture(student):
 def test_student_sees_only_kept_tokens_and_order_is_restored(name):
     """Decoder input = the encoder run separately on each row's kept tokens, at their original
     positions; masked slots hold N(0, 0.01^2) noise."""
-    from d2v2_scale.model.attention import attention_bias
+    from d2v2_scale.model.core.attention import attention_bias
 
     cfg, s, t = _build(name)
     s.eval()  # dropout off so the reference pass is comparable
@@ -262,7 +262,7 @@ def test_ema_schedule_values():
 
 def test_ema_update_exact_and_skipped_at_one():
     from d2v2_scale.model import ema_update
-    from d2v2_scale.model.ema import EMATeacher, matched_params
+    from d2v2_scale.model.core.ema import ModuleEma, matched_params
 
     cfg, s, t = _build("audio-tiny")
     names = [n for n, _, _ in matched_params(t, s)]
@@ -282,7 +282,7 @@ def test_ema_update_exact_and_skipped_at_one():
     assert not ema_update(t, s, 1.0)
     assert all(torch.equal(snap[n], p) for n, p in t.named_parameters())
     cfg.ema.decay, cfg.ema.end_decay, cfg.ema.anneal_end_step = 0.5, 1.0, 2
-    et = EMATeacher(t, cfg)
+    et = ModuleEma(t, cfg)
     assert [et.step(s), et.step(s), et.step(s)] == [0.5, 0.75, 1.0]
 
 

@@ -15,7 +15,7 @@ REFERENCE = [("image-base", 86e6, 0.02), ("image-large", 303e6, 0.02), ("image-h
 @pytest.mark.parametrize("name,ref,tol", REFERENCE)
 def test_preset_encoder_params(name, ref, tol):
     from d2v2_scale.model.flops import encoder_params_analytic
-    from d2v2_scale.model.plain import PlainEncoder
+    from d2v2_scale.twins.encoder import PlainEncoder
 
     cfg = load_preset(name)
     with torch.device("meta"):  # no memory, no init
@@ -30,7 +30,7 @@ def test_preset_encoder_params(name, ref, tol):
 def test_megatron_encoder_params_equal_plain(name):
     from d2v2_scale.distributed import init_distributed
     from d2v2_scale.model import build_student
-    from d2v2_scale.model.plain import PlainEncoder
+    from d2v2_scale.twins.encoder import PlainEncoder
 
     init_distributed()
     cfg = load_preset(name)

@@ -18,8 +18,9 @@ def dist():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_plain_twin_matches_megatron(dist, name):
-    from d2v2_scale.model import build_student, mapping
-    from d2v2_scale.model.plain import PlainEncoder
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model import build_student
+    from d2v2_scale.twins.encoder import PlainEncoder
 
     cfg = load_preset(name)
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def test_plain_twin_is_standalone():
     import ast
     import inspect
 
-    import d2v2_scale.model.plain as plain
+    import d2v2_scale.twins.encoder as plain
 
     tree = ast.parse(inspect.getsource(plain))
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -30,7 +30,7 @@ def random_mask(rows: int, length: int, keep: int, g: torch.Generator) -> torch.
 
 def test_image_tiny_trains_on_digits():
     from d2v2_scale.distributed import init_distributed
-    from d2v2_scale.model import (EMATeacher, build_student, build_teacher, init_teacher_from_student,
+    from d2v2_scale.model import (ModuleEma, build_student, build_teacher, init_teacher_from_student,
                                   param_groups_for_weight_decay)
 
     init_distributed()
@@ -40,7 +40,7 @@ def test_image_tiny_trains_on_digits():
     steps = 300
     student, teacher = build_student(cfg), build_teacher(cfg)
     init_teacher_from_student(teacher, student)
-    ema = EMATeacher(teacher, cfg)
+    ema = ModuleEma(teacher, cfg)
     opt = torch.optim.AdamW(param_groups_for_weight_decay(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps))

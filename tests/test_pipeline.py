@@ -94,8 +94,8 @@ def test_pp2_checkpoint_exports(tmp_path):
     from safetensors.torch import load_file
 
     from d2v2_scale.export import export_checkpoint, load_export
-    from d2v2_scale.model import mapping
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.twins import mapping
+    from d2v2_scale.model.core.targets import make_targets
 
     feats = tmp_path / "features.pt"
     manifest = data_fixtures.prepared("image") / "manifest.json"

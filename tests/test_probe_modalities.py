@@ -318,7 +318,7 @@ def test_probe_layer_option():
         parse_args,
         torch_init,
     )
-    from d2v2_scale.model.targets import make_targets
+    from d2v2_scale.model.core.targets import make_targets
 
     def setup(kind, n):
         cfg = dataclasses.asdict(data_fixtures.tiny_cfg(kind, Path("unused")).model)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v2_scale.config import load_preset
-from d2v2_scale.model.modality import get_modality
+from d2v2_scale.model.modalities import get_modality
 from tests.dist_bodies_model import make_batch
 
 

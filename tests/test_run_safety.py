@@ -237,7 +237,7 @@ def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image
     output dir is refused naming the owner; `kill -9` of torchrun: every rank and worker is gone
     within a few seconds; then the dead owner's lock is taken over."""
     from d2v2_scale.distributed import free_port
-    from d2v2_scale.train.runlock import RunLock
+    from d2v2_scale.runlock import RunLock
 
     out = tmp_path / "run"
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -278,7 +278,7 @@ def test_killed_launcher_takes_its_ranks_and_the_lock_refuses_a_second_run(image
 def test_run_lock_owners(tmp_path, monkeypatch):
     """A live owner refuses; a reused pid (other start time) and the same SLURM job (requeue)
     are taken over; a live owner of another SLURM job is refused."""
-    from d2v2_scale.train.runlock import RunLock, RunLockedError, _start_time
+    from d2v2_scale.runlock import RunLock, RunLockedError, _start_time
 
     lock = tmp_path / "RUN.lock"
     me = RunLock.acquire(tmp_path)

@@ -43,7 +43,7 @@ def _mix_cfg(corpora, *extra):
 
 # ---- --help ------------------------------------------------------------------------------------
 COMMANDS = {"d2v2-prep": "data_prep.cli", "d2v2-export": "d2v2_scale.export.cli",
-            "d2v2-import": "d2v2_scale.export.importer", "d2v2-probe": "d2v2_scale.export.probe",
+            "d2v2-import": "d2v2_scale.export.fairseq.importer", "d2v2-probe": "d2v2_scale.export.probe",
             "d2v2-bench": "d2v2_scale.bench", "d2v2-plan": "d2v2_scale.plan", "d2v2-quickstart": "d2v2_scale.quickstart"}
 
 

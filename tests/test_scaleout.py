@@ -25,7 +25,7 @@ COMMON = ["max_steps=10", "checkpoint.every_steps=1000", "logging.every_steps=5"
           "ema.end_decay=0.95"]
 # Dropout on for the activation-checkpointing runs (image presets have 0): the recompute must
 # replay the same dropout masks.  Not for TP: attention dropout draws a [B, H/tp, T, T] mask per
-# TP rank from a per-rank stream (model/tp_random.py), not TP=1's [B, H, T, T], so TP=2 cannot
+# TP rank from a per-rank stream (model/core/tp_random.py), not TP=1's [B, H, T, T], so TP=2 cannot
 # reproduce TP=1's dropout (the TP ranks still stay in step: the 4 ranks' losses are compared).
 DROPOUT = "model.dropout=0.1"
 
@@ -109,7 +109,7 @@ def _ds(*overrides, dp=2):
 
 
 def test_tp_attention_dropout_draws_per_tp_rank():
-    """Attention dropout on a TP slice uses a stream seeded per TP rank (model/tp_random.py): the
+    """Attention dropout on a TP slice uses a stream seeded per TP rank (model/core/tp_random.py): the
     two ranks' masks differ, as the masks of different heads do at TP=1; without it they are
     identical.  The default generator (replicated tensors) stays in step on both ranks."""
     res = run_distributed(f"{BODY}:tp_dropout_body", nproc=2, timeout=120)

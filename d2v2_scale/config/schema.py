@@ -33,7 +33,7 @@ class MaskConfig:
     adjust: float = 0.07
     length: int = 3
     # "data2vec2" (data/masking.py: exact counts, M clones) or a data2vec 1.0 generator
-    # (data/masking_d2v1.py): "speech_spans" (fairseq compute_mask_indices: p = ratio, span =
+    # (data/masking/data2vec1.py): "speech_spans" (fairseq compute_mask_indices: p = ratio, span =
     # length, probabilistic rounding, trimmed to the batch minimum), "text_spans" (span = length
     # at p = ratio, every masked token -> <mask>), "bert" (ratio of tokens selected; of those
     # bert_unchanged stay and bert_random become random tokens, the rest <mask>)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, rng
+from .audio_files import load_mono
 from .manifest import DataError
 
 # sox reverb.c (freeverb): delay lengths in samples at 44.1 kHz, and the stereo spread
@@ -233,7 +234,6 @@ class NoiseBank:
             if info.samplerate == self.sample_rate and info.frames >= length:
                 s = int(u_window * (info.frames - length + 1))
                 return sf.read(path, start=s, frames=length, dtype="float64", always_2d=True)[0][:, 0]
-        from data_prep.audio import load_mono
 
         return load_mono(path, self.sample_rate, channel=0)[0]
 

@@ -22,11 +22,11 @@ are sample-major: row b*M + m is copy m of sample b, as `repeat_interleave` line
 Every mask row of a batch keeps exactly the same number of positions, and kept positions are
 never padding: each row first gets the exact count of docs/REFERENCE.md §1.7 over its own unpadded length,
 then longer rows get extra random positions masked down to the batch minimum.
-data2vec 1.0 (masking.generator != "data2vec2", data/masking_d2v1.py): M = 1; mask [B, T] is
+data2vec 1.0 and aqc (objectives.py: gathers_kept False; data/masking/data2vec1.py, beit.py): M = 1; mask [B, T] is
 True at masked positions only (padding is never masked); text batches add student_source int64
 [B, T] (the tokens with <mask> / random ids in place) and mask = (student_source == <mask>).
 Every batch also carries the index tensors the student forward derives from the mask
-(model/layout.py, computed here in the workers so the forward reads nothing back to the host):
+(data/layout.py, computed here in the workers so the forward reads nothing back to the host):
   token_padding bool [B, T], only when some token is padded (audio: frame padding, text: padding_mask);
   kept int64 [B*M, T_keep] (data2vec 2.0: each row's ascending kept positions);
   loss_rows, loss_cols int64 [n]: the masked, non-padded positions, row-major (image 2.0:
@@ -55,8 +55,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment, augment_speech, masking, masking_beit, masking_d2v1, mixture, rng
+from ..objectives import objective_of
+from . import augment, augment_speech, mixture, rng
+from .layout import add_layout
 from .manifest import DataError, load_manifest
+from .masking import beit as beit_masks, data2vec1 as d2v1_masks, data2vec2 as d2v2_masks
 from .sampler import ShardedBatchSampler
 from .shards import ShardSet, check_compatible
 
@@ -70,6 +73,7 @@ class BatchBuilder:
 
     def __init__(self, cfg, shards: ShardSet):
         self.cfg, self.shards = cfg, shards
+        self.objective = objective_of(cfg.model)  # which masks: the objective's (d2v2_scale/objectives.py)
         self.modality = shards.modality
         self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
             shards.manifest.get("num_classes", 0) > 0
@@ -93,8 +97,6 @@ class BatchBuilder:
                     indices[b] = self.shards.substitute(i)
                     bad.append(dict(self.shards.describe(i), reason="row checksum mismatch",
                                     used=int(indices[b])))
-        from ..model.layout import add_layout  # here: the model package is heavy for data-only users
-
         out = getattr(self, "_" + self.modality)(epoch, indices)
         add_layout(out, self.cfg.model)  # the index tensors the forward would otherwise read back
         if bad:
@@ -118,13 +120,13 @@ class BatchBuilder:
                                          cfg.data.color_jitter)
         except Exception as e:  # PIL raises many types for corrupt bytes
             raise self._undecodable(rows, indices, e) from None
-        grid = masking.grid_side(cfg.model.num_patches)
-        if cfg.masking.generator == "blockwise":  # data2vec 1.0: BEiT blocks, ratio x P patches (120 / 196)
-            mask = masking_beit.beit_block_mask(self._mask_keys(epoch, indices), grid,
+        grid = d2v2_masks.grid_side(cfg.model.num_patches)
+        if not self.objective.gathers_kept:  # data2vec 1.0: BEiT blocks, ratio x P patches (120 / 196)
+            mask = beit_masks.beit_block_mask(self._mask_keys(epoch, indices), grid,
                                                 num_mask=int(round(cfg.masking.ratio * cfg.model.num_patches)),
                                                 min_patches=cfg.masking.length)
         else:
-            mask = masking.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
+            mask = d2v2_masks.inverse_block_mask(self._mask_keys(epoch, indices), grid, cfg.masking.ratio,
                                               cfg.masking.adjust, cfg.masking.length)
         out = {"source": torch.from_numpy(src), "mask": torch.from_numpy(mask),
                "index": torch.from_numpy(indices)}
@@ -183,13 +185,13 @@ class BatchBuilder:
             raise DataError(f"an audio crop of {valid.min()} samples gives no frames: raise data.min_seconds or "
                             "re-run d2v2-prep audio with a larger --min-seconds")
         keys = self._mask_keys(epoch, indices)
-        if cfg.masking.generator == "speech_spans":  # data2vec 1.0: one row per sample, padding unmasked
-            mask = masking_d2v1.speech_span_mask(keys, frames, T, cfg.masking.ratio, cfg.masking.length)
+        if not self.objective.gathers_kept:  # data2vec 1.0 / aqc: speech spans, one row per sample, padding unmasked
+            mask = d2v1_masks.speech_span_mask(keys, frames, T, cfg.masking.ratio, cfg.masking.length)
         else:
             rows_frames = np.repeat(frames, m.clone_batch)
-            mask = masking.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
+            mask = d2v2_masks.span_mask(keys, rows_frames, T, cfg.masking.ratio, cfg.masking.adjust,
                                      cfg.masking.length)
-            mask = masking.equalize_kept(mask, keys)
+            mask = d2v2_masks.equalize_kept(mask, keys)
         out = {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
                "mask": torch.from_numpy(mask), "index": torch.from_numpy(indices)}
         if views is not None:
@@ -215,15 +217,15 @@ class BatchBuilder:
         keys = self._mask_keys(epoch, indices)
         out = {"source": torch.from_numpy(src), "padding_mask": torch.from_numpy(padding),
                "index": torch.from_numpy(indices)}
-        if cfg.masking.generator in ("text_spans", "bert"):
-            # data2vec 1.0: the student reads `student_source` (<mask> ids in place), the teacher
+        if not self.objective.gathers_kept:
+            # data2vec 1.0 (masking.generator text_spans or bert): the student reads `student_source` (<mask> ids in place), the teacher
             # `source` (the full original sequence); the loss covers the <mask> positions
-            student, mask = masking_d2v1.text_inputs(keys, src, valid, cfg.masking, masking_d2v1.text_mask_id(m),
+            student, mask = d2v1_masks.text_inputs(keys, src, valid, cfg.masking, d2v1_masks.text_mask_id(m),
                                                      int(self.shards.manifest.get("vocab_size", m.vocab_size - 1)))
             out.update(student_source=torch.from_numpy(student), mask=torch.from_numpy(mask))
             return out
-        mask = masking.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
-        out["mask"] = torch.from_numpy(masking.equalize_kept(mask, keys))
+        mask = d2v2_masks.token_mask(keys, np.repeat(valid, m.clone_batch), T, cfg.masking.ratio)
+        out["mask"] = torch.from_numpy(d2v2_masks.equalize_kept(mask, keys))
         return out
 
 
@@ -309,17 +311,17 @@ class Loader:
                                 f"least data.min_seconds={cfg.data.min_seconds} s long, fewer than data.batch_size x "
                                 f"data-parallel ranks = {cfg.data.batch_size * dp_size}: lower data.min_seconds or "
                                 "prepare longer clips")
-        if cfg.masking.generator in ("text_spans", "bert") and \
-                int(self.manifest.get("vocab_size", 0)) > masking_d2v1.text_mask_id(cfg.model):
+        if self.manifest["modality"] == "text" and not objective_of(cfg.model).gathers_kept and \
+                int(self.manifest.get("vocab_size", 0)) > d2v1_masks.text_mask_id(cfg.model):
             raise DataError(f"{self.shards.manifest_path} has a vocabulary of {self.manifest['vocab_size']} tokens but "
-                            f"data2vec 1.0 uses id model.vocab_size - 1 = {masking_d2v1.text_mask_id(cfg.model)} as "
+                            f"data2vec 1.0 uses id model.vocab_size - 1 = {d2v1_masks.text_mask_id(cfg.model)} as "
                             f"<mask>: set model.vocab_size={int(self.manifest['vocab_size']) + 1} (or larger)")
         self.sampler = mixture.make_sampler(self.shards, cfg, dp_rank, dp_size, lengths, eligible)
         # a mix: samples consumed per corpus on this rank (resumed with the position)
         self.corpus_samples = np.zeros(len(self.shards.sets), dtype=np.int64) \
             if isinstance(self.shards, mixture.MixedShardSet) else None
         self.builder = BatchBuilder(cfg, self.shards)
-        if self.builder.aug_params is not None and cfg.model.variant != "data2vec_aqc":
+        if self.builder.aug_params is not None and objective_of(cfg.model).student_local_views < 2:
             print(f"warning: data.views='aqc': audio batches carry the augmented view source_aug, but only "
                   f"model.variant=data2vec_aqc reads it (this run: {cfg.model.variant}); it costs worker time only",
                   file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@
     d2v2-probe  DIR --data MANIFEST [--pool mean|cls]
 
 See docs/EXPORT.md.  `consolidate.export_checkpoint` does the work; `consolidate.load_export`
-loads an export into `d2v2_scale.model.plain.PlainEncoder`.
+loads an export into `d2v2_scale.twins.encoder.PlainEncoder`.
 """
 
 from .consolidate import ExportError, export_checkpoint, load_export, resolve_checkpoint

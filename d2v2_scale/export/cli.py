@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .consolidate import export_checkpoint, ExportError
+from .hf import export_hf
+
 USAGE = """d2v2-export CHECKPOINT_OR_RUN_DIR --out DIR [--which teacher|student] [--with-decoder] [--force]
        d2v2-export CHECKPOINT_OR_RUN_DIR_OR_EXPORT --out DIR --format hf [--which teacher|student] [--force]
                    [--gpt2-bpe DIR_WITH_encoder.json_AND_vocab.bpe]
@@ -20,7 +23,7 @@ examples:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="d2v2-export", usage=USAGE,
                                 description="Export a d2v2 checkpoint of any system it trains (data2vec 2.0, "
-                                            "data2vec 1.0, data2vec-aqc) to the plain-PyTorch twin (model/plain.py) "
+                                            "data2vec 1.0, data2vec-aqc) to the plain-PyTorch twin (twins/encoder.py) "
                                             "or a Hugging Face folder")
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or a run's output dir "
                                       "(the newest COMPLETE checkpoint is taken)")
@@ -32,7 +35,7 @@ def parse_args(argv=None):
                    help="also store the student's decoder tensors (as decoder.*) in the same file")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=["plain", "hf"], default="plain",
-                   help="plain (default): safetensors + config.json for model/plain.py; hf: a Hugging Face "
+                   help="plain (default): safetensors + config.json for twins/encoder.py; hf: a Hugging Face "
                         "transformers folder (pip install -e '.[hf]'), for the models a transformers class "
                         "computes exactly (docs/EXPORT.md); the input may also be a plain export folder")
     p.add_argument("--gpt2-bpe", metavar="DIR", default=None,
@@ -44,13 +47,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .consolidate import ExportError, export_checkpoint
 
     def warn(msg: str) -> None:
         print(f"d2v2-export: warning: {msg}", file=sys.stderr)
 
     if args.format == "hf":
-        from .hf import export_hf
 
         if args.with_decoder:
             print("d2v2-export: error: --with-decoder has no place in a transformers model (--format hf)",

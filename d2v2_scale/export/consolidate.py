@@ -1,4 +1,4 @@
-"""Reassemble a training checkpoint into the plain twin's state dict (model/plain.py).
+"""Reassemble a training checkpoint into the plain twin's state dict (twins/encoder.py).
 
 Input: a checkpoint folder `<output_dir>/checkpoints/step_XXXXXXXX/` (see train/checkpoint.py),
 or an output dir / checkpoints dir (the newest COMPLETE checkpoint is taken).
@@ -7,7 +7,7 @@ Teacher (default), from the `client_rank{r:05d}.pt` files' EMA masters (fp32):
     1. per pipeline stage p and TP rank t: under ZeRO-3 concatenate the flat shards of DP ranks
        0..dp-1 (global rank r = t + tp * (d + dp * p)), drop the padding, reshape to
        meta["shape"]; otherwise take DP rank 0's full (TP-local) tensor;
-    2. merge TP shards along each parameter's partition dim (model/mapping.py);
+    2. merge TP shards along each parameter's partition dim (twins/mapping.py);
     3. join pipeline stages (blocks carry global names; replicated tensors must agree);
     4. rename to plain names (mapping.megatron_to_plain) and check them against PlainEncoder.
     The teacher owns only part of the encoder for audio (no CNN front end) and text (no
@@ -41,7 +41,10 @@ from pathlib import Path
 
 import torch
 
-from ..model import mapping
+from ..train.checkpoint import complete_checkpoints, damage, newest_intact
+from ..twins import mapping
+from ..twins.beit import PlainBeitEncoder
+from ..twins.encoder import PlainEncoder
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -78,7 +81,6 @@ def resolve_checkpoint(path: str | os.PathLike, warn=None) -> Path:
     skips them, each through `warn(message)` (default: one line on stderr).  A checkpoint folder
     named explicitly is taken even when damaged, with that warning: the export reads only some
     of its files (the teacher: the client files), and one it cannot read is named then."""
-    from ..train.checkpoint import complete_checkpoints, damage, newest_intact
 
     warn = warn or stderr_warning
     p = Path(path)
@@ -132,14 +134,12 @@ def model_namespace(info: dict) -> types.SimpleNamespace:
 
 
 def plain_encoder(mcfg):
-    """The plain twin of a config: PlainEncoder (model/plain.py), or PlainBeitEncoder
-    (model/plain_beit.py) for data2vec 1.0 vision (model.image_block=beit).  Both files import
+    """The plain twin of a config: PlainEncoder (twins/encoder.py), or PlainBeitEncoder
+    (twins/beit.py) for data2vec 1.0 vision (model.image_block=beit).  Both files import
     only torch, so an export stays usable with torch + safetensors alone."""
     if getattr(mcfg, "image_block", "vit2") == "beit":
-        from ..model.plain_beit import PlainBeitEncoder
 
         return PlainBeitEncoder(mcfg)
-    from ..model.plain import PlainEncoder
 
     return PlainEncoder(mcfg)
 
@@ -319,7 +319,7 @@ def to_plain(full: dict, mcfg, expected: dict[str, tuple], where: str) -> dict[s
     unknown = sorted(k for k in plain if k not in expected)
     if unknown:
         raise ExportError(f"{where}: unknown parameter names {unknown[:5]}: they have no place in the plain "
-                          f"twin of this config (model/plain.py); the checkpoint and the exporter disagree")
+                          f"twin of this config (twins/encoder.py); the checkpoint and the exporter disagree")
     bad = [(k, tuple(v.shape), expected[k]) for k, v in plain.items() if tuple(v.shape) != expected[k]]
     if bad:
         raise ExportError(f"{where}: shape mismatch for {bad[:3]} (name, checkpoint shape, plain-twin shape)")

@@ -35,14 +35,18 @@ Differences found in the transformers code, and how each is matched (docs/EXPORT
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from .consolidate import ExportError, write_export
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
+from ..objectives import objective_of, uses_beit
+from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint, write_export, ExportError
+from .gpt2_tokenizer import imported_tokenizer_files
 
-PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with model/plain.py"
+PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with twins/encoder.py"
 
 
 class HFRefused(ExportError):
@@ -51,9 +55,8 @@ class HFRefused(ExportError):
 
 def hf_target(cfg: dict) -> str:
     """The transformers class name for an export config, or HFRefused naming why not."""
-    mod, v1 = cfg["modality"], cfg.get("variant", "data2vec2") in ("data2vec1", "data2vec_aqc")
-    beit = cfg.get("image_block", "vit2") == "beit"
-    if mod == "image" and not beit:
+    mod, classes = cfg["modality"], objective_of(cfg).hf_classes
+    if mod == "image" and not uses_beit(cfg):
         raise HFRefused("data2vec 2.0 image encoders have no exact transformers class: they are post-LN ViTs "
                         "with fixed 2-D sin-cos positions and a LayerNorm after the CLS token is prepended "
                         f"(ViT/BEiT/Data2VecVision are pre-LN); {PLAIN_HINT}")
@@ -67,14 +70,12 @@ def hf_target(cfg: dict) -> str:
         if not cfg.get("shared_rel_pos_bias", True):
             raise HFRefused(f"per-block relative position tables are not mapped yet (shared_rel_pos_bias=false); "
                             f"{PLAIN_HINT}")
-        return "Data2VecVisionModel"
+        return classes["image"]  # data2vec 1.0 vision: the only image encoder with a class
     if cfg.get("pre_ln"):
         raise HFRefused(f"pre_ln=true {mod} encoders have no exact transformers class (RoBERTa and "
                         f"Data2VecAudio are post-LN); {PLAIN_HINT}")
-    if mod == "text":
-        return "Data2VecTextModel" if v1 else "RobertaModel"
-    if mod == "audio" and v1:
-        return "Data2VecAudioModel"
+    if mod in classes:
+        return classes[mod]
     raise HFRefused(f"no exact transformers class for {cfg.get('variant')} {mod} encoders; {PLAIN_HINT}")
 
 
@@ -186,7 +187,6 @@ def _vision(sd: dict, cfg: dict, cls: str):
         layer_scale_init_value=float(cfg.get("layer_scale_init", 0.0)), use_mean_pooling=False,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.1)
     # training input: the image resized to image_size, /255, ImageNet mean/std (data/augment.py)
-    from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 
     pre = {"image_processor_type": "BeitImageProcessor", "do_resize": True,
            "size": {"height": size, "width": size}, "resample": 2, "do_center_crop": False, "do_rescale": True,
@@ -225,7 +225,6 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
     ids) + tokenizer_config.json (<s> ... </s> as the loader frames rows, right padding with the
     model's pad id, <mask> after the spm vocabulary when the model has that row).  {} when the run
     has no manifest with an spm model (the HF folder is then written without a tokenizer)."""
-    import hashlib
 
     man = Path(str((run_config.get("data") or {}).get("manifest") or ""))
     if mcfg["modality"] != "text" or not man.is_file():
@@ -272,8 +271,6 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
     before anything is written."""
     from safetensors.torch import load_file
 
-    from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint
-    from .gpt2_tokenizer import imported_tokenizer_files
 
     out, src = Path(out), Path(src)
     if out.exists() and not force:

@@ -36,6 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import RunConfig
+from ..data.augment import decode_image, normalize_wave
+from ..data.manifest import DataError
+from ..data.shards import ShardSet
+from ..distributed import init_distributed
+from ..model import build_student
+from ..model.core.targets import make_targets
+from ..train.trainer import seed_everything
+from ..twins import mapping
+from .consolidate import load_export, plain_encoder, ExportError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -64,7 +75,6 @@ def read_image(shards, i: int, config: dict) -> np.ndarray:
     """-> float32 [C, S, S]: the whole image resized to image_size, normalized like training."""
     from PIL import Image
 
-    from ..data.augment import decode_image
 
     s, c = config["image_size"], config["in_chans"]
     a = np.asarray(decode_image(shards.get(i, _image_columns(shards)), c).resize((s, s), Image.Resampling.BILINEAR))
@@ -76,7 +86,6 @@ def read_image(shards, i: int, config: dict) -> np.ndarray:
 
 def read_audio(shards, i: int, config: dict) -> np.ndarray:
     """-> float32 [n_samples]: the whole row, zero mean / unit variance like training."""
-    from ..data.augment import normalize_wave
 
     scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
     return normalize_wave(np.asarray(shards.get(i, ["audio"])["audio"], dtype=np.float32) * scale)
@@ -130,7 +139,6 @@ def load_labelled(manifest: str | Path, config: dict, max_samples: int | None = 
     class names) for the labelled rows (label >= 0) of classes with at least 2 rows.
 
     max_samples: a seeded random subset of the labelled rows (in corpus order), for big corpora."""
-    from ..data.shards import ShardSet
 
     shards = ShardSet(manifest)
     check_data(shards, config, manifest)
@@ -191,7 +199,6 @@ def representation(encoder, out: dict, layer) -> torch.Tensor:
     if layer == "final":
         return out["x"]
     if layer == "targets":
-        from ..model.targets import make_targets
 
         e = encoder.extra_tokens.shape[1] if encoder.extra_tokens is not None else 0
         k = encoder.c.top_k_layers
@@ -206,7 +213,7 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64,
 
     layer: which representation is pooled: "final" (the encoder output, out["x"]), an int k (the
     output of block k, 0-based, before final_norm for pre-LN models) or "targets" (the data2vec
-    teacher targets: the average of the top-K instance-normed FFN outputs, model/targets.py; no
+    teacher targets: the average of the top-K instance-normed FFN outputs, model/core/targets.py; no
     CLS token).
 
     A batch only holds samples of one length, so no sample is ever padded: the audio encoder is
@@ -239,11 +246,6 @@ def features(encoder, samples, pool: str = "mean", batch_size: int = 64,
 
 def training_init(config: dict, seed: int):
     """PlainEncoder holding the training model's initialization (d2v2 Megatron student, seed)."""
-    from ..config import RunConfig
-    from ..distributed import init_distributed
-    from ..model import build_student, mapping
-    from ..train.trainer import seed_everything
-    from .consolidate import plain_encoder
 
     fields = {k: v for k, v in config.items() if k != "d2v2_export"}
     cfg = RunConfig.from_dict({"model": fields, "seed": seed})
@@ -257,7 +259,6 @@ def training_init(config: dict, seed: int):
 
 
 def torch_init(config: dict, seed: int):
-    from .consolidate import plain_encoder
 
     torch.manual_seed(seed)
     return plain_encoder(types.SimpleNamespace(**config)).eval()
@@ -283,7 +284,6 @@ def run_probe(export_dir: str | Path, manifest: str | Path, pool: str = "mean", 
               threads: int | None = None, layer: str | int = "final") -> dict:
     from sklearn.model_selection import train_test_split
 
-    from .consolidate import load_export
 
     if threads:
         torch.set_num_threads(threads)
@@ -333,8 +333,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..data.manifest import DataError
-    from .consolidate import ExportError
 
     try:
         res = run_probe(args.export, args.data, args.pool, args.baseline, args.test_fraction, args.seed, args.c,

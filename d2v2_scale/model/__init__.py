@@ -1,13 +1,16 @@
-"""data2vec 2.0 and 1.0 models: Megatron-core blocks, per-modality front ends/decoders, targets, EMA.
+"""The data2vec models on Megatron-core: shared parts (core/), one front end per modality
+(modalities/), one module per objective (objectives/).
 
-Two objectives share the parts (encoder, teacher, targets, EMA, loss): model.variant picks
-data2vec 2.0 (data2vec.py: multi-mask, gathered student, conv decoder) or data2vec 1.0
-(data2vec1.py: mask embedding, every position encoded, regression head), or data2vec-aqc
-(data2vec_aqc.py: 1.0 speech + an augmented view, a quantizer, k-means, cross-contrastive losses).
+Three objectives share the parts (encoder, teacher, targets, EMA, loss): model.variant picks
+data2vec 2.0 (objectives/data2vec2.py: multi-mask, gathered student, conv decoder), data2vec 1.0
+(objectives/data2vec1.py: mask embedding, every position encoded, regression head) or
+data2vec-aqc (objectives/aqc/: 1.0 speech + an augmented view, a quantizer, k-means,
+cross-contrastive losses).  What each objective is as data (masks, gather, copied teacher parts,
+FLOP terms, HF classes) is its record in d2v2_scale/objectives.py.
 
 Public API (see the contracts in the module docstrings):
-    build_student(cfg) -> Data2Vec2 | Data2Vec1  forward(batch, teacher) -> (loss, stats)
-    build_teacher(cfg) -> Data2Vec2Teacher     forward(x, padding=None) -> targets [B, T, D]
+    build_student(cfg) -> Data2Vec2 | Data2Vec1 | Data2VecAQC  forward(batch, teacher) -> (loss, stats)
+    build_teacher(cfg) -> EncoderTeacher | BeitTeacher  forward(x, padding=None) -> targets [B, T, D]
     init_teacher_from_student(teacher, student)
     teacher_param_names(cfg)                   names the teacher shares with the student
     param_groups_for_weight_decay(model, wd)   [decay group, no-decay group]
@@ -22,10 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data2vec import Data2Vec2, Data2Vec2Teacher
-from .data2vec1 import TEACHER_COPIED, BeitTeacher, Data2Vec1, is_beit
-from .data2vec_aqc import Data2VecAQC
-from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
+from ..objectives import objective_of, uses_beit
+from .core.ema import ModuleEma, ema_decay, ema_decay_from_cfg, ema_update, init_teacher_from_student
+from .objectives.aqc.model import Data2VecAQC
+from .objectives.data2vec1 import BeitTeacher, Data2Vec1
+from .objectives.data2vec2 import Data2Vec2, EncoderTeacher
 
 # parameters without weight decay besides biases and norms (all 1-D tensors): the ALiBi scales
 # (docs/REFERENCE.md §1.10 D4: the reference's `optim_overrides` skip only 1-D parameters, biases and the ALiBi
@@ -33,23 +37,22 @@ from .ema import EMATeacher, ema_decay, ema_decay_from_cfg, ema_update, init_tea
 NO_DECAY_MARKERS = ("alibi_scale",)
 
 
-OBJECTIVES = {"data2vec2": Data2Vec2, "data2vec1": Data2Vec1, "data2vec_aqc": Data2VecAQC}
+# model.variant -> the student class of the objective (its record: d2v2_scale/objectives.py)
+STUDENTS = {"data2vec2": Data2Vec2, "data2vec1": Data2Vec1, "data2vec_aqc": Data2VecAQC}
 
 
 def build_student(cfg) -> nn.Module:
-    return OBJECTIVES[cfg.model.variant](cfg)
+    return STUDENTS[cfg.model.variant](cfg)
 
 
 def teacher_copied_prefixes(cfg) -> tuple[str, ...]:
     """Teacher parameter-name prefixes the EMA copies from the student instead of averaging."""
-    from ..config import D2V1_VARIANTS
-
-    return TEACHER_COPIED[cfg.model.modality] if cfg.model.variant in D2V1_VARIANTS else ()
+    return objective_of(cfg.model).copied_prefixes(cfg.model.modality)
 
 
 def build_teacher(cfg) -> nn.Module:
     """The EMA teacher module: the shared one, or (data2vec 1.0 vision) the whole BEiT encoder."""
-    return BeitTeacher(cfg) if is_beit(cfg.model) else Data2Vec2Teacher(cfg)
+    return BeitTeacher(cfg) if uses_beit(cfg.model) else EncoderTeacher(cfg)
 
 
 def teacher_param_names(cfg) -> list[str]:
@@ -88,6 +91,6 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, decay_a
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["Data2Vec1", "Data2VecAQC", "Data2Vec2", "Data2Vec2Teacher", "teacher_copied_prefixes", "EMATeacher", "build_student", "build_teacher",
+__all__ = ["Data2Vec1", "Data2VecAQC", "Data2Vec2", "EncoderTeacher", "teacher_copied_prefixes", "ModuleEma", "build_student", "build_teacher",
            "ema_decay", "ema_decay_from_cfg", "ema_update", "init_teacher_from_student",
            "param_groups_for_weight_decay", "teacher_param_names", "no_weight_decay"]

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of one data2vec 2.0 training step (per micro-batch of B samples).
+"""Analytic FLOPs of one training step (per micro-batch of B samples).
 
 A multiply-add counts 2 FLOPs; backward = 2x forward, so forward + backward = 3x forward.
 Counted: matmuls and convolutions (norms, softmax, GELU, the loss are ignored, < 1-2%).
@@ -10,11 +10,15 @@ Counted: matmuls and convolutions (norms, softmax, GELU, the loss are ignored, <
              (+ 3x audio positional conv, which runs full-length on all B*M rows)
     decoder  = 3x decoder on B*M rows of T positions
 data2vec 1.0 (model.variant=data2vec1): M = 1, the student's blocks see all T positions, and the
-"decoder" term is the regression head on the masked positions.
+"decoder" term is the regression head on the masked positions.  What differs per objective is its
+record (d2v2_scale/objectives.py: gathers_kept, flops_head, student_local_views); per modality,
+the cost methods of its `Modality` (model/core/modality.py).
 """
 
 from __future__ import annotations
 
+from ..objectives import objective_of, uses_beit
+from .modalities import get_modality
 
 
 
@@ -26,13 +30,8 @@ def block_flops(tokens: int, d: int, mlp_ratio: float = 4.0) -> float:
     return float(dense + attn)
 
 
-def _conv_pos_flops(m, t: int) -> float:
-    d = m.embed_dim
-    return float(m.conv_pos_depth * 2 * t * (d // m.conv_pos_groups) * m.conv_pos_width * d)
-
-
 def _decoder_flops(m, t: int) -> float:
-    k = m.decoder_kernel ** (2 if m.modality == "image" else 1)
+    k = m.decoder_kernel ** get_modality(m).decoder_ndim
     total, c_in = 0.0, m.embed_dim
     for _ in range(m.decoder_layers):
         total += 2 * t * (c_in // m.decoder_groups) * k * m.decoder_dim
@@ -51,33 +50,17 @@ def _head_flops(m, masked: float) -> float:
 
 
 def _local_flops(m, seq: int, n_samples: int | None) -> float:
-    if m.modality == "image":
-        return 2.0 * seq * m.in_chans * m.patch_size ** 2 * m.embed_dim
-    if m.modality == "audio":
-        total, c_in, n = 0.0, 1, n_samples
-        for c, k, s in m.conv_feature_layers:
-            n = (n - k) // s + 1
-            total += 2 * n * c_in * k * c
-            c_in = c
-        return total + 2 * seq * c_in * m.embed_dim
-    return 0.0  # embedding lookups
+    return get_modality(m).local_flops(seq, n_samples)
 
 
 def seq_len_and_keep(cfg, audio_samples: int | None = None, text_tokens: int | None = None) -> tuple[int, int]:
     """(T, T_keep) for the config's modality and masking ratio (docs/REFERENCE.md §1.7 counts)."""
     m, r = cfg.model, cfg.masking.ratio
-    if m.modality == "image":
-        t = m.num_patches
-    elif m.modality == "audio":
-        t = m.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
-    else:
-        t = text_tokens or cfg.data.max_tokens
-    v1 = m.variant in ("data2vec1", "data2vec_aqc")
-    if m.modality == "image" and not v1:
-        return t, int(t * (1 - r))
-    if v1:
+    mod = get_modality(m)
+    t = mod.sequence_length(cfg, audio_samples, text_tokens)
+    if not objective_of(m).gathers_kept:
         return t, t  # data2vec 1.0: the student encodes every position (mask embedding, no gather)
-    return t, t - int(t * r)
+    return t, mod.kept_count(t, r)
 
 
 def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = None,
@@ -85,31 +68,33 @@ def step_flops(cfg, batch_size: int | None = None, audio_samples: int | None = N
     """FLOPs of one micro-step for `batch_size` samples (default cfg.data.batch_size)."""
     m = cfg.model
     b = batch_size or cfg.data.batch_size
-    if m.image_block == "beit":  # data2vec 1.0 vision: its own step shape (beit_step_flops)
+    if uses_beit(m):  # data2vec 1.0 vision: its own step shape (beit_step_flops)
         return beit_step_flops(cfg, b)
     n = b * m.clone_batch
     t, keep = seq_len_and_keep(cfg, audio_samples, text_tokens)
     keep = t_keep if t_keep is not None else keep
-    e = 1 if m.modality == "image" else 0
+    mod, obj = get_modality(m), objective_of(m)
+    e = mod.num_extra_tokens
     nb = m.total_blocks
     local = _local_flops(m, t, audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
-    pos = _conv_pos_flops(m, t) if m.modality == "audio" else 0.0
+    pos = mod.positions_flops(t)
 
+    # the teacher runs the front end itself only where it owns it (image: the patch embedding)
     teacher = b * (nb * block_flops(t + e, m.embed_dim, m.mlp_ratio) + pos
-                   + (local if m.modality == "image" else 0.0))
+                   + (local if "local" in mod.teacher_parts else 0.0))
     student = 3 * n * (nb * block_flops(keep + e, m.embed_dim, m.mlp_ratio) + pos)
     # data2vec-aqc runs the CNN front end on two views (its quantizer, projections and k-means are
     # small next to it and are left out)
-    local_s = 3 * b * local * (2 if m.variant == "data2vec_aqc" else 1)
-    v1 = m.variant in ("data2vec1", "data2vec_aqc")
-    decoder = 3 * n * (_head_flops(m, cfg.masking.ratio * t) if v1 else _decoder_flops(m, t))
+    local_s = 3 * b * local * obj.student_local_views
+    decoder = 3 * n * (_head_flops(m, cfg.masking.ratio * t) if obj.flops_head == "regression"
+                       else _decoder_flops(m, t))
     out = {"teacher": teacher, "student": student, "local": local_s, "decoder": decoder}
     out["total"] = sum(out.values())
     return out
 
 
 def beit_encoder_flops(m) -> float:
-    """Forward FLOPs of the BEiT encoder (model/beit.py) on one image: the patch embedding, then
+    """Forward FLOPs of the BEiT encoder (model/modalities/beit.py) on one image: the patch embedding, then
     every block on 1 + P tokens (its relative position bias is a gather, not a matmul)."""
     return _local_flops(m, m.num_patches, None) + m.total_blocks * block_flops(m.num_patches + 1, m.embed_dim,
                                                                                 m.mlp_ratio)
@@ -136,30 +121,15 @@ def train_step_flops(cfg, **kwargs) -> float:
 
 def encoder_params_analytic(m) -> int:
     """Encoder parameter count from the config alone (blocks + front end), no model built."""
-    if m.image_block == "beit":
+    if uses_beit(m):
         return beit_encoder_params(m)
     d, f = m.embed_dim, int(m.embed_dim * m.mlp_ratio)
     per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-    n = m.total_blocks * per_block
-    if m.modality == "image":
-        n += m.in_chans * m.patch_size ** 2 * d + d + d + 2 * d  # patch embed, CLS, context LN
-    elif m.modality == "audio":
-        c_in = 1
-        for c, k, _ in m.conv_feature_layers:
-            n += c_in * k * c + 2 * c
-            c_in = c
-        n += 2 * c_in + c_in * d + d  # LN + projection
-        n += m.conv_pos_depth * (d * (d // m.conv_pos_groups) * m.conv_pos_width + d) + 2 * d
-        n += m.num_heads if m.alibi else 0
-    else:
-        n += m.vocab_size * d + m.max_positions * d + 2 * d
-    if m.pre_ln and m.modality == "text":
-        n += 2 * d  # final norm (image/audio: the final norm replaces the context norm, same size)
-    return n
+    return m.total_blocks * per_block + get_modality(m).front_end_params()
 
 
 def beit_encoder_params(m) -> int:
-    """Parameter count of the BEiT encoder (model/beit.py) at TP=1 from the config alone: patch
+    """Parameter count of the BEiT encoder (model/modalities/beit.py) at TP=1 from the config alone: patch
     embedding, CLS, mask token, relative position table(s) ((2g-1)^2 + 3 rows x H), blocks with
     q/v-only qkv bias and layer scale, final norm."""
     d, f, g = m.embed_dim, int(m.embed_dim * m.mlp_ratio), m.image_size // m.patch_size

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from ..compat import quiet_known_warnings
 from ..config import ConfigError, build_config, match_reference_batch, preset_names
+from ..data.manifest import DataError
+from ..runlock import RunLock, RunLockedError, die_with_launcher
+
+# The modules that import torch, DeepSpeed and Megatron-core (data.loader, distributed,
+# checkpoint, guards, trainer) are imported inside the functions below, on purpose: `d2v2-train`
+# ties itself to its launcher (die_with_launcher) and answers a bad config or --print-config in
+# a fraction of a second, before that multi-second import.
 
 USAGE = """d2v2-train --preset PRESET [--config FILE.yaml] [--resume auto|DIR] [section.key=VALUE ...]
 
@@ -51,12 +61,8 @@ def preflight(cfg, world_size: int = 1) -> str | None:
     and the --resume folder (an explicit one intact; under auto, not every checkpoint damaged;
     the one taken written by this many processes under this parallel layout).  Returns the
     one-line error, or None."""
-    import json
-    from pathlib import Path
-
-    from ..data.loader import check_data
-    from ..data.manifest import DataError
-    from .checkpoint import MARKER, layout_problem, resolve_resume
+    from ..data.loader import check_data  # lazy: torch (see the top of this file)
+    from .checkpoint import MARKER, layout_problem, resolve_resume  # lazy: torch
 
     from .trackers import wandb_missing
 
@@ -78,9 +84,7 @@ def preflight(cfg, world_size: int = 1) -> str | None:
 
 
 def main(argv=None) -> int:
-    from ..compat import quiet_known_warnings
-    from ..distributed import resolve_launch_env
-    from .runlock import die_with_launcher
+    from ..distributed import resolve_launch_env  # lazy: torch (see the top of this file)
 
     die_with_launcher()  # first: a launcher killed from here on takes this rank with it
     quiet_known_warnings()
@@ -108,8 +112,6 @@ def main(argv=None) -> int:
     if err:
         print(f"d2v2-train: {err}", file=sys.stderr)
         return 2
-    from .runlock import RunLock, RunLockedError
-
     lock = None
     if resolve_launch_env()[1]["RANK"] == "0":  # one owner per run; the other ranks follow it
         try:
@@ -125,9 +127,8 @@ def main(argv=None) -> int:
 
 
 def _train(cfg) -> int:
-    from ..data.manifest import DataError
-    from .guards import TrainingStopped
-    from .trainer import Trainer, install_signal_handlers
+    from .guards import TrainingStopped  # lazy: torch (see the top of this file)
+    from .trainer import Trainer, install_signal_handlers  # lazy: DeepSpeed, Megatron-core
 
     install_signal_handlers()
     try:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..model.core.tp_random import TP_RANDOM
+
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -139,7 +141,6 @@ def layout_problem(info: dict, world_size: int, layout: dict) -> str | None:
 
 
 def rng_state() -> dict:
-    from ..model.tp_random import TP_RANDOM
 
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -153,7 +154,6 @@ def set_rng_state(s: dict) -> None:
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
     if "tp_random" in s:
-        from ..model.tp_random import TP_RANDOM
 
         TP_RANDOM.load_state_dict(s["tp_random"])
 

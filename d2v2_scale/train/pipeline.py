@@ -36,10 +36,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..compat import cuda_calls_on_cpu
-from ..model.layout import token_padding
+from ..data.layout import token_padding
+from ..model.core.blocks import make_transformer_config
 
 # Encoder parts only the first stage runs (the front end) and only the last stage runs.
-# (mask_token: the BEiT encoder's, model/beit.py, used by its embed() on the first stage)
+# (mask_token: the BEiT encoder's, model/modalities/beit.py, used by its embed() on the first stage)
 FIRST_ONLY = ("local", "positions", "extra_tokens", "context_norm", "mask_token")
 LAST_ONLY = ("final_norm",)
 FIRST_ONLY_PARAMS = tuple(f"encoder.{p}" for p in FIRST_ONLY)  # parameter-name prefixes
@@ -74,7 +75,7 @@ def stage_blocks(total_blocks: int, pp: int, rank: int) -> range:
 
 def prune_to_stage(model: nn.Module, rank: int, size: int) -> list[str]:
     """Delete what pipeline stage `rank` of `size` does not own (in place).  Works on the student
-    (Data2Vec2) and the teacher (Data2Vec2Teacher).  Returns the names of the parameters every
+    (Data2Vec2) and the teacher (EncoderTeacher).  Returns the names of the parameters every
     stage keeps (replicated across stages: their gradients must be summed over the stages)."""
     enc = model.encoder
     owned = set(stage_blocks(enc.total_blocks, size, rank))
@@ -140,13 +141,12 @@ class PipelineRunner:
     """Runs one update's teacher and student passes through Megatron-core's 1F1B schedule.
 
     student: this stage's Data2Vec2 (the engine's module); teacher: this stage's
-    Data2Vec2Teacher; dtype: the training dtype (the student's messages)."""
+    EncoderTeacher; dtype: the training dtype (the student's messages)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, dtype: torch.dtype, mcfg):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..model.blocks import make_transformer_config
 
         self.student, self.teacher, self.dtype = student, teacher, dtype
         self.first, self.last = student.first_stage, student.last_stage
@@ -170,7 +170,7 @@ class PipelineRunner:
     def _teacher_step(self, data, target: _ScheduleTarget):
         batch = next(data)
         t = batch["mask"].shape[1]
-        padding = token_padding(batch, self.student.modality, t)  # shipped by the loader (model/layout.py)
+        padding = token_padding(batch, self.student.modality, t)  # shipped by the loader (data/layout.py)
         if self.first:
             out = self.teacher.forward_stage(self.student.teacher_source(batch), padding, None)
         else:

@@ -19,7 +19,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_local_fp32_param
 
-from ..model.ema import copied
+from ..model.core.ema import copied
 
 
 def _zero3_param(p: torch.nn.Parameter) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,20 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, match_reference_batch
+from ..data.loader import build_loader
 from ..distributed import MegatronMPU, init_distributed
+from ..model import build_student, build_teacher, param_groups_for_weight_decay, teacher_copied_prefixes
+from ..model.core.ema import ema_decay_from_cfg
+from ..model.core.tp_random import TP_RANDOM
+from ..model.flops import train_step_flops
 from . import checkpoint as ckpt
 from . import run_record
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
+from .flat_engine import FlatEngine
 from .guards import Guard, TrainingStopped, any_rank_true, grads_nonfinite, local_grads_nonfinite
+from .imported_run import load_run_import
 from .metrics import Metrics, format_line
+from .pipeline import mark_replicated, prune_to_stage, sum_replicated_grads, PipelineRunner
 from .progress import Progress
 from .schedules import build_scheduler, fairseq_adam_eps
 from .teacher import EmaTeacher
@@ -50,8 +59,6 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, build_data: bool = True):
-        from ..model import build_student, build_teacher, param_groups_for_weight_decay, teacher_copied_prefixes
-        from ..model.flops import train_step_flops
 
         self.cfg = cfg
         self.info = info = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
@@ -67,13 +74,11 @@ class Trainer:
         # ---- data first: a shard/preset mismatch fails before any model memory exists ----
         self.loader = None
         if build_data:
-            from ..data.loader import build_loader
 
             self.loader = build_loader(cfg, dp_rank=info.dp_rank, dp_size=info.dp_size)
 
         # ---- model: the same seed on every rank, so every rank builds the same weights ----
         seed_everything(cfg.seed)
-        from ..model.tp_random import TP_RANDOM
 
         TP_RANDOM.seed(cfg.seed, info.tp_rank, info.tp_size)  # attention dropout per TP slice
         zero3 = cfg.parallel.zero_stage == 3
@@ -93,14 +98,12 @@ class Trainer:
         # `d2v2-import --to-run`: a fairseq model to continue from, loaded before PP/ZeRO cut it up
         imported_teacher = None
         if cfg.checkpoint.resume == "auto" and not ckpt.complete_checkpoints(self.ckpt_dir):
-            from ..export.importer import load_run_import
 
             imported_teacher = load_run_import(self.ckpt_dir, cfg, student, teacher)
         self.pipeline = None
         self.pipeline_replicated: list[str] = []
         if info.pp_size > 1:
             # every stage built the whole model (same init as pp=1); keep this stage's part
-            from .pipeline import mark_replicated, prune_to_stage
 
             self.pipeline_replicated = prune_to_stage(student, info.pp_rank, info.pp_size)
             prune_to_stage(teacher, info.pp_rank, info.pp_size)
@@ -134,7 +137,6 @@ class Trainer:
                                          adamw_mode=True)
         else:
             if cfg.parallel.engine == "flat":
-                from .flat_engine import FlatEngine
 
                 # the optimizer steps one flat fp32 master per group (train/flat_engine.py)
                 flat = FlatEngine(student, groups, cfg.optim.clip_grad, cfg.optim.grad_accum, dp_group=dp_group,
@@ -159,7 +161,6 @@ class Trainer:
                 print(f"initialized from the imported checkpoint in {self.ckpt_dir / 'imported'} (student, EMA "
                       f"teacher, decoder); fresh optimizer and LR schedule from step 0", flush=True)
         if info.pp_size > 1:
-            from .pipeline import PipelineRunner
 
             # Backward runs in Megatron's schedule, outside engine.backward: tell ZeRO-1 so it
             # sets up its reduction buffers itself, as under DeepSpeed's own pipeline engine.
@@ -186,7 +187,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def ema_decay(self) -> float:
-        from ..model.ema import ema_decay_from_cfg
 
         return ema_decay_from_cfg(self.cfg, self.updates)
 
@@ -315,7 +315,6 @@ class Trainer:
         over the stages, DeepSpeed reduces over data parallelism (ZeRO-1) and steps."""
         from megatron.core import parallel_state as ps
 
-        from .pipeline import sum_replicated_grads
 
         per_mb = self.pipeline.run([self._to_device(mb) for mb in micro_batches])
         names = self.engine.module.stat_names()
@@ -501,7 +500,6 @@ def _save_requested() -> bool:
 
 
 def install_signal_handlers() -> None:
-    import signal
 
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, _request_save)

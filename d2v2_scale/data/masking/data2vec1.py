@@ -1,9 +1,9 @@
 """Masks for data2vec 1.0 (docs/REFERENCE.md §2.2, §2.3), vectorized numpy, computed in loader workers.
 
-Unlike the data2vec 2.0 generators (data/masking.py) these are NOT exact-count: the number of
+Unlike the data2vec 2.0 generators (data/masking/data2vec2.py) these are NOT exact-count: the number of
 spans is rounded probabilistically, spans overlap and merge, and only the speech mask is then
 equalized (to the batch minimum, by dropping random masked frames, so trimmed rows have holes
-inside spans).  One mask row per sample (M = 1).  Same conventions as data/masking.py: bool,
+inside spans).  One mask row per sample (M = 1).  Same conventions as data/masking/data2vec2.py: bool,
 True = masked; every draw is keyed on the row's uint64 key (data/rng.py: (seed, epoch, sample
 index)), so a mask never depends on the worker, prefetching or a mid-epoch resume.
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rng
-from .masking import _top_k_rows
+from .. import rng
+from .data2vec2 import _top_k_rows
 
 # streams of their own (data/rng.py): independent of the 2.0 masks' and the augmentations' draws
 STREAM_COUNT = 20  # the U of the probabilistic rounding

@@ -27,13 +27,15 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .encoder import Encoder
-from .layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of
-from .loss import token_loss
-from .modality import get_modality
-from .targets import accumulate_layers, finish_targets
-from .tp_random import _default_state as default_rng_state
-from .tp_random import _set_default_state as set_default_rng_state
+from ...data.layout import KEPT, LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of
+from ...objectives import DATA2VEC2
+from ..core.encoder import Encoder
+from ..core.loss import token_loss
+from ..core.stats import compute_var, position_share
+from ..core.targets import accumulate_layers, finish_targets
+from ..core.tp_random import _default_state as default_rng_state
+from ..core.tp_random import _set_default_state as set_default_rng_state
+from ..modalities import get_modality
 
 MASK_NOISE_STD = 0.01  # decoder input at masked slots: N(0, 0.01^2)
 FRONT_RNG_KEY = "_front_rng"  # batch key: generator state the teacher pass drew the front end's dropout with
@@ -53,36 +55,6 @@ def replay_rng(state: Tensor | None):
         set_default_rng_state(saved)
 
 
-def compute_var(y: Tensor) -> Tensor:
-    """Mean over channels of the std over tokens (data2vec 2.0's collapse statistic). y [n, D]."""
-    y = y.float().reshape(-1, y.shape[-1])
-    if y.shape[0] < 2:
-        return y.new_zeros(())
-    return torch.sqrt(y.var(dim=0) + 1e-6).mean()
-
-
-def position_share(y: Tensor, padding: Tensor | None = None) -> Tensor:
-    """Share of the targets' variance that position alone explains: the adjusted R^2 of a
-    per-position mean over the batch's samples.  y [B, T, D], padding [B, T] (True = pad) | None.
-
-    ~0 when targets vary with the input, ~1 when every sample gets the same target at a given
-    position.  This catches a collapse `compute_var` cannot: targets that are a function of the
-    position only (learned positions outgrowing the token embeddings, measured on tiny text
-    runs) keep their per-channel variance.  Adjusted (x (n-1)/(n-G), G positions seen) so a
-    batch of unrelated samples reads ~0, not ~G/n."""
-    y = y.float()
-    w = (torch.ones(y.shape[:2], device=y.device) if padding is None else (~padding).float()).unsqueeze(-1)
-    n_t = w.sum(0)  # [T, 1] samples at each position
-    n = n_t.sum()
-    g = (n_t > 0).sum()
-    yc = (y - (y * w).sum((0, 1)) / n) * w
-    total = yc.square().sum().clamp_min(1e-12)
-    between = (yc.sum(0).square() / n_t.clamp_min(1)).sum()  # sum_t n_t * |mean_t|^2
-    share = 1 - (1 - between / total) * (n - 1) / (n - g).clamp_min(1)
-    # one sample (or one token per position): nothing to compare.  No `if`: no host sync per step
-    return torch.where(n > g, share, torch.full_like(share, float("nan")))
-
-
 def fill_masked(x_kept: Tensor, keep: Tensor, t: int, std: float = MASK_NOISE_STD) -> Tensor:
     """Student outputs at kept positions [N, T_keep, D] -> [N, t, D] in the original order, masked
     slots filled with N(0, std^2) noise: the inverse of the gather at keep [N, T_keep].
@@ -95,8 +67,9 @@ def fill_masked(x_kept: Tensor, keep: Tensor, t: int, std: float = MASK_NOISE_ST
     return noise.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x_kept)
 
 
-class Data2Vec2Teacher(nn.Module):
-    """The EMA teacher: forward(x, padding=None) -> targets [B, T, D] fp32 (extra tokens dropped).
+class EncoderTeacher(nn.Module):
+    """The EMA teacher built from the shared Encoder (data2vec 2.0, and data2vec 1.0 / aqc speech
+    and text; 1.0 vision has model/objectives/data2vec1.py's BeitTeacher): forward(x, padding=None) -> targets [B, T, D] fp32 (extra tokens dropped).
 
     x is the raw image (image), the student's local features (audio) or the student's
     embeddings (text).  Always in eval mode; parameters are frozen.  Under pipeline parallelism
@@ -146,7 +119,7 @@ class StudentLayout:
     mask [N, T] (True = masked), padding [B, T] | None (token padding), pad [N, T] | None (per
     clone), zero [N, T] (masked or padded: zeroed before the positional conv), keep [N, T_keep]
     (ascending kept positions), loss_rows / loss_cols [n] (the masked, non-padded positions).
-    The index tensors come with the batch from the loader (model/layout.py)."""
+    The index tensors come with the batch from the loader (data/layout.py)."""
 
     mask: Tensor
     padding: Tensor | None
@@ -185,7 +158,7 @@ class Data2Vec2(nn.Module):
             names.append("loss_cls")
         return names
 
-    gathers_kept = True  # the student encodes only the kept tokens: the batch carries `kept` (model/layout.py)
+    gathers_kept = DATA2VEC2.gathers_kept  # the student encodes only the kept tokens: the batch carries `kept` (data/layout.py)
 
     def layout(self, batch: dict) -> StudentLayout:
         mask = batch["mask"]  # [N, T] True = masked (or padding)

@@ -19,7 +19,7 @@ EPS = 1e-5
 
 def instance_norm_time(x: Tensor, padding: Tensor | None = None, eps: float = EPS) -> Tensor:
     """x [B, T, D] normalized per (sample, channel) over T; padding [B, T] True = ignore, None
-    when nothing is padded (every caller's token padding is None then, model/layout.py: no
+    when nothing is padded (every caller's token padding is None then, data/layout.py: no
     `.any()` read back here)."""
     x = x.float()
     if padding is None:

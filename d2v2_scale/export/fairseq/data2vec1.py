@@ -42,7 +42,8 @@ import re
 
 import torch
 
-from .importer import ImportRefused, _need, parse_feature_spec, text_positions
+from ...config import ModelConfig
+from .common import ImportRefused, _need, parse_feature_spec, text_positions
 
 _LAYER = {"self_attn.out_proj": "attn.proj", "self_attn_layer_norm": "norm1", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
           "final_layer_norm": "norm2"}
@@ -71,13 +72,12 @@ def _mlp_ratio(ffn: int, d: int, field: str) -> float:
     return r
 
 
-def model_config1(fcfg: dict) -> dict:
+def model_config(fcfg: dict) -> dict:
     """cfg["model"] of a fairseq data2vec 1.0 checkpoint -> the ModelConfig fields of the plain twin."""
-    from ..config import ModelConfig
 
     name = fcfg.get("_name")
     out = dataclasses.asdict(ModelConfig())
-    # the data2vec 1.0 objective (model/data2vec1.py): one copy, a regression head, no conv decoder
+    # the data2vec 1.0 objective (model/objectives/data2vec1.py): one copy, a regression head, no conv decoder
     out.update(variant="data2vec1", clone_batch=1, decoder_layers=0, cls_loss_weight=0.0, prenet_depth=0,
                pre_ln=False, alibi=False, target_tap="ffn", loss_scale_rule="inv_sqrt_dim", layer_norm_eps=1e-5,
                **_targets(fcfg))
@@ -191,11 +191,11 @@ def _rename(sd: dict, mcfg: dict, where: str, prefix: str) -> tuple[dict, dict]:
     return out, extra
 
 
-def split_state1(ck: dict, where: str, with_teacher: bool = True):
+def split_state(ck: dict, where: str, with_teacher: bool = True):
     """-> (ModelConfig dict, student plain tensors, EMA plain tensors or None (also when not
     with_teacher: the EMA is then not read at all), the EMA's key in ckpt["model"], the student's
     training-only tensors {mask_emb, decoder.*})."""
-    mcfg = model_config1(ck["cfg"]["model"])
+    mcfg = model_config(ck["cfg"]["model"])
     sd = dict(ck["model"])
     ema_key = "_ema" if mcfg["modality"] == "audio" else "encoder._ema"
     ema = sd.pop(ema_key, None)

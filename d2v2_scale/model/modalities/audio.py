@@ -12,29 +12,12 @@ is padding unless its whole receptive field lies in real samples, i.e. frames >=
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import KaimingConv1d
-from .modality import Modality, register
-
-
-def frame_lengths(n_samples: Tensor, conv_layers) -> Tensor:
-    """Real samples per row [B] -> real frames per row [B] (same rule as ModelConfig.audio_frames)."""
-    n = n_samples.long()
-    for _, k, s in conv_layers:
-        n = torch.div(n - k, s, rounding_mode="floor") + 1
-    return n.clamp_min(0)
-
-
-def frame_padding(padding_mask: Tensor | None, n_frames: int, conv_layers) -> Tensor | None:
-    """Sample padding [B, S] (True = pad, at the end) -> frame padding [B, T] (True = pad)."""
-    if padding_mask is None:
-        return None
-    real = frame_lengths((~padding_mask).sum(1), conv_layers)
-    pad = torch.arange(n_frames, device=padding_mask.device)[None, :] >= real[:, None]
-    return pad if bool(pad.any()) else None
+from ...data.layout import frame_padding
+from ..core.layers import KaimingConv1d
+from ..core.modality import Modality
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -103,7 +86,6 @@ class ConvPositions(nn.Module):
         return x + y.transpose(1, 2)
 
 
-@register
 class Audio(Modality):
     name = "audio"
     num_extra_tokens = 0
@@ -113,8 +95,30 @@ class Audio(Modality):
     def build_local(self) -> nn.Module:
         return AudioLocal(self.mcfg)
 
-    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
-        return frame_padding(batch.get("padding_mask"), n_tokens, [tuple(x) for x in self.mcfg.conv_feature_layers])
+    def sequence_length(self, cfg, audio_samples=None, text_tokens=None) -> int:
+        return self.mcfg.audio_frames(audio_samples or int(cfg.data.max_seconds * cfg.data.sample_rate))
+
+    def local_flops(self, t: int, n_samples: int | None) -> float:
+        m = self.mcfg
+        total, c_in, n = 0.0, 1, n_samples
+        for c, k, s in m.conv_feature_layers:
+            n = (n - k) // s + 1
+            total += 2 * n * c_in * k * c
+            c_in = c
+        return total + 2 * t * c_in * m.embed_dim
+
+    def positions_flops(self, t: int) -> float:
+        m, d = self.mcfg, self.mcfg.embed_dim
+        return float(m.conv_pos_depth * 2 * t * (d // m.conv_pos_groups) * m.conv_pos_width * d)
+
+    def front_end_params(self) -> int:
+        m, d, n, c_in = self.mcfg, self.mcfg.embed_dim, 0, 1
+        for c, k, _ in m.conv_feature_layers:
+            n += c_in * k * c + 2 * c
+            c_in = c
+        n += 2 * c_in + c_in * d + d  # LN + projection
+        n += m.conv_pos_depth * (d * (d // m.conv_pos_groups) * m.conv_pos_width + d) + 2 * d
+        return n + (m.num_heads if m.alibi else 0)
 
     def build_positions(self) -> nn.Module:
         return ConvPositions(self.mcfg)

@@ -12,15 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import BertEmbedding
-from .modality import Modality, register
-
-
-def token_padding(source: Tensor, padding_mask: Tensor | None, pad_id: int) -> Tensor | None:
-    """[B, T] True = padding (given, or where the token is the pad id); None when nothing is padded."""
-    if padding_mask is None:
-        padding_mask = source.eq(pad_id)
-    return padding_mask if bool(padding_mask.any()) else None
+from ...data.layout import text_token_padding
+from ..core.layers import BertEmbedding
+from ..core.modality import Modality
 
 
 class TextLocal(nn.Module):
@@ -41,10 +35,9 @@ class TextLocal(nn.Module):
             raise ValueError(f"text of {t} tokens exceeds model.max_positions={self.positions.num_embeddings}")
         x = self.tokens(source) + self.positions.weight[:t][None]
         # with_padding=False: the caller has the padding already (token_padding reads .any() back)
-        return self.dropout(self.norm(x)), token_padding(source, padding_mask, self.pad) if with_padding else None
+        return self.dropout(self.norm(x)), text_token_padding(source, padding_mask, self.pad) if with_padding else None
 
 
-@register
 class Text(Modality):
     name = "text"
     num_extra_tokens = 0
@@ -59,5 +52,12 @@ class Text(Modality):
     def build_local(self) -> nn.Module:
         return TextLocal(self.mcfg)
 
-    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
-        return token_padding(batch["source"], batch.get("padding_mask"), self.mcfg.pad_token_id)
+    def sequence_length(self, cfg, audio_samples=None, text_tokens=None) -> int:
+        return text_tokens or cfg.data.max_tokens
+
+    def front_end_params(self) -> int:
+        m, d = self.mcfg, self.mcfg.embed_dim
+        # token + position embeddings, embedding LN; pre-LN text adds a final norm (image/audio:
+        # their final norm replaces the context norm, same size)
+        return m.vocab_size * d + m.max_positions * d + 2 * d + (2 * d if m.pre_ln else 0)
+

@@ -22,23 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...data.layout import TOKEN_PADDING_RULES
 from .decoder import ConvDecoder
-
-REGISTRY: dict[str, type["Modality"]] = {}
-
-
-def register(cls):
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_modality(mcfg) -> "Modality":
-    if mcfg.modality not in REGISTRY:
-        # the modules register themselves on import
-        from . import audio, image, text  # noqa: F401
-    if mcfg.modality not in REGISTRY:
-        raise ValueError(f"model.modality={mcfg.modality!r}: known {sorted(REGISTRY)}")
-    return REGISTRY[mcfg.modality](mcfg)
 
 
 class Modality:
@@ -76,9 +61,33 @@ class Modality:
                            projection_ratio=m.decoder_projection_ratio, bert_proj=self.bert_decoder_proj)
 
     def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
-        """[B, T] True = padding, or None; default: nothing is padded (fixed-size inputs)."""
-        return None
+        """[B, T] True = padding, or None: the modality's rule in data/layout.py, which the loader
+        applies to the same batch (image: nothing is padded)."""
+        return TOKEN_PADDING_RULES[self.name](batch, self.mcfg, n_tokens)
 
     def teacher_input(self, batch: dict, features: Tensor) -> Tensor:
         """Default: the teacher starts from the student's local features (detached)."""
         return features.detach()
+
+    # ---- analytic cost from the config alone (model/flops.py) -------------------------------
+    decoder_ndim = 1  # the conv decoder's kernel is k (1-D) or k x k (image: over the patch grid)
+
+    def sequence_length(self, cfg, audio_samples: int | None = None, text_tokens: int | None = None) -> int:
+        """T: the encoder's positions for one sample of the config's data."""
+        raise NotImplementedError
+
+    def kept_count(self, t: int, ratio: float) -> int:
+        """T_keep of data2vec 2.0's exact-count masks (data/masking/data2vec2.py)."""
+        return t - int(t * ratio)
+
+    def local_flops(self, t: int, n_samples: int | None) -> float:
+        """Forward FLOPs of the front end on one sample (T positions; audio: n_samples samples)."""
+        return 0.0
+
+    def positions_flops(self, t: int) -> float:
+        """Forward FLOPs of the positional encoder on one row of T positions."""
+        return 0.0
+
+    def front_end_params(self) -> int:
+        """Parameter count of the front end, positions, extra tokens and context norm."""
+        raise NotImplementedError

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import rng
+from .. import rng
 
 
 def _top_k_rows(scores: np.ndarray, k) -> np.ndarray:

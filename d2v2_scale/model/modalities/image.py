@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import XavierConv2d
-from .modality import Modality, register
+from ..core.layers import XavierConv2d
+from ..core.modality import Modality
 
 
 CLS_INIT_STD = 1.0
@@ -56,15 +56,30 @@ class FixedPositions2d(nn.Module):
         return x + self.table.to(x.dtype)
 
 
-@register
 class Image(Modality):
     name = "image"
     num_extra_tokens = 1
     context_norm = True
     teacher_parts = frozenset({"local", "context"})
 
+    decoder_ndim = 2
+
     def build_local(self) -> nn.Module:
         return PatchEmbed(self.mcfg)
+
+    def sequence_length(self, cfg, audio_samples=None, text_tokens=None) -> int:
+        return self.mcfg.num_patches
+
+    def kept_count(self, t: int, ratio: float) -> int:
+        return int(t * (1 - ratio))
+
+    def local_flops(self, t: int, n_samples: int | None) -> float:
+        m = self.mcfg
+        return 2.0 * t * m.in_chans * m.patch_size ** 2 * m.embed_dim
+
+    def front_end_params(self) -> int:
+        m, d = self.mcfg, self.mcfg.embed_dim
+        return m.in_chans * m.patch_size ** 2 * d + d + d + 2 * d  # patch embed, CLS, context LN
 
     def build_positions(self) -> nn.Module:
         return FixedPositions2d(self.mcfg)

@@ -36,13 +36,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..data import rng
+from ....data import rng
+from ....data.layout import TOKEN_PADDING
+from ...core.loss import token_loss
+from ...core.stats import compute_var, position_share
+from ..data2vec1 import Data2Vec1
 from .contrastive import aqc_total_loss, cross_contrastive_loss, sample_negatives
-from .data2vec import compute_var, position_share
-from .data2vec1 import Data2Vec1
-from .layout import TOKEN_PADDING
 from .kmeans import cosine_kmeans, num_clusters
-from .loss import token_loss
 from .quantizer import GumbelVectorQuantizer, diversity_loss
 
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch twin of the BEiT-style encoder of data2vec 1.0 vision (model/beit.py).
+"""Plain-PyTorch twin of the BEiT-style encoder of data2vec 1.0 vision (model/modalities/beit.py).
 
 Self-contained on purpose: it imports only `torch` and `math`, so this file can be copied next to
 an exported `model.safetensors` and used without Megatron, DeepSpeed or this project.  Same math

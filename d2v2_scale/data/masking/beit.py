@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from . import rng
+from .. import rng
 
 DRAWS_PER_ATTEMPT = 4  # area, aspect, top, left
 

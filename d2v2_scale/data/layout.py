@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..objectives import OBJECTIVES
+
 TOKEN_PADDING, KEPT, LOSS_ROWS, LOSS_COLS = "token_padding", "kept", "loss_rows", "loss_cols"
 LAYOUT_KEYS = (TOKEN_PADDING, KEPT, LOSS_ROWS, LOSS_COLS)
 
@@ -37,14 +39,14 @@ def kept_indices(mask: Tensor) -> Tensor:
     """mask [N, T] bool (True = masked) -> ascending kept positions [N, T_keep].
 
     Every row must keep the same number of positions (the student batch is dense); the mask
-    generators of data/masking.py guarantee it (exact counts, then `equalize_kept`)."""
+    generators of data/masking/data2vec2.py guarantee it (exact counts, then `equalize_kept`)."""
     kept = (~mask).sum(1)
     lo, hi = kept.aminmax()
     lo, hi = int(lo), int(hi)
     if lo != hi:
         raise ValueError(f"mask rows keep between {lo} and {hi} positions; every row must keep exactly the "
                          "same number (contract 1: the student gathers a dense [B*M, T_keep] batch; "
-                         "data/masking.py's generators and equalize_kept make the counts equal)")
+                         "data/masking/data2vec2.py's generators and equalize_kept make the counts equal)")
     # a stable sort puts the kept (False) positions first, in ascending order
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :hi]
 
@@ -53,6 +55,42 @@ def loss_positions(mask: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
     """mask [N, T] (True = masked), pad [N, T] (True = padded) | None -> (rows [n], cols [n]) of
     the masked, non-padded positions, row-major."""
     return (mask if pad is None else mask & ~pad).nonzero(as_tuple=True)
+
+
+# ---- token padding from the batch alone (the modalities' front ends return the same) ----------
+
+
+def frame_lengths(n_samples: Tensor, conv_layers) -> Tensor:
+    """Real samples per row [B] -> real frames per row [B] (same rule as ModelConfig.audio_frames)."""
+    n = n_samples.long()
+    for _, k, s in conv_layers:
+        n = torch.div(n - k, s, rounding_mode="floor") + 1
+    return n.clamp_min(0)
+
+
+def frame_padding(padding_mask: Tensor | None, n_frames: int, conv_layers) -> Tensor | None:
+    """Sample padding [B, S] (True = pad, at the end) -> frame padding [B, T] (True = pad)."""
+    if padding_mask is None:
+        return None
+    real = frame_lengths((~padding_mask).sum(1), conv_layers)
+    pad = torch.arange(n_frames, device=padding_mask.device)[None, :] >= real[:, None]
+    return pad if bool(pad.any()) else None
+
+
+def text_token_padding(source: Tensor, padding_mask: Tensor | None, pad_id: int) -> Tensor | None:
+    """[B, T] True = padding (given, or where the token is the pad id); None when nothing is padded."""
+    if padding_mask is None:
+        padding_mask = source.eq(pad_id)
+    return padding_mask if bool(padding_mask.any()) else None
+
+
+# model.modality -> (batch, model config, T) -> [B, T] True = padded token, or None
+TOKEN_PADDING_RULES = {
+    "image": lambda batch, mcfg, n: None,  # fixed-size inputs: nothing is padded
+    "audio": lambda batch, mcfg, n: frame_padding(batch.get("padding_mask"), n,
+                                                  [tuple(x) for x in mcfg.conv_feature_layers]),
+    "text": lambda batch, mcfg, n: text_token_padding(batch["source"], batch.get("padding_mask"), mcfg.pad_token_id),
+}
 
 
 def shipped(batch: dict) -> bool:
@@ -87,17 +125,27 @@ def layout_of(batch: dict, modality, clones: int, gather: bool) -> dict:
     if shipped(batch):
         if gather and KEPT not in batch:
             raise ValueError("the batch carries loss_rows but no `kept`: it was laid out for data2vec 1.0 "
-                             "(model/layout.py add_layout with the model config the student was built from)")
+                             "(data/layout.py add_layout with the model config the student was built from)")
         return {k: batch.get(k) for k in LAYOUT_KEYS}
     return derive_layout(batch, modality, clones, gather)
+
+
+class _BatchPadding:
+    """The token padding of a batch from the batch alone, per modality (the duck type `derive_layout`
+    takes; the model's `Modality` classes answer with the same functions)."""
+
+    def __init__(self, mcfg):
+        self.mcfg = mcfg
+
+    def token_padding(self, batch: dict, n_tokens: int) -> Tensor | None:
+        m = self.mcfg
+        rule = TOKEN_PADDING_RULES[m.modality]
+        return rule(batch, m, n_tokens)
 
 
 def add_layout(batch: dict, mcfg) -> dict:
     """The loader's call (host tensors, in its workers): `batch` with the layout keys added for
     the objective model.variant builds."""
-    from . import OBJECTIVES
-    from .modality import get_modality
-
-    lay = derive_layout(batch, get_modality(mcfg), mcfg.clone_batch, OBJECTIVES[mcfg.variant].gathers_kept)
+    lay = derive_layout(batch, _BatchPadding(mcfg), mcfg.clone_batch, OBJECTIVES[mcfg.variant].gathers_kept)
     batch.update({k: v for k, v in lay.items() if v is not None})  # no token_padding: none is padded
     return batch

@@ -77,8 +77,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, copy: tuple
     return True
 
 
-class EMATeacher:
-    """Holds the step counter: call `step(student)` after every optimizer update."""
+class ModuleEma:
+    """The EMA of a plain (non-DeepSpeed) teacher module, with its step counter: call
+    `step(student)` after every optimizer update.  Single-process use and tests; the trainer's
+    teacher (fp32 masters, ZeRO, TP) is train/teacher.py's EmaTeacher."""
 
     def __init__(self, teacher: nn.Module, cfg, copy: tuple[str, ...] = ()):
         self.teacher = teacher

@@ -9,17 +9,17 @@ Student forward (docs/REFERENCE.md §2.1, §2.5), B samples, T positions, M = 1:
     5. pred     = head(student at masked, non-padded)  [n, D]      no decoder
     6. loss     = (1/n) * sum_{masked} s * sum_c l(pred, y)
 
-Shared with data2vec 2.0 (model/data2vec.py): the Encoder (front ends, conv positions, blocks,
-layerdrop), the teacher module `Data2Vec2Teacher` (an EMA encoder that returns the averaged,
+Shared with data2vec 2.0 (model/objectives/data2vec2.py): the Encoder (front ends, conv positions, blocks,
+layerdrop), the teacher module `EncoderTeacher` (an EMA encoder that returns the averaged,
 normalized top-K taps; model.target_tap picks FFN output or block end), the target norms
 (targets.py), the loss (loss.py), the collapse statistics.  What the teacher copies from the
-student instead of averaging is `TEACHER_COPIED` (train/teacher.py, model/ema.py).
+student instead of averaging is the record's `teacher_copied` (d2v2_scale/objectives.py; train/teacher.py, model/core/ema.py).
 
-Vision uses the BEiT encoder (model/beit.py) in the Encoder's place, and its own teacher
+Vision uses the BEiT encoder (model/modalities/beit.py) in the Encoder's place, and its own teacher
 (`BeitTeacher`, an EMA of the whole encoder fed with the image, block-end taps); the two
 encoder kinds are bound once at construction (`_embed`, `_blocks`), not branched on per step.
 
-Parameters: encoder.* (the 2.0 names, or model/beit.py's), decoder.* (the regression head, in
+Parameters: encoder.* (the 2.0 names, or model/modalities/beit.py's), decoder.* (the regression head, in
 the decoder's place: pipeline stages, export and the probe treat it as the decoder), mask_emb [D]
 (speech only; text masks with the <mask> row of the token table, vision with the BEiT encoder's
 mask_token).
@@ -32,20 +32,15 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .data2vec import compute_var, position_share
-from .encoder import Encoder
-from .layers import BertLinear, TruncNormalLinear
-from .layout import LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of, loss_positions
-from .loss import loss_scale, token_loss
-from .modality import get_modality
-from .targets import accumulate_layers, finish_targets
-
-# parameter-name prefixes the teacher copies from the student at every EMA step instead of
-# averaging (fairseq `skip_keys`): the speech positional conv.  Text's copied parts (token and
-# position embeddings, embedding LayerNorm) are not teacher parameters at all: the teacher reads
-# the student's current embeddings, which is the same as copying them every step.
-TEACHER_COPIED = {"audio": ("encoder.positions.",), "text": (), "image": ()}
-
+from ...data.layout import LOSS_COLS, LOSS_ROWS, TOKEN_PADDING, layout_of, loss_positions
+from ...objectives import DATA2VEC1, uses_beit
+from ..core.encoder import Encoder
+from ..core.layers import BertLinear, TruncNormalLinear
+from ..core.loss import loss_scale, token_loss
+from ..core.stats import compute_var, position_share
+from ..core.targets import accumulate_layers, finish_targets
+from ..modalities import get_modality
+from ..modalities.beit import BeitEncoder
 
 def build_head(mcfg) -> nn.Module:
     """The regression head: [n, D] -> [n, D].  1 layer: Linear(D, D) with torch's default init
@@ -53,24 +48,19 @@ def build_head(mcfg) -> nn.Module:
     BERT-initialized Linear(D, 2D) -> GELU -> Linear(2D, D)."""
     d = mcfg.embed_dim
     if mcfg.head_layers == 1:
-        return TruncNormalLinear(d, d) if is_beit(mcfg) else nn.Linear(d, d)
+        return TruncNormalLinear(d, d) if uses_beit(mcfg) else nn.Linear(d, d)
     return nn.Sequential(BertLinear(d, 2 * d), nn.GELU(), BertLinear(2 * d, d))
-
-
-def is_beit(mcfg) -> bool:
-    return mcfg.modality == "image" and getattr(mcfg, "image_block", "vit2") == "beit"
 
 
 class BeitTeacher(nn.Module):
     """The vision teacher: an EMA of the whole BEiT encoder (patch embedding, CLS, mask token,
     relative position bias, blocks, final norm), run on the unmasked image.  Same interface as
-    Data2Vec2Teacher: forward(images) -> targets [B, P, D] fp32 (CLS dropped); forward_stage for
+    EncoderTeacher: forward(images) -> targets [B, P, D] fp32 (CLS dropped); forward_stage for
     pipeline stages.  Targets: the block-end taps of the top K blocks, LN per layer, averaged, LN
     (model.layer_norm_target_layer, model.layer_norm_targets)."""
 
     def __init__(self, cfg):
         super().__init__()
-        from .beit import BeitEncoder
 
         self.mcfg = cfg.model
         self.encoder = BeitEncoder(cfg.model)
@@ -108,8 +98,7 @@ class Data2Vec1(nn.Module):
         self.mcfg = m = cfg.model
         self.modality = get_modality(m)
         self.mask_emb = None
-        if is_beit(m):
-            from .beit import BeitEncoder
+        if uses_beit(m):
 
             # vision: the BEiT encoder puts its mask_token in place of masked patch embeddings
             self.encoder = BeitEncoder(m)
@@ -127,13 +116,13 @@ class Data2Vec1(nn.Module):
         self.loss_scale = loss_scale(m)
         self.first_stage = self.last_stage = True  # pipeline.prune_to_stage sets these
 
-    gathers_kept = False  # every position is encoded: the batch needs no `kept` (model/layout.py)
+    gathers_kept = DATA2VEC1.gathers_kept  # every position is encoded: the batch needs no `kept` (data/layout.py)
 
     def stat_names(self) -> list[str]:
         return ["loss", "loss_regression", "masked_tokens", "pred_var", "target_var", "target_position_share"]
 
     def _layout(self, batch: dict) -> dict:
-        """The loader's index tensors (model/layout.py; derived here for batches built by hand)."""
+        """The loader's index tensors (data/layout.py; derived here for batches built by hand)."""
         return layout_of(batch, self.modality, 1, self.gathers_kept)
 
     @torch.no_grad()
@@ -142,7 +131,7 @@ class Data2Vec1(nn.Module):
         projected CNN features before the mask embedding; text: embeddings of the original
         tokens, i.e. the full sequence as in the paper, not fairseq's masked-only input; vision:
         the image itself, the teacher has its own patch embedding)."""
-        if is_beit(self.mcfg):
+        if uses_beit(self.mcfg):
             return batch["source"]
         # the teacher runs in eval mode (docs/REFERENCE.md §2.1): the front end it borrows drops nothing (the
         # text embedding dropout lives in the front end; data2vec 2.0 feeds it post-dropout, D7)
@@ -218,7 +207,7 @@ class Data2Vec1(nn.Module):
              positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
         """Student output x [B, E + T, D], targets [B, T, D], mask [B, T] -> (loss, stats).
         positions: (rows [n], cols [n]) of the masked, non-padded positions when the batch carries
-        them (model/layout.py), else derived from mask and padding here."""
+        them (data/layout.py), else derived from mask and padding here."""
         x = x[:, self.encoder.num_extra_tokens:]
         rows, cols = positions if positions is not None else loss_positions(mask, padding)
         p, y = self.decoder(x[rows, cols]), targets[rows, cols]  # [n, D]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..opcount import host_scalar
+from ...opcount import host_scalar
 from .attention import alibi_slopes, attention_bias
 from .blocks import Block, make_transformer_config
 from .modality import Modality
@@ -95,7 +95,7 @@ class Encoder(nn.Module):
     # ---------------------------------------------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Tensor | None = None, with_padding: bool = True):
         """-> (features [B, T, D], padding [B, T] | None; None as well with with_padding=False: for
-        callers that have it from the batch, model/layout.py, as deriving it is a host sync)."""
+        callers that have it from the batch, data/layout.py, as deriving it is a host sync)."""
         return self.local(source, padding_mask, with_padding=with_padding)
 
     def contextualize(self, x: Tensor, keep: Tensor | None = None, zero: Tensor | None = None) -> Tensor:

@@ -52,7 +52,7 @@ def attention_bias(batch: int, seq: int, *, positions: Tensor | None = None,
 
     positions:   [B, T] int64 original position of each token (None: 0..T-1); only ALiBi uses it.
     key_padding: [B, T] bool, True = padded key (gets -inf); None when no key is padded (the
-                 callers' token padding is None then, model/layout.py), so the bias is built
+                 callers' token padding is None then, data/layout.py), so the bias is built
                  without reading the mask back to the host.
     slopes:      [H_local] ALiBi slopes of this rank's heads (None: no ALiBi).
     scale:       [H_local] learned ALiBi scale of this rank's heads, clamped at 0 here.
@@ -95,7 +95,7 @@ class SDPACoreAttention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)
         p = self.dropout_p if self.training else 0.0
-        # this rank's heads drop independently of the other TP ranks' (model/tp_random.py)
+        # this rank's heads drop independently of the other TP ranks' (model/core/tp_random.py)
         with TP_RANDOM.fork() if p > 0 else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.softmax_scale)
         t, b = out.shape[2], out.shape[0]

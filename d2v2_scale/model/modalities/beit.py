@@ -19,7 +19,7 @@ Init (BEiT): trunc-normal(0.02, +-1 std) for the linears, the patch conv, CLS an
 biases 0, LayerNorms (1, 0), relative position table 0, layer scales `layer_scale_init`; then
 each block's attention output projection and fc2 weights / sqrt(2 * layer_id), layer_id 1-based.
 
-Parameter names (megatron side; mapping.py renames them for the plain twin, model/plain_beit.py):
+Parameter names (megatron side; twins/mapping.py renames them for the plain twin, twins/beit.py):
     local.proj.{weight [D, C, p, p], bias [D]}           patch embedding
     extra_tokens [1, 1, D]                               CLS (`cls_token`; named as the 2.0 CLS so the
                                                          pipeline and no-weight-decay rules apply)
@@ -49,10 +49,10 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, set_tensor_model_parallel_attributes
 
-from .blocks import make_transformer_config, megatron_attention, megatron_mlp
-from .encoder import BlockStack, _tp_rank_size
-from .layers import TruncNormalConv2d, trunc_normal_std_
-from .tp_random import TP_RANDOM
+from ..core.blocks import make_transformer_config, megatron_attention, megatron_mlp
+from ..core.encoder import BlockStack, _tp_rank_size
+from ..core.layers import TruncNormalConv2d, trunc_normal_std_
+from ..core.tp_random import TP_RANDOM
 
 
 # ---------------------------------------------------------------------------------------------

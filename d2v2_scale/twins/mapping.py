@@ -1,4 +1,4 @@
-"""Megatron parameter names / TP shards <-> the plain twin's names (plain.py).
+"""Megatron parameter names / TP shards <-> the plain twin's names (twins/encoder.py).
 
 Megatron side ("megatron names"): the training model's state dict, encoder under `encoder.`:
     encoder.blocks.{i}.self_attention.linear_qkv.{weight,bias}  TP-split on dim 0 by head;
@@ -7,10 +7,10 @@ Megatron side ("megatron names"): the training model's state dict, encoder under
     encoder.blocks.{i}.mlp.linear_fc1.{weight,bias}              TP-split on dim 0
     encoder.blocks.{i}.mlp.linear_fc2.weight                     TP-split on dim 1 (bias replicated)
     encoder.alibi_scale                                          TP-split on dim 0 (by head)
-    BEiT (model/beit.py): ...linear_qkv.{q_bias,v_bias} TP-split on dim 0 (by head, no reorder:
+    BEiT (model/modalities/beit.py): ...linear_qkv.{q_bias,v_bias} TP-split on dim 0 (by head, no reorder:
     [H*hd] on both sides); encoder.rel_pos_bias.table TP-split on dim 1 (its columns are the heads)
     everything else                                              replicated
-Plain side: see plain.py (qkv rows are [q all heads; k all heads; v all heads]).
+Plain side: see twins/encoder.py (qkv rows are [q all heads; k all heads; v all heads]).
 
 Because heads are assigned to ranks contiguously, concatenating the per-rank qkv shards along
 dim 0 gives the full interleaved [H, 3, hd, D] tensor; only the q/k/v <-> head reorder differs.
@@ -30,14 +30,14 @@ _PARTITION_RULES = [
     (r"\.mlp\.linear_fc1\.(weight|bias)$", 0),
     (r"\.mlp\.linear_fc2\.weight$", 1),
     (r"(^|\.)alibi_scale$", 0),
-    # BEiT (model/beit.py): q/v biases by head like the qkv rows; the relative position table's
+    # BEiT (model/modalities/beit.py): q/v biases by head like the qkv rows; the relative position table's
     # columns are the heads
     (r"\.self_attention\.linear_qkv\.(q_bias|v_bias)$", 0),
     (r"(^|\.)rel_pos_bias\.table$", 1),
 ]
 
 _RENAMES = [  # megatron -> plain (inside a block); specific names before the prefixes they contain
-    (".self_attention.linear_qkv.q_bias", ".attn.q_bias"),  # BEiT (plain_beit.py): heads-contiguous,
+    (".self_attention.linear_qkv.q_bias", ".attn.q_bias"),  # BEiT (twins/beit.py): heads-contiguous,
     (".self_attention.linear_qkv.v_bias", ".attn.v_bias"),  # no reorder
     (".self_attention.linear_qkv.", ".attn.qkv."),
     (".self_attention.linear_proj.", ".attn.proj."),

@@ -12,7 +12,7 @@ with bias, our SDPA core attention, RowParallel output projection) and `MLP` (Co
 fc1, exact GELU, RowParallel fc2), plus torch LayerNorms.  Tensors are Megatron's [T, B, D].
 
 Parameter names of one block (this is the name contract with the teacher, the EMA and
-`mapping.py`):
+`twins/mapping.py`):
     self_attention.linear_qkv.{weight,bias}   [3D/tp, D]  per-head interleaved (q_h, k_h, v_h)
     self_attention.linear_proj.{weight,bias}  [D, D/tp]
     mlp.linear_fc1.{weight,bias}              [4D/tp, D]
