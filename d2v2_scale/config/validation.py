@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..objectives import OBJECTIVES
 from .common import MODALITIES, ConfigError
 
 if TYPE_CHECKING:
@@ -64,8 +66,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if m.activation_checkpointing not in ("none", "full", "selective"):
         errs.append(f"model.activation_checkpointing={m.activation_checkpointing!r}: "
                     "use 'none', 'full' or 'selective'")
-    if m.variant not in ("data2vec2",) + D2V1_VARIANTS:
-        errs.append(f"model.variant={m.variant!r}: use 'data2vec2', 'data2vec1' or 'data2vec_aqc'")
+    if m.variant not in OBJECTIVES:
+        errs.append(f"model.variant={m.variant!r}: use {', '.join(repr(n) for n in list(OBJECTIVES)[:-1])} or "
+                    f"{list(OBJECTIVES)[-1]!r}")
     errs += _beit_errors(m)
     if m.modality == "image" and m.image_size % m.patch_size:
         errs.append(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
@@ -147,8 +150,6 @@ def _views_errors(d: DataConfig, modality: str) -> list[str]:
     if len(snr) != 2 or not all(float(v).is_integer() for v in snr) or snr[0] > snr[1]:
         errs.append(f"data.aug_background_snr_db={d.aug_background_snr_db}: give integers (min, max), min <= max")
     if d.aug_background_p > 0:
-        from ..data.augment_speech import noise_dir_problem
-
         why = noise_dir_problem(d.noise_dir)
         if why:
             errs.append(f"data.noise_dir={d.noise_dir!r} {why}: background noise (data.aug_background_p="
@@ -157,14 +158,20 @@ def _views_errors(d: DataConfig, modality: str) -> list[str]:
     return errs
 
 
-# the objectives built on data2vec 1.0 (mask embedding, M = 1, regression head): model/data2vec1.py
-# and model/data2vec_aqc.py
-D2V1_VARIANTS = ("data2vec1", "data2vec_aqc")
+# the objectives built on data2vec 1.0 (mask embedding, M = 1, regression head), from their records
+D2V1_VARIANTS = tuple(name for name, o in OBJECTIVES.items() if o.builds_on_data2vec1)
 
-# which mask generator serves which (objective, modality); data2vec 1.0 vision: "blockwise"
-_GENERATORS = {("data2vec2", mod): ("data2vec2",) for mod in MODALITIES} | {
-    ("data2vec1", "audio"): ("speech_spans",), ("data2vec1", "text"): ("text_spans", "bert"),
-    ("data2vec1", "image"): ("blockwise",), ("data2vec_aqc", "audio"): ("speech_spans",)}
+
+def noise_dir_problem(noise_dir) -> str | None:
+    """Why data.noise_dir cannot serve background noise (None: it can)."""
+    if not noise_dir:
+        return "is not set"
+    p = Path(noise_dir)
+    if not p.is_dir():
+        return "does not exist" if not p.exists() else "is not a directory"
+    if not any(q.suffix.lower() == ".wav" for q in p.rglob("*")):
+        return "holds no .wav files (searched recursively)"
+    return None
 
 
 def _objective_errors(cfg: RunConfig) -> list[str]:
@@ -180,20 +187,21 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
                                                 abs(sum(cfg.optim.tri_stage_ratios) - 1.0) > 1e-6):
         errs.append(f"optim.tri_stage_ratios={list(cfg.optim.tri_stage_ratios)}: give three phase shares "
                     "(warm-up, hold, decay) that sum to 1, e.g. [0.03, 0.9, 0.07]")
-    allowed = _GENERATORS.get((m.variant, m.modality))
+    obj = OBJECTIVES.get(m.variant)
+    if obj is None:  # reported by validate()
+        return errs
+    allowed = obj.masks.get(m.modality)  # which mask generators this objective draws for the modality
     if allowed and mk.generator not in allowed:
         errs.append(f"masking.generator={mk.generator!r} with model.variant={m.variant} and {m.modality}: use "
                     f"{' or '.join(repr(g) for g in allowed)} (the data2vec 2.0 masks are exact-count masks for M "
                     "clones; data2vec 1.0 draws its own, docs/DATA2VEC1.md)")
-    if m.variant == "data2vec2":
+    if not obj.builds_on_data2vec1:
         if m.image_block == "beit":
             errs.append("model.image_block=beit with model.variant=data2vec2: the BEiT-style ViT is data2vec 1.0's "
                         "image encoder; set model.variant=data2vec1 (preset d2v1-image-base) or model.image_block=vit2")
         if m.loss_scale_rule != "inv_sqrt_dim":
             errs.append(f"model.loss_scale_rule={m.loss_scale_rule!r} is a data2vec 1.0 setting; with "
                         "model.variant=data2vec2 set model.loss_scale instead")
-        return errs
-    if m.variant not in D2V1_VARIANTS:
         return errs
     if m.variant == "data2vec_aqc":
         errs += _aqc_errors(cfg)
@@ -222,7 +230,7 @@ def _objective_errors(cfg: RunConfig) -> list[str]:
 def _aqc_errors(cfg: RunConfig) -> list[str]:
     """data2vec-aqc (model.variant=data2vec_aqc): what the reference cannot run, and bad AQC numbers."""
     m, errs = cfg.model, []
-    if m.modality != "audio":
+    if m.modality not in OBJECTIVES["data2vec_aqc"].modalities:
         errs.append(f"model.variant=data2vec_aqc with model.modality={m.modality!r}: data2vec-aqc is speech only; "
                     "set model.modality=audio (preset aqc-base)")
     if cfg.data.views != "aqc":

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import augment, rng
 from .audio_files import load_mono
+from ..config.validation import noise_dir_problem
 from .manifest import DataError
 
 # sox reverb.c (freeverb): delay lengths in samples at 44.1 kHz, and the stereo spread
@@ -196,18 +197,6 @@ def sox_reverb(x: np.ndarray, reverberance, hf_damping, room_scale, sample_rate:
 def list_noise_files(noise_dir) -> list[Path]:
     """Every **/*.wav under noise_dir, sorted (the reference globs `**/*.wav`)."""
     return sorted(p for p in Path(noise_dir).rglob("*") if p.suffix.lower() == ".wav" and p.is_file())
-
-
-def noise_dir_problem(noise_dir) -> str | None:
-    """Why data.noise_dir cannot serve background noise (None: it can)."""
-    if not noise_dir:
-        return "is not set"
-    p = Path(noise_dir)
-    if not p.is_dir():
-        return "does not exist" if not p.exists() else "is not a directory"
-    if not any(q.suffix.lower() == ".wav" for q in p.rglob("*")):
-        return "holds no .wav files (searched recursively)"
-    return None
 
 
 class NoiseBank:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
+from ..data.manifest import DataError, confined_path
 from ..objectives import objective_of, uses_beit
 from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint, write_export, ExportError
 from .gpt2_tokenizer import imported_tokenizer_files
@@ -233,8 +234,6 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
     spm = m.get("spm_model") or {}
     if not spm:
         return {}
-    from ..data.manifest import DataError, confined_path
-
     try:  # the manifest may come from elsewhere: its spm path must stay inside its folder
         path = confined_path(man, spm.get("path"), "spm_model.path",
                              "copy the sentencepiece model into it and set spm_model.path to the file's name "

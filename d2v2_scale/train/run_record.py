@@ -25,6 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..data.manifest import MANIFEST_NAME, sha256_file, write_json_atomic
+from ..data.mixture import mixture_description
+
 RECORD_NAME = "run_record.json"
 
 
@@ -39,9 +42,7 @@ def code_version(root: Path | None = None) -> dict:
     count).  Never raises: no git, a package installed outside a checkout, or an unreadable
     repository all give a reason instead."""
     if root is None:
-        import d2v2_scale
-
-        root = Path(d2v2_scale.__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent.parent.parent
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # `git status` must not take the index lock
 
     def git(*args: str) -> str:
@@ -94,8 +95,6 @@ def world_layout(info, cfg, samples_per_step: int) -> dict:
 
 def data_record(cfg, loader=None) -> dict:
     """Every manifest with its sha256; for a mix also each corpus' share (mixture.py)."""
-    from ..data.manifest import MANIFEST_NAME, sha256_file
-
     paths = list(cfg.data.manifests) or ([cfg.data.manifest] if cfg.data.manifest else [])
     out = {"manifests": []}
     for p in paths:
@@ -107,8 +106,6 @@ def data_record(cfg, loader=None) -> dict:
         except (OSError, ValueError) as e:
             out["manifests"].append({"path": str(f), "error": f"{type(e).__name__}: {e}"})
     if loader is not None:
-        from ..data.mixture import mixture_description
-
         mix = mixture_description(loader.shards, cfg, loader.sampler)
         if mix is not None:
             out["mixture"] = mix
@@ -143,8 +140,6 @@ def read_history(out: Path) -> list[dict]:
 
 
 def write_history(out: Path, history: list[dict]) -> None:
-    from ..data.manifest import write_json_atomic
-
     write_json_atomic(out / RECORD_NAME, {"history": history})
 
 

@@ -16,6 +16,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from ..config import ConfigError
+
 WANDB_ID_FILE = "wandb_run.json"
 def wandb_missing(cfg) -> str | None:
     """logging.wandb=true without the package: the one-line error (None when fine or not asked)."""
@@ -55,8 +57,6 @@ class WandbTracker:
                                   id=run_id, resume="allow", dir=str(out), config=record,
                                   allow_val_change=True)
         except Exception as e:  # wandb raises several types (no login, network, bad entity)
-            from ..config import ConfigError
-
             raise ConfigError(f"logging.wandb: W&B could not start the run ({type(e).__name__}: {e}); log in with "
                               "`wandb login`, run offline with WANDB_MODE=offline (then `wandb sync`), or set "
                               "logging.wandb=false") from None

@@ -57,7 +57,7 @@ def model_config(fcfg: dict) -> dict:
           "pre-LN data2vec 2.0 models are not represented by the twin's importer (post-LN only)")
     _need(fcfg.get("norm_affine", True), "model.norm_affine", False, "the twin's LayerNorms have affine parameters")
     _need(not fcfg.get("end_of_block_targets", False), "model.end_of_block_targets", True,
-          "the twin's targets are FFN outputs before the residual (spec section 3)")
+          "the twin's targets are FFN outputs before the residual (docs/REFERENCE.md §1.3)")
     _need(not fcfg.get("batch_norm_target_layer", False), "model.batch_norm_target_layer", True,
           "the twin has instance/layer norm targets only")
     _need(int(m.get("num_extra_tokens", 0)) == (1 if mod == "IMAGE" else 0), f"{pre}.num_extra_tokens",
@@ -87,7 +87,7 @@ def model_config(fcfg: dict) -> dict:
         out.update(decoder_dim=int(dec["decoder_dim"]), decoder_kernel=int(dec["decoder_kernel"]),
                    decoder_layers=int(dec["decoder_layers"]), decoder_groups=int(dec["decoder_groups"]),
                    decoder_residual=bool(dec.get("decoder_residual", True)))
-    # spec 12 D1-D3/D7 fields, where this version of ModelConfig has them: the file's values
+    # docs/REFERENCE.md §1.10 D1-D3/D7 fields, where this version of ModelConfig has them: the file's values
     if "decoder_projection_layers" in out and dec:
         out.update(decoder_projection_layers=int(dec.get("projection_layers", 1)),
                    decoder_projection_ratio=float(dec.get("projection_ratio", 2.0)))
