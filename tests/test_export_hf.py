@@ -202,8 +202,9 @@ def _model_cfg(preset: str) -> dict:
     return dataclasses.asdict(build_config(preset).model)
 
 
-@pytest.mark.parametrize("preset,why", [("image-tiny", "sin-cos positions"), ("audio-tiny", "ALiBi")])
-def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys):
+@pytest.mark.parametrize("preset,over,why", [("text-tiny", {"pre_ln": True}, "pre_ln=true"),
+                                             ("text-tiny", {"prenet_depth": 1}, "prenet_depth=1")])
+def test_hf_refuses_models_without_an_exact_class(preset, over, why, tmp_path, capsys):
     import types
 
     from d2v2_scale.export.cli import main
@@ -211,16 +212,18 @@ def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys)
     from d2v2_scale.export.hf import HFRefused, hf_target
 
     with pytest.raises(HFRefused, match=why) as e:
-        hf_target(_model_cfg(preset))
+        hf_target(_model_cfg(preset) | over)
     assert "without --format hf" in str(e.value) and "model/plain.py" in str(e.value)
     # the CLI on a plain export of that model: exit 2, one line, nothing written
-    cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
+    cfg = _model_cfg(preset) | over | {"d2v2_export": {"which": "teacher", "step": 0}}
     write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
     assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert why in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
     assert hf_target(_model_cfg("text-tiny")) == "RobertaModel"
     assert hf_target(_model_cfg("d2v1-image-tiny")) == "Data2VecVisionModel"
+    # data2vec 2.0 image and speech: the folder's own model code (tests/test_export_hf_remote.py)
+    assert hf_target(_model_cfg("image-tiny")) == hf_target(_model_cfg("audio-tiny")) == "Data2Vec2Model"
 
 
 # ---- fairseq data2vec 2.0 checkpoints (the importer's fixture) -> transformers -----------------
@@ -245,17 +248,6 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
     diff = (got["last"] - ref["features"]).abs().max().item()
     assert diff < ATOL, f"RobertaModel differs from fairseq by {diff:.3g}"
     print(f"fairseq text -> RobertaModel: max |hf - fairseq| = {diff:.3g}")
-
-
-@pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
-def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why):  # noqa: F811
-    from d2v2_scale.export.importer import main
-
-    out = tmp_path / "hf"
-    assert main([str(oracle / case / "checkpoint.pt"), "--out", str(out), "--format", "hf"]) == 2
-    err = capsys.readouterr().err
-    assert why in err and "without --format hf" in err
-    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_hf_student_export(runs, tmp_path):

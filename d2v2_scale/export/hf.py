@@ -9,10 +9,12 @@ state, fp32, tested in tests/test_export_hf.py); nothing is approximated:
     imported fairseq text: + dict.txt and, given the GPT-2 BPE files, a RobertaTokenizer (gpt2_tokenizer.py)
     data2vec 1.0 vision  -> Data2VecVisionModel  + preprocessor_config.json (BeitImageProcessor)
 
-Refused (HFRefused, naming the reason): data2vec 2.0 image (fixed 2-D sin-cos positions and a
-post-LN ViT with a LayerNorm after the CLS concat: no transformers class adds that), data2vec 2.0
-speech (ALiBi attention bias: Data2VecAudio has none), pre-LN 2.0 models, prenet blocks, per-block
-relative position tables.
+    data2vec 2.0 image / speech -> Data2Vec2Model, the model code shipped inside the folder
+                            (trust_remote_code; export/hf_remote/): no transformers class has fixed
+                            2-D sin-cos positions + a LayerNorm after the CLS concat, or ALiBi
+
+Refused (HFRefused, naming the reason): prenet blocks, pre-LN 2.0 text, per-block relative
+position tables.  config.json names the source checkpoint by its run-relative name only (no local path).
 
 Differences found in the transformers code, and how each is matched (docs/EXPORT.md):
   * text positions: RoBERTa numbers non-pad tokens from pad + 1 (pad + 1 + cumsum of non-pad),
@@ -51,8 +53,12 @@ class HFRefused(ExportError):
 
 def hf_target(cfg: dict) -> str:
     """The transformers class name for an export config, or HFRefused naming why not."""
+    from .hf_remote import is_remote_target
+
     mod, v1 = cfg["modality"], cfg.get("variant", "data2vec2") in ("data2vec1", "data2vec_aqc")
     beit = cfg.get("image_block", "vit2") == "beit"
+    if is_remote_target(cfg):
+        return "Data2Vec2Model"
     if mod == "image" and not beit:
         raise HFRefused("data2vec 2.0 image encoders have no exact transformers class: they are post-LN ViTs "
                         "with fixed 2-D sin-cos positions and a LayerNorm after the CLS token is prepended "
@@ -201,12 +207,17 @@ _CONVERT = {"RobertaModel": _text, "Data2VecTextModel": _text, "Data2VecAudioMod
 
 def to_hf(tensors: dict, cfg: dict):
     """Plain-twin tensors + export config -> (HF tensors, HF config dict, extra files {name: bytes})."""
+    from .hf_remote import to_remote
+
     cls = hf_target(cfg)
     sd = {k: v for k, v in tensors.items() if not k.startswith("decoder.")}
-    out, hcfg, extra = _CONVERT[cls](sd, cfg, cls)
+    out, hcfg, extra = to_remote(sd, cfg) if cls == "Data2Vec2Model" else _CONVERT[cls](sd, cfg, cls)
     hcfg["architectures"] = [cls]
     if "d2v2_export" in cfg:
-        hcfg["d2v2_export"] = dict(cfg["d2v2_export"], format_hf=cls)
+        prov = dict(cfg["d2v2_export"], format_hf=cls)
+        if prov.get("checkpoint"):  # a shared folder names no local path: run folder / checkpoints / step
+            prov["checkpoint"] = "/".join(x for x in Path(str(prov["checkpoint"])).parts[-3:] if x != "/")
+        hcfg["d2v2_export"] = prov
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}, hcfg, extra
 
 
