@@ -106,6 +106,9 @@ def test_remote_code_equals_plain_twin(remote, name):
     # no local path in a folder meant for sharing
     assert str(tmp) not in (hf / "config.json").read_text()
     assert hcfg["d2v2_export"]["checkpoint"] == "x/checkpoints/step_3"
+    card = (hf / "README.md").read_text()  # the model card: system, weights, how to load, no local path
+    assert f"data2vec 2.0 {'speech' if name == 'audio' else 'image'} encoder" in card
+    assert "trust_remote_code=True" in card and "the student" in card and str(tmp) not in card
 
     enc, cfg, _ = load_export(tmp / name / "plain")
     args, _, _ = _inputs(cfg)

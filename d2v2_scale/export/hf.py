@@ -221,12 +221,17 @@ def to_hf(tensors: dict, cfg: dict):
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}, hcfg, extra
 
 
-def write_hf(out, tensors: dict, cfg: dict, force: bool = False, extra_files: dict | None = None) -> dict:
-    """Write the HF folder (config.json, model.safetensors, preprocessor/tokenizer files) to `out`
-    (temp name + rename, as every export).  Returns the HF config written."""
+def write_hf(out, tensors: dict, cfg: dict, force: bool = False, extra_files: dict | None = None,
+             corpus: str | None = None) -> dict:
+    """Write the HF folder (config.json, model.safetensors, preprocessor/tokenizer files, README.md
+    model card naming `corpus`, export/hf_card.py) to `out` (temp name + rename, as every export).
+    Returns the HF config written."""
+    from .hf_card import model_card
+
     hts, hcfg, extra = to_hf(tensors, cfg)
-    write_export(out, hts, hcfg, force=force, extra_files=extra | dict(extra_files or {}),
-                 metadata={"format": "pt"})
+    extra = extra | dict(extra_files or {})
+    extra.setdefault("README.md", model_card(hcfg, cfg, corpus).encode())
+    write_export(out, hts, hcfg, force=force, extra_files=extra, metadata={"format": "pt"})
     return hcfg
 
 
@@ -277,7 +282,10 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
     from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint
     from .gpt2_tokenizer import imported_tokenizer_files
 
+    from .hf_card import corpus_name
+
     out, src = Path(out), Path(src)
+    corpus = None
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     extra = {}
@@ -304,5 +312,6 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
         extra = spm_tokenizer_files(info["config"], cfg)
         tensors, prov = assemble(folder, info, which or "teacher")
         cfg["d2v2_export"] = prov
-    return write_hf(out, tensors, cfg, force=force, extra_files=extra)
+        corpus = corpus_name(info["config"])
+    return write_hf(out, tensors, cfg, force=force, extra_files=extra, corpus=corpus)
 
