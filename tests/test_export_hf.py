@@ -150,7 +150,8 @@ def exported(runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hfexports")
     jobs = {}
     for preset, _, _ in CASES:
-        export_checkpoint(runs / preset, tmp / preset / "plain")
+        # --format hf of a checkpoint holds the student by default (what the reference fine-tunes)
+        export_checkpoint(runs / preset, tmp / preset / "plain", which="student")
         assert main([str(runs / preset), "--out", str(tmp / preset / "hf"), "--format", "hf"]) == 0
         _, cfg, _ = load_export(tmp / preset / "plain")
         jobs[preset] = (tmp / preset / "hf", _inputs(cfg)[1])
@@ -179,7 +180,7 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
     tmp, outs = exported
     hf = tmp / preset / "hf"
     hcfg = json.loads((hf / "config.json").read_text())
-    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "teacher"
+    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "student"
     if modality in ("audio", "image"):
         pre = json.loads((hf / "preprocessor_config.json").read_text())
         assert pre["do_normalize"] is True
@@ -251,7 +252,8 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
 
 
 def test_hf_student_export(runs, tmp_path):
-    """--which student: the student's weights (not the teacher's), the same conversion as the teacher's."""
+    """--which student (the default of --format hf): the student's weights (not the teacher's), the
+    same conversion as the teacher's; --which teacher gives the EMA teacher."""
     from safetensors.torch import load_file
 
     from d2v2_scale.export import export_checkpoint
@@ -269,7 +271,10 @@ def test_hf_student_export(runs, tmp_path):
     assert main([str(tmp_path / "plain-s"), "--out", str(tmp_path / "hf-s2"), "--format", "hf"]) == 0
     got2 = load_file(str(tmp_path / "hf-s2" / "model.safetensors"))
     assert all(torch.equal(got2[k], got[k]) for k in got)
-    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf"]) == 0  # the teacher
+    assert main([str(run), "--out", str(tmp_path / "hf-d"), "--format", "hf"]) == 0  # default: the student
+    got_d = load_file(str(tmp_path / "hf-d" / "model.safetensors"))
+    assert all(torch.equal(got_d[k], got[k]) for k in got)
+    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf", "--which", "teacher"]) == 0
     k = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(load_file(str(tmp_path / "hf-t" / "model.safetensors"))[k], got[k])
 

@@ -179,3 +179,52 @@ def test_fairseq_speech_and_image_round_trip(oracle, tmp_path, capsys):  # noqa:
         diff = (last - refs[case]["features"]).abs().max().item()
         assert diff < tol, f"{case}: Data2Vec2Model differs from fairseq by {diff:.3g}"
         print(f"fairseq {case} -> Data2Vec2Model: max |hf - fairseq| = {diff:.3g}")
+
+
+# ---- d2v2-finetune: the recipes' pieces and the command on tiny runs -----------------------------
+
+
+def test_recipe_schedule_and_layer_decay(remote):
+    from transformers import AutoModelForImageClassification
+
+    from d2v2_scale.finetune.recipes import cer, layer_decay_groups, tri_stage
+
+    # fairseq's tri_stage: 1% -> 100% over the first 10%, hold 40%, exponential decay to 5%
+    assert tri_stage(0, 1000) == pytest.approx(0.01) and tri_stage(100, 1000) == 1.0 and tri_stage(499, 1000) == 1.0
+    assert tri_stage(750, 1000) == pytest.approx(0.05 ** 0.5) and tri_stage(5000, 1000) == pytest.approx(0.05)
+    tmp, _, _ = remote
+    m = AutoModelForImageClassification.from_pretrained(tmp / "image" / "hf", trust_remote_code=True, num_labels=3)
+    groups = layer_decay_groups(m, 1e-3, 0.65, 0.05)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    blocks = m.data2vec2.encoder.blocks  # 2 blocks: 0.65^2, 0.65^1; the rest (head, patch embedding) 1
+    assert lr_of[id(blocks[0].attn.qkv.weight)] == (pytest.approx(1e-3 * 0.65 ** 2), 0.05)
+    assert lr_of[id(blocks[1].mlp.fc1.weight)] == (pytest.approx(1e-3 * 0.65), 0.05)
+    assert lr_of[id(blocks[1].mlp.fc1.bias)][1] == 0.0 and lr_of[id(m.classifier.weight)] == (1e-3, 0.05)
+    assert len(lr_of) == sum(1 for _ in m.parameters())
+    assert cer(["one", "tw"], ["one", "two"]) == pytest.approx(1 / 6)
+
+
+def test_finetune_command(remote, tmp_path, capsys):
+    """d2v2-finetune image on the shared prepared digits (200 rows), a few steps: metrics, a saved
+    folder the image-classification pipeline runs on; a speech recipe on an image folder: one line."""
+    from transformers import pipeline
+
+    from d2v2_scale.finetune.cli import main
+    from tests import data_fixtures
+
+    tmp, _, _ = remote
+    man = data_fixtures.prepared("image") / "manifest.json"
+    assert main(["image", str(tmp / "image" / "hf"), "--data", str(man), "--out", str(tmp_path / "ft"),
+                 "--recipe", "small", "--steps", "4", "--batch-size", "8"]) == 0
+    res = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert res["n_train"] + res["n_eval"] == 200 and 0.0 <= res["accuracy"] <= 1.0 and res["steps"] == 4
+    from PIL import Image
+
+    top = pipeline("image-classification", model=str(tmp_path / "ft" / "model"), trust_remote_code=True,
+                   device="cpu")(Image.new("RGB", (32, 32)), top_k=2)
+    assert len(top) == 2
+    capsys.readouterr()
+    assert main(["ctc", str(tmp / "image" / "hf"), "--data", str(man), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "holds an image encoder; the ctc recipe needs a speech encoder" in err
+    assert err.count("\n") == 1 and not (tmp_path / "bad").exists()

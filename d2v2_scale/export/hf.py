@@ -47,6 +47,12 @@ from .consolidate import ExportError, write_export
 PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with model/plain.py"
 
 
+# what a --format hf export of a checkpoint holds by default: the reference fine-tunes the student
+# (fairseq drops the EMA teacher `_ema` when its fine-tuning model loads a checkpoint; speech copies
+# the EMA in only with load_ema=true, default false), docs/FINETUNE.md
+FINETUNE_WEIGHTS = "student"
+
+
 class HFRefused(ExportError):
     """The model has no transformers class that computes exactly what it computes."""
 
@@ -270,7 +276,8 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
 def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=None, warn=None) -> dict:
     """`src`: a checkpoint folder or run dir (assembled as d2v2-export does), or an existing plain
     export folder (d2v2-export / d2v2-import output: config.json with "d2v2_export") -> the HF
-    folder `out`.  which: teacher | student | None (a checkpoint: the teacher; a plain export
+    folder `out`.  which: teacher | student | None (a checkpoint: the student, what the reference
+    fine-tunes from, docs/FINETUNE.md "Which weights"; a plain export
     folder: what it holds, and asking for the other is refused).  A plain export's dict.txt (fairseq dictionary of imported text models) is
     copied, with a transformers tokenizer rebuilt from it and the GPT-2 BPE files (`gpt2_bpe`, a
     folder with encoder.json + vocab.bpe, or the two files stored in the export by d2v2-import
@@ -310,7 +317,7 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
         cfg = dict(info["config"]["model"])
         hf_target(cfg)
         extra = spm_tokenizer_files(info["config"], cfg)
-        tensors, prov = assemble(folder, info, which or "teacher")
+        tensors, prov = assemble(folder, info, which or FINETUNE_WEIGHTS)
         cfg["d2v2_export"] = prov
         corpus = corpus_name(info["config"])
     return write_hf(out, tensors, cfg, force=force, extra_files=extra, corpus=corpus)
