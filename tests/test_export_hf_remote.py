@@ -228,3 +228,27 @@ def test_finetune_command(remote, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds an image encoder; the ctc recipe needs a speech encoder" in err
     assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_d2v1_vision_pooled_output(tmp_path):
+    """A data2vec 1.0 vision folder gives a pooled output (the CLS token, use_mean_pooling false)
+    for pipeline("image-feature-extraction", pool=True) with add_pooling_layer (docs/EXPORT.md);
+    its model card names the system and how to load it."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from d2v2_scale.export.hf import write_hf
+
+    from d2v2_scale.config import build_config
+    from d2v2_scale.export.consolidate import plain_encoder
+
+    cfg = dataclasses.asdict(build_config("d2v1-image-tiny").model) | {"d2v2_export": {"which": "student", "step": 1}}
+    enc = plain_encoder(types.SimpleNamespace(**cfg))
+    write_hf(tmp_path / "hf", enc.state_dict(), cfg)
+    assert "data2vec 1.0 image encoder" in (tmp_path / "hf" / "README.md").read_text()
+    p = pipeline("image-feature-extraction", model=str(tmp_path / "hf"), device="cpu",
+                 model_kwargs={"add_pooling_layer": True})
+    img = Image.new("RGB", (40, 40), (120, 30, 200))
+    pooled = torch.tensor(p(img, pool=True, return_tensors=True))
+    full = torch.tensor(p(img, return_tensors=True))
+    assert pooled.shape == (1, cfg["embed_dim"]) and torch.allclose(pooled[0], full[0, 0])

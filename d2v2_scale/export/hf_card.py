@@ -12,6 +12,11 @@ MODALITY = {"image": "image", "audio": "speech", "text": "text"}
 LOAD = {
     "Data2Vec2Model": ("from transformers import AutoModel\n"
                        "model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)  # the folder's own code\n"),
+    # transformers builds Data2VecVisionModel without its pooler unless asked; pooler_output = the CLS token
+    "Data2VecVisionModel": ("from transformers import AutoModel\n"
+                            "model = AutoModel.from_pretrained(FOLDER, add_pooling_layer=True)  # pooler_output: CLS\n"
+                            "# pipeline('image-feature-extraction', model=FOLDER, "
+                            "model_kwargs={'add_pooling_layer': True})(img, pool=True)\n"),
 }
 HEADS = {"image": "AutoModelForImageClassification", "audio": "AutoModelForCTC / AutoModelForAudioClassification",
          "text": "AutoModelForSequenceClassification"}

@@ -26,10 +26,10 @@ import numpy as np
 
 from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, cer, layer_decay_groups, tri_stage
 
-SMALL = {"image": dict(lr=1e-3, max_steps=300, batch_size=32, warmup_steps=30, mixup=0.0, cutmix=0.0,
+SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100, mixup=0.0, cutmix=0.0,
                        layer_decay=0.65, min_lr=1e-6),
-         "ctc": dict(lr=5e-4, max_steps=400, batch_size=16, mask_time_prob=0.3, mask_time_length=2,
-                     mask_feature_prob=0.1, mask_feature_length=8, layerdrop=0.0)}
+         "ctc": dict(lr=3e-3, max_steps=1500, batch_size=16, mask_time_prob=0.1, mask_time_length=2,
+                     mask_feature_prob=0.05, mask_feature_length=8, layerdrop=0.0)}
 
 
 class FinetuneError(ValueError):
