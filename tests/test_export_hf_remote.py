@@ -252,3 +252,16 @@ def test_d2v1_vision_pooled_output(tmp_path):
     pooled = torch.tensor(p(img, pool=True, return_tensors=True))
     full = torch.tensor(p(img, return_tensors=True))
     assert pooled.shape == (1, cfg["embed_dim"]) and torch.allclose(pooled[0], full[0, 0])
+
+
+@pytest.mark.parametrize("name", ["configuration_data2vec2.py", "modeling_data2vec2.py"])
+def test_remote_code_names_the_transformers_range(name, monkeypatch):
+    """transformers outside the declared range: one line naming it and the fix (not an ImportError
+    from inside transformers)."""
+    import transformers
+
+    from d2v2_scale.export.hf_remote import HERE
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"needs transformers>=5,<6, found 4\.57\.1: pip install"):
+        exec(compile((HERE / name).read_text(), name, "exec"), {"__name__": "shipped"})

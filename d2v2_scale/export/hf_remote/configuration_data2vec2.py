@@ -6,6 +6,12 @@ model (with modeling_data2vec2.py and data2vec2_encoder.py) and loaded with
 and docs/FINETUNE.md (fine-tuning regularizers and heads).
 """
 
+import transformers
+
+# the range this code is tested on (pyproject.toml's [hf] extra): one line instead of an ImportError deep inside
+if not 5 <= int(transformers.__version__.split(".")[0]) < 6:
+    raise ImportError(f"this data2vec 2.0 folder's model code needs transformers>=5,<6, found "
+                      f"{transformers.__version__}: pip install 'transformers>=5,<6'")
 from transformers import PretrainedConfig
 
 

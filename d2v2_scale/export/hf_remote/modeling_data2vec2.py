@@ -23,6 +23,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+import transformers
+
+# the range this code is tested on (pyproject.toml's [hf] extra): one line instead of an ImportError deep inside
+if not 5 <= int(transformers.__version__.split(".")[0]) < 6:
+    raise ImportError(f"this data2vec 2.0 folder's model code needs transformers>=5,<6, found "
+                      f"{transformers.__version__}: pip install 'transformers>=5,<6'")
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import (BaseModelOutputWithPooling, CausalLMOutput, ImageClassifierOutput,
