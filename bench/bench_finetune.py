@@ -71,6 +71,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", choices=["image", "speech"], default=None)
     p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--image-eval-fraction", type=float, default=0.5,
+                   help="held-out share of the digits (0.9: 180 labelled training images)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,9 +85,10 @@ def main(argv=None):
                work / "digits", "--pixels", "32", "--workers", "1")
         hf = pretrain(work, man, "image-tiny", a.pretrain_steps, "image")
         for scratch in (False, True):
-            accs = [finetune("image", hf, man, work / f"ft-image-{int(scratch)}-{s}", s, scratch)["accuracy"]
-                    for s in a.seeds]
-            table.append(("image-tiny, digits, accuracy", scratch, accs))
+            f = a.image_eval_fraction
+            accs = [finetune("image", hf, man, work / f"ft-image-{f}-{int(scratch)}-{s}", s, scratch,
+                             ["--eval-fraction", str(f)])["accuracy"] for s in a.seeds]
+            table.append((f"image-tiny, digits ({1 - f:.0%} labelled), accuracy", scratch, accs))
     if a.only in (None, "speech"):
         man = work / "esp" / "manifest.json"
         if not man.is_file():
