@@ -7,6 +7,7 @@ argv: jobs.pt out.pt workdir.  jobs: {"load_only": {name: (folder, kwargs)}} (Au
 For each folder: AutoModel outputs (every hidden state), each head's Trainer steps, save_pretrained,
 the pipeline on the saved folder, a wrong head's refusal."""
 
+import importlib
 import importlib.abc
 import json
 import sys
@@ -36,7 +37,7 @@ def main():
     jobs, out, work = torch.load(sys.argv[1]), sys.argv[2], sys.argv[3]
     res = {}
     try:
-        import d2v2_scale  # noqa: F401
+        importlib.import_module("d2v2_scale")
         res["d2v2_importable"] = True
     except ImportError:
         res["d2v2_importable"] = False

@@ -74,8 +74,8 @@ def model_card(hcfg: dict, cfg: dict, corpus: str | None = None) -> str:
                   "`from_pretrained(..., drop_path_rate=...)`."]
     lines += ["", "## What it is not", "",
               "- Not fine-tuned: no task head is trained; the encoder's outputs are features.",
-              f"- Not a checkpoint of the original fairseq release unless the source above says fairseq; "
-              f"pretrained on the corpus named above only.",
+              "- Not a checkpoint of the original fairseq release unless the source above says fairseq; "
+              "pretrained on the corpus named above only.",
               "- Not for generation: an encoder (no decoder, no language-model head)." if mod == "text" else
               "- The pretraining decoder and the teacher's targets are not included.", ""]
     return "\n".join(lines)

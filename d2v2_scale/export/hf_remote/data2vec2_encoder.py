@@ -2,4 +2,6 @@
 exporter writes d2v2_scale/model/plain.py itself, verbatim, as data2vec2_encoder.py into every
 data2vec 2.0 image/speech transformers folder (hf_remote/__init__.py); this module is not copied."""
 
-from ...model.plain import PlainEncoder, alibi_slopes, sincos_2d  # noqa: F401
+from ...model.plain import PlainEncoder, alibi_slopes, sincos_2d
+
+__all__ = ["PlainEncoder", "alibi_slopes", "sincos_2d"]
