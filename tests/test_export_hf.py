@@ -150,7 +150,8 @@ def exported(runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hfexports")
     jobs = {}
     for preset, _, _ in CASES:
-        export_checkpoint(runs / preset, tmp / preset / "plain")
+        # --format hf of a checkpoint holds the student by default (what the reference fine-tunes)
+        export_checkpoint(runs / preset, tmp / preset / "plain", which="student")
         assert main([str(runs / preset), "--out", str(tmp / preset / "hf"), "--format", "hf"]) == 0
         _, cfg, _ = load_export(tmp / preset / "plain")
         jobs[preset] = (tmp / preset / "hf", _inputs(cfg)[1])
@@ -179,7 +180,7 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
     tmp, outs = exported
     hf = tmp / preset / "hf"
     hcfg = json.loads((hf / "config.json").read_text())
-    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "teacher"
+    assert hcfg["architectures"] == [cls] and hcfg["d2v2_export"]["which"] == "student"
     if modality in ("audio", "image"):
         pre = json.loads((hf / "preprocessor_config.json").read_text())
         assert pre["do_normalize"] is True
@@ -202,8 +203,9 @@ def _model_cfg(preset: str) -> dict:
     return dataclasses.asdict(build_config(preset).model)
 
 
-@pytest.mark.parametrize("preset,why", [("image-tiny", "sin-cos positions"), ("audio-tiny", "ALiBi")])
-def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys):
+@pytest.mark.parametrize("preset,over,why", [("text-tiny", {"pre_ln": True}, "pre_ln=true"),
+                                             ("text-tiny", {"prenet_depth": 1}, "prenet_depth=1")])
+def test_hf_refuses_models_without_an_exact_class(preset, over, why, tmp_path, capsys):
     import types
 
     from d2v2_scale.export.cli import main
@@ -211,16 +213,18 @@ def test_hf_refuses_models_without_an_exact_class(preset, why, tmp_path, capsys)
     from d2v2_scale.export.hf import HFRefused, hf_target
 
     with pytest.raises(HFRefused, match=why) as e:
-        hf_target(_model_cfg(preset))
+        hf_target(_model_cfg(preset) | over)
     assert "without --format hf" in str(e.value) and "twins/encoder.py" in str(e.value)
     # the CLI on a plain export of that model: exit 2, one line, nothing written
-    cfg = _model_cfg(preset) | {"d2v2_export": {"which": "teacher", "step": 0}}
+    cfg = _model_cfg(preset) | over | {"d2v2_export": {"which": "teacher", "step": 0}}
     write_export(tmp_path / "plain", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
     assert main([str(tmp_path / "plain"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert why in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
     assert hf_target(_model_cfg("text-tiny")) == "RobertaModel"
     assert hf_target(_model_cfg("d2v1-image-tiny")) == "Data2VecVisionModel"
+    # data2vec 2.0 image and speech: the folder's own model code (tests/test_export_hf_remote.py)
+    assert hf_target(_model_cfg("image-tiny")) == hf_target(_model_cfg("audio-tiny")) == "Data2Vec2Model"
 
 
 # ---- fairseq data2vec 2.0 checkpoints (the importer's fixture) -> transformers -----------------
@@ -247,19 +251,9 @@ def test_fairseq_text_to_roberta_round_trip(oracle, tmp_path, capsys):  # noqa: 
     print(f"fairseq text -> RobertaModel: max |hf - fairseq| = {diff:.3g}")
 
 
-@pytest.mark.parametrize("case,why", [("audio", "ALiBi"), ("image_p0", "sin-cos positions")])
-def test_fairseq_speech_and_image_refused(oracle, tmp_path, capsys, case, why):  # noqa: F811
-    from d2v2_scale.export.fairseq.importer import main
-
-    out = tmp_path / "hf"
-    assert main([str(oracle / case / "checkpoint.pt"), "--out", str(out), "--format", "hf"]) == 2
-    err = capsys.readouterr().err
-    assert why in err and "without --format hf" in err
-    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind
-
-
 def test_hf_student_export(runs, tmp_path):
-    """--which student: the student's weights (not the teacher's), the same conversion as the teacher's."""
+    """--which student (the default of --format hf): the student's weights (not the teacher's), the
+    same conversion as the teacher's; --which teacher gives the EMA teacher."""
     from safetensors.torch import load_file
 
     from d2v2_scale.export import export_checkpoint
@@ -277,7 +271,10 @@ def test_hf_student_export(runs, tmp_path):
     assert main([str(tmp_path / "plain-s"), "--out", str(tmp_path / "hf-s2"), "--format", "hf"]) == 0
     got2 = load_file(str(tmp_path / "hf-s2" / "model.safetensors"))
     assert all(torch.equal(got2[k], got[k]) for k in got)
-    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf"]) == 0  # the teacher
+    assert main([str(run), "--out", str(tmp_path / "hf-d"), "--format", "hf"]) == 0  # default: the student
+    got_d = load_file(str(tmp_path / "hf-d" / "model.safetensors"))
+    assert all(torch.equal(got_d[k], got[k]) for k in got)
+    assert main([str(run), "--out", str(tmp_path / "hf-t"), "--format", "hf", "--which", "teacher"]) == 0
     k = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(load_file(str(tmp_path / "hf-t" / "model.safetensors"))[k], got[k])
 

@@ -29,8 +29,9 @@ def parse_args(argv=None):
                                       "(the newest COMPLETE checkpoint is taken)")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--which", choices=["teacher", "student"], default=None,
-                   help="the EMA teacher (default; what data2vec 2.0 fine-tunes) or the student encoder "
-                        "(--format hf from a plain export folder: default what the folder holds)")
+                   help="the EMA teacher (default of the plain export) or the student encoder (default of "
+                        "--format hf: what the reference fine-tunes, docs/FINETUNE.md; from a plain export "
+                        "folder: what the folder holds)")
     p.add_argument("--with-decoder", action="store_true",
                    help="also store the student's decoder tensors (as decoder.*) in the same file")
     p.add_argument("--force", action="store_true", help="replace an existing export")

@@ -9,10 +9,12 @@ state, fp32, tested in tests/test_export_hf.py); nothing is approximated:
     imported fairseq text: + dict.txt and, given the GPT-2 BPE files, a RobertaTokenizer (gpt2_tokenizer.py)
     data2vec 1.0 vision  -> Data2VecVisionModel  + preprocessor_config.json (BeitImageProcessor)
 
-Refused (HFRefused, naming the reason): data2vec 2.0 image (fixed 2-D sin-cos positions and a
-post-LN ViT with a LayerNorm after the CLS concat: no transformers class adds that), data2vec 2.0
-speech (ALiBi attention bias: Data2VecAudio has none), pre-LN 2.0 models, prenet blocks, per-block
-relative position tables.
+    data2vec 2.0 image / speech -> Data2Vec2Model, the model code shipped inside the folder
+                            (trust_remote_code; export/hf_remote/): no transformers class has fixed
+                            2-D sin-cos positions + a LayerNorm after the CLS concat, or ALiBi
+
+Refused (HFRefused, naming the reason): prenet blocks, pre-LN 2.0 text, per-block relative
+position tables.  config.json names the source checkpoint by its run-relative name only (no local path).
 
 Differences found in the transformers code, and how each is matched (docs/EXPORT.md):
   * text positions: RoBERTa numbers non-pad tokens from pad + 1 (pad + 1 + cumsum of non-pad),
@@ -46,8 +48,16 @@ from ..data.manifest import DataError, confined_path
 from ..objectives import objective_of, uses_beit
 from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint, write_export, ExportError
 from .gpt2_tokenizer import imported_tokenizer_files
+from .hf_card import corpus_name, model_card
+from .hf_remote import is_remote_target, to_remote
 
 PLAIN_HINT = "export it without --format hf (the plain-PyTorch twin, docs/EXPORT.md) and load it with twins/encoder.py"
+
+
+# what a --format hf export of a checkpoint holds by default: the reference fine-tunes the student
+# (fairseq drops the EMA teacher `_ema` when its fine-tuning model loads a checkpoint; speech copies
+# the EMA in only with load_ema=true, default false), docs/FINETUNE.md
+FINETUNE_WEIGHTS = "student"
 
 
 class HFRefused(ExportError):
@@ -57,6 +67,8 @@ class HFRefused(ExportError):
 def hf_target(cfg: dict) -> str:
     """The transformers class name for an export config, or HFRefused naming why not."""
     mod, classes = cfg["modality"], objective_of(cfg).hf_classes
+    if is_remote_target(cfg):  # data2vec 2.0 image and speech: the folder carries its own model code
+        return "Data2Vec2Model"
     if mod == "image" and not uses_beit(cfg):
         raise HFRefused("data2vec 2.0 image encoders have no exact transformers class: they are post-LN ViTs "
                         "with fixed 2-D sin-cos positions and a LayerNorm after the CLS token is prepended "
@@ -204,19 +216,25 @@ def to_hf(tensors: dict, cfg: dict):
     """Plain-twin tensors + export config -> (HF tensors, HF config dict, extra files {name: bytes})."""
     cls = hf_target(cfg)
     sd = {k: v for k, v in tensors.items() if not k.startswith("decoder.")}
-    out, hcfg, extra = _CONVERT[cls](sd, cfg, cls)
+    out, hcfg, extra = to_remote(sd, cfg) if cls == "Data2Vec2Model" else _CONVERT[cls](sd, cfg, cls)
     hcfg["architectures"] = [cls]
     if "d2v2_export" in cfg:
-        hcfg["d2v2_export"] = dict(cfg["d2v2_export"], format_hf=cls)
+        prov = dict(cfg["d2v2_export"], format_hf=cls)
+        if prov.get("checkpoint"):  # a shared folder names no local path: run folder / checkpoints / step
+            prov["checkpoint"] = "/".join(x for x in Path(str(prov["checkpoint"])).parts[-3:] if x != "/")
+        hcfg["d2v2_export"] = prov
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}, hcfg, extra
 
 
-def write_hf(out, tensors: dict, cfg: dict, force: bool = False, extra_files: dict | None = None) -> dict:
-    """Write the HF folder (config.json, model.safetensors, preprocessor/tokenizer files) to `out`
-    (temp name + rename, as every export).  Returns the HF config written."""
+def write_hf(out, tensors: dict, cfg: dict, force: bool = False, extra_files: dict | None = None,
+             corpus: str | None = None) -> dict:
+    """Write the HF folder (config.json, model.safetensors, preprocessor/tokenizer files, README.md
+    model card naming `corpus`, export/hf_card.py) to `out` (temp name + rename, as every export).
+    Returns the HF config written."""
     hts, hcfg, extra = to_hf(tensors, cfg)
-    write_export(out, hts, hcfg, force=force, extra_files=extra | dict(extra_files or {}),
-                 metadata={"format": "pt"})
+    extra = extra | dict(extra_files or {})
+    extra.setdefault("README.md", model_card(hcfg, cfg, corpus).encode())
+    write_export(out, hts, hcfg, force=force, extra_files=extra, metadata={"format": "pt"})
     return hcfg
 
 
@@ -261,7 +279,8 @@ def spm_tokenizer_files(run_config: dict, mcfg: dict) -> dict[str, bytes]:
 def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=None, warn=None) -> dict:
     """`src`: a checkpoint folder or run dir (assembled as d2v2-export does), or an existing plain
     export folder (d2v2-export / d2v2-import output: config.json with "d2v2_export") -> the HF
-    folder `out`.  which: teacher | student | None (a checkpoint: the teacher; a plain export
+    folder `out`.  which: teacher | student | None (a checkpoint: the student, what the reference
+    fine-tunes from, docs/FINETUNE.md "Which weights"; a plain export
     folder: what it holds, and asking for the other is refused).  A plain export's dict.txt (fairseq dictionary of imported text models) is
     copied, with a transformers tokenizer rebuilt from it and the GPT-2 BPE files (`gpt2_bpe`, a
     folder with encoder.json + vocab.bpe, or the two files stored in the export by d2v2-import
@@ -272,6 +291,7 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
 
 
     out, src = Path(out), Path(src)
+    corpus = None
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     extra = {}
@@ -296,7 +316,8 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
         cfg = dict(info["config"]["model"])
         hf_target(cfg)
         extra = spm_tokenizer_files(info["config"], cfg)
-        tensors, prov = assemble(folder, info, which or "teacher")
+        tensors, prov = assemble(folder, info, which or FINETUNE_WEIGHTS)
         cfg["d2v2_export"] = prov
-    return write_hf(out, tensors, cfg, force=force, extra_files=extra)
+        corpus = corpus_name(info["config"])
+    return write_hf(out, tensors, cfg, force=force, extra_files=extra, corpus=corpus)
 

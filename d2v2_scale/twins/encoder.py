@@ -33,6 +33,14 @@ State-dict layout (D = embed_dim, H = heads, F = mlp_ratio * D, C = CNN channels
             blocks.{i}.mlp.fc1.{weight [F, D], bias [F]};  blocks.{i}.mlp.fc2.{weight [D, F], bias [D]}
             final_norm.{weight, bias} [D]   (pre-LN models only)
 Blocks 0..prenet_depth-1 are the context encoder's prenet; the rest are the shared blocks.
+
+Fine-tuning regularizers (all 0 = off, as exported; set by the transformers folder's model code,
+d2v2_scale/export/hf_remote/, docs/FINETUNE.md): Attention.attn_drop (attention probabilities),
+Mlp.act_drop (after the GELU), Block.dropout (each branch before its residual add),
+Block.drop_path (stochastic depth of each branch), PlainEncoder.layerdrop (skip whole blocks)
+and PlainEncoder.feature_mask (a callable (x [B, T, D], padding [B, T] | None) -> x applied to
+the local features before the positions: the fine-tuning time / channel masks).  None of them
+acts in eval mode.
 """
 
 import math
@@ -45,6 +53,14 @@ from torch import nn
 # ----------------------------------------------------------------------------------------------
 # attention bias
 # ----------------------------------------------------------------------------------------------
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero a sample's whole branch with probability p (kept ones scaled 1/(1-p))."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
 
 
 def alibi_slopes(num_heads):
@@ -64,6 +80,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
+        self.attn_drop = 0.0
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -73,18 +90,19 @@ class Attention(nn.Module):
         a = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)  # [B, H, T, T]
         if bias is not None:
             a = a + bias
-        out = a.softmax(-1) @ v  # [B, H, T, hd]
+        out = F.dropout(a.softmax(-1), self.attn_drop, self.training) @ v  # [B, H, T, hd]
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
+        self.act_drop = 0.0
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.dropout(F.gelu(self.fc1(x)), self.act_drop, self.training))
 
 
 class Block(nn.Module):
@@ -93,19 +111,23 @@ class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio, eps, pre_ln=False):
         super().__init__()
         self.pre_ln = pre_ln
+        self.dropout, self.drop_path = 0.0, 0.0
         self.attn = Attention(dim, heads)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
+    def _branch(self, y):
+        return drop_path(F.dropout(y, self.dropout, self.training), self.drop_path, self.training)
+
     def forward(self, x, bias=None):
         if self.pre_ln:
-            x = x + self.attn(self.norm1(x), bias)
+            x = x + self._branch(self.attn(self.norm1(x), bias))
             t = self.mlp(self.norm2(x))
-            return x + t, t
-        x = self.norm1(x + self.attn(x, bias))
+            return x + self._branch(t), t
+        x = self.norm1(x + self._branch(self.attn(x, bias)))
         t = self.mlp(x)
-        return self.norm2(x + t), t
+        return self.norm2(x + self._branch(t)), t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +241,7 @@ class PlainEncoder(nn.Module):
         self.extra_tokens = None
         self.context_norm = None
         self.alibi_scale = None
+        self.layerdrop, self.feature_mask = 0.0, None
         if mod == "image":
             self.local = PatchLocal(c)
             self.pos_table = sincos_2d(d, c.image_size // c.patch_size)[None]
@@ -241,9 +264,12 @@ class PlainEncoder(nn.Module):
 
     def forward(self, source, padding_mask=None):
         """-> {"x": [B, E + T, D], "padding": [B, T] | None, "ffn": [FFN output of every block],
-        "hidden": [output of every block, [B, E + T, D]]}.  x is the last block's output (after
-        final_norm for pre-LN models); ffn[k] is block k's MLP output before its residual add."""
+        "hidden": [output of every block, [B, E + T, D]], "input": block 0's input [B, E + T, D]}.
+        x is the last block's output (after final_norm for pre-LN models); ffn[k] is block k's MLP
+        output before its residual add (a block skipped by layerdrop: its input again, ffn zeros)."""
         x, pad = self.local(source, padding_mask)
+        if self.feature_mask is not None and self.training:
+            x = self.feature_mask(x, pad)
         if self.pos_table is not None:
             x = x + self.pos_table
         if self.positions is not None:
@@ -265,11 +291,14 @@ class PlainEncoder(nn.Module):
             kp[:, e:] = kp[:, e:].masked_fill(pad, float("-inf"))
             kp = kp[:, None, None, :]
             bias = kp if bias is None else bias + kp
-        ffn, hidden = [], []
+        ffn, hidden, inp = [], [], x
         for blk in self.blocks:
-            x, f = blk(x, bias)
+            if self.training and self.layerdrop > 0 and float(torch.rand(())) < self.layerdrop:
+                f = torch.zeros_like(x)
+            else:
+                x, f = blk(x, bias)
             ffn.append(f)
             hidden.append(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return {"x": x, "padding": pad, "ffn": ffn, "hidden": hidden}
+        return {"x": x, "padding": pad, "ffn": ffn, "hidden": hidden, "input": inp}

@@ -1,0 +1,72 @@
+"""The reference's fine-tuning recipes (docs/FINETUNE.md) and the pieces transformers.Trainer lacks:
+layer-wise LR decay param groups (as fairseq's mae_image_classification / wav2vec2_asr), the
+tri-stage LR schedule (fairseq's tri_stage), character error rate."""
+
+from __future__ import annotations
+
+import math
+
+# fairseq examples/data2vec/config/vision/finetuning/mae_imagenet_clean.yaml + mae_image_classification defaults
+IMAGE_REFERENCE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=16000, max_steps=250200,
+                       batch_size=512, layer_decay=0.65, mixup=0.7, cutmix=1.0, mixup_prob=0.9, mixup_switch_prob=0.5,
+                       label_smoothing=0.1, drop_path_rate=0.1, min_lr=1e-6)
+# fairseq examples/wav2vec/config/finetuning/base_100h.yaml (+ Wav2Vec2AsrConfig defaults)
+CTC_REFERENCE = dict(lr=3e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, max_steps=80000,
+                     phase_ratio=(0.1, 0.4, 0.5), final_lr_scale=0.05, freeze_feature_encoder=True,
+                     mask_time_prob=0.65, mask_time_length=10, mask_feature_prob=0.5, mask_feature_length=64,
+                     layerdrop=0.1, activation_dropout=0.1, freeze_finetune_updates=0, layer_decay=1.0)
+# fairseq examples/data2vec/config/v2/text_finetuning/mnli.yaml
+TEXT_REFERENCE = dict(lr=2e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_steps=7432, max_steps=123873,
+                      batch_size=32, schedule="polynomial")
+
+
+def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """AdamW param groups: block i (0-based) of N gets lr * layer_decay ** (N - i), everything else
+    (front end, heads, norms after the blocks) lr; no weight decay on 1-D tensors (biases, norms),
+    as the reference.  Works for the Data2Vec2* models (data2vec2.encoder.blocks)."""
+    base = getattr(model, "data2vec2", model)
+    blocks = list(base.encoder.blocks)
+    n = len(blocks) + 1
+    owner = {}
+    for i, b in enumerate(blocks):
+        for p in b.parameters():
+            owner[id(p)] = layer_decay ** (n - (i + 1))
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = owner.get(id(p), 1.0)
+        wd = 0.0 if p.ndim == 1 or name.endswith(".bias") else weight_decay
+        g = groups.setdefault((scale, wd), {"params": [], "lr": lr * scale, "weight_decay": wd})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def tri_stage(step: int, total: int, phase_ratio=(0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
+              final_lr_scale: float = 0.05) -> float:
+    """fairseq's tri_stage LR multiplier at `step`: linear warm-up from init_lr_scale, hold at 1,
+    exponential decay to final_lr_scale, then stay there."""
+    w, h = int(total * phase_ratio[0]), int(total * phase_ratio[1])
+    d = max(total - w - h, 1)
+    if step < w:
+        return init_lr_scale + (1 - init_lr_scale) * step / max(w, 1)
+    if step < w + h:
+        return 1.0
+    if step < w + h + d:
+        return math.exp(math.log(final_lr_scale) * (step - w - h) / d)
+    return final_lr_scale
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(hyps: list[str], refs: list[str]) -> float:
+    """Character error rate: total edit distance / total reference characters."""
+    return sum(edit_distance(h, r) for h, r in zip(hyps, refs)) / max(sum(len(r) for r in refs), 1)
