@@ -466,7 +466,7 @@ def test_to_run_imports_fp32_checkpoints(oracle, tmp_path, case):
     fp32 value, unrounded."""
     from safetensors.torch import load_file
 
-    from d2v2_scale.model import mapping
+    from d2v2_scale.twins import mapping
 
     ck_path, run = oracle / case / "checkpoint_fp32.pt", tmp_path / "run"
     preset = case.replace("d2v1_", "d2v1-").split("_")[0] + "-tiny"
