@@ -189,6 +189,7 @@ case "$MODE" in
   deepspeed)
     DS=(--num_gpus "$NPROC")
     [ -n "$HOSTFILE" ] && DS=(--hostfile "$HOSTFILE")
+    [ -n "${MASTER_PORT:-}" ] && DS+=(--master_port "$MASTER_PORT")
     "$PYTHON" -m deepspeed.launcher.runner "${DS[@]}" --module "${ARGS[@]:1}" &
     ;;
   *) echo "pretrain.sh: unknown --mode $MODE (slurm | torchrun | deepspeed)" >&2; exit 2 ;;
