@@ -87,7 +87,7 @@ def test_launcher_preemption_torchrun_and_deepspeed_resume_exactly(image_manifes
     write a checkpoint and the script exits 75 ("preempted, requeue"), not 0; the third start runs
     to the end; losses.json equals the uninterrupted run's, bit for bit.  Without the fix torchrun
     (and the deepspeed launcher) died on SIGUSR1 before the ranks saved, and the script exited 0."""
-    total = 9
+    total = 40
     ref = tmp_path / "ref"
     r = subprocess.run(["bash", str(SCRIPT), "--mode", "torchrun", "--nproc", "2", "--python", sys.executable,
                         "--preset", "image-tiny", "--manifest", str(image_manifest), "--output-dir", str(ref),
@@ -106,7 +106,7 @@ def test_launcher_preemption_torchrun_and_deepspeed_resume_exactly(image_manifes
     assert "exit 75" in text and "Traceback" not in text
 
     rc, text = _signal_at_step(_launch("deepspeed", out, image_manifest, tmp_path / "b.log", total),
-                               tmp_path / "b.log", f"resumed from {out / 'checkpoints'}", first + 1, signal.SIGUSR1)
+                               tmp_path / "b.log", f"resumed from {out / 'checkpoints'}", first + 2, signal.SIGUSR1)
     assert rc == 75, text[-3000:]
     assert f"at step {first}" in text and "pretrain.sh: USR1 received" in text, text[-3000:]
     second = int(text.split("preempted (SIGUSR1): stopped at step ")[1].split()[0])
