@@ -8,7 +8,7 @@ image-tiny, 2 processes (torchrun / the deepspeed launcher), ZeRO-3, a checkpoin
 Then the chaos run in another folder, restarted with the same command after every interruption
 (alternating the launcher mode), until it finishes:
   * kill9-random:  SIGKILL to every process of the run (script, launcher, ranks, loader workers:
-                   a node that dies) at a random moment 0-6 s after the ranks logged a step;
+                   a node that dies) at a random moment 0-3 s after the ranks logged a step;
   * kill9-midsave: the same, the moment a checkpoint folder exists without its COMPLETE marker;
   * preempt-usr1 / preempt-term: SIGUSR1 / SIGTERM to the launcher script (what SLURM sends);
                    the script must exit 75 with a new complete checkpoint.
@@ -135,7 +135,7 @@ def main() -> int:
                 killpg(p)
                 events.append({"mode": mode, "event": what, "mid_save": mid})
             elif what == "kill9-random":
-                time.sleep(rnd.uniform(0, 6))
+                time.sleep(rnd.uniform(0, 3))
                 killpg(p)
                 events.append({"mode": mode, "event": what, "mid_save": saving(ck)})
             else:

@@ -444,8 +444,8 @@ class Trainer:
         healthy = ckpt.newest_healthy(self.ckpt_dir, g.last_ok_step)
         where = (f"the newest healthy checkpoint is {healthy}: lower optim.lr (or check the data, or raise "
                  f"optim.warmup_steps) and rerun with --resume auto to continue from it" if healthy is not None else
-                 f"there is no healthy checkpoint to resume: start over with a lower optim.lr (or raise "
-                 f"optim.warmup_steps) and --overwrite")
+                 "there is no healthy checkpoint to resume: start over with a lower optim.lr (or raise "
+                 "optim.warmup_steps) and --overwrite")
         raise TrainingStopped(f"training stopped at step {self.step}: {why}; the weights after update step "
                               f"{g.last_ok_step} give non-finite losses and are not saved (checkpoints holding them "
                               f"are marked {ckpt.UNHEALTHY}); {where}")
