@@ -142,8 +142,12 @@ preempt() {
     # torchrun and the deepspeed launcher die on SIGUSR1 and take the ranks along (and stop them
     # on SIGTERM with a 30 s grace): signal the ranks themselves; one still starting up is
     # signalled as soon as its handler is in place
-    ( while :; do
-        for p in $(training_ranks "$CHILD"); do kill -USR1 "$p" 2>/dev/null || true; done
+    # once each: a second USR1 could reach a rank in its interpreter's shutdown, where Python has
+    # put the default action (death) back
+    ( sent=" "; while :; do
+        for p in $(training_ranks "$CHILD"); do
+          case "$sent" in *" $p "*) ;; *) kill -USR1 "$p" 2>/dev/null || true; sent="$sent$p " ;; esac
+        done
         sleep 1
       done ) &
     helper=$!
@@ -184,13 +188,15 @@ case "$MODE" in
     srun --kill-on-bad-exit=1 "$PYTHON" "${ARGS[@]}" &
     ;;
   torchrun)
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ARGS[@]}" &
+    # the launcher itself ignores SIGUSR1 (a USR1 to the whole process group must not kill it
+    # before the ranks save); the ranks install their own handler
+    ( trap '' USR1; exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ARGS[@]}" ) &
     ;;
   deepspeed)
     DS=(--num_gpus "$NPROC")
     [ -n "$HOSTFILE" ] && DS=(--hostfile "$HOSTFILE")
     [ -n "${MASTER_PORT:-}" ] && DS+=(--master_port "$MASTER_PORT")
-    "$PYTHON" -m deepspeed.launcher.runner "${DS[@]}" --module "${ARGS[@]:1}" &
+    ( trap '' USR1; exec "$PYTHON" -m deepspeed.launcher.runner "${DS[@]}" --module "${ARGS[@]:1}" ) &
     ;;
   *) echo "pretrain.sh: unknown --mode $MODE (slurm | torchrun | deepspeed)" >&2; exit 2 ;;
 esac

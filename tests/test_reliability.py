@@ -58,9 +58,11 @@ def _launch(mode: str, out: Path, manifest: Path, log: Path, max_steps: int) -> 
         start_new_session=True)
 
 
-def _signal_at_step(p: subprocess.Popen, log: Path, after: str, step: int, sig: int) -> tuple[int, str]:
-    """Send `sig` to the launcher script once the ranks logged `step` after the text `after`;
-    -> (the script's exit code, its log)."""
+def _signal_at_step(p: subprocess.Popen, log: Path, after: str, step: int, sig: int,
+                    group: bool = False) -> tuple[int, str]:
+    """Send `sig` to the launcher script (group: to every process of the run, script, launcher,
+    ranks, loader workers) once the ranks logged `step` after the text `after`; -> (the script's
+    exit code, its log)."""
     try:
         deadline = time.time() + 240
         while True:
@@ -70,7 +72,7 @@ def _signal_at_step(p: subprocess.Popen, log: Path, after: str, step: int, sig: 
                 break
             assert p.poll() is None and time.time() < deadline, text[-3000:]
             time.sleep(0.3)
-        os.kill(p.pid, sig)
+        (os.killpg if group else os.kill)(p.pid, sig)
         return p.wait(timeout=240), log.read_text()
     finally:
         try:
@@ -82,7 +84,8 @@ def _signal_at_step(p: subprocess.Popen, log: Path, after: str, step: int, sig: 
 
 def test_launcher_preemption_torchrun_and_deepspeed_resume_exactly(image_manifest, tmp_path):
     """torchrun x 2 ranks, ZeRO-3, through launchers/pretrain.sh: SIGTERM to the script in torchrun
-    mode, then SIGUSR1 in deepspeed mode (what SLURM's --signal=B:USR1 sends); each time the ranks
+    mode, then SIGUSR1 to every process of the run in deepspeed mode (the launchers ignore it, the
+    ranks save; SLURM's --signal=B:USR1 signals only the script); each time the ranks
     write a checkpoint and the script exits 75 ("preempted, requeue"), not 0; the third start runs
     to the end; losses.json equals the uninterrupted run's, bit for bit.  Without the fix torchrun
     (and the deepspeed launcher) died on SIGUSR1 before the ranks saved, and the script exited 0."""
@@ -105,7 +108,8 @@ def test_launcher_preemption_torchrun_and_deepspeed_resume_exactly(image_manifes
     assert "exit 75" in text and "Traceback" not in text
 
     rc, text = _signal_at_step(_launch("deepspeed", out, image_manifest, tmp_path / "b.log", total),
-                               tmp_path / "b.log", f"resumed from {out / 'checkpoints'}", first + 2, signal.SIGUSR1)
+                               tmp_path / "b.log", f"resumed from {out / 'checkpoints'}", first + 2, signal.SIGUSR1,
+                               group=True)
     assert rc == 75, text[-3000:]
     assert f"at step {first}" in text and "pretrain.sh: USR1 received" in text, text[-3000:]
     second = int(text.split("preempted (SIGUSR1): stopped at step ")[1].split()[0])

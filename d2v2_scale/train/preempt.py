@@ -25,6 +25,14 @@ def install() -> None:
         signal.signal(s, _handler)
 
 
+def done() -> None:
+    """After the save-and-exit checkpoint: further SIGUSR1s are ignored.  Python puts the default
+    action (terminate) back while the interpreter shuts down, so a late USR1 (a second one from
+    the scheduler, or one sent to the whole process group) would turn a clean exit into a death
+    by signal, which the launchers report as a failure."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def requested() -> str | None:
     """The name of the signal that asked for save-and-exit (this process), or None."""
     return _REQUESTED

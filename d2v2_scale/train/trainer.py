@@ -493,6 +493,9 @@ class Trainer:
                     if self.main:
                         print(f"checkpoint {folder}", flush=True)
                     if preempted:
+                        from . import preempt
+
+                        preempt.done()
                         self.stopped_reason = "save-and-exit requested (signal)"
                         break
         finally:
