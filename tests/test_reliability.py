@@ -233,14 +233,14 @@ def test_payload_in_each_checkpoint_file_is_refused(image_manifest, tmp_path, ca
         capsys.readouterr()
         rc = export_main([str(run), "--out", str(tmp_path / f"exp-{engine}-{name}"), "--which", which])
         err = capsys.readouterr().err
-        assert rc == 2 and f"{planted}: refusing to unpickle posix.system" in err, (name, err)
         assert not sentinel.exists(), f"d2v2-export ran the payload in {name}"
+        assert rc == 2 and f"{planted}: refusing to unpickle posix.system" in err, (name, err)
         r = _train("--preset", "image-tiny", f"data.manifest={image_manifest}", "--output-dir", run,
                    "max_steps=4", "checkpoint.every_steps=2", "data.batch_size=4", *extra, "--resume", "auto")
+        assert not sentinel.exists(), f"d2v2-train --resume auto ran the payload in {name}"
         lines = [line for line in r.stderr.splitlines() if line.startswith("d2v2-train:")]
         assert r.returncode == 2 and len(lines) == 1, (name, r.stderr[-3000:])
         assert f"{planted}: refusing to unpickle posix.system" in lines[0], (name, lines)
-        assert not sentinel.exists(), f"d2v2-train --resume auto ran the payload in {name}"
     # the allowlist still reads every file the real runs wrote (the exports above failed on the payload only)
     from d2v2_scale.train.safe_load import load
 
