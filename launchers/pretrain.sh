@@ -29,7 +29,8 @@ How it starts the processes (--mode, default: slurm inside a SLURM allocation, e
              (MASTER_ADDR = first host of `scontrol show hostnames`, MASTER_PORT from the job id).
              Submit with: sbatch --nodes N --ntasks-per-node G launchers/pretrain.sh --preset ...
   torchrun   torchrun --nproc_per_node NPROC on this machine (--nproc, default: all GPUs or 2 on CPU)
-  deepspeed  the deepspeed launcher with --hostfile FILE (default: one machine, --nproc slots)
+  deepspeed  the deepspeed launcher with --hostfile FILE (default: one machine, --nproc slots;
+             MASTER_PORT, when set, is its --master_port)
 
 Options (each also settable as an environment variable, in capitals, e.g. PRESET=image-base):
   --preset NAME         model/recipe preset (image-base, image-large, image-huge, audio-base,
