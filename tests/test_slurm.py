@@ -149,9 +149,16 @@ def _step_losses(log: str) -> dict[int, float]:
     return {int(s): float(l) for s, l in re.findall(r"^step (\d+)/\d+ loss ([-\d.naninf]+)", log, flags=re.M)}
 
 
-def test_sbatch_two_nodes_tp2_dp2_zero3(slurm, manifest, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, manifest, tmp_path_factory):
+    """One 20-step sbatch run: the test below checks it, the preemption test compares with it."""
+    tmp_path = tmp_path_factory.mktemp("sbatch")
     job = _submit(slurm, tmp_path, manifest, "max_steps=20", "checkpoint.every_steps=10")
-    info = _wait(slurm, job, _done, 420, "the end")
+    return tmp_path, job, _wait(slurm, job, _done, 420, "the end")
+
+
+def test_sbatch_two_nodes_tp2_dp2_zero3(uninterrupted):
+    tmp_path, job, info = uninterrupted
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
     assert "2 nodes x 2 tasks" in log and "master n1:" in log, log[-3000:]
@@ -164,8 +171,8 @@ def test_sbatch_two_nodes_tp2_dp2_zero3(slurm, manifest, tmp_path):
     assert len(json.loads((tmp_path / "run" / "losses.json").read_text())) == 20
 
 
-def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
-    total = 40
+def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path, uninterrupted):
+    total = 20
     job = _submit(slurm, tmp_path, manifest, f"max_steps={total}", "checkpoint.every_steps=4")
     ck = tmp_path / "run" / "checkpoints"
     t0 = time.time()
@@ -183,6 +190,8 @@ def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
     log = _log(tmp_path, job)  # --open-mode=append: both runs' output
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-4000:])
     assert "USR1 received" in log and f"requeueing job {job}" in log, log[-4000:]
+    # the script said "preempted, requeue" (exit 75), not success, before the requeue took it
+    assert "preempted after a checkpoint" in log and "exit 75" in log, log[-4000:]
     m = re.search(r"resumed from (\S+) at step (\d+)", log)
     assert m, log[-4000:]
     resumed_at = int(m.group(2))
@@ -193,6 +202,9 @@ def test_preemption_requeues_and_resumes(slurm, manifest, tmp_path):
     second = log[m.end():]
     steps = sorted(_step_losses(second))
     assert steps and steps[0] > resumed_at and steps[-1] == total, steps
+    # and it continued exactly: every step's loss equals the uninterrupted run's
+    ref = json.loads((uninterrupted[0] / "run" / "losses.json").read_text())
+    assert json.loads((tmp_path / "run" / "losses.json").read_text()) == ref
 
 
 def test_killed_srun_takes_its_tasks(slurm, manifest, tmp_path):

@@ -152,8 +152,12 @@ def plain_keys(mcfg) -> dict[str, tuple]:
 
 
 def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    from ..train.safe_load import UnsafeCheckpointError, load
+
+    try:  # weights only: a run folder from elsewhere must not run code (train/safe_load.py)
+        return load(path, map_location="cpu")
+    except UnsafeCheckpointError as e:
+        raise ExportError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise ExportError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
@@ -255,6 +259,36 @@ def _teacher_stage(folder: Path, info: dict, files: list[Path], p: int) -> dict[
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _weights_only_zero_to_fp32():
+    """deepspeed.utils.zero_to_fp32 reads each file with torch.load(weights_only=False): while it
+    runs, its module's `torch` is a view of torch whose `load` is the allowlisted weights-only one
+    (train/safe_load.py), so a payload in a downloaded run's file is refused, naming the file."""
+    from deepspeed.utils import zero_to_fp32
+
+    from ..train.safe_load import UnsafeCheckpointError, load
+
+    class _SafeTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def load(f, map_location=None, weights_only=None, **kw):  # noqa: ARG004 - always weights only
+            try:
+                # the file itself, not the temporary link to it, in the message
+                return load(Path(f).resolve() if isinstance(f, (str, os.PathLike)) else f,
+                            map_location=map_location, **kw)
+            except UnsafeCheckpointError as e:
+                raise ExportError(str(e)) from None
+
+    saved = zero_to_fp32.torch
+    zero_to_fp32.torch = _SafeTorch()
+    try:
+        yield
+    finally:
+        zero_to_fp32.torch = saved
+
+
 def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
     """deepspeed.utils.zero_to_fp32 over the files of one model-parallel rank t = pp_rank * tp +
     tp_rank (it cannot merge TP shards)."""
@@ -270,9 +304,12 @@ def _zero_to_fp32_tp_rank(folder: Path, t: int) -> dict:
         for p in mine:
             (tag / p.name).symlink_to(p.resolve())
         # its log lines (stdout) and tqdm bars (stderr) are nothing a user can act on; errors raise
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                _weights_only_zero_to_fp32():
             try:
                 sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tp")
+            except ExportError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise ExportError(f"{folder}: DeepSpeed's zero_to_fp32 failed on TP rank {t}: "
                                   f"{type(e).__name__}: {e}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML config (may name a preset itself)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="where logs and checkpoints go")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output dir that holds another run's checkpoints: delete them (and its "
+                        "losses.json) first; without it such a dir is refused unless --resume is given")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -53,6 +57,42 @@ def parse_args(argv=None):
     if not args.preset and not args.config:
         p.error("give --preset or --config")
     return args, overrides
+
+
+def earlier_run(cfg) -> str | None:
+    """A run without --resume into an output dir that holds complete checkpoints would mix two
+    runs (its steps among the old ones, rotation by step, losses.json replaced, d2v2-export taking
+    the newest step of either): -> the one-line refusal naming the newest checkpoint, or None."""
+    from pathlib import Path
+
+    from .checkpoint import complete_checkpoints
+
+    if cfg.checkpoint.resume:
+        return None
+    done = complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
+    if not done:
+        return None
+    return (f"{cfg.output_dir} holds {len(done)} checkpoint(s) of an earlier run (the newest: {done[-1]}): continue "
+            f"that run with --resume auto, or start this one in a new --output-dir, or pass --overwrite to delete "
+            f"its checkpoints and losses.json and start over here")
+
+
+def _overwrite(cfg) -> None:
+    """--overwrite, by rank 0 holding the run lock: the earlier run's step folders, DeepSpeed's
+    `latest` and losses.json go; nothing else (an `imported` start point stays)."""
+    import shutil
+    from pathlib import Path
+
+    from .checkpoint import _TAG
+
+    out = Path(cfg.output_dir)
+    ck = out / "checkpoints"
+    if ck.is_dir():
+        for p in ck.iterdir():
+            if p.is_dir() and _TAG.match(p.name):
+                shutil.rmtree(p)
+        (ck / "latest").unlink(missing_ok=True)
+    (out / "losses.json").unlink(missing_ok=True)
 
 
 def preflight(cfg, world_size: int = 1) -> str | None:
@@ -86,7 +126,10 @@ def preflight(cfg, world_size: int = 1) -> str | None:
 def main(argv=None) -> int:
     from ..distributed import resolve_launch_env  # lazy: torch (see the top of this file)
 
-    die_with_launcher()  # first: a launcher killed from here on takes this rank with it
+    from . import preempt
+
+    preempt.install()  # first: a preemption signal from here on means save-and-exit, not death
+    die_with_launcher()  # a launcher killed from here on takes this rank with it
     quiet_known_warnings()
     args, overrides = parse_args(argv)
     try:
@@ -108,7 +151,7 @@ def main(argv=None) -> int:
         print("d2v2-train: data.manifest is not set: make shards with d2v2-prep and pass "
               "--data.manifest PATH/manifest.json (or data.manifests=[A,B] for a mix of corpora)", file=sys.stderr)
         return 2
-    err = preflight(cfg, world)
+    err = preflight(cfg, world) or (None if args.overwrite else earlier_run(cfg))
     if err:
         print(f"d2v2-train: {err}", file=sys.stderr)
         return 2
@@ -119,6 +162,8 @@ def main(argv=None) -> int:
         except RunLockedError as e:
             print(f"d2v2-train: {e}", file=sys.stderr)
             return 2
+        if args.overwrite and not cfg.checkpoint.resume:
+            _overwrite(cfg)
     try:
         return _train(cfg)
     finally:
@@ -127,7 +172,8 @@ def main(argv=None) -> int:
 
 
 def _train(cfg) -> int:
-    from .guards import TrainingStopped  # lazy: torch (see the top of this file)
+    from .checkpoint import CheckpointWriteError  # lazy: torch (see the top of this file)
+    from .guards import TrainingStopped  # lazy: torch
     from .trainer import Trainer, install_signal_handlers  # lazy: DeepSpeed, Megatron-core
 
     install_signal_handlers()
@@ -140,6 +186,16 @@ def _train(cfg) -> int:
     except TrainingStopped as e:
         print(f"d2v2-train: {e}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as e:  # every rank raises it; the disk is shared: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"d2v2-train: {e}", file=sys.stderr)
+        return 4
+    if trainer.main and trainer.stopped_reason:
+        from . import preempt
+
+        print(f"preempted ({preempt.requested() or 'signal on another rank'}): stopped at step {result['step']} "
+              f"with a checkpoint; rerun with --resume auto to continue", flush=True)
+        return 0
     if trainer.main:
         print(f"done: step {result['step']}; logs in {cfg.output_dir}/tensorboard, checkpoints in "
               f"{cfg.output_dir}/checkpoints", flush=True)

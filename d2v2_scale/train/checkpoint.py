@@ -34,6 +34,9 @@ import torch.distributed as dist
 from ..model.core.tp_random import TP_RANDOM
 
 MARKER = "COMPLETE"
+# Written by the non-finite guard into checkpoints whose weights produced only non-finite steps
+# (train/trainer.py `_stop_nonfinite`): skipped like a damaged checkpoint, never resumed/exported.
+UNHEALTHY = "UNHEALTHY"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -52,7 +55,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 def file_sizes(folder: Path) -> dict[str, int]:
     """Every file under a checkpoint folder (relative path -> bytes), the marker excluded."""
     return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.name not in (MARKER, MARKER + ".tmp")}
+            if f.is_file() and f.name not in (MARKER, MARKER + ".tmp", UNHEALTHY)}
 
 
 def damage(folder: Path) -> str | None:
@@ -64,6 +67,8 @@ def damage(folder: Path) -> str | None:
         info = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return f"{marker} is unreadable ({e})"
+    if (folder / UNHEALTHY).is_file():
+        return f"marked unhealthy ({(folder / UNHEALTHY).read_text().strip()})"
     for name, size in info.get("files", {}).items():  # markers before the file list: not checked
         f = folder / name
         if not f.is_file():
@@ -158,22 +163,130 @@ def set_rng_state(s: dict) -> None:
         TP_RANDOM.load_state_dict(s["tp_random"])
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); raised on every rank."""
+
+
+# files this process failed to write during the current save: (path, exception, bytes free then)
+_WRITE_FAILURES: list = []
+
+
+def _guarded_write(write, path) -> None:
+    """Run `write()`; a failure (torch's writer says only `basic_ios::clear: iostream error` when
+    the disk is full) is recorded with the space then left, and the partial file removed, so that
+    this rank goes on through DeepSpeed's collectives and every rank can agree on the failure
+    (one rank raising inside save_checkpoint leaves the others in its barrier)."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - classified in _raise_write_failure
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+        except OSError:
+            free = -1
+        _WRITE_FAILURES.append((Path(path), e, free))
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def install_write_guard(engine) -> None:
+    """DeepSpeed writes its files through its checkpoint engine's `save` and copies its recovery
+    scripts with shutil: both through `_guarded_write` (no-op for the flat engine)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        return
+    save_file, copy_scripts = ce.save, engine._copy_recovery_script
+    ce.save = lambda state_dict, path: _guarded_write(lambda: save_file(state_dict, path), path)
+    engine._copy_recovery_script = lambda save_path: _guarded_write(lambda: copy_scripts(save_path),
+                                                                    Path(save_path) / "zero_to_fp32.py")
+
+
+def _no_space(e: BaseException, free: int) -> bool:
+    import errno
+
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e) \
+        or 0 <= free < 1 << 20
+
+
+def _raise_write_failure(ckpt_dir: Path, folder: Path, step: int, rank: int) -> None:
+    """Collective: if any rank failed to write, every rank raises one CheckpointWriteError (rank 0
+    first removes the incomplete folder, freeing what it took; the previous checkpoints and
+    `latest` are untouched)."""
+    mine = _WRITE_FAILURES[0] if _WRITE_FAILURES else None
+    _WRITE_FAILURES.clear()
+    views: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    line = None
+    if mine is not None:
+        path, e, free = mine
+        if _no_space(e, free):
+            line = (f"no space left on device in {path.parent} while writing checkpoint step {step} ({path.name}; "
+                    f"{max(free, 0) / 2**20:.1f} MiB free): free space there or give another --output-dir, then "
+                    f"rerun with --resume auto")
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            line = f"could not write {path} (checkpoint step {step}): {type(e).__name__}: {first}"
+    if dist.is_initialized():
+        dist.all_gather_object(views, line)
+    else:
+        views = [line]
+    failed = [v for v in views if v]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    prev = newest_intact(complete_checkpoints(ckpt_dir))
+    keep = f"; the newest complete checkpoint {prev} is intact" if prev is not None else ""
+    raise CheckpointWriteError(failed[0] + keep)
+
+
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    """DeepSpeed's `latest` pointer (read by its zero_to_fp32 script), written only once the step's
+    COMPLETE marker exists, so it never names an incomplete checkpoint."""
+    tmp = ckpt_dir / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / "latest")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _guarded_write(lambda: torch.save(obj, tmp), tmp)
+    if tmp.exists():
+        os.replace(tmp, path)
+
+
+def newest_healthy(ckpt_dir: Path, last_ok_step: int) -> Path | None:
+    """The newest intact checkpoint known to be healthy: written before the last finite update
+    (`last_ok_step`), so its weights went on to give a finite step.  Rotation never deletes it."""
+    return newest_intact([p for p in complete_checkpoints(ckpt_dir) if int(_TAG.match(p.name).group(1)) < last_ok_step])
+
+
+def mark_unhealthy(ckpt_dir: Path, from_step: int, reason: str) -> list[Path]:
+    """Rank 0: mark every complete checkpoint of step >= from_step unhealthy (-> those marked)."""
+    marked = []
+    for p in complete_checkpoints(ckpt_dir):
+        if int(_TAG.match(p.name).group(1)) >= from_step and not (p / UNHEALTHY).exists():
+            tmp = p / (UNHEALTHY + ".tmp")
+            tmp.write_text(reason + "\n")
+            os.replace(tmp, p / UNHEALTHY)
+            marked.append(p)
+    return marked
 
 
 def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last: int,
-         rank: int, world_size: int) -> Path:
-    """Collective: every rank calls it.  Returns the checkpoint folder."""
+         rank: int, world_size: int, last_ok_step: int | None = None) -> Path:
+    """Collective: every rank calls it.  Returns the checkpoint folder.  Rotation keeps the newest
+    `keep_last` and, always, the newest healthy one (`newest_healthy(last_ok_step)`)."""
     tag = tag_for(step)
     folder = ckpt_dir / tag
     if rank == 0 and folder.exists():  # a leftover from a killed save of the same step
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=True)
+    _WRITE_FAILURES.clear()
+    # `latest` is ours, written after the marker (DeepSpeed writes it before any marker exists)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     _atomic_torch_save(client, folder / f"client_rank{rank:05d}.pt")
+    _raise_write_failure(ckpt_dir, folder, step, rank)
     _kill_point("after_client", step)
     dist.barrier()
     # One listing per node, merged by taking each file's largest size: a node sees its own
@@ -191,11 +304,19 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, meta: dict, keep_last:
         tmp = folder / (MARKER + ".tmp")
         # the file list lets a resume tell a damaged checkpoint (a file lost or cut later) from a
         # good one before DeepSpeed trips over it with a bare assertion
-        tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta,
-                                   "files": files}))
-        os.replace(tmp, marker)
+        try:
+            tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time(), **meta,
+                                       "files": files}))
+            os.replace(tmp, marker)
+            _write_latest(ckpt_dir, tag)
+        except OSError as e:
+            _WRITE_FAILURES.append((tmp, e, shutil.disk_usage(ckpt_dir).free))
+    _raise_write_failure(ckpt_dir, folder, step, rank)
+    if rank == 0:
+        keep = newest_healthy(ckpt_dir, step if last_ok_step is None else last_ok_step)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return folder
 
@@ -217,7 +338,9 @@ def load(engine, folder: Path, rank: int, world_size: int) -> dict:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
-    return torch.load(client_path, map_location="cpu", weights_only=False)
+    from .safe_load import load as safe_load
+
+    return safe_load(client_path, map_location="cpu")
 
 
 def _kill_point(name: str, step: int) -> None:

@@ -229,7 +229,9 @@ class FlatEngine(torch.nn.Module):
         f = self._file(load_dir, tag)
         if not f.is_file():
             return None, None
-        state = torch.load(f, map_location=self.flat_param.device, weights_only=False)
+        from .safe_load import load as safe_load
+
+        state = safe_load(f, map_location=self.flat_param.device)
         if state.get("engine") != "flat":
             raise ValueError(f"{f} was not written by parallel.engine=flat (DeepSpeed's engine wrote it): resume "
                              f"with the engine that wrote it")

@@ -1,7 +1,10 @@
 """Guards that stop a run from silently burning GPU hours.
 
 * Non-finite loss or gradient: the step is skipped on every rank (no update, no EMA, no LR
-  step) and counted; K in a row stop the run with a checkpoint of the last good weights.
+  step) and counted; K in a row stop the run WITHOUT a new checkpoint: the weights then in memory
+  (those of the last applied update) are what gave the non-finite steps (an LR of 1e6 leaves them
+  finite but ~5e7 in size), so the checkpoints holding them are marked unhealthy and the message
+  names the newest healthy one, which `--resume auto` then takes (docs/TRAINING.md, Guards).
 * Collapse (docs/REFERENCE.md §1.6): after `collapse_after_steps` updates, target variance below
   `min_target_var` or prediction variance below `min_pred_var` stops the run with a checkpoint;
   so does, opt-in, a target position share above `max_target_position_share` (targets that
@@ -76,6 +79,9 @@ class Guard:
         self.cfg = cfg
         self.consecutive_nonfinite = 0
         self.skipped_total = 0
+        # the step of the last applied (finite) update: checkpoints written before it are known
+        # healthy, those from it on hold the weights that a non-finite streak started from
+        self.last_ok_step = 0
 
     def record_skip(self) -> bool:
         """Count a skipped step; True if the run must stop."""
@@ -83,8 +89,9 @@ class Guard:
         self.skipped_total += 1
         return self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite
 
-    def record_ok(self) -> None:
+    def record_ok(self, step: int) -> None:
         self.consecutive_nonfinite = 0
+        self.last_ok_step = step
 
     def collapse_reason(self, step: int, target_var: float, pred_var: float,
                         position_share: float = math.nan) -> str | None:
@@ -104,8 +111,11 @@ class Guard:
         return None
 
     def state_dict(self) -> dict:
-        return {"consecutive_nonfinite": self.consecutive_nonfinite, "skipped_total": self.skipped_total}
+        return {"consecutive_nonfinite": self.consecutive_nonfinite, "skipped_total": self.skipped_total,
+                "last_ok_step": self.last_ok_step}
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_state_dict(self, d: dict, step: int = 0) -> None:
         self.consecutive_nonfinite = d["consecutive_nonfinite"]
         self.skipped_total = d["skipped_total"]
+        # checkpoints written before the field: their own step, less the streak they were in
+        self.last_ok_step = d.get("last_ok_step", step - self.consecutive_nonfinite)

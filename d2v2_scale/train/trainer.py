@@ -30,6 +30,7 @@ from ..model.core.ema import ema_decay_from_cfg
 from ..model.core.tp_random import TP_RANDOM
 from ..model.flops import train_step_flops
 from . import checkpoint as ckpt
+from . import preempt
 from . import run_record
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
 from .flat_engine import FlatEngine
@@ -153,6 +154,10 @@ class Trainer:
         else:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
+            from . import safe_load
+
+            safe_load.install(self.engine)  # DeepSpeed reads its files weights-only, with our allowlist
+            ckpt.install_write_guard(self.engine)  # a full disk: one line on every rank, no hang
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
                                    mpu=mpu, copy=teacher_copied_prefixes(cfg))
         if imported_teacher is not None:
@@ -227,12 +232,9 @@ class Trainer:
             out = {"guard/skipped_total": self.guard.skipped_total,
                    "guard/consecutive_nonfinite": self.guard.consecutive_nonfinite}
             if stop:
-                self._stop(f"{self.guard.consecutive_nonfinite} consecutive non-finite steps "
-                           f"(guards.max_consecutive_nonfinite={self.cfg.guards.max_consecutive_nonfinite}); "
-                           f"the checkpoint holds the last good weights. Lower optim.lr, check the data, "
-                           f"or raise optim.warmup_steps")
+                self._stop_nonfinite()
             return out
-        self.guard.record_ok()
+        self.guard.record_ok(self.step + 1)
         self.step += 1
         self.updates += 1
         decay = self.ema_decay()
@@ -361,7 +363,7 @@ class Trainer:
                 "dp": self.info.dp_size, "config": self.cfg.to_dict()}
         folder = ckpt.save(self.engine, self.ckpt_dir, self.step, self.state_client(), meta,
                            keep_last=self.cfg.checkpoint.keep_last, rank=self.info.rank,
-                           world_size=self.info.world_size)
+                           world_size=self.info.world_size, last_ok_step=self.guard.last_ok_step)
         return folder
 
     def resume(self, spec: str | None) -> Path | None:
@@ -371,7 +373,8 @@ class Trainer:
         client = ckpt.load(self.engine, folder, self.info.rank, self.info.world_size)
         self.teacher.load_state_dict(client["teacher"])
         self.step, self.updates = client["step"], client["updates"]
-        self.guard.load_state_dict(client["guard"])
+        self.guard.load_state_dict(client["guard"], self.step)
+        self._apply_config_lr(folder)
         if self.loader is not None and client["loader"] is not None:
             self.loader.load_state_dict(client["loader"])
         ckpt.set_rng_state(client["rng"])
@@ -423,6 +426,55 @@ class Trainer:
             tmp.write_text(json.dumps(history))
             tmp.replace(self.out / "losses.json")
 
+    def _apply_config_lr(self, folder: Path) -> None:
+        """A resume with another optim.lr than the checkpoint's (the non-finite guard's advice):
+        the schedule continues at its step with the new peak, from the first update on.  The
+        schedulers keep the peak they were built with (WarmupCosineLR: org_lrs; LambdaLR: base_lrs,
+        which its state dict restores) and the optimizer's groups the checkpoint's current LR, so
+        both are set here; with an unchanged optim.lr nothing is touched (exact resume)."""
+        info = json.loads((folder / ckpt.MARKER).read_text())
+        was = ((info.get("config") or {}).get("optim") or {}).get("lr")
+        lr = self.cfg.optim.lr
+        if was is None or float(was) == lr:
+            return
+        sched = self.scheduler
+        if hasattr(sched, "org_lrs"):  # deepspeed WarmupCosineLR
+            sched.org_lrs = [lr for _ in sched.org_lrs]
+            new = sched.get_lr()
+        else:  # torch LambdaLR (tri_stage)
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            new = [lr * f(sched.last_epoch) for f in sched.lr_lambdas]
+        for g, v in zip(sched.optimizer.param_groups, new):
+            g["lr"] = v
+        sched._last_lr = list(new)
+        if self.main:
+            print(f"optim.lr={lr:g} (the checkpoint was trained with {float(was):g}): the LR schedule continues at "
+                  f"step {self.step} with the new peak", flush=True)
+
+    def _stop_nonfinite(self) -> None:
+        """guards.max_consecutive_nonfinite in a row: no checkpoint of these weights (the last
+        applied update's, which gave every step since a non-finite loss or gradient); the
+        checkpoints that hold them are marked unhealthy, and the message names the newest healthy
+        one, the one --resume auto takes."""
+        g = self.guard
+        why = (f"{g.consecutive_nonfinite} consecutive non-finite steps (guards.max_consecutive_nonfinite="
+               f"{self.cfg.guards.max_consecutive_nonfinite})")
+        self.stopped_reason = why
+        if self.main:
+            ckpt.mark_unhealthy(self.ckpt_dir, g.last_ok_step,
+                                f"the non-finite guard stopped the run at step {self.step}: the weights of step "
+                                f"{g.last_ok_step} gave only non-finite steps after it")
+        if dist.is_initialized():
+            dist.barrier()
+        healthy = ckpt.newest_healthy(self.ckpt_dir, g.last_ok_step)
+        where = (f"the newest healthy checkpoint is {healthy}: lower optim.lr (or check the data, or raise "
+                 f"optim.warmup_steps) and rerun with --resume auto to continue from it" if healthy is not None else
+                 "there is no healthy checkpoint to resume: start over with a lower optim.lr (or raise "
+                 "optim.warmup_steps) and --overwrite")
+        raise TrainingStopped(f"training stopped at step {self.step}: {why}; the weights after update step "
+                              f"{g.last_ok_step} give non-finite losses and are not saved (checkpoints holding them "
+                              f"are marked {ckpt.UNHEALTHY}); {where}")
+
     def _stop(self, reason: str) -> None:
         self.stopped_reason = reason
         folder = self.save()
@@ -472,6 +524,9 @@ class Trainer:
                     if self.main:
                         print(f"checkpoint {folder}", flush=True)
                     if preempted:
+                        from . import preempt
+
+                        preempt.done()
                         self.stopped_reason = "save-and-exit requested (signal)"
                         break
         finally:
@@ -484,22 +539,13 @@ class Trainer:
 
 
 # ---- preemption: SLURM sends SIGUSR1/SIGTERM ahead of the time limit ------------------------
-_SAVE_REQUESTED = False
-
-
-def _request_save(signum, frame):  # noqa: ARG001
-    global _SAVE_REQUESTED
-    _SAVE_REQUESTED = True
-
-
 def _save_requested() -> bool:
     """All ranks agree (a signal may reach one rank first)."""
+    flag = preempt.requested() is not None
     if not dist.is_initialized():
-        return _SAVE_REQUESTED
-    return any_rank_true(_SAVE_REQUESTED, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        return flag
+    return any_rank_true(flag, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
 
 def install_signal_handlers() -> None:
-
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, _request_save)
+    preempt.install()
