@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..objectives import objective_of
 from . import augment, augment_speech, mixture, rng
+from .mixture import check_data_mixture
 from .layout import add_layout
 from .manifest import DataError, load_manifest
 from .masking import beit as beit_masks, data2vec1 as d2v1_masks, data2vec2 as d2v2_masks
@@ -281,8 +282,6 @@ def check_data(cfg) -> None:
     """The manifest-level checks (exists, modality, vocabulary, sample rate) on their own: cheap
     (one JSON read), so `d2v2-train` runs them before any process group or model exists."""
     if cfg.data.manifests:  # a mix of corpora (data/mixture.py)
-        from .mixture import check_data_mixture
-
         return check_data_mixture(cfg)
     if not cfg.data.manifest:
         raise DataError("data.manifest is not set: prepare data with `d2v2-prep image|audio|text ... --out DIR` "

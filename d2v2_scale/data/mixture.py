@@ -29,6 +29,7 @@ import numpy as np
 
 from .manifest import DataError, load_manifest
 from .sampler import ShardedBatchSampler
+from .shards import ShardSet, check_compatible
 
 _STREAM_SALT = 0x313C  # keeps a corpus' pass permutations apart from the epoch shuffle (0x5A3D)
 
@@ -88,8 +89,6 @@ class MixedShardSet:
     offset + row); every accessor also takes a draw id (>= total) and reads row id % total."""
 
     def __init__(self, paths, verify: str = "fast"):
-        from .shards import ShardSet
-
         self.paths = [str(p) for p in paths]
         self.names = corpus_names(self.paths)
         self.sets = [ShardSet(p, verify=verify) for p in self.paths]
@@ -147,8 +146,6 @@ class MixedShardSet:
 
 def open_corpus(cfg):
     """data.manifest -> ShardSet; data.manifests -> MixedShardSet."""
-    from .shards import ShardSet
-
     if cfg.data.manifests:
         return MixedShardSet(cfg.data.manifests, verify=cfg.data.verify)
     return ShardSet(cfg.data.manifest, verify=cfg.data.verify)
@@ -227,8 +224,6 @@ def make_sampler(shards, cfg, dp_rank: int, dp_size: int, lengths, eligible):
 
 def check_data_mixture(cfg) -> None:
     """`check_data` for data.manifests: every manifest readable, fit for the config, mixable."""
-    from .shards import check_compatible
-
     ms = load_manifests(cfg.data.manifests)
     for m, p in ms:
         check_compatible(m, p, cfg)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..train.checkpoint import complete_checkpoints, damage, newest_intact
+from ..train.safe_load import UnsafeCheckpointError, load
 from ..twins import mapping
 from ..twins.beit import PlainBeitEncoder
 from ..twins.encoder import PlainEncoder
@@ -152,8 +153,6 @@ def plain_keys(mcfg) -> dict[str, tuple]:
 
 
 def _load(path: Path) -> dict:
-    from ..train.safe_load import UnsafeCheckpointError, load
-
     try:  # weights only: a run folder from elsewhere must not run code (train/safe_load.py)
         return load(path, map_location="cpu")
     except UnsafeCheckpointError as e:
@@ -265,8 +264,6 @@ def _weights_only_zero_to_fp32():
     runs, its module's `torch` is a view of torch whose `load` is the allowlisted weights-only one
     (train/safe_load.py), so a payload in a downloaded run's file is refused, naming the file."""
     from deepspeed.utils import zero_to_fp32
-
-    from ..train.safe_load import UnsafeCheckpointError, load
 
     class _SafeTorch:
         def __getattr__(self, name):

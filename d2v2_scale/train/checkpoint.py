@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.core.tp_random import TP_RANDOM
+from .safe_load import load as safe_load
 
 MARKER = "COMPLETE"
 # Written by the non-finite guard into checkpoints whose weights produced only non-finite steps
@@ -338,8 +339,6 @@ def load(engine, folder: Path, rank: int, world_size: int) -> dict:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
-    from .safe_load import load as safe_load
-
     return safe_load(client_path, map_location="cpu")
 
 

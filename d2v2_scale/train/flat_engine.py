@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .safe_load import load as safe_load
+
 
 class FlatEngine(torch.nn.Module):
     measures_grad_norm = True  # the trainer reads get_global_grad_norm() instead of measuring it
@@ -229,8 +231,6 @@ class FlatEngine(torch.nn.Module):
         f = self._file(load_dir, tag)
         if not f.is_file():
             return None, None
-        from .safe_load import load as safe_load
-
         state = safe_load(f, map_location=self.flat_param.device)
         if state.get("engine") != "flat":
             raise ValueError(f"{f} was not written by parallel.engine=flat (DeepSpeed's engine wrote it): resume "

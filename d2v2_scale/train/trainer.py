@@ -29,7 +29,7 @@ from ..model.core.ema import ema_decay_from_cfg
 from ..model.core.tp_random import TP_RANDOM
 from ..model.flops import train_step_flops
 from . import checkpoint as ckpt
-from . import preempt
+from . import preempt, safe_load
 from . import run_record
 from .ds_config import offloads_optimizer, student_ds_config, teacher_ds_config, use_bf16
 from .flat_engine import FlatEngine
@@ -40,6 +40,7 @@ from .pipeline import mark_replicated, prune_to_stage, sum_replicated_grads, Pip
 from .progress import Progress
 from .schedules import build_scheduler, fairseq_adam_eps
 from .teacher import EmaTeacher
+from .trackers import WandbTracker
 
 
 def _scalar_name(key: str) -> str:
@@ -153,8 +154,6 @@ class Trainer:
         else:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
-            from . import safe_load
-
             safe_load.install(self.engine)  # DeepSpeed reads its files weights-only, with our allowlist
             ckpt.install_write_guard(self.engine)  # a full disk: one line on every rank, no hang
         self.teacher = EmaTeacher(teacher, self.engine, teacher_ds_config(ds_cfg), zero3=zero3, dtype=self.dtype,
@@ -410,8 +409,6 @@ class Trainer:
         if self.metrics.writer is not None:
             run_record.to_tensorboard(self.metrics.writer, rec)
         if self.cfg.logging.wandb:
-            from .trackers import WandbTracker
-
             self.metrics.trackers.append(WandbTracker(self.cfg, self.out, rec, resumed=resumed is not None))
 
     def _warn(self, msg: str) -> None:
@@ -523,8 +520,6 @@ class Trainer:
                     if self.main:
                         print(f"checkpoint {folder}", flush=True)
                     if preempted:
-                        from . import preempt
-
                         preempt.done()
                         self.stopped_reason = "save-and-exit requested (signal)"
                         break
