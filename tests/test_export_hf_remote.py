@@ -159,7 +159,7 @@ def test_fairseq_speech_and_image_round_trip(oracle, tmp_path, capsys):  # noqa:
     AutoModel(trust_remote_code) in a fresh process: equal to fairseq's own features on the
     oracle's input (image: patch tokens; the file's fp16 student rounds the sin-cos table, as in
     tests/test_import.py)."""
-    from d2v2_scale.export.importer import main
+    from d2v2_scale.export.fairseq.importer import main
 
     jobs, refs = {}, {}
     for case in ("audio", "image_p0"):

@@ -135,8 +135,8 @@ class LossSection:
 class ObjectiveSection:
     """Which objective the run trains."""
 
-    # objective: "data2vec2" (model/data2vec.py), "data2vec1" (model/data2vec1.py, docs/DATA2VEC1.md) or
-    # "data2vec_aqc" (model/data2vec_aqc.py, docs/AQC.md)
+    # objective: "data2vec2" (model/objectives/data2vec2.py), "data2vec1" (model/objectives/data2vec1.py, docs/DATA2VEC1.md) or
+    # "data2vec_aqc" (model/objectives/aqc/, docs/AQC.md); its record: objectives.py
     variant: str = "data2vec2"
 
 
@@ -157,10 +157,10 @@ class Data2vec1Section:
 
 @dataclass
 class BeitSection:
-    """BEiT-style vision of data2vec 1.0 (model/beit.py; docs/REFERENCE.md §2.4); the defaults leave
+    """BEiT-style vision of data2vec 1.0 (model/modalities/beit.py; docs/REFERENCE.md §2.4); the defaults leave
     the 2.0 ViT unchanged."""
 
-    image_block: str = "vit2"  # "vit2" (the 2.0 block, model/blocks.py) | "beit" (model/beit.py)
+    image_block: str = "vit2"  # "vit2" (the 2.0 block, model/core/blocks.py) | "beit" (model/modalities/beit.py)
     layer_scale_init: float = 1e-4  # BEiT layer scale gamma_1/gamma_2 init (base 1e-4, large 1e-5); 0: none
     drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (blocks - 1)
     attention_dropout: float = 0.0  # dropout on the attention probabilities (BEiT blocks)

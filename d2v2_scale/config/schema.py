@@ -32,7 +32,7 @@ class MaskConfig:
     ratio: float = 0.8
     adjust: float = 0.07
     length: int = 3
-    # "data2vec2" (data/masking.py: exact counts, M clones) or a data2vec 1.0 generator
+    # "data2vec2" (data/masking/data2vec2.py: exact counts, M clones) or a data2vec 1.0 generator
     # (data/masking/data2vec1.py): "speech_spans" (fairseq compute_mask_indices: p = ratio, span =
     # length, probabilistic rounding, trimmed to the batch minimum), "text_spans" (span = length
     # at p = ratio, every masked token -> <mask>), "bert" (ratio of tokens selected; of those

@@ -273,7 +273,7 @@ def _aqc_errors(cfg: RunConfig) -> list[str]:
 
 
 def _beit_errors(m: ModelConfig) -> list[str]:
-    """The BEiT-style vision fields (model/beit.py) that cannot work, or that would be ignored."""
+    """The BEiT-style vision fields (model/modalities/beit.py) that cannot work, or that would be ignored."""
     errs = []
     if m.image_block not in ("vit2", "beit"):
         return [f"model.image_block={m.image_block!r}: use 'vit2' (the data2vec 2.0 ViT) or 'beit' "
