@@ -39,7 +39,8 @@ def _losses(res, rank=0):
 
 
 # Measured (CPU, fp32, gloo): PP=2 == PP=1 to the last bit for image-tiny, audio-tiny (4 blocks,
-# top-3 targets) and text-tiny, losses and gradient norms: every stage runs the same kernels on
+# top-3 targets) and text-tiny, losses (gradient norms to float32 rounding since the LR schedule
+# runs update k at fairseq's value, docs/TRAINING.md): every stage runs the same kernels on
 # the same tensors in the same order; the messages between stages are exact copies.  Bugs met
 # while building it moved the loss by far more than any tolerance: the in-place loss / M of the
 # schedule leaking into the logged loss (x 1/4), the ALiBi scale's gradient left per stage.
@@ -69,7 +70,9 @@ def test_pp2_matches_pp1(modality, tmp_path, request):
     else:
         res = _fit(modality, 2, tmp_path / "pp2", "parallel.pp=2")
         pp = {r: _losses(res, r) for r in (0, 1)}
-        assert res[0]["grad_norm"] == ref[0]["grad_norm"] and ref[0]["grad_norm"] > 0  # norm spans both stages
+        # the norm spans both stages: each stage's sum of squares, then their sum (PP=1 sums the same
+        # squares in one sequence), so it agrees to float32 rounding; the losses stay bitwise equal
+        assert ref[0]["grad_norm"] > 0 and res[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-6)
     assert len(pp[0]) == 6 and pp[0][-1] < pp[0][0]
     np.testing.assert_array_equal(pp[0], pp[1])  # both stages log the same (last stage's) loss
     np.testing.assert_array_equal(pp[0], _losses(ref), err_msg=f"{modality}: PP=2 != PP=1")
