@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.hf_remote import code_files, register_local_classes
 from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, cer, layer_decay_groups, tri_stage
 
 SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100, mixup=0.0, cutmix=0.0,
@@ -82,12 +83,24 @@ def load_rows(manifest, modality: str):
 
 
 def _load(auto, folder, scratch: bool, **over):
+    """The folder's weights in this package's own model classes: the Python files inside a folder
+    (which may come from elsewhere) never run (export/hf_remote.register_local_classes)."""
     from transformers import AutoConfig
 
+    register_local_classes()
     if scratch:  # the same network and config, random init (the baseline)
-        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=True, **over)
-        return auto.from_config(cfg, trust_remote_code=True)
-    return auto.from_pretrained(folder, trust_remote_code=True, **over)
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False, **over)
+        return auto.from_config(cfg, trust_remote_code=False)
+    return auto.from_pretrained(folder, trust_remote_code=False, **over)
+
+
+def _save_model(model, dest: Path) -> None:
+    """save_pretrained, plus the model code of this package (export/hf_remote.code_files): the
+    model was built from the installed classes, so transformers copies no code, and the saved
+    folder must load with trust_remote_code=True like an export does."""
+    model.save_pretrained(dest)
+    for name, data in code_files().items():
+        (dest / name).write_bytes(data)
 
 
 def _args(out, r, seed):
@@ -156,7 +169,7 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
     with torch.no_grad():
         pred = torch.cat([model(pixel_values=pv[te[i:i + 64]]).logits.argmax(-1) for i in range(0, len(te), 64)])
     acc = float((pred.numpy() == labels[te]).mean())
-    model.save_pretrained(out / "model")
+    _save_model(model, out / "model")
     proc.save_pretrained(out / "model")
     res = {"task": "image", "accuracy": acc, "n_train": len(tr), "n_eval": len(te), "scratch": scratch,
            "seed": seed, "recipe": recipe, "steps": total}
@@ -189,7 +202,8 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     over_cfg = {k: r[k] for k in keys}
     from transformers import AutoConfig
 
-    d = AutoConfig.from_pretrained(folder, trust_remote_code=True).embed_dim
+    register_local_classes()
+    d = AutoConfig.from_pretrained(folder, trust_remote_code=False).embed_dim
     over_cfg["mask_feature_length"] = min(over_cfg["mask_feature_length"], d // 2)
     model = _load(AutoModelForCTC, folder, scratch, vocab_size=len(vocab), pad_token_id=tok.pad_token_id,
                   ctc_loss_reduction="mean", **over_cfg)
@@ -218,7 +232,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
                    return_tensors="pt")
             hyps += tok.batch_decode(model(**b).logits.argmax(-1))
     refs = [texts[j] for j in te]
-    model.save_pretrained(out / "model")
+    _save_model(model, out / "model")
     Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out / "model")
     res = {"task": "ctc", "cer": cer(hyps, refs), "n_train": len(tr), "n_eval": len(te), "scratch": scratch,
            "seed": seed, "recipe": recipe, "steps": total, "examples": list(zip(hyps[:5], refs[:5]))}

@@ -87,3 +87,23 @@ def preprocessor(cfg: dict) -> dict:
     return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
             "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": mean, "image_std": std, "do_convert_rgb": int(cfg.get("in_chans", 3)) == 3}
+
+
+def register_local_classes() -> None:
+    """Build model_type "data2vec2" with this package's own classes in transformers' Auto classes.
+
+    A folder from elsewhere may carry any Python in its modeling files; with these registered,
+    `from_pretrained(DIR)` (trust_remote_code left False) takes the classes from the installed
+    package and reads only config.json and the safetensors weights from the folder.  d2v2-finetune
+    loads every folder this way (docs/FINETUNE.md "Trust")."""
+    from transformers import (AutoConfig, AutoModel, AutoModelForAudioClassification, AutoModelForCTC,
+                              AutoModelForImageClassification)
+
+    from . import modeling_data2vec2 as m
+    from .configuration_data2vec2 import Data2Vec2Config
+
+    AutoConfig.register(Data2Vec2Config.model_type, Data2Vec2Config, exist_ok=True)
+    for auto, cls in ((AutoModel, m.Data2Vec2Model), (AutoModelForImageClassification, m.Data2Vec2ForImageClassification),
+                      (AutoModelForCTC, m.Data2Vec2ForCTC),
+                      (AutoModelForAudioClassification, m.Data2Vec2ForAudioClassification)):
+        auto.register(Data2Vec2Config, cls, exist_ok=True)
