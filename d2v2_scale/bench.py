@@ -260,7 +260,6 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
 
     import deepspeed
 
-
     ov = list(overrides)
     if output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="d2v2bench-")
@@ -359,7 +358,6 @@ def run_bench(preset: str, overrides: list[str], steps: int = 10, warmup: int = 
 def run_count_ops(preset: str, overrides: list[str], warmup: int = 2, output_dir: str | None = None) -> dict:
     """One update of `preset` under the operator counter (d2v2_scale/opcount.py), after `warmup`
     uncounted updates (DeepSpeed and the optimizer allocate their state on the first ones)."""
-
 
     ov = list(overrides)
     if output_dir is None:

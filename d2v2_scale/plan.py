@@ -96,7 +96,6 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
     """(student, teacher) parameter lists, numel per TP rank; built on the meta device."""
     import torch
 
-
     import torch.distributed as dist
 
     if not dist.is_initialized():

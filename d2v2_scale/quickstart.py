@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.depth=4")
     args = p.parse_args(argv)
 
-
     out = Path(args.out)
     raw, shards, run = out / "digits", out / "shards", out / "train"
     manifest = shards / "manifest.json"
@@ -50,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         prep_main(["image", str(raw), "--out", str(shards), "--shard-size-mb", "0.25", "--workers", "2"])
     else:
         print(f"[1-2/4] reusing shards in {shards}", flush=True)
-
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

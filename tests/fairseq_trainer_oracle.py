@@ -32,7 +32,7 @@ except ImportError:  # run as a script
     fairseq_oracle = None
 
 # (name, scheduler, peak lr, max_update, warmup_updates (cosine) or phase ratios (tri_stage), updates
-# to record: "all" or a list); the sizes of the project's presets (config.py PRESETS)
+# to record: "all" or a list); the sizes of the project's presets (config/presets/)
 SCHEDULES = [
     ("tiny-cosine", "cosine", 1e-3, 300, 10, "all"),
     ("tiny-tri_stage", "tri_stage", 1e-3, 300, (0.03, 0.9, 0.07), "all"),

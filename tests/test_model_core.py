@@ -191,7 +191,7 @@ def test_loss_scaling_and_cls_weight(name, beta):
         cls = cap["encoder_out"][:, 0]
         tgt = y.mean(1).repeat_interleave(m, 0)
         cerr = F.smooth_l1_loss(cls, tgt, reduction="none", beta=beta) if beta > 0 else (cls - tgt) ** 2
-        lcls = 0.01 * (cerr.sum(-1) * scale).sum()  # summed over the B*M rows (see data2vec.py)
+        lcls = 0.01 * (cerr.sum(-1) * scale).sum()  # summed over the B*M rows (see model/objectives/data2vec2.py)
         torch.testing.assert_close(stats["loss_cls"], lcls, atol=1e-5, rtol=1e-5)
         expected = reg + lcls
     else:

@@ -289,7 +289,6 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
     before anything is written."""
     from safetensors.torch import load_file
 
-
     out, src = Path(out), Path(src)
     corpus = None
     if out.exists() and not force:

@@ -75,7 +75,6 @@ def read_image(shards, i: int, config: dict) -> np.ndarray:
     """-> float32 [C, S, S]: the whole image resized to image_size, normalized like training."""
     from PIL import Image
 
-
     s, c = config["image_size"], config["in_chans"]
     a = np.asarray(decode_image(shards.get(i, _image_columns(shards)), c).resize((s, s), Image.Resampling.BILINEAR))
     a = a[..., None] if a.ndim == 2 else a
@@ -283,7 +282,6 @@ def run_probe(export_dir: str | Path, manifest: str | Path, pool: str = "mean", 
               test_fraction: float = 0.5, seed: int = 0, c: float = 1.0, max_samples: int | None = None,
               threads: int | None = None, layer: str | int = "final") -> dict:
     from sklearn.model_selection import train_test_split
-
 
     if threads:
         torch.set_num_threads(threads)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.hf_remote import code_files, register_local_classes
+from ..train.schedules import WarmupCosine
 from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, cer, layer_decay_groups, tri_stage
 
 SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100, mixup=0.0, cutmix=0.0,
@@ -157,12 +157,8 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
                             betas=r["betas"])
     total, warm, floor = r["max_steps"], r["warmup_steps"], r["min_lr"] / r["lr"]
 
-    def lam(s):  # linear warm-up, cosine to min_lr (fairseq's cosine scheduler)
-        if s < warm:
-            return (s + 1) / warm
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(total - warm, 1))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lam] * len(opt.param_groups))
+    # fairseq's cosine schedule, the one pretraining runs (update k at its value for k - 1 updates)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [WarmupCosine(total, warm, floor)] * len(opt.param_groups))
     Trainer(model=model, args=_args(out, r, seed), train_dataset=ds, data_collator=collate,
             optimizers=(opt, sched)).train()
     model.eval()

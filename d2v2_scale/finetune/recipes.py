@@ -4,7 +4,7 @@ tri-stage LR schedule (fairseq's tri_stage), character error rate."""
 
 from __future__ import annotations
 
-import math
+from ..train.schedules import TriStage
 
 # fairseq examples/data2vec/config/vision/finetuning/mae_imagenet_clean.yaml + mae_image_classification defaults
 IMAGE_REFERENCE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=16000, max_steps=250200,
@@ -45,16 +45,8 @@ def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float
 def tri_stage(step: int, total: int, phase_ratio=(0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
               final_lr_scale: float = 0.05) -> float:
     """fairseq's tri_stage LR multiplier at `step`: linear warm-up from init_lr_scale, hold at 1,
-    exponential decay to final_lr_scale, then stay there."""
-    w, h = int(total * phase_ratio[0]), int(total * phase_ratio[1])
-    d = max(total - w - h, 1)
-    if step < w:
-        return init_lr_scale + (1 - init_lr_scale) * step / max(w, 1)
-    if step < w + h:
-        return 1.0
-    if step < w + h + d:
-        return math.exp(math.log(final_lr_scale) * (step - w - h) / d)
-    return final_lr_scale
+    exponential decay to final_lr_scale, then stay there (pretraining's train/schedules.TriStage)."""
+    return TriStage(total, phase_ratio, init_lr_scale, final_lr_scale)(step)
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -12,6 +12,7 @@ from ..compat import quiet_known_warnings
 from ..config import ConfigError, build_config, match_reference_batch, preset_names
 from ..data.manifest import DataError
 from ..runlock import RunLock, RunLockedError, die_with_launcher
+from . import preempt
 
 # The modules that import torch, DeepSpeed and Megatron-core (data.loader, distributed,
 # checkpoint, guards, trainer) are imported inside the functions below, on purpose: `d2v2-train`
@@ -124,11 +125,9 @@ def preflight(cfg, world_size: int = 1) -> str | None:
 
 
 def main(argv=None) -> int:
-    from ..distributed import resolve_launch_env  # lazy: torch (see the top of this file)
-
-    from . import preempt
-
     preempt.install()  # first: a preemption signal from here on means save-and-exit, not death
+    from ..distributed import resolve_launch_env  # lazy: torch.distributed (see the top of this file)
+
     die_with_launcher()  # a launcher killed from here on takes this rank with it
     quiet_known_warnings()
     args, overrides = parse_args(argv)
@@ -174,9 +173,8 @@ def main(argv=None) -> int:
 def _train(cfg) -> int:
     from .checkpoint import CheckpointWriteError  # lazy: torch (see the top of this file)
     from .guards import TrainingStopped  # lazy: torch
-    from .trainer import Trainer, install_signal_handlers  # lazy: DeepSpeed, Megatron-core
+    from .trainer import Trainer  # lazy: DeepSpeed, Megatron-core
 
-    install_signal_handlers()
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()

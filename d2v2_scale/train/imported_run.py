@@ -27,8 +27,6 @@ def load_run_import(ckpt_dir: Path, cfg, student, teacher) -> dict[str, torch.Te
     built (TP-sharded, whole) student and teacher.  -> the teacher's fp32 weights as this TP rank
     holds them (the EMA masters, see EmaTeacher.set_masters), or None when there is no import."""
 
-
-
     folder = Path(ckpt_dir) / RUN_IMPORT
     if not (folder / RUN_META).is_file():
         return None

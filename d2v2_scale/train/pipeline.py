@@ -147,7 +147,6 @@ class PipelineRunner:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-
         self.student, self.teacher, self.dtype = student, teacher, dtype
         self.first, self.last = student.first_stage, student.last_stage
         cuda = torch.cuda.is_available()

@@ -3,8 +3,8 @@ what SLURM's `--signal=B:USR1@N` starts) or SIGTERM (SLURM's time limit, `scance
 shutdown).  The handler only sets a flag; the trainer checks it after every update (all ranks
 agree through one all-reduce), writes a checkpoint and returns.
 
-Installed first thing in `d2v2-train` (before torch is imported, seconds before the trainer
-exists): the launcher script signals a rank only once its handler is in place (SigCgt in
+Installed first thing in `d2v2-train`'s main() (before DeepSpeed and Megatron-core are imported
+and seconds before the trainer exists; the package's own import of torch comes earlier): the launcher script signals a rank only once its handler is in place (SigCgt in
 /proc/PID/status), and a signal that arrives during start-up is kept for the first update.
 Imports nothing heavy: the flag lives here, not in trainer.py."""
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
+from ..data.manifest import write_json_atomic
 
 WANDB_ID_FILE = "wandb_run.json"
 def wandb_missing(cfg) -> str | None:
@@ -49,7 +50,7 @@ class WandbTracker:
                 run_id = None  # a file from elsewhere: only an id W&B itself could have made
         if run_id is None:
             run_id = secrets.token_hex(4)
-            _write_json_atomic(id_file, {"id": run_id, "project": lg.wandb_project, "entity": lg.wandb_entity})
+            write_json_atomic(id_file, {"id": run_id, "project": lg.wandb_project, "entity": lg.wandb_entity})
         self.run_id = run_id
         try:
             self.run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity,
@@ -70,9 +71,3 @@ class WandbTracker:
     def close(self) -> None:
         # called from the trainer's `finally`: an exception on its way out marks the W&B run failed
         self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)

@@ -315,7 +315,6 @@ class Trainer:
         over the stages, DeepSpeed reduces over data parallelism (ZeRO-1) and steps."""
         from megatron.core import parallel_state as ps
 
-
         per_mb = self.pipeline.run([self._to_device(mb) for mb in micro_batches])
         names = self.engine.module.stat_names()
         # the last stage holds the statistics; one sum over the pipeline group gives them to all
@@ -425,21 +424,17 @@ class Trainer:
     def _apply_config_lr(self, folder: Path) -> None:
         """A resume with another optim.lr than the checkpoint's (the non-finite guard's advice):
         the schedule continues at its step with the new peak, from the first update on.  The
-        schedulers keep the peak they were built with (WarmupCosineLR: org_lrs; LambdaLR: base_lrs,
-        which its state dict restores) and the optimizer's groups the checkpoint's current LR, so
+        scheduler keeps the peak it was built with (LambdaLR's base_lrs, which its state dict
+        restores) and the optimizer's groups the checkpoint's current LR, so
         both are set here; with an unchanged optim.lr nothing is touched (exact resume)."""
         info = json.loads((folder / ckpt.MARKER).read_text())
         was = ((info.get("config") or {}).get("optim") or {}).get("lr")
         lr = self.cfg.optim.lr
         if was is None or float(was) == lr:
             return
-        sched = self.scheduler
-        if hasattr(sched, "org_lrs"):  # deepspeed WarmupCosineLR
-            sched.org_lrs = [lr for _ in sched.org_lrs]
-            new = sched.get_lr()
-        else:  # torch LambdaLR (tri_stage)
-            sched.base_lrs = [lr for _ in sched.base_lrs]
-            new = [lr * f(sched.last_epoch) for f in sched.lr_lambdas]
+        sched = self.scheduler  # schedules.UpdateLR (a LambdaLR) for every schedule
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        new = [lr * f(sched.last_epoch) for f in sched.lr_lambdas]
         for g, v in zip(sched.optimizer.param_groups, new):
             g["lr"] = v
         sched._last_lr = list(new)
@@ -539,7 +534,3 @@ def _save_requested() -> bool:
     if not dist.is_initialized():
         return flag
     return any_rank_true(flag, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-
-
-def install_signal_handlers() -> None:
-    preempt.install()

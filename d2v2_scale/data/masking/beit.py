@@ -21,7 +21,7 @@ The reference draws with Python's `random` in the loader.  Here all rows run in 
 attempt per row per step, and a row's attempt number c (counted over its whole draw) takes its four
 uniforms (area, aspect, top, left) at counters 4c..4c+3 of its key (`rng.uniform_at`), so a
 row's mask is a pure function of its key: the same sample (seed, epoch, index) gets the same mask
-in whichever worker, batch or resumed run draws it (keys as in masking.py, `rng.make_keys`).
+in whichever worker, batch or resumed run draws it (keys as in masking/data2vec2.py, `rng.make_keys`).
 """
 
 from __future__ import annotations

@@ -266,7 +266,6 @@ def import_to_run(src: str | os.PathLike, run_dir: str | os.PathLike, preset: st
     import yaml
     from safetensors.torch import save_file
 
-
     run = Path(run_dir)
     ckdir = run / "checkpoints"
     if ckdir.is_dir() and complete_checkpoints(ckdir):
@@ -386,7 +385,6 @@ def main(argv=None) -> int:
 
 def _import_hf(a) -> int:
     """d2v2-import --format hf: the plain import into a temporary folder, then export/hf.py on it."""
-
 
     if Path(a.out).exists() and not a.force:
         raise ExportError(f"{a.out} already exists; pass --force to replace it")
