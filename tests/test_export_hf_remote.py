@@ -240,22 +240,22 @@ def test_finetune_never_runs_the_folders_code(remote, tmp_path):
     from transformers import AutoModelForImageClassification
 
     from d2v2_scale.export import hf_remote
-    from d2v2_scale.finetune.cli import _load, _save_model
+    from d2v2_scale.finetune.common import load_model, save_model
 
     tmp, _, _ = remote
     folder, marker = tmp_path / "elsewhere", tmp_path / "payload-ran"
     shutil.copytree(tmp / "image" / "hf", folder)
     with open(folder / "modeling_data2vec2.py", "a") as f:
         f.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
-    model = _load(AutoModelForImageClassification, str(folder), False, num_labels=3)
-    scratch = _load(AutoModelForImageClassification, str(folder), True, num_labels=3)
+    model = load_model(AutoModelForImageClassification, str(folder), False, num_labels=3)
+    scratch = load_model(AutoModelForImageClassification, str(folder), True, num_labels=3)
     assert not marker.exists()
     assert type(model).__module__ == "d2v2_scale.export.hf_remote.modeling_data2vec2"
     weights = load_file(str(folder / "model.safetensors"))
     name = "encoder.blocks.0.attn.qkv.weight"
     assert torch.equal(model.state_dict()["data2vec2." + name], weights[name])
     assert not torch.equal(scratch.state_dict()["data2vec2." + name], weights[name])
-    _save_model(model, tmp_path / "saved")
+    save_model(model, tmp_path / "saved")
     assert (tmp_path / "saved" / "modeling_data2vec2.py").read_bytes() == \
         (Path(hf_remote.__file__).parent / "modeling_data2vec2.py").read_bytes()
     assert not marker.exists()

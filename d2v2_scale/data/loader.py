@@ -78,7 +78,7 @@ class BatchBuilder:
         self.modality = shards.modality
         self.has_labels = self.modality == "image" and "label" in shards.manifest["schema"] and \
             shards.manifest.get("num_classes", 0) > 0
-        self.audio_dtype_scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
+        self.audio_dtype_scale = shards.audio_scale
         self.bos_id = int(shards.manifest.get("bos_id", -1))
         self.aug_params = self.noise_bank = None
         if self.modality == "audio" and cfg.data.views == "aqc":

@@ -230,6 +230,17 @@ class ShardSet:
         return np.concatenate([self._open(k)[name].values for k in range(len(self.shard_rows))]) \
             if len(self.shard_rows) else np.zeros(0)
 
+    def image_columns(self) -> list[str]:
+        """The columns one image row is decoded from (data/augment.decode_image): the encoded file,
+        plus the raw pixels d2v2-prep stores for modes PIL cannot re-encode losslessly."""
+        return ["image"] + (["pixels", "pix_height", "pix_width", "pix_channels"]
+                            if "pixels" in self.manifest["schema"] else [])
+
+    @property
+    def audio_scale(self) -> float:
+        """Multiplier from the stored samples to float waveforms in [-1, 1): int16 shards / 32768."""
+        return 1.0 / 32768.0 if self.manifest.get("dtype", "int16") == "int16" else 1.0
+
     def lengths(self) -> np.ndarray | None:
         """Per-sample length used for bucketing (audio samples, text tokens), or None."""
         if self.modality == "audio":

@@ -66,17 +66,12 @@ class ProbeError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_columns(shards) -> list[str]:
-    return ["image"] + (["pixels", "pix_height", "pix_width", "pix_channels"]
-                        if "pixels" in shards.manifest["schema"] else [])
-
-
 def read_image(shards, i: int, config: dict) -> np.ndarray:
     """-> float32 [C, S, S]: the whole image resized to image_size, normalized like training."""
     from PIL import Image
 
     s, c = config["image_size"], config["in_chans"]
-    a = np.asarray(decode_image(shards.get(i, _image_columns(shards)), c).resize((s, s), Image.Resampling.BILINEAR))
+    a = np.asarray(decode_image(shards.get(i, shards.image_columns()), c).resize((s, s), Image.Resampling.BILINEAR))
     a = a[..., None] if a.ndim == 2 else a
     # as training (data/augment.py): 1-channel models use the mean of the RGB statistics
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (IMAGENET_MEAN.mean(), IMAGENET_STD.mean())
@@ -85,9 +80,7 @@ def read_image(shards, i: int, config: dict) -> np.ndarray:
 
 def read_audio(shards, i: int, config: dict) -> np.ndarray:
     """-> float32 [n_samples]: the whole row, zero mean / unit variance like training."""
-
-    scale = 1.0 / 32768.0 if shards.manifest.get("dtype", "int16") == "int16" else 1.0
-    return normalize_wave(np.asarray(shards.get(i, ["audio"])["audio"], dtype=np.float32) * scale)
+    return normalize_wave(np.asarray(shards.get(i, ["audio"])["audio"], dtype=np.float32) * shards.audio_scale)
 
 
 def read_text(shards, i: int, config: dict) -> np.ndarray:

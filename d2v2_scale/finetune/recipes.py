@@ -19,6 +19,12 @@ CTC_REFERENCE = dict(lr=3e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, max
 TEXT_REFERENCE = dict(lr=2e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_steps=7432, max_steps=123873,
                       batch_size=32, schedule="polynomial")
 
+# --recipe small: a CPU run of minutes (docs/FINETUNE.md); the reference's values otherwise
+SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100, mixup=0.0, cutmix=0.0,
+                       layer_decay=0.65, min_lr=1e-6),
+         "ctc": dict(lr=3e-3, max_steps=1500, batch_size=16, mask_time_prob=0.1, mask_time_length=2,
+                     mask_feature_prob=0.05, mask_feature_length=8, layerdrop=0.0)}
+
 
 def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
     """AdamW param groups: block i (0-based) of N gets lr * layer_decay ** (N - i), everything else

@@ -1,0 +1,75 @@
+"""Speech recognition (CTC) fine-tuning (the reference's recipe: frozen CNN, tri-stage LR, time /
+channel masks, letter vocabulary) of an exported speech encoder with transformers.Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..export.hf_remote import register_local_classes
+from .common import load_model, save_model, training_args
+from .recipes import CTC_REFERENCE, SMALL, cer, layer_decay_groups, tri_stage
+from .rows import FinetuneError, load_rows, split
+
+
+def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
+                 eval_fraction=0.5, **over) -> dict:
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModelForCTC, Trainer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+
+    r = dict(CTC_REFERENCE) | (SMALL["ctc"] if recipe == "small" else {}) | over
+    out = Path(out)
+    waves, labels, paths, classes = load_rows(manifest, "audio")
+    if not classes:
+        raise FinetuneError(f"{manifest}: no class names (d2v2-prep audio --label-from parent): no transcripts")
+    texts = [classes[i].lower() for i in labels]
+    tr, te = split(labels, paths, eval_paths, eval_fraction)
+    letters = sorted({c for t in texts for c in t.replace(" ", "|")})
+    vocab = {"<pad>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(letters)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tok = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                               word_delimiter_token="|")
+    fe = AutoFeatureExtractor.from_pretrained(folder)
+    d = None
+    keys = ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
+            "activation_dropout")
+    over_cfg = {k: r[k] for k in keys}
+    from transformers import AutoConfig
+
+    register_local_classes()
+    d = AutoConfig.from_pretrained(folder, trust_remote_code=False).embed_dim
+    over_cfg["mask_feature_length"] = min(over_cfg["mask_feature_length"], d // 2)
+    model = load_model(AutoModelForCTC, folder, scratch, vocab_size=len(vocab), pad_token_id=tok.pad_token_id,
+                  ctc_loss_reduction="mean", **over_cfg)
+    if r["freeze_feature_encoder"]:
+        model.freeze_feature_encoder()
+    ds = [{"wav": waves[i], "text": texts[i]} for i in tr]
+
+    def collate(rows):
+        b = fe([q["wav"] for q in rows], sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt")
+        lab = tok([q["text"] for q in rows], padding=True, return_tensors="pt")
+        b["labels"] = lab["input_ids"].masked_fill(lab["attention_mask"].eq(0), -100)
+        return dict(b)
+
+    params = layer_decay_groups(model, r["lr"], r["layer_decay"], r["weight_decay"])
+    opt = torch.optim.Adam(params, betas=r["betas"], eps=r["eps"])
+    total = r["max_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: tri_stage(s, total, r["phase_ratio"], final_lr_scale=r["final_lr_scale"]))
+    Trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
+            optimizers=(opt, sched)).train()
+    model.eval()
+    hyps = []
+    with torch.no_grad():
+        for i in range(0, len(te), 32):
+            b = fe([waves[j] for j in te[i:i + 32]], sampling_rate=fe.sampling_rate, padding=True,
+                   return_tensors="pt")
+            hyps += tok.batch_decode(model(**b).logits.argmax(-1))
+    refs = [texts[j] for j in te]
+    save_model(model, out / "model")
+    Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out / "model")
+    res = {"task": "ctc", "cer": cer(hyps, refs), "n_train": len(tr), "n_eval": len(te), "scratch": scratch,
+           "seed": seed, "recipe": recipe, "steps": total, "examples": list(zip(hyps[:5], refs[:5]))}
+    (out / "metrics.json").write_text(json.dumps(res, indent=1))
+    return res
