@@ -25,7 +25,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than tensors, plain containers and the allowlist."""
 
 
-def allowed_globals() -> list:
+def numpy_globals() -> list:
+    """numpy arrays, scalars and dtypes (RNG state; fairseq's meters and trainer state).  Files
+    written under numpy 1.x name them `numpy.core.multiarray.*` (numpy 2: `numpy._core`): both names
+    are allowed, for the same two reconstruction functions."""
     import numpy as np
 
     try:
@@ -33,31 +36,39 @@ def allowed_globals() -> list:
     except ImportError:  # numpy 1.x
         from numpy.core import multiarray as ma
     allowed: list = [np.dtype, np.ndarray]
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # files written under numpy 2 / 1
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
         allowed += [(ma._reconstruct, f"{mod}._reconstruct"), (ma.scalar, f"{mod}.scalar")]
-    allowed += [type(np.dtype(t)) for t in ("uint8", "uint32", "int32", "int64", "float32", "float64", "bool")]
+    allowed += [type(np.dtype(t)) for t in
+                ("uint8", "uint32", "int32", "int64", "float16", "float32", "float64", "bool")]
+    return allowed
+
+
+def allowed_globals() -> list:
+    """numpy's, plus what DeepSpeed's optimizer files hold (imported only when a run file is read)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    return allowed
+    return numpy_globals() + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load(path: str | os.PathLike, map_location="cpu", **kw):
-    """torch.load(weights_only=True) with the allowlist; UnsafeCheckpointError naming the file and
-    the refused global otherwise."""
+def load(path: str | os.PathLike, map_location="cpu", allow: list | None = None, **kw):
+    """torch.load(weights_only=True) with the allowlist (`allow`, default allowed_globals());
+    UnsafeCheckpointError naming the file and the refused global otherwise (its `.refused`: the
+    global's dotted name)."""
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals() if allow is None else allow):
             return torch.load(path, map_location=map_location, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
         # torch: "... Unsupported global: GLOBAL posix.system was not an allowed global ..."
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = m.group(1) if m else str(e).strip().splitlines()[0]
-        raise UnsafeCheckpointError(
+        err = UnsafeCheckpointError(
             f"{Path(path)}: refusing to unpickle {what}: a checkpoint file of this project holds only "
             f"tensors, plain containers, numpy RNG state and DeepSpeed's optimizer metadata; this file "
-            f"would run code or was not written by d2v2-train (do not load it)") from None
+            f"would run code or was not written by d2v2-train (do not load it)")
+        err.refused = what
+        raise err from None
 
 
 def install(engine) -> None:

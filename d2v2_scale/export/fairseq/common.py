@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ast
 import os
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
+from ...train import safe_load
 from ..consolidate import ExportError
 
 
@@ -18,37 +17,16 @@ class ImportRefused(ExportError):
     """A fairseq checkpoint (or a config field of it) that the plain twin cannot represent."""
 
 
-def _allowed_globals() -> list:
-    """numpy scalars and dtypes: fairseq pickles meter values and trainer state as numpy scalars.
-    Files written under numpy 1.x name them `numpy.core.multiarray.*` (numpy 2: `numpy._core`):
-    both names are allowed, for the same two reconstruction functions."""
-    import numpy as np
-
-    try:
-        from numpy._core import multiarray as ma
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray as ma
-    allowed = [np.dtype, np.ndarray]
-    for fn in (ma.scalar, ma._reconstruct):
-        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-            allowed.append((fn, f"{mod}.{fn.__name__}"))
-    allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")]
-    return allowed
-
-
 def load_fairseq(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) with the numpy allow-list; never arbitrary unpickling."""
+    """torch.load(weights_only=True) with numpy's allowlist (train/safe_load); never arbitrary unpickling."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path} does not exist or is not a file")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch: "... Unsupported global: GLOBAL posix.getcwd was not an allowed global ..."
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = m.group(1) if m else str(e).splitlines()[0]
-        raise ImportRefused(f"{path}: refusing to unpickle {what}: only tensors, plain containers and numpy "
+        # fairseq pickles meter values and trainer state as numpy scalars: numpy's allowlist, no more
+        ck = safe_load.load(path, allow=safe_load.numpy_globals())
+    except safe_load.UnsafeCheckpointError as e:
+        raise ImportRefused(f"{path}: refusing to unpickle {e.refused}: only tensors, plain containers and numpy "
                             f"scalars are allowed (a checkpoint that needs more is not a plain fairseq "
                             f"data2vec 2.0 file, or it is not safe to load)") from None
     except Exception as e:  # noqa: BLE001 - any other failure means a damaged or foreign file
