@@ -61,11 +61,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 from .config import build_config
-from .distributed import init_distributed
-from .model import build_student, build_teacher
-from .model.flops import seq_len_and_keep, step_flops
-from .model.modalities import get_modality
-from .train.pipeline import on_stage
+
+# The model (Megatron-core, DeepSpeed) is imported inside the functions that measure it: `d2v2-plan
+# --help` and a bad preset answer without that multi-second import.
 
 GB = 1e9
 GIB = 2**30
@@ -95,8 +93,10 @@ def _block_of(name: str) -> int | None:
 def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
     """(student, teacher) parameter lists, numel per TP rank; built on the meta device."""
     import torch
-
     import torch.distributed as dist
+
+    from .distributed import init_distributed
+    from .model import build_student, build_teacher
 
     if not dist.is_initialized():
         init_distributed(1, 1)
@@ -122,6 +122,7 @@ def param_tables(cfg, tp: int = 1) -> tuple[list[ParamInfo], list[ParamInfo]]:
 
 def stage_table(params: list[ParamInfo], total_blocks: int, pp: int, rank: int) -> list[ParamInfo]:
     """The parameters pipeline stage `rank` holds (train/pipeline.py's split)."""
+    from .train.pipeline import on_stage
 
     return [p for p in params if on_stage(p.name, p.block, total_blocks, pp, rank)]
 
@@ -174,6 +175,8 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
                  dtype_bytes: int, persistence_threshold: int = 100_000,
                  max_reuse_distance: int = 1_000_000_000, grad_bytes: int | None = None) -> dict:
     """Logical bytes per rank per optimizer step (one micro-batch), by collective type."""
+    from .model.flops import seq_len_and_keep
+    from .model.modalities import get_modality
 
     gb = grad_bytes or dtype_bytes
     m = cfg.model
@@ -229,6 +232,8 @@ def predict_comm(cfg, student: list[ParamInfo], teacher: list[ParamInfo], dp: in
 def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1, microbatches: int = 1,
                      stage: int = 0) -> dict:
     """Activation bytes of one pipeline stage (the whole model when pp == 1)."""
+    from .model.flops import seq_len_and_keep
+    from .model.modalities import get_modality
 
     m = cfg.model
     b, mm = cfg.data.batch_size, m.clone_batch
@@ -258,6 +263,8 @@ def activation_bytes(cfg, tp: int, ckpt: bool, dtype_bytes: int = 2, pp: int = 1
 
 def p2p_bytes(cfg, tp: int, microbatches: int, dtype_bytes: int = 2) -> dict:
     """Bytes one rank at a stage boundary sends + receives per update (PP > 1)."""
+    from .model.flops import seq_len_and_keep
+    from .model.modalities import get_modality
 
     m = cfg.model
     b, mm = cfg.data.batch_size, m.clone_batch
@@ -302,6 +309,7 @@ def _coll_time(nbytes: float, n: int, spans_nodes: bool, hw: Hardware, factor: f
 def make_plan(preset: str, hw: Hardware, zero: int = 3, tp: int = 1, batch: int | None = None,
               act_ckpt: bool = False, overrides: list[str] | None = None, dtype_bytes: int = 2,
               overhead_gib: float = 2.0, tables=None, pp: int = 1, microbatches: int | None = None) -> Plan:
+    from .model.flops import step_flops
 
     cfg = build_config(preset, overrides=list(overrides or []))
     if batch:
