@@ -262,7 +262,8 @@ def _tmpfs_prefix() -> list[str] | None:
     return None
 
 
-def test_disk_full_during_a_save(image_manifest, tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed", "flat"])
+def test_disk_full_during_a_save(image_manifest, tmp_path, engine):
     """The output dir on a 3 MiB tmpfs (its own mount namespace): the step-2 checkpoint (1.8 MB)
     fits, the step-4 one does not.  d2v2-train says so in one line ("no space left on device",
     the folder), exits 4; the incomplete step-4 folder is gone, `latest` names step 2, and step 2
@@ -276,7 +277,8 @@ def test_disk_full_during_a_save(image_manifest, tmp_path):
     report = tmp_path / "report"
     train = " ".join([console_script("d2v2-train"), "--preset", "image-tiny", f"data.manifest={image_manifest}",
                       "--output-dir", f"{mnt}/run", "max_steps=6", "checkpoint.every_steps=2",
-                      "checkpoint.keep_last=1", "data.batch_size=4", "logging.every_steps=2"])
+                      "checkpoint.keep_last=1", "data.batch_size=4", "logging.every_steps=2",
+                      *(["parallel.zero_stage=0", "parallel.engine=flat"] if engine == "flat" else [])])
     check = (f"{sys.executable} -c \"import sys, json; from pathlib import Path; "
              f"from d2v2_scale.train.checkpoint import damage; ck = Path('{mnt}/run/checkpoints'); "
              f"print(json.dumps({{'latest': (ck / 'latest').read_text(), "

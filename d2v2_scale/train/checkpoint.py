@@ -192,15 +192,16 @@ def _guarded_write(write, path) -> None:
 
 
 def install_write_guard(engine) -> None:
-    """DeepSpeed writes its files through its checkpoint engine's `save` and copies its recovery
-    scripts with shutil: both through `_guarded_write` (no-op for the flat engine)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None:
-        return
-    save_file, copy_scripts = ce.save, engine._copy_recovery_script
+    """Both engines write their files through a checkpoint engine's `save` (DeepSpeed's, or the flat
+    engine's FileWriter), and DeepSpeed copies its recovery scripts with shutil: all through
+    `_guarded_write`."""
+    ce = engine.checkpoint_engine
+    save_file = ce.save
     ce.save = lambda state_dict, path: _guarded_write(lambda: save_file(state_dict, path), path)
-    engine._copy_recovery_script = lambda save_path: _guarded_write(lambda: copy_scripts(save_path),
-                                                                    Path(save_path) / "zero_to_fp32.py")
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)  # DeepSpeed only
+    if copy_scripts is not None:
+        engine._copy_recovery_script = lambda save_path: _guarded_write(lambda: copy_scripts(save_path),
+                                                                        Path(save_path) / "zero_to_fp32.py")
 
 
 def _no_space(e: BaseException, free: int) -> bool:

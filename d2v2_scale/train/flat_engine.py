@@ -43,6 +43,16 @@ import torch.distributed as dist
 from .safe_load import load as safe_load
 
 
+class FileWriter:
+    """Where the flat engine's checkpoint bytes go: shaped like DeepSpeed's checkpoint engine
+    (`save(state_dict, path)`), so train/checkpoint.install_write_guard wraps both engines' writes
+    the same way (a full disk: one line on every rank, no hang, nothing half-written kept)."""
+
+    @staticmethod
+    def save(state_dict, path) -> None:
+        torch.save(state_dict, path)
+
+
 class FlatEngine(torch.nn.Module):
     measures_grad_norm = True  # the trainer reads get_global_grad_norm() instead of measuring it
 
@@ -53,6 +63,7 @@ class FlatEngine(torch.nn.Module):
         fp32 masters, for the caller's optimizer (then `attach`)."""
         super().__init__()
         self.module = module
+        self.checkpoint_engine = FileWriter()  # train/checkpoint wraps its save (a full disk)
         self.clip_grad = float(clip_grad)
         self.gas = int(grad_accum)
         self.dp_group = dp_group
@@ -218,7 +229,9 @@ class FlatEngine(torch.nn.Module):
                  "fp32_masters": None if self.fp32 else self.main_param.detach().clone(),
                  "global_steps": self.global_steps, "engine": "flat", **(client_state or {})}
         tmp = f.with_name(f.name + ".tmp")
-        torch.save(state, tmp)
+        self.checkpoint_engine.save(state, tmp)
+        if not tmp.exists():  # the write failed (a full disk): train/checkpoint reports it collectively
+            return
         os.replace(tmp, f)
         if save_latest and (not dist.is_initialized() or dist.get_rank() == 0):
             latest = Path(save_dir) / "latest"

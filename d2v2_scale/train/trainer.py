@@ -151,6 +151,7 @@ class Trainer:
         if flat is not None:
             flat.attach(optimizer, scheduler)
             self.engine, self.optimizer, self.scheduler = flat, optimizer, scheduler
+            ckpt.install_write_guard(self.engine)  # a full disk: one line on every rank, no hang
         else:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
@@ -491,6 +492,7 @@ class Trainer:
         if resumed and self.main and (self.out / "losses.json").is_file():
             earlier = [tuple(x) for x in json.loads((self.out / "losses.json").read_text()) if x[0] <= self.step]
         last = {}
+        finished = False
         try:
             while self.step < total:
                 t0 = time.perf_counter()
@@ -518,10 +520,18 @@ class Trainer:
                         preempt.done()
                         self.stopped_reason = "save-and-exit requested (signal)"
                         break
+            finished = True
         finally:
             if self.main:  # no collective here: an exception may have left the other ranks elsewhere
-                run_record.finish(self.out, {"step": self.step, "stopped": self.stopped_reason,
-                                             "corpus_samples": self.corpus_samples})
+                try:
+                    run_record.finish(self.out, {"step": self.step, "stopped": self.stopped_reason,
+                                                 "corpus_samples": self.corpus_samples})
+                except OSError:
+                    # written atomically: the record keeps its previous, complete content.  When the
+                    # run is already failing (a full disk), that failure's one line is what the user
+                    # needs, not this one's traceback.
+                    if finished:
+                        raise
             self.metrics.close()
         self._write_losses(earlier + losses)
         return {"step": self.step, "losses": losses, "last": last}
