@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['accuracy']:.3f}; random-init twin {r['baseline_accuracy']:.3f}; chance {r['chance']:.3f}", flush=True)
     print(f"\nquickstart done.\n  TensorBoard logs: {run / 'tensorboard'}   (tensorboard --logdir {run / 'tensorboard'})"
           f"\n  checkpoints:      {run / 'checkpoints'}\n  resolved config:  {run / 'config.yaml'}"
-          f"\n  exported encoder: {export}   (docs/EXPORT.md)", flush=True)
+          f"\n  exported encoder: {export}   (docs/EXPORT.md)"
+          f"\n  next: fine-tune it on the digits' labels (docs/FINETUNE.md, 'Start here')", flush=True)
     return 0
 
 
