@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--mixup", type=float, default=None)
     p.add_argument("--cutmix", type=float, default=None)
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which Trainer reads)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="a DeepSpeed config for Trainer (ds_configs/finetune_zero2.json, finetune_zero3.json)")
     a = p.parse_args(argv)
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
     except FinetuneError as e:
         print(f"d2v2-finetune: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "train_log")}))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "train_log")}))
     return 0
 
 

@@ -107,7 +107,8 @@ def training_args(out, r, seed):
 
 
 def recipe_trainer(model, args, train_dataset, data_collator, optimizers):
-    """transformers.Trainer that keeps the recipe's optimizer and LR schedule, with DeepSpeed too.
+    """transformers.Trainer that keeps the recipe's optimizer and LR schedule, with DeepSpeed too
+    (either may be None: Trainer's default from its arguments).
     Trainer takes `optimizers=(opt, sched)` as they are without DeepSpeed; with `deepspeed=` its
     deepspeed_init sets trainer.optimizer = None and builds its default AdamW at args.learning_rate
     with a linear schedule instead, silently (transformers 5).  Its documented way out is
@@ -120,14 +121,14 @@ def recipe_trainer(model, args, train_dataset, data_collator, optimizers):
 
     class RecipeTrainer(Trainer):
         def create_optimizer(self, model=None):
-            if self.optimizer is None:
+            if self.optimizer is None and opt is not None:
                 self.optimizer = opt
-            return self.optimizer
+            return super().create_optimizer(model)  # returns self.optimizer when it is set
 
         def create_scheduler(self, num_training_steps, optimizer=None):
-            if self.lr_scheduler is None:
+            if self.lr_scheduler is None and sched is not None:
                 self.lr_scheduler = sched
-            return self.lr_scheduler
+            return super().create_scheduler(num_training_steps, optimizer)  # likewise
 
     return RecipeTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          optimizers=(opt, sched))
