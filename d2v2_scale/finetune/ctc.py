@@ -41,8 +41,8 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     register_local_classes()
     d = AutoConfig.from_pretrained(folder, trust_remote_code=False).embed_dim
     over_cfg["mask_feature_length"] = min(over_cfg["mask_feature_length"], d // 2)
-    model = load_model(AutoModelForCTC, folder, scratch, seed=seed, vocab_size=len(vocab), pad_token_id=tok.pad_token_id,
-                  ctc_loss_reduction="mean", **over_cfg)
+    model = load_model(AutoModelForCTC, folder, scratch, seed=seed, vocab_size=len(vocab),
+                       pad_token_id=tok.pad_token_id, ctc_loss_reduction="mean", **over_cfg)
     if r["freeze_feature_encoder"]:
         model.freeze_feature_encoder()
     ds = [{"wav": waves[i], "text": texts[i]} for i in tr]
