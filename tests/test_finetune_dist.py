@@ -119,7 +119,7 @@ def test_two_processes_equal_one(tiny, tmp_path, mode, launcher):
 
 def test_bad_deepspeed_config_and_batch_split(tiny, tmp_path, capsys):
     """A DeepSpeed config with an optimizer / scheduler section (Trainer would drop the recipe's),
-    a missing one, or a global batch that does not split over the processes: one line, exit 2,
+    a missing one, ZeRO-3 that would not gather its shards for the saved folder, or a global batch that does not split over the processes: one line, exit 2,
     before any data is read; nothing written."""
     from d2v2_scale.finetune.cli import main
 
@@ -128,7 +128,9 @@ def test_bad_deepspeed_config_and_batch_split(tiny, tmp_path, capsys):
     bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     base = ["image", str(tmp / "hf"), "--data", str(tmp_path / "no-such-manifest.json"), "--out", str(tmp_path / "o")]
     cases = [(["--deepspeed", str(bad)], "remove its 'optimizer' section(s): the recipe passes its own"),
-             (["--deepspeed", str(tmp_path / "nope.json")], "no such file (e.g. ds_configs/finetune_zero2.json)")]
+             (["--deepspeed", str(tmp_path / "nope.json")], "no such file (e.g. ds_configs/finetune_zero2.json)"),
+             (["--deepspeed", str(REPO / "ds_configs/zero3.json")],  # the pretraining one: no gather on save
+              'ZeRO-3 needs "stage3_gather_16bit_weights_on_model_save": true to save the fine-tuned weights')]
     for extra, msg in cases:
         capsys.readouterr()
         assert main(base + extra) == 2

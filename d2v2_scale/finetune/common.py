@@ -58,7 +58,8 @@ def check_deepspeed_config(path) -> dict:
     """A DeepSpeed JSON for Trainer's `deepspeed=`, checked before any expensive work: it must not
     carry "optimizer" or "scheduler" sections, which would make Trainer replace the recipe's
     optimizer (layer-wise LR decay groups) and schedule (warm-up + cosine / tri-stage) with
-    DeepSpeed's (transformers.integrations.deepspeed.deepspeed_optim_sched)."""
+    DeepSpeed's (transformers.integrations.deepspeed.deepspeed_optim_sched); ZeRO-3 must gather
+    its shards on save (publish)."""
     p = Path(path)
     try:
         cfg = json.loads(p.read_text())
@@ -72,6 +73,11 @@ def check_deepspeed_config(path) -> dict:
     if both:
         raise FinetuneError(f"--deepspeed {path}: remove its {' and '.join(repr(k) for k in both)} section(s): "
                             "the recipe passes its own optimizer and LR schedule (ds_configs/finetune_zero2.json)")
+    zero = cfg.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        # without it the shards cannot be gathered for the saved folder: the run would fail at its end
+        raise FinetuneError(f"--deepspeed {path}: ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true "
+                            "to save the fine-tuned weights (ds_configs/finetune_zero3.json)")
     return cfg
 
 
