@@ -11,20 +11,29 @@ run of minutes (docs/FINETUNE.md); --scratch trains the same network from random
 baseline of docs/BENCHMARKS.md).  Held-out rows: --eval-paths REGEX (rows whose source path
 matches, e.g. held-out speakers) or a seeded stratified --eval-fraction.  Writes the fine-tuned
 folder (model + processor, loadable by pipeline(...)) and metrics.json to --out.
+
+Several processes (GPUs, nodes): the same command under `torchrun --nproc_per_node N`, the
+`deepspeed` launcher or `srun`, with --deepspeed ds_configs/finetune_zero2.json for Trainer's
+DeepSpeed (or without it: DDP); --batch-size stays the global batch (docs/FINETUNE.md "Multi-GPU
+and multi-node").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .ctc import finetune_ctc
+from .common import check_deepspeed_config, per_device_batch, world_size
 from .image import finetune_image
+from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, SMALL
 from .rows import FinetuneError
 
 TASKS = {"image": finetune_image, "ctc": finetune_ctc}
+RECIPES = {"image": IMAGE_REFERENCE, "ctc": CTC_REFERENCE}
 
 
 def main(argv=None) -> int:
@@ -43,9 +52,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--mixup", type=float, default=None)
     p.add_argument("--cutmix", type=float, default=None)
+    # the deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK, which Trainer reads)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed", default=None, metavar="JSON",
+                   help="a DeepSpeed config for Trainer (ds_configs/finetune_zero2.json, finetune_zero3.json)")
     a = p.parse_args(argv)
     over = {k: v for k, v in (("max_steps", a.steps), ("lr", a.lr), ("batch_size", a.batch_size),
-                              ("mixup", a.mixup), ("cutmix", a.cutmix)) if v is not None}
+                              ("mixup", a.mixup), ("cutmix", a.cutmix), ("deepspeed", a.deepspeed)) if v is not None}
     if not (Path(a.folder) / "config.json").is_file():
         print(f"d2v2-finetune: error: {a.folder} has no config.json: export it with d2v2-export RUN --out DIR "
               f"--format hf", file=sys.stderr)
@@ -55,13 +68,19 @@ def main(argv=None) -> int:
         print(f"d2v2-finetune: error: {a.folder} holds {'an image' if mod == 'image' else 'a ' + str(mod)} encoder; the {a.task} recipe needs "
               f"{'an image' if a.task == 'image' else 'a speech'} encoder", file=sys.stderr)
         return 2
-    try:
+    try:  # DeepSpeed config and the batch split over the processes: checked before the data loads
+        if a.deepspeed is not None:
+            check_deepspeed_config(a.deepspeed)
+        recipe = RECIPES[a.task] | (SMALL[a.task] if a.recipe == "small" else {}) | over
+        if "batch_size" in recipe:
+            per_device_batch(recipe["batch_size"], world_size())
         res = TASKS[a.task](a.folder, a.data, a.out, recipe=a.recipe, seed=a.seed, scratch=a.scratch,
                             eval_paths=a.eval_paths, eval_fraction=a.eval_fraction, **over)
     except FinetuneError as e:
         print(f"d2v2-finetune: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in res.items() if k != "examples"}))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(json.dumps({k: v for k, v in res.items() if k not in ("examples", "train_log")}))
     return 0
 
 

@@ -1,42 +1,184 @@
 """What every fine-tuning task shares: loading a folder's weights into this package's own classes
-(a folder's Python never runs), saving with the package's model code, the Trainer arguments."""
+(a folder's Python never runs), saving with the package's model code, the Trainer arguments, and
+running under N processes (torchrun, the deepspeed launcher, srun; docs/FINETUNE.md "Multi-GPU and
+multi-node"): the global batch split over them, DeepSpeed through Trainer's own `deepspeed=`, the
+result published once by rank 0."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..export.hf_remote import code_files, register_local_classes
+from .rows import FinetuneError
 
 
-def load_model(auto, folder, scratch: bool, **over):
+def load_model(auto, folder, scratch: bool, seed: int = 0, **over):
     """The folder's weights in this package's own model classes: the Python files inside a folder
-    (which may come from elsewhere) never run (export/hf_remote.register_local_classes)."""
-    from transformers import AutoConfig
+    (which may come from elsewhere) never run (export/hf_remote.register_local_classes).  The new
+    head's (and with `scratch` every) random init is drawn after set_seed(seed): the same on every
+    process and in every run of a seed (Trainer seeds only once the model exists)."""
+    from transformers import AutoConfig, set_seed
 
     register_local_classes()
+    set_seed(seed)
     if scratch:  # the same network and config, random init (the baseline)
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False, **over)
         return auto.from_config(cfg, trust_remote_code=False)
     return auto.from_pretrained(folder, trust_remote_code=False, **over)
 
 
-def save_model(model, dest: Path) -> None:
+def save_model(model, dest: Path, state_dict=None) -> None:
     """save_pretrained, plus the model code of this package (export/hf_remote.code_files): the
     model was built from the installed classes, so transformers copies no code, and the saved
-    folder must load with trust_remote_code=True like an export does."""
-    model.save_pretrained(dest)
+    folder must load with trust_remote_code=True like an export does.  `state_dict`: the full
+    weights when the model's own are ZeRO-3 shards (publish)."""
+    model.save_pretrained(dest, state_dict=state_dict)
     for name, data in code_files().items():
         (dest / name).write_bytes(data)
 
 
+def world_size() -> int:
+    """The number of training processes, and under srun the variables Trainer reads: torchrun and
+    the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, srun sets
+    SLURM_* only, which distributed.resolve_launch_env maps to them (the same rule as pretraining:
+    MASTER_ADDR = the first host of the allocation, MASTER_PORT from the job id)."""
+    from ..distributed import resolve_launch_env
+
+    launcher, env = resolve_launch_env()
+    if launcher == "slurm":
+        os.environ.update(env)
+    return int(env["WORLD_SIZE"])
+
+
+def check_deepspeed_config(path) -> dict:
+    """A DeepSpeed JSON for Trainer's `deepspeed=`, checked before any expensive work: it must not
+    carry "optimizer" or "scheduler" sections, which would make Trainer replace the recipe's
+    optimizer (layer-wise LR decay groups) and schedule (warm-up + cosine / tri-stage) with
+    DeepSpeed's (transformers.integrations.deepspeed.deepspeed_optim_sched); ZeRO-3 must gather
+    its shards on save (publish)."""
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FinetuneError(f"--deepspeed {path}: no such file (e.g. ds_configs/finetune_zero2.json)") from None
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"--deepspeed {path}: not a JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise FinetuneError(f"--deepspeed {path}: a JSON object is needed (e.g. ds_configs/finetune_zero2.json)")
+    both = [k for k in ("optimizer", "scheduler") if k in cfg]
+    if both:
+        raise FinetuneError(f"--deepspeed {path}: remove its {' and '.join(repr(k) for k in both)} section(s): "
+                            "the recipe passes its own optimizer and LR schedule (ds_configs/finetune_zero2.json)")
+    zero = cfg.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        # without it the shards cannot be gathered for the saved folder: the run would fail at its end
+        raise FinetuneError(f"--deepspeed {path}: ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true "
+                            "to save the fine-tuned weights (ds_configs/finetune_zero3.json)")
+    return cfg
+
+
+def per_device_batch(batch: int, world: int) -> int:
+    """The recipe's batch is the global one (the reference's 512 = 32 x 16 GPUs): each of the
+    `world` processes takes batch / world rows per update."""
+    if batch % world:
+        raise FinetuneError(f"--batch-size {batch} (the global batch) does not split over {world} processes: "
+                            f"pass a multiple of {world}")
+    return batch // world
+
+
 def training_args(out, r, seed):
+    """Trainer's arguments for recipe `r`: r["batch_size"] global rows per update split over the
+    processes, r.get("deepspeed") a DeepSpeed JSON (check_deepspeed_config), r.get("logging_steps")
+    (default: 5 logs per run), no gradient clipping (the reference)."""
     from transformers import TrainingArguments
 
+    ds = r.get("deepspeed")
+    if ds is not None:
+        check_deepspeed_config(ds)
+        from ..compat import apply_cpu_compat
+
+        apply_cpu_compat()  # on a CPU machine (CI): DeepSpeed without its inference-only g++ build; no-op with CUDA
+    bs = per_device_batch(r["batch_size"], world_size())
     return TrainingArguments(output_dir=str(out / "trainer"), max_steps=r["max_steps"],
-                             per_device_train_batch_size=r["batch_size"], seed=seed, report_to="none",
-                             save_strategy="no", logging_strategy="steps", logging_steps=max(r["max_steps"] // 5, 1),
+                             per_device_train_batch_size=bs, seed=seed, report_to="none",
+                             save_strategy="no", logging_strategy="steps",
+                             logging_steps=r.get("logging_steps") or max(r["max_steps"] // 5, 1),
                              remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-                             use_cpu=not cuda(), max_grad_norm=0.0)  # the reference: no clipping
+                             use_cpu=not cuda(), max_grad_norm=0.0,  # the reference: no clipping
+                             deepspeed=None if ds is None else str(ds))
+
+
+def recipe_trainer(model, args, train_dataset, data_collator, optimizers):
+    """transformers.Trainer that keeps the recipe's optimizer and LR schedule, with DeepSpeed too
+    (either may be None: Trainer's default from its arguments).
+    Trainer takes `optimizers=(opt, sched)` as they are without DeepSpeed; with `deepspeed=` its
+    deepspeed_init sets trainer.optimizer = None and builds its default AdamW at args.learning_rate
+    with a linear schedule instead, silently (transformers 5).  Its documented way out is
+    overriding create_optimizer / create_scheduler: these return the recipe's (layer-wise LR decay
+    groups; warm-up + cosine or tri-stage as a LambdaLR over them), which DeepSpeed then wraps
+    (a client optimizer, ZeRO-1/2/3) and Trainer steps once per update."""
+    from transformers import Trainer
+
+    opt, sched = optimizers
+
+    class RecipeTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None and opt is not None:
+                self.optimizer = opt
+            return super().create_optimizer(model)  # returns self.optimizer when it is set
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None and sched is not None:
+                self.lr_scheduler = sched
+            return super().create_scheduler(num_training_steps, optimizer)  # likewise
+
+    return RecipeTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
+                         optimizers=(opt, sched))
+
+
+def publish(trainer, out: Path, res: dict, write_extra=None) -> dict:
+    """After training and evaluation, on every process: the full weights (gathered when ZeRO-3
+    shards them, a collective), then rank 0 alone writes out/model (under a temp name, then
+    renamed: never half a folder; an older out/model is replaced) with the package's code and
+    `write_extra(folder)` (the processor), and out/metrics.json (temp name, then rename); the other
+    ranks wait for it.  res gets "train_log": Trainer's log history (loss and learning_rate per
+    logging step)."""
+    from ..data.manifest import write_json_atomic
+
+    acc = trainer.accelerator
+    model = trainer.model
+    res = res | {"train_log": trainer.state.log_history, "world_size": acc.num_processes}
+    # ZeRO-3: the consolidated state dict on rank 0 (needs stage3_gather_16bit_weights_on_model_save,
+    # set in ds_configs/finetune_zero3.json); otherwise every rank holds the full weights already
+    sd = acc.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / "model"
+        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
+        try:
+            save_model(model, tmp, state_dict=sd)
+            if write_extra is not None:
+                write_extra(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+            if dest.exists():  # a rerun: move the old folder aside, delete it once the new one is in
+                old = out / f".model.old-{os.getpid()}"
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(out / "metrics.json", res)
+    acc.wait_for_everyone()
+    return res
 
 
 def cuda():

@@ -4,10 +4,11 @@ channel masks, letter vocabulary) of an exported speech encoder with transformer
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from ..export.hf_remote import register_local_classes
-from .common import load_model, save_model, training_args
+from .common import load_model, publish, recipe_trainer, training_args
 from .recipes import CTC_REFERENCE, SMALL, cer, layer_decay_groups, tri_stage
 from .rows import FinetuneError, load_rows, split
 
@@ -15,7 +16,7 @@ from .rows import FinetuneError, load_rows, split
 def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
                  eval_fraction=0.5, **over) -> dict:
     import torch
-    from transformers import AutoFeatureExtractor, AutoModelForCTC, Trainer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+    from transformers import AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
     r = dict(CTC_REFERENCE) | (SMALL["ctc"] if recipe == "small" else {}) | over
     out = Path(out)
@@ -26,10 +27,10 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     tr, te = split(labels, paths, eval_paths, eval_fraction)
     letters = sorted({c for t in texts for c in t.replace(" ", "|")})
     vocab = {"<pad>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(letters)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    tok = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
-                               word_delimiter_token="|")
+    with tempfile.TemporaryDirectory() as vd:  # per process: N ranks never write one file (the saved folder has it)
+        (Path(vd) / "vocab.json").write_text(json.dumps(vocab))
+        tok = Wav2Vec2CTCTokenizer(str(Path(vd) / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                   word_delimiter_token="|")
     fe = AutoFeatureExtractor.from_pretrained(folder)
     d = None
     keys = ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
@@ -40,8 +41,8 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     register_local_classes()
     d = AutoConfig.from_pretrained(folder, trust_remote_code=False).embed_dim
     over_cfg["mask_feature_length"] = min(over_cfg["mask_feature_length"], d // 2)
-    model = load_model(AutoModelForCTC, folder, scratch, vocab_size=len(vocab), pad_token_id=tok.pad_token_id,
-                  ctc_loss_reduction="mean", **over_cfg)
+    model = load_model(AutoModelForCTC, folder, scratch, seed=seed, vocab_size=len(vocab),
+                       pad_token_id=tok.pad_token_id, ctc_loss_reduction="mean", **over_cfg)
     if r["freeze_feature_encoder"]:
         model.freeze_feature_encoder()
     ds = [{"wav": waves[i], "text": texts[i]} for i in tr]
@@ -57,8 +58,9 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     total = r["max_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: tri_stage(s, total, r["phase_ratio"], final_lr_scale=r["final_lr_scale"]))
-    Trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
-            optimizers=(opt, sched)).train()
+    trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
+                             optimizers=(opt, sched))  # the recipe's optimizer and schedule, DeepSpeed too
+    trainer.train()
     model.eval()
     hyps = []
     with torch.no_grad():
@@ -67,9 +69,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
                    return_tensors="pt")
             hyps += tok.batch_decode(model(**b).logits.argmax(-1))
     refs = [texts[j] for j in te]
-    save_model(model, out / "model")
-    Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out / "model")
     res = {"task": "ctc", "cer": cer(hyps, refs), "n_train": len(tr), "n_eval": len(te), "scratch": scratch,
            "seed": seed, "recipe": recipe, "steps": total, "examples": list(zip(hyps[:5], refs[:5]))}
-    (out / "metrics.json").write_text(json.dumps(res, indent=1))
-    return res
+    # rank 0 writes model/ (with the processor) and metrics.json
+    return publish(trainer, out, res, Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained)

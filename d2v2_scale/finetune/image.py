@@ -3,11 +3,10 @@ label smoothing, drop path, mixup / cutmix) of an exported image encoder with tr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..train.schedules import WarmupCosine
-from .common import load_model, save_model, training_args
+from .common import load_model, publish, recipe_trainer, training_args
 from .recipes import IMAGE_REFERENCE, SMALL, layer_decay_groups
 from .rows import FinetuneError, load_rows, split
 
@@ -15,7 +14,7 @@ from .rows import FinetuneError, load_rows, split
 def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
                    eval_fraction=0.5, **over) -> dict:
     import torch
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     r = dict(IMAGE_REFERENCE) | (SMALL["image"] if recipe == "small" else {}) | over
     out = Path(out)
@@ -25,7 +24,7 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
     names = {i: (classes[i] if i < len(classes) else str(i)) for i in range(n_cls)}
     proc = AutoImageProcessor.from_pretrained(folder)
     pv = proc(images=imgs, return_tensors="pt")["pixel_values"]
-    model = load_model(AutoModelForImageClassification, folder, scratch, num_labels=n_cls, id2label=names,
+    model = load_model(AutoModelForImageClassification, folder, scratch, seed=seed, num_labels=n_cls, id2label=names,
                   label2id={v: k for k, v in names.items()}, drop_path_rate=r["drop_path_rate"],
                   label_smoothing=r["label_smoothing"])
     mix = None
@@ -52,15 +51,13 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
 
     # fairseq's cosine schedule, the one pretraining runs (update k at its value for k - 1 updates)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [WarmupCosine(total, warm, floor)] * len(opt.param_groups))
-    Trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
-            optimizers=(opt, sched)).train()
+    trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
+                             optimizers=(opt, sched))  # the recipe's optimizer and schedule, DeepSpeed too
+    trainer.train()
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(pixel_values=pv[te[i:i + 64]]).logits.argmax(-1) for i in range(0, len(te), 64)])
     acc = float((pred.numpy() == labels[te]).mean())
-    save_model(model, out / "model")
-    proc.save_pretrained(out / "model")
     res = {"task": "image", "accuracy": acc, "n_train": len(tr), "n_eval": len(te), "scratch": scratch,
            "seed": seed, "recipe": recipe, "steps": total}
-    (out / "metrics.json").write_text(json.dumps(res, indent=1))
-    return res
+    return publish(trainer, out, res, proc.save_pretrained)  # rank 0 writes model/ and metrics.json

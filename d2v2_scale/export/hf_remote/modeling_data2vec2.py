@@ -61,6 +61,10 @@ class Data2Vec2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "data2vec2"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False
+    # The heads' losses are means over their own batch and take no `num_items_in_batch`: without
+    # this, Trainer (which guesses from **kwargs) multiplies the loss by the number of processes and
+    # skips its division by gradient_accumulation_steps (docs/FINETUNE.md "Multi-GPU and multi-node")
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         """Random init (the from-scratch twin of a fine-tuning run): linear layers N(0, 0.02) as the
