@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -332,12 +333,27 @@ def test_d2v1_vision_pooled_output(tmp_path):
 
 @pytest.mark.parametrize("name", ["configuration_data2vec2.py", "modeling_data2vec2.py"])
 def test_remote_code_names_the_transformers_range(name, monkeypatch):
-    """transformers outside the declared range: one line naming it and the fix (not an ImportError
-    from inside transformers)."""
-    import transformers
-
+    """transformers outside the declared range (pyproject.toml's, tests/test_hf_range.py): one line
+    naming it and the fix (not an error from inside transformers); the installed transformers (CI:
+    the declared floor, ci/constraints-cpu.txt) runs the whole file, and so do the range's ends."""
     from d2v2_scale.export.hf_remote import HERE
 
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
-    with pytest.raises(ImportError, match=r"needs transformers>=5,<6, found 4\.57\.1: pip install"):
-        exec(compile((HERE / name).read_text(), name, "exec"), {"__name__": "shipped"})
+    code = compile((HERE / name).read_text(), name, "exec")
+
+    def run():  # as a module of the package (relative imports resolve; dataclasses find it in sys.modules)
+        mod = types.ModuleType("d2v2_scale.export.hf_remote.guard_check")
+        mod.__package__ = "d2v2_scale.export.hf_remote"
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        exec(code, mod.__dict__)
+
+    run()  # the real installed version, unpatched
+    # patch the module the shipped code imports: transformers' lazy loading may have replaced
+    # sys.modules["transformers"] during the first run
+    for ok in ("5.24.0", "5.24.0.dev0", "5.99.1"):
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", ok)
+        run()
+    for bad in ("4.57.1", "5.0.0", "5.23.0", "6.0.0", "main"):
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", bad)
+        with pytest.raises(ImportError, match=rf"needs transformers>=5\.24,<6, found {re.escape(bad)}: pip install "
+                                              r"'transformers>=5\.24,<6'$"):
+            run()
