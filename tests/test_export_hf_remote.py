@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -230,7 +231,52 @@ def test_finetune_command(remote, tmp_path, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
-def test_finetune_never_runs_the_folders_code(remote, tmp_path):
+def test_finetune_image_mixup_cutmix(remote, tmp_path, monkeypatch):
+    """d2v2-finetune image with the reference's mixup 0.7 / cutmix 1.0 (prob 0.9, switch 0.5, label
+    smoothing 0.1) for a few steps: the batches reach the model as mixed soft targets [B, classes]
+    and its loss is the soft-target cross-entropy (not the hard-label one).  Where timm cannot be
+    imported (a CPU-only torch: no torchvision), the recipe's Mixup is finetune/mixup.py's
+    (tests/test_finetune_mixup.py: equal to timm's bit for bit)."""
+    import torch.nn.functional as F
+
+    from d2v2_scale.export.hf_remote import modeling_data2vec2 as md
+    from d2v2_scale.finetune import image, mixup
+    from d2v2_scale.finetune.cli import main
+    from d2v2_scale.finetune.recipes import IMAGE_REFERENCE
+    from tests import data_fixtures
+
+    try:
+        from timm.data import Mixup as timm_mixup
+    except Exception:  # noqa: BLE001 - timm missing, or its torchvision not built for this torch
+        timm_mixup = mixup.Mixup
+    assert type(image.mixer(IMAGE_REFERENCE, 10)) is timm_mixup
+    assert image.mixer(IMAGE_REFERENCE | {"mixup": 0.0, "cutmix": 0.0}, 10) is None
+
+    seen, real = [], md.Data2Vec2ForImageClassification.forward
+
+    def spy(self, pixel_values=None, labels=None, **kw):
+        out = real(self, pixel_values=pixel_values, labels=labels, **kw)
+        if self.training and labels is not None:
+            soft = torch.sum(-labels * F.log_softmax(out.logits.float(), -1), -1).mean() if labels.dim() == 2 else None
+            seen.append((labels.detach().clone(), out.loss.detach(), None if soft is None else soft.detach()))
+        return out
+
+    monkeypatch.setattr(md.Data2Vec2ForImageClassification, "forward", spy)
+    tmp, _, _ = remote
+    man = data_fixtures.prepared("image") / "manifest.json"
+    assert main(["image", str(tmp / "image" / "hf"), "--data", str(man), "--out", str(tmp_path / "ft"),
+                 "--recipe", "small", "--steps", "4", "--batch-size", "8", "--mixup", "0.7", "--cutmix", "1.0"]) == 0
+    res = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert res["steps"] == 4 and len(seen) == 4
+    mixed = 0
+    for labels, loss, soft in seen:  # every batch of 8 is even: all go through the mixer
+        assert labels.dtype == torch.float32 and labels.shape == (8, 10)
+        torch.testing.assert_close(labels.sum(-1), torch.ones(8))
+        assert labels.min() >= 0.1 / 10 - 1e-7  # label smoothing 0.1 inside the targets
+        assert torch.equal(loss, soft)  # the soft-target branch of the head
+        # a mixed batch: some row holds two classes above the smoothing floor
+        mixed += int(((labels > 0.1 / 10 + 1e-6).sum(-1) == 2).any())
+    assert mixed >= 1
     """Trust boundary: d2v2-finetune builds the model from the installed package's classes, so a
     payload planted in a folder's modeling file (a folder from elsewhere) does not run; the weights
     still load (equal to the folder's), from scratch too, and the saved model ships our code."""
@@ -287,12 +333,27 @@ def test_d2v1_vision_pooled_output(tmp_path):
 
 @pytest.mark.parametrize("name", ["configuration_data2vec2.py", "modeling_data2vec2.py"])
 def test_remote_code_names_the_transformers_range(name, monkeypatch):
-    """transformers outside the declared range: one line naming it and the fix (not an ImportError
-    from inside transformers)."""
-    import transformers
-
+    """transformers outside the declared range (pyproject.toml's, tests/test_hf_range.py): one line
+    naming it and the fix (not an error from inside transformers); the installed transformers (CI:
+    the declared floor, ci/constraints-cpu.txt) runs the whole file, and so do the range's ends."""
     from d2v2_scale.export.hf_remote import HERE
 
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
-    with pytest.raises(ImportError, match=r"needs transformers>=5,<6, found 4\.57\.1: pip install"):
-        exec(compile((HERE / name).read_text(), name, "exec"), {"__name__": "shipped"})
+    code = compile((HERE / name).read_text(), name, "exec")
+
+    def run():  # as a module of the package (relative imports resolve; dataclasses find it in sys.modules)
+        mod = types.ModuleType("d2v2_scale.export.hf_remote.guard_check")
+        mod.__package__ = "d2v2_scale.export.hf_remote"
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        exec(code, mod.__dict__)
+
+    run()  # the real installed version, unpatched
+    # patch the module the shipped code imports: transformers' lazy loading may have replaced
+    # sys.modules["transformers"] during the first run
+    for ok in ("5.24.0", "5.24.0.dev0", "5.99.1"):
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", ok)
+        run()
+    for bad in ("4.57.1", "5.0.0", "5.23.0", "6.0.0", "main"):
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", bad)
+        with pytest.raises(ImportError, match=rf"needs transformers>=5\.24,<6, found {re.escape(bad)}: pip install "
+                                              r"'transformers>=5\.24,<6'$"):
+            run()

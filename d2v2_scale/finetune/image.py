@@ -8,7 +8,22 @@ from pathlib import Path
 from ..train.schedules import WarmupCosine
 from .common import load_model, publish, recipe_trainer, training_args
 from .recipes import IMAGE_REFERENCE, SMALL, layer_decay_groups
-from .rows import FinetuneError, load_rows, split
+from .rows import load_rows, split
+
+
+def mixer(r: dict, n_cls: int):
+    """The recipe's batch Mixup / CutMix (None when both alphas are 0): timm's when timm.data
+    imports, else finetune/mixup.py's, equal to it bit for bit (tests/test_finetune_mixup.py).
+    `import timm` imports torchvision, and a CPU-only torch has no matching torchvision in the
+    package registry (its wheel is CUDA-linked and fails at import): docs/FINETUNE.md."""
+    if not (r["mixup"] > 0 or r["cutmix"] > 0):
+        return None
+    try:
+        from timm.data import Mixup
+    except Exception:  # noqa: BLE001 - timm missing, or its torchvision not built for this torch
+        from .mixup import Mixup
+    return Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
+                 switch_prob=r["mixup_switch_prob"], label_smoothing=r["label_smoothing"], num_classes=n_cls)
 
 
 def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
@@ -27,15 +42,7 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
     model = load_model(AutoModelForImageClassification, folder, scratch, seed=seed, num_labels=n_cls, id2label=names,
                   label2id={v: k for k, v in names.items()}, drop_path_rate=r["drop_path_rate"],
                   label_smoothing=r["label_smoothing"])
-    mix = None
-    if r["mixup"] > 0 or r["cutmix"] > 0:
-        try:
-            from timm.data import Mixup
-        except Exception as e:  # noqa: BLE001 - timm missing or its torchvision broken
-            raise FinetuneError(f"mixup/cutmix need timm (pip install -e '.[finetune]'; {type(e).__name__}: {e}); "
-                                "or pass --mixup 0 --cutmix 0") from None
-        mix = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
-                    switch_prob=r["mixup_switch_prob"], label_smoothing=r["label_smoothing"], num_classes=n_cls)
+    mix = mixer(r, n_cls)
     ds = [{"pixel_values": pv[i], "labels": int(labels[i])} for i in tr]
 
     def collate(rows):

@@ -6,12 +6,16 @@ model (with modeling_data2vec2.py and data2vec2_encoder.py) and loaded with
 and docs/FINETUNE.md (fine-tuning regularizers and heads).
 """
 
+import re
+
 import transformers
 
-# the range this code is tested on (pyproject.toml's [hf] extra): one line instead of an ImportError deep inside
-if not 5 <= int(transformers.__version__.split(".")[0]) < 6:
-    raise ImportError(f"this data2vec 2.0 folder's model code needs transformers>=5,<6, found "
-                      f"{transformers.__version__}: pip install 'transformers>=5,<6'")
+# the range pyproject.toml's [hf] extra declares, whose floor CI tests (this code alone also ran on 5.0;
+# 5.24 is the exported text tokenizer's floor, pyproject.toml): one line instead of an error deep inside
+_tv = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+if not _tv or not (5, 24) <= (int(_tv[1]), int(_tv[2])) < (6, 0):
+    raise ImportError(f"this data2vec 2.0 folder's model code needs transformers>=5.24,<6, found "
+                      f"{transformers.__version__}: pip install 'transformers>=5.24,<6'")
 from transformers import PretrainedConfig
 
 
