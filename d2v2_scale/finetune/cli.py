@@ -2,11 +2,14 @@
 
     d2v2-finetune image HF_DIR --data digits/manifest.json --out ft/digits [--recipe reference|small]
     d2v2-finetune ctc   HF_DIR --data esp/manifest.json --out ft/esp --eval-paths '^[^/]+/en-gb-x-rp_'
+    d2v2-finetune text  HF_DIR --data train.tsv --out ft/sst2 --eval-data dev.tsv
 
 image: the reference's image classification recipe (layer-wise LR decay, warm-up + cosine, label
 smoothing, drop path, mixup / cutmix through timm); ctc: the reference's speech recipe (frozen CNN,
 tri-stage LR, time / channel masks, letter vocabulary; transcripts = the rows' class names, the
-only text a d2v2-prep audio corpus carries).  --recipe small scales steps, batch and LR to a CPU
+only text a d2v2-prep audio corpus carries); text: the reference's GLUE recipe (sequence
+classification or --regression with the folder's tokenizer, polynomial LR decay) on a .csv / .tsv /
+.jsonl file (text.py).  --recipe small scales steps, batch and LR to a CPU
 run of minutes (docs/FINETUNE.md); --scratch trains the same network from random init (the
 baseline of docs/BENCHMARKS.md).  Held-out rows: --eval-paths REGEX (rows whose source path
 matches, e.g. held-out speakers) or a seeded stratified --eval-fraction.  Writes the fine-tuned
@@ -29,18 +32,21 @@ from pathlib import Path
 from .ctc import finetune_ctc
 from .common import check_deepspeed_config, per_device_batch, world_size
 from .image import finetune_image
-from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, SMALL
+from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, SMALL, TEXT_REFERENCE
 from .rows import FinetuneError
+from .text import TEXT_MODEL_TYPES, add_arguments as add_text_arguments, finetune_text, options as text_options
 
-TASKS = {"image": finetune_image, "ctc": finetune_ctc}
-RECIPES = {"image": IMAGE_REFERENCE, "ctc": CTC_REFERENCE}
+TASKS = {"image": finetune_image, "ctc": finetune_ctc, "text": finetune_text}
+RECIPES = {"image": IMAGE_REFERENCE, "ctc": CTC_REFERENCE, "text": TEXT_REFERENCE}
+# what each task needs in the folder: config.json's "modality" (text: transformers' model_type)
+NEEDS = {"image": ("image", "an image"), "ctc": ("audio", "a speech"), "text": ("text", "a text")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="d2v2-finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("folder", help="a d2v2-export --format hf folder")
-    p.add_argument("--data", required=True, help="a labelled d2v2-prep manifest.json")
+    p.add_argument("--data", required=True, help="a labelled d2v2-prep manifest.json (text: a .csv/.tsv/.jsonl file)")
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", choices=["reference", "small"], default="reference")
     p.add_argument("--seed", type=int, default=0)
@@ -56,17 +62,22 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="a DeepSpeed config for Trainer (ds_configs/finetune_zero2.json, finetune_zero3.json)")
+    add_text_arguments(p)
     a = p.parse_args(argv)
     over = {k: v for k, v in (("max_steps", a.steps), ("lr", a.lr), ("batch_size", a.batch_size),
                               ("mixup", a.mixup), ("cutmix", a.cutmix), ("deepspeed", a.deepspeed)) if v is not None}
+    if a.task == "text":
+        over |= text_options(a)
     if not (Path(a.folder) / "config.json").is_file():
         print(f"d2v2-finetune: error: {a.folder} has no config.json: export it with d2v2-export RUN --out DIR "
               f"--format hf", file=sys.stderr)
         return 2
-    mod = json.loads((Path(a.folder) / "config.json").read_text()).get("modality")
-    if mod != ("image" if a.task == "image" else "audio"):
-        print(f"d2v2-finetune: error: {a.folder} holds {'an image' if mod == 'image' else 'a ' + str(mod)} encoder; the {a.task} recipe needs "
-              f"{'an image' if a.task == 'image' else 'a speech'} encoder", file=sys.stderr)
+    hcfg = json.loads((Path(a.folder) / "config.json").read_text())
+    mod = "text" if hcfg.get("model_type") in TEXT_MODEL_TYPES else hcfg.get("modality")
+    if mod != NEEDS[a.task][0]:
+        has = next((w for m, w in NEEDS.values() if m == mod), f"a {mod or hcfg.get('model_type')}")
+        print(f"d2v2-finetune: error: {a.folder} holds {has} encoder; the {a.task} recipe needs "
+              f"{NEEDS[a.task][1]} encoder", file=sys.stderr)
         return 2
     try:  # DeepSpeed config and the batch split over the processes: checked before the data loads
         if a.deepspeed is not None:

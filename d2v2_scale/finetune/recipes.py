@@ -15,15 +15,19 @@ CTC_REFERENCE = dict(lr=3e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, max
                      phase_ratio=(0.1, 0.4, 0.5), final_lr_scale=0.05, freeze_feature_encoder=True,
                      mask_time_prob=0.65, mask_time_length=10, mask_feature_prob=0.5, mask_feature_length=64,
                      layerdrop=0.1, activation_dropout=0.1, freeze_finetune_updates=0, layer_decay=1.0)
-# fairseq examples/data2vec/config/v2/text_finetuning/mnli.yaml
-TEXT_REFERENCE = dict(lr=2e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_steps=7432, max_steps=123873,
-                      batch_size=32, schedule="polynomial")
+# fairseq examples/data2vec/config/v2/text_finetuning/*.yaml (task sentence_prediction, model
+# data2vec_text_classification; docs/FINETUNE.md "Text"): Adam, lr 2e-5 (STS-B 4e-5), polynomial_decay
+# (power 1, to 0) after 6% warm-up, ~10 epochs (max_update = 10 epochs' updates, max_epoch 10), batch 32
+# (16 on the small sets), max_positions 512, pooler_dropout 0, no clipping.  max_steps None: 10 epochs.
+TEXT_REFERENCE = dict(lr=2e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_ratio=0.06, warmup_steps=None,
+                      power=1.0, epochs=10, max_steps=None, batch_size=32, max_positions=512, pooler_dropout=0.0)
 
 # --recipe small: a CPU run of minutes (docs/FINETUNE.md); the reference's values otherwise
 SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100, mixup=0.0, cutmix=0.0,
                        layer_decay=0.65, min_lr=1e-6),
          "ctc": dict(lr=3e-3, max_steps=1500, batch_size=16, mask_time_prob=0.1, mask_time_length=2,
                      mask_feature_prob=0.05, mask_feature_length=8, layerdrop=0.0)}
+SMALL["text"] = dict(lr=5e-4, max_steps=600, batch_size=32, max_positions=64)
 
 
 def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:

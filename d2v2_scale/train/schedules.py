@@ -25,6 +25,11 @@ never reached); docs/TRAINING.md "Learning rate".
                  s0 = optim.tri_stage_init_scale, s1 = optim.tri_stage_final_scale (0.01 both).
                  The last phase is exponential (the paper says "linearly decays"; the code
                  is exponential).
+  * fine-tuning's "polynomial_decay" (fairseq's, the text fine-tuning recipes, docs/FINETUNE.md;
+                 WarmupPolynomial) with W warm-up updates of U, power p, end e (0 there):
+                     W > 0, u <= W:  lr(u) = u * peak / W          (update 1 at 0, update W + 1 at peak)
+                     u >= U:         lr(u) = e
+                     else:           lr(u) = e + (peak - e) * (1 - (u - W) / (U - W)) ** p
 """
 
 from __future__ import annotations
@@ -70,6 +75,23 @@ class TriStage:
         if u <= self.decay and self.decay > 0:
             return math.exp(math.log(self.final_scale) * u / self.decay)
         return self.final_scale
+
+
+class WarmupPolynomial:
+    """lr(u) / peak for u updates applied: fairseq's polynomial_decay (its `step_update(u)`, the
+    warm-up boundary u <= W included), end_learning_rate = end_ratio x peak."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, power: float = 1.0, end_ratio: float = 0.0):
+        self.total, self.warmup = int(total_steps), int(warmup_steps)
+        self.power, self.end_ratio = float(power), float(end_ratio)
+
+    def __call__(self, u: int) -> float:
+        if self.warmup > 0 and u <= self.warmup:
+            return u / self.warmup
+        if u >= self.total:
+            return self.end_ratio
+        left = 1.0 - (u - self.warmup) / (self.total - self.warmup)
+        return self.end_ratio + (1.0 - self.end_ratio) * left ** self.power
 
 
 class UpdateLR(torch.optim.lr_scheduler.LambdaLR):
