@@ -312,3 +312,59 @@ def test_fairseq_d2v1_round_trips(oracle, tmp_path, capsys):  # noqa: F811
         diff = max((a[keep] - b[keep]).abs().max().item() for a, b in pairs)
         assert diff < ATOL, f"{cls} differs from fairseq by {diff:.3g}"
         print(f"fairseq {case} -> {cls}: max |hf - fairseq| = {diff:.3g}")
+
+
+# ---- d2v2-finetune text on the exported text folders (the exports above; no extra pretraining) ---
+
+
+def test_finetune_text_on_exports(exported, tmp_path, capsys):
+    """d2v2-finetune text on the data2vec 2.0 (RobertaModel) and 1.0 (Data2VecTextModel) exports,
+    a few steps each: WordNet definitions, noun.animal vs noun.plant (JSON lines, a stratified
+    held-out half) on 2.0; the same as sentence pairs in a CSV with --eval-data on 1.0; a numeric
+    target (--regression) in a TSV on 2.0.  metrics.json, the encoder starts from the export (not
+    random), and pipeline("text-classification") runs on every saved folder."""
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    from d2v2_scale.finetune.cli import main
+    from tests.test_finetune_text import labelled_glosses, write_rows
+
+    tmp, _ = exported
+    docs = labelled_glosses(("noun.animal", "noun.plant"), 24)
+    hf2, hf1 = tmp / "text-tiny" / "hf", tmp / "d2v1-text-tiny" / "hf"
+    write_rows(tmp_path / "wn.jsonl", [{"text": t, "label": lab} for lab, t in docs])
+    pairs = [{"sentence1": t, "sentence2": docs[(i + 7) % len(docs)][1], "label": int(lab == "noun.plant")}
+             for i, (lab, t) in enumerate(docs)]
+    write_rows(tmp_path / "pairs.csv", [q for i, q in enumerate(pairs) if i % 4 < 2])  # both labels in each
+    write_rows(tmp_path / "pairs-dev.csv", [q for i, q in enumerate(pairs) if i % 4 >= 2])
+    write_rows(tmp_path / "score.tsv", [{"sentence": t, "score": f"{len(t.split()) / 10:.2f}"} for _, t in docs])
+    small = ["--recipe", "small", "--steps", "4", "--batch-size", "8"]
+    runs = {"2.0": [hf2, "--data", str(tmp_path / "wn.jsonl")],
+            "1.0-pairs": [hf1, "--data", str(tmp_path / "pairs.csv"), "--eval-data", str(tmp_path / "pairs-dev.csv")],
+            "2.0-regression": [hf2, "--data", str(tmp_path / "score.tsv"), "--label-column", "score", "--regression"]}
+    for name, (folder, *args) in runs.items():
+        out = tmp_path / name
+        assert main(["text", str(folder), *args, "--out", str(out), *small]) == 0, name
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["steps"] == 4 and m["n_eval"] == 24 and m["n_train"] == 24, (name, m)
+        saved = out / "model"
+        cfg = json.loads((saved / "config.json").read_text())
+        want_cls = "RobertaForSequenceClassification" if folder == hf2 else "Data2VecTextForSequenceClassification"
+        assert cfg["architectures"] == [want_cls] and not list(saved.glob("*.py"))
+        # the encoder was fine-tuned from the export: moved a little by 4 steps, not re-initialized
+        base = load_file(str(folder / "model.safetensors"))
+        new = load_file(str(saved / "model.safetensors"))
+        key = "embeddings.word_embeddings.weight"
+        pre = next(k for k in new if k.endswith(key))
+        d = (new[pre] - base[key]).abs().max().item()
+        assert 0 < d < 0.05, (name, d)
+        clf = pipeline("text-classification", model=str(saved))
+        got = clf(["a small carnivorous mammal", "a tall tree with needles"])
+        if name == "2.0-regression":
+            assert set(m) >= {"pearson", "spearman", "mse"} and len(got) == 2
+        else:
+            assert set(m) >= {"accuracy", "f1", "mcc"} and 0 <= m["accuracy"] <= 1
+            labels = {"noun.animal", "noun.plant"} if name == "2.0" else {"0", "1"}
+            assert {g["label"] for g in got} <= labels and m["classes"] == sorted(labels)
+    assert m["text_column"] == "sentence" and m["label_column"] == "score"
+    assert json.loads((tmp_path / "1.0-pairs" / "metrics.json").read_text())["pair_column"] == "sentence2"
