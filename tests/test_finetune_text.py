@@ -6,8 +6,15 @@ reuse its text exports)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 from tests import data_fixtures
 
@@ -33,3 +40,93 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+# ---- the schedule and the optimizer: fairseq's own classes in a subprocess ----------------------
+
+FAIRSEQ_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from fairseq.optim.adam import Adam, FairseqAdam, FairseqAdamConfig
+    from fairseq.optim.lr_scheduler.polynomial_decay_schedule import (PolynomialDecayLRSchedule,
+                                                                      PolynomialDecayLRScheduleConfig)
+    spec = json.load(open(sys.argv[1]))
+    res = {"lr": {}}
+    for name, (total, warm, power) in spec["schedules"].items():
+        opt = FairseqAdam(FairseqAdamConfig(lr=[spec["peak"]], tpu=False, adam_betas="(0.9, 0.98)"),
+                          [torch.nn.Parameter(torch.zeros(1))])
+        cfg = PolynomialDecayLRScheduleConfig(warmup_updates=warm, total_num_update=total, power=power,
+                                              lr=[spec["peak"]])
+        sch = PolynomialDecayLRSchedule(cfg, opt)
+        # update k runs at the LR set after update k - 1: the trainer's step_update(k - 1)
+        res["lr"][name] = [sch.step_update(k - 1) for k in range(1, total + 3)]
+    a = spec["adam"]
+    p = torch.nn.Parameter(torch.tensor(a["p0"]))
+    opt = Adam([p], lr=a["lrs"][0], betas=tuple(a["betas"]), eps=a["eps"], weight_decay=a["weight_decay"])
+    res["params"] = []
+    for g, lr in zip(a["grads"], a["lrs"]):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.tensor(g)
+        opt.step()
+        res["params"].append(p.detach().tolist())
+    json.dump(res, open(sys.argv[2], "w"))
+""")
+
+
+def test_polynomial_decay_and_adam_are_fairseqs(tmp_path):
+    """The text recipe's LR of every update (schedules.WarmupPolynomial through LambdaLR, stepped
+    after each update) equals fairseq's polynomial_decay as its trainer applies it (update k at
+    step_update(k - 1)): warm-up from 0, the peak at update W + 1, 0 from update U + 1; and
+    finetune/text.fairseq_adam's parameters equal fairseq's Adam (decoupled weight decay 0.1 on
+    every parameter, eps 1e-6 in fairseq's place) step by step, with gradients near eps."""
+    import torch
+
+    from d2v2_scale.finetune.text import fairseq_adam
+    from d2v2_scale.train.schedules import WarmupPolynomial
+    from tests import fairseq_oracle
+    from tests.test_import import CACHE
+
+    g = torch.Generator().manual_seed(0)
+    spec = {"peak": 2e-5, "schedules": {"glue": [40, 3, 1.0], "no-warmup": [12, 0, 1.0], "power2": [20, 5, 2.0]},
+            "adam": {"p0": torch.randn(30, generator=g).tolist(), "betas": [0.9, 0.98], "eps": 1e-6,
+                     "weight_decay": 0.1, "lrs": [1e-3, 5e-4, 2e-3, 1e-3, 1e-4, 3e-3],
+                     "grads": [(torch.randn(30, generator=g) * 3e-6 * 0.3 ** (k % 3)).tolist() for k in range(6)]}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    # fairseq's numbers, cached by the script and its input (importing fairseq is most of the time)
+    key = hashlib.sha256((FAIRSEQ_SCRIPT + json.dumps(spec)).encode()).hexdigest()[:12]
+    cached = CACHE / f"finetune-text-{key}.json"
+    if not cached.is_file():
+        env = dict(os.environ, **fairseq_oracle.ensure_fairseq(CACHE / "fairseq"), OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore")
+        r = subprocess.run([sys.executable, "-c", FAIRSEQ_SCRIPT, str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        os.replace(tmp_path / "out.json", cached)
+    ref = json.loads(cached.read_text())
+    for name, (total, warm, power) in spec["schedules"].items():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec["peak"])
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, WarmupPolynomial(total, warm, power))
+        got = []
+        for _ in range(total + 2):
+            got.append(opt.param_groups[0]["lr"])  # what this update runs at
+            opt.step()
+            sch.step()
+        assert got == pytest.approx(ref["lr"][name], rel=1e-12, abs=1e-18), name
+    assert ref["lr"]["glue"][0] == 0 and ref["lr"]["glue"][3] == spec["peak"] and ref["lr"]["glue"][40] == 0
+    a = spec["adam"]
+    p = torch.nn.Parameter(torch.tensor(a["p0"]))
+    opt = fairseq_adam([p], a["lrs"][0], tuple(a["betas"]), a["eps"], a["weight_decay"])
+    for k, (gr, lr) in enumerate(zip(a["grads"], a["lrs"])):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.tensor(gr)
+        opt.step()
+        want = torch.tensor(ref["params"][k])
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-6), (k, (p.detach() - want).abs().max())
+        assert not torch.allclose(want, torch.tensor(a["p0"]), atol=1e-4)  # the steps moved the parameters
+    # the plain torch eps (not fairseq's place) would differ from fairseq's trajectory
+    q = torch.nn.Parameter(torch.tensor(a["p0"]))
+    plain = torch.optim.AdamW([q], lr=a["lrs"][0], betas=tuple(a["betas"]), eps=a["eps"], weight_decay=a["weight_decay"])
+    for gr, lr in zip(a["grads"], a["lrs"]):
+        plain.param_groups[0]["lr"] = lr
+        q.grad = torch.tensor(gr)
+        plain.step()
+    assert (q.detach() - torch.tensor(ref["params"][-1])).abs().max() > 1e-4
