@@ -130,3 +130,86 @@ def test_polynomial_decay_and_adam_are_fairseqs(tmp_path):
         q.grad = torch.tensor(gr)
         plain.step()
     assert (q.detach() - torch.tensor(ref["params"][-1])).abs().max() > 1e-4
+
+
+# ---- bad input: one line naming the thing and the fix, exit 2, nothing written -------------------
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory) -> Path:
+    """A text-tiny RobertaModel folder (random weights, no tokenizer) and an image-like config."""
+    import dataclasses
+    import types
+
+    from d2v2_scale.config import build_config
+    from d2v2_scale.export.consolidate import plain_encoder
+    from d2v2_scale.export.hf import write_hf
+
+    tmp = tmp_path_factory.mktemp("ft-text")
+    cfg = dataclasses.asdict(build_config("text-tiny").model)
+    cfg["d2v2_export"] = {"which": "student", "step": 0, "source": "test"}
+    write_hf(tmp / "hf", plain_encoder(types.SimpleNamespace(**cfg)).state_dict(), cfg)
+    (tmp / "image").mkdir()
+    (tmp / "image" / "config.json").write_text(json.dumps({"model_type": "data2vec2", "modality": "image"}))
+    return tmp
+
+
+def _bad(tmp_path, capsys, folder, data, *extra, task="text") -> str:
+    from d2v2_scale.finetune.cli import main
+
+    out = tmp_path / "out"
+    assert main([task, str(folder), "--data", str(data), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("d2v2-finetune: error: "), err
+    assert not out.exists()  # refused before anything is written
+    return err
+
+
+def test_text_bad_input(text_folder, tmp_path, capsys):
+    hf = text_folder / "hf"
+    good = write_rows(tmp_path / "good.csv", [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(8)])
+    # folder and task that do not fit, both ways
+    err = _bad(tmp_path, capsys, text_folder / "image", good)
+    assert "holds an image encoder" in err and "needs a text encoder" in err
+    err = _bad(tmp_path, capsys, hf, good, task="image")
+    assert "holds a text encoder" in err and "needs an image encoder" in err
+    # files
+    assert "unknown format '.txt'" in _bad(tmp_path, capsys, hf, write_rows(tmp_path / "x.tsv", [{"a": 1}]).rename(
+        tmp_path / "x.txt"))
+    assert "no such file" in _bad(tmp_path, capsys, hf, tmp_path / "missing.csv")
+    (tmp_path / "empty.csv").write_text("")
+    assert "is empty" in _bad(tmp_path, capsys, hf, tmp_path / "empty.csv")
+    (tmp_path / "header.tsv").write_text("text\tlabel\n")
+    assert "no rows below its header" in _bad(tmp_path, capsys, hf, tmp_path / "header.tsv")
+    (tmp_path / "ragged.csv").write_text("text,label\na,1\nb\n")
+    assert "line 3: 1 fields, the header has 2" in _bad(tmp_path, capsys, hf, tmp_path / "ragged.csv")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", label: 2}\n')
+    assert "line 2: not JSON" in _bad(tmp_path, capsys, hf, tmp_path / "bad.jsonl")
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    assert "not UTF-8" in _bad(tmp_path, capsys, hf, tmp_path / "latin1.csv")
+    # columns
+    err = _bad(tmp_path, capsys, hf, good, "--label-column", "topic")
+    assert "has no column 'topic'" in err and "its columns: text, label" in err and "--label-column" in err
+    nolab = write_rows(tmp_path / "nolab.jsonl", [{"text": "a", "y": 1}, {"text": "b", "y": 0}])
+    assert "has no column 'label'" in _bad(tmp_path, capsys, hf, nolab)
+    notext = write_rows(tmp_path / "notext.csv", [{"body": "a", "label": 1}])
+    err = _bad(tmp_path, capsys, hf, notext)
+    assert "no text column" in err and "--text-column" in err
+    assert "--text-column 1 --label-column 0" in _bad(tmp_path, capsys, hf, good, "--no-header")
+    assert "has no column 'sentence2'" in _bad(tmp_path, capsys, hf, good, "--pair-column", "sentence2")
+    # labels
+    one = write_rows(tmp_path / "one.csv", [{"text": f"r{i}", "label": "a"} for i in range(4)])
+    assert "holds one label ('a')" in _bad(tmp_path, capsys, hf, one)
+    gap = write_rows(tmp_path / "gap.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": None}])
+    assert "row 2: no label in column 'label'" in _bad(tmp_path, capsys, hf, gap)
+    lonely = write_rows(tmp_path / "lonely.csv", [{"text": f"r{i}", "label": "ab"[i % 2]} for i in range(6)]
+                        + [{"text": "z", "label": "c"}])
+    assert "label 'c' of column 'label' has 1 row: a stratified held-out split needs >= 2 rows per class" in _bad(tmp_path, capsys, hf, lonely)
+    dev = write_rows(tmp_path / "dev.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "zz"}])
+    err = _bad(tmp_path, capsys, hf, good, "--eval-data", str(dev))
+    assert "labels 'zz' do not occur in" in err
+    assert "is not a number" in _bad(tmp_path, capsys, hf, good, "--regression")
+    assert "--eval-paths" in _bad(tmp_path, capsys, hf, good, "--eval-paths", "x")
+    # the data is fine, the folder has no tokenizer (checked before any model loads)
+    err = _bad(tmp_path, capsys, hf, good)
+    assert "has no tokenizer" in err and "--gpt2-bpe" in err

@@ -203,7 +203,7 @@ def load_examples(data, eval_data, eval_fraction, text_column, pair_column, labe
         tr = (x, x2, y)
         te = (ex, ex2, np.asarray(ey, dtype=y.dtype))
     else:
-        tri, tei = _split(y, eval_fraction, regression, data, lc)
+        tri, tei = _split(y, eval_fraction, regression, data, lc, classes)
         pick = (lambda v, ix: None if v is None else [v[i] for i in ix])
         tr = (pick(x, tri), pick(x2, tri), y[tri])
         te = (pick(x, tei), pick(x2, tei), y[tei])
@@ -211,7 +211,7 @@ def load_examples(data, eval_data, eval_fraction, text_column, pair_column, labe
     return tr, te, info
 
 
-def _split(y, fraction, regression, data, col):
+def _split(y, fraction, regression, data, col, classes):
     """Seeded held-out split (split seed 0, as rows.split): stratified by class for classification."""
     from sklearn.model_selection import train_test_split
 
@@ -221,7 +221,8 @@ def _split(y, fraction, regression, data, col):
     if not regression:
         vals, counts = np.unique(y, return_counts=True)
         if counts.min() < 2:
-            raise FinetuneError(f"{data}: a class of column {col!r} has {counts.min()} row: a stratified held-out split "
+            name = classes[int(vals[counts.argmin()])]
+            raise FinetuneError(f"{data}: label {name!r} of column {col!r} has 1 row: a stratified held-out split "
                                 "needs >= 2 rows per class; pass --eval-data FILE or drop that class")
     try:
         tr, te = train_test_split(idx, test_size=fraction, random_state=0, stratify=None if regression else y)
