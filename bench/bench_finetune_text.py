@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: --recipe small's)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: --recipe small's)")
     a = ap.parse_args()
     w = a.work
     w.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main() -> None:
             argv = [sys.executable, "-m", "d2v2_scale.finetune.cli", "text", hf, "--data", sub, "--out", out,
                     "--no-header", "--text-column", "1", "--label-column", "0", "--recipe", "small",
                     "--seed", seed] + (["--scratch"] if kind == "scratch" else []) + (
-                        ["--steps", a.steps] if a.steps else [])
+                        ["--steps", a.steps] if a.steps else []) + (["--lr", a.lr] if a.lr else [])
             _, t = run(argv)
             m = json.loads((out / "metrics.json").read_text())
             m = {k: v for k, v in m.items() if k != "classes"} | {"kind": kind, "wall_s": round(t)}

@@ -27,7 +27,7 @@ SMALL = {"image": dict(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=100,
                        layer_decay=0.65, min_lr=1e-6),
          "ctc": dict(lr=3e-3, max_steps=1500, batch_size=16, mask_time_prob=0.1, mask_time_length=2,
                      mask_feature_prob=0.05, mask_feature_length=8, layerdrop=0.0)}
-SMALL["text"] = dict(lr=5e-4, max_steps=600, batch_size=32, max_positions=64)
+SMALL["text"] = dict(lr=2e-3, max_steps=1500, batch_size=32, max_positions=64)
 
 
 def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
