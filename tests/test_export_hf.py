@@ -341,12 +341,15 @@ def test_finetune_text_on_exports(exported, tmp_path, capsys):
     small = ["--recipe", "small", "--steps", "4", "--batch-size", "8"]
     runs = {"2.0": [hf2, "--data", str(tmp_path / "wn.jsonl")],
             "1.0-pairs": [hf1, "--data", str(tmp_path / "pairs.csv"), "--eval-data", str(tmp_path / "pairs-dev.csv")],
-            "2.0-regression": [hf2, "--data", str(tmp_path / "score.tsv"), "--label-column", "score", "--regression"]}
+            # the reference recipe: 10 epochs (24 rows at batch 32: 10 updates), lr 2e-5, 6% warm-up (0)
+            "2.0-regression": [hf2, "--data", str(tmp_path / "score.tsv"), "--label-column", "score", "--regression",
+                               "--recipe", "reference"]}
     for name, (folder, *args) in runs.items():
         out = tmp_path / name
-        assert main(["text", str(folder), *args, "--out", str(out), *small]) == 0, name
+        assert main(["text", str(folder), *(small if "reference" not in args else []), *args, "--out", str(out)]) == 0
         m = json.loads((out / "metrics.json").read_text())
-        assert m["steps"] == 4 and m["n_eval"] == 24 and m["n_train"] == 24, (name, m)
+        assert m["n_eval"] == 24 and m["n_train"] == 24, (name, m)
+        assert (m["steps"], m["lr"]) == ((10, 2e-5) if "reference" in args else (4, 2e-3)), (name, m)
         saved = out / "model"
         cfg = json.loads((saved / "config.json").read_text())
         want_cls = "RobertaForSequenceClassification" if folder == hf2 else "Data2VecTextForSequenceClassification"
