@@ -37,6 +37,8 @@ def save_model(model, dest: Path, state_dict=None) -> None:
     folder must load with trust_remote_code=True like an export does.  `state_dict`: the full
     weights when the model's own are ZeRO-3 shards (publish)."""
     model.save_pretrained(dest, state_dict=state_dict)
+    if not type(model).__module__.startswith("d2v2_scale."):  # transformers' own class (text): no code to ship
+        return
     for name, data in code_files().items():
         (dest / name).write_bytes(data)
 

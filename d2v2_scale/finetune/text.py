@@ -13,14 +13,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..train.schedules import WarmupPolynomial, fairseq_adam_eps
-from .common import load_model, training_args
+from .common import load_model, publish, recipe_trainer, training_args
 from .recipes import SMALL, TEXT_REFERENCE
 from .rows import FinetuneError
 
@@ -283,7 +281,7 @@ def finetune_text(folder, data, out, recipe="reference", seed=0, scratch=False, 
         raise FinetuneError(f"{folder} has no tokenizer (tokenizer_config.json): export it from a run whose data "
                             "manifest names its sentencepiece model, or an imported fairseq model with "
                             "d2v2-export ... --format hf --gpt2-bpe DIR (docs/EXPORT.md)")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     cfg = json.loads((folder / "config.json").read_text())
@@ -306,8 +304,8 @@ def finetune_text(folder, data, out, recipe="reference", seed=0, scratch=False, 
              "id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)}})
     # RobertaClassificationHead (the reference's head: <s> token, dense, tanh, out_proj) with the
     # reference's pooler_dropout 0; the encoder keeps the folder's dropouts (0.1, its pretraining's)
-    model = load_model(AutoModelForSequenceClassification, str(folder), scratch, classifier_dropout=r["pooler_dropout"],
-                       **head)
+    model = load_model(AutoModelForSequenceClassification, str(folder), scratch, seed=seed,
+                       classifier_dropout=r["pooler_dropout"], **head)
     total = int(r["max_steps"] or r["epochs"] * math.ceil(len(train) / r["batch_size"]))
     warm = int(r["warmup_steps"] if r.get("warmup_steps") is not None else r["warmup_ratio"] * total)
     r |= {"max_steps": total, "warmup_steps": warm, "max_length": max_len}
@@ -316,9 +314,9 @@ def finetune_text(folder, data, out, recipe="reference", seed=0, scratch=False, 
     # update k runs at WarmupPolynomial(k - 1) x lr, fairseq's trainer convention (train/schedules.py)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupPolynomial(total, warm, r["power"], 0.0))
     collate = DataCollatorWithPadding(tok)
-    out.mkdir(parents=True, exist_ok=True)
-    Trainer(model=model, args=training_args(out, r, seed), train_dataset=train, data_collator=collate,
-            optimizers=(opt, sched)).train()
+    trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=train,
+                             data_collator=collate, optimizers=(opt, sched))  # the recipe's, DeepSpeed too
+    trainer.train()
     model.eval()
     dev = next(model.parameters()).device
     preds = []
@@ -331,18 +329,8 @@ def finetune_text(folder, data, out, recipe="reference", seed=0, scratch=False, 
     pred = torch.cat(preds).numpy()
     gold = te[2]
     scores = _scores(pred, gold, regression, 0 if regression else len(classes))
-    # the fine-tuned folder: written under a temp name, then renamed (a finished folder or none)
-    tmp, dest = out / ".model.partial", out / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
     res = {"task": "text", **scores, "n_train": len(train), "n_eval": len(held), "scratch": scratch, "seed": seed,
            "recipe": recipe, "steps": total, "warmup_steps": warm, "lr": r["lr"], "batch_size": r["batch_size"],
            "max_length": max_len, "regression": regression, **info}
-    t = out / "metrics.json.tmp"
-    t.write_text(json.dumps(res, indent=1))
-    os.replace(t, out / "metrics.json")
-    return res
+    # rank 0 writes model/ (model + the folder's tokenizer; temp name, then rename) and metrics.json
+    return publish(trainer, out, res, tok.save_pretrained)
