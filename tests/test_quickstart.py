@@ -48,7 +48,6 @@ def test_train_cli_rejects_bad_config_before_starting(tmp_path):
     r = subprocess.run([console_script("d2v2-train"), "--preset", "image-tiny"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "data.manifest is not set" in r.stderr
-    _finetune_block_of_the_docs(out, env)
 
 
 def _finetune_block_of_the_docs(out, env):
