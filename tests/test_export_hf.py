@@ -184,12 +184,119 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
     if modality in ("audio", "image"):
         pre = json.loads((hf / "preprocessor_config.json").read_text())
         assert pre["do_normalize"] is True
+    if cls == "Data2VecAudioModel":  # base_100h's fine-tuning regularizers, not transformers' 0.1 dropouts
+        assert (hcfg["mask_time_prob"], hcfg["mask_feature_prob"], hcfg["layerdrop"], hcfg["hidden_dropout"],
+                hcfg["final_dropout"]) == (0.65, 0.5, 0.1, 0.0, 0.0)
     if modality == "text":  # the run's sentencepiece model, as a tokenizer AutoTokenizer loads
         assert (hf / "tokenizer.model").read_bytes() == (data_fixtures.prepared(modality) / "spm.model").read_bytes()
         _check_tokenizer(hf, outs[preset]["tok"])
     worst = _compare(tmp / preset / "plain", outs[preset], cls)
     worst_r = _compare(tmp / preset / "rand-plain", outs[preset + ":random"], cls)
     print(f"{preset}: max |hf - plain| = {worst:.3g} (trained), {worst_r:.3g} (random weights)")
+
+
+# ---- d2v2-finetune on data2vec 1.0 folders: transformers' own task classes ----------------------
+
+
+def _labelled_speech(root: Path) -> Path:
+    """Five spoken digit words, two recordings each (asterisk's prompts n.wav and h-n.wav) ->
+    d2v2-prep audio --label-from parent: transcripts one .. five."""
+    import shutil
+
+    from data_prep.cli import main
+
+    data_fixtures.asterisk_wavs(1)  # apt-installs the sounds when missing
+    for n, word in enumerate(["one", "two", "three", "four", "five"], 1):
+        (root / "raw" / word).mkdir(parents=True)
+        for stem in (f"{n}", f"h-{n}"):
+            shutil.copy(data_fixtures.ASTERISK_DIR / "digits" / f"{stem}.wav", root / "raw" / word / f"{stem}.wav")
+    assert main(["audio", str(root / "raw"), "--out", str(root / "prep"), "--label-from", "parent", "--workers", "1",
+                 "--min-seconds", "0.2", "--max-seconds", "3"]) == 0
+    return root / "prep" / "manifest.json"
+
+
+def test_layer_decay_over_transformers_blocks(exported):
+    """Layer-wise LR decay on transformers' own classes: block i of N (Data2VecVision
+    encoder.layer, Data2VecAudio encoder.layers) gets lr * decay ** (N - i), the rest lr."""
+    from transformers import AutoModelForCTC, AutoModelForImageClassification
+
+    from d2v2_scale.finetune.common import load_model
+    from d2v2_scale.finetune.recipes import layer_decay_groups
+
+    tmp, _ = exported
+    vis = load_model(AutoModelForImageClassification, str(tmp / "d2v1-image-tiny" / "hf"), False, num_labels=3)
+    aud = load_model(AutoModelForCTC, str(tmp / "d2v1-audio-tiny" / "hf"), False, vocab_size=8)
+    for m, blocks, head in ((vis, vis.data2vec_vision.encoder.layer, vis.classifier),
+                            (aud, aud.data2vec_audio.encoder.layers, aud.lm_head)):
+        lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in layer_decay_groups(m, 1e-3, 0.65, 0.05)
+                 for p in g["params"]}
+        assert len(blocks) == 2 and len(lr_of) == sum(1 for p in m.parameters() if p.requires_grad)
+        w0, w1 = (next(p for n, p in b.named_parameters() if n.endswith("dense.weight")) for b in blocks)
+        assert lr_of[id(w0)] == (pytest.approx(1e-3 * 0.65 ** 2), 0.05)
+        assert lr_of[id(w1)] == (pytest.approx(1e-3 * 0.65), 0.05)
+        assert lr_of[id(head.weight)] == (1e-3, 0.05) and lr_of[id(head.bias)] == (1e-3, 0.0)
+
+
+@pytest.mark.parametrize("preset,task,cls,pipe", [
+    ("d2v1-audio-tiny", "ctc", "Data2VecAudioForCTC", "automatic-speech-recognition"),
+    ("d2v1-image-tiny", "image", "Data2VecVisionForImageClassification", "image-classification")],
+    ids=["speech-ctc", "vision-image"])
+def test_finetune_d2v1_folders(preset, task, cls, pipe, exported, tmp_path, capsys):
+    """d2v2-finetune on a data2vec 1.0 export (the same folders as above): transformers' own task
+    class (no code in the saved folder), a few Trainer steps with the recipe's fine-tuning config,
+    the weights move, pipeline(...) runs on the saved folder without trust_remote_code; the other
+    task's head on this encoder: one line naming the folder's kind and the task to use."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    from d2v2_scale.finetune.cli import main
+
+    tmp, _ = exported
+    hf = tmp / preset / "hf"
+    if task == "ctc":  # held out: the h-n recordings
+        man, extra = _labelled_speech(tmp_path / "speech"), ["--eval-paths", "/h-"]
+    else:
+        man, extra = data_fixtures.prepared("image") / "manifest.json", []
+    assert main([task, str(hf), "--data", str(man), "--out", str(tmp_path / "ft"), "--recipe", "small",
+                 "--steps", "4", "--batch-size", "4", "--lr", "1e-2", *extra]) == 0
+    res = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert res["steps"] == 4 and res["n_eval"] == (5 if task == "ctc" else res["n_eval"]) and res["n_train"] > 0
+    saved = tmp_path / "ft" / "model"
+    scfg = json.loads((saved / "config.json").read_text())
+    assert scfg["architectures"] == [cls] and "auto_map" not in scfg and not list(saved.glob("*.py"))
+    if task == "ctc":  # the small recipe's masks, base_100h's zero dropouts, frozen CNN
+        assert (scfg["mask_time_prob"], scfg["mask_feature_length"], scfg["hidden_dropout"], scfg["final_dropout"],
+                scfg["ctc_zero_infinity"]) == (0.1, 8, 0.0, 0.0, True)
+        name, prefix = "encoder.layers.0.feed_forward.intermediate_dense.weight", "data2vec_audio."
+    else:  # the reference's head: mean pooling + a new LayerNorm, drop path
+        assert scfg["use_mean_pooling"] is True and scfg["drop_path_rate"] == 0.1
+        name, prefix = "encoder.layer.0.intermediate.dense.weight", "data2vec_vision."
+    before, after = load_file(str(hf / "model.safetensors")), load_file(str(saved / "model.safetensors"))
+    assert not torch.equal(before[name], after[prefix + name])  # trained
+    if task == "ctc":  # the same seed, the same run: the new head's init is seeded too (before Trainer seeds)
+        assert main([task, str(hf), "--data", str(man), "--out", str(tmp_path / "again"), "--recipe", "small",
+                     "--steps", "4", "--batch-size", "4", "--lr", "1e-2", *extra]) == 0
+        again = load_file(str(tmp_path / "again" / "model" / "model.safetensors"))
+        assert all(torch.equal(after[k], again[k]) for k in after)
+    if task == "ctc":
+        conv = "feature_extractor.conv_layers.0.conv.weight"
+        assert torch.equal(before[conv], after[prefix + conv])  # the frozen feature encoder
+        got = pipeline(pipe, model=str(saved), device="cpu")(np.zeros(16000, dtype=np.float32))
+        assert isinstance(got["text"], str)
+    else:
+        from PIL import Image
+
+        assert len(pipeline(pipe, model=str(saved), device="cpu")(Image.new("RGB", (32, 32)), top_k=2)) == 2
+    capsys.readouterr()
+    other, fits = ("image", "ctc") if task == "ctc" else ("ctc", "image")
+    assert main([other, str(hf), "--data", str(man), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    kind = ("a speech encoder (data2vec 1.0 / data2vec-aqc, Data2VecAudioModel)" if task == "ctc" else
+            "an image encoder (data2vec 1.0, Data2VecVisionModel)")
+    needs = "an image" if other == "image" else "a speech"
+    assert f"holds {kind}; the {other} recipe needs {needs} encoder: use d2v2-finetune {fits}" in err
+    assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
 # ---- refusals: no transformers class computes these exactly -----------------------------------

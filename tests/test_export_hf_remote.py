@@ -227,7 +227,8 @@ def test_finetune_command(remote, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ctc", str(tmp / "image" / "hf"), "--data", str(man), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert "holds an image encoder; the ctc recipe needs a speech encoder" in err
+    assert "holds an image encoder (data2vec 2.0, Data2Vec2Model); the ctc recipe needs a speech encoder: " \
+        "use d2v2-finetune image" in err
     assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
@@ -277,6 +278,24 @@ def test_finetune_image_mixup_cutmix(remote, tmp_path, monkeypatch):
         # a mixed batch: some row holds two classes above the smoothing floor
         mixed += int(((labels > 0.1 / 10 + 1e-6).sum(-1) == 2).any())
     assert mixed >= 1
+
+
+def test_finetune_command_ctc(remote, tmp_path):
+    """d2v2-finetune ctc on a 2.0 speech folder, a few steps: the CTC recipe's config fields the
+    package's Data2Vec2Config has (not transformers' Data2VecAudio-only ones) reach the model."""
+    from d2v2_scale.finetune.cli import main
+    from tests.test_export_hf import _labelled_speech
+
+    tmp, _, _ = remote
+    man = _labelled_speech(tmp_path / "speech")
+    assert main(["ctc", str(tmp / "audio" / "hf"), "--data", str(man), "--out", str(tmp_path / "ft"),
+                 "--recipe", "small", "--steps", "3", "--batch-size", "4", "--eval-paths", "/h-"]) == 0
+    scfg = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())
+    assert scfg["architectures"] == ["Data2Vec2ForCTC"] and scfg["mask_time_prob"] == 0.1
+    assert "feat_proj_dropout" not in scfg and (tmp_path / "ft" / "model" / "modeling_data2vec2.py").is_file()
+
+
+def test_finetune_never_runs_the_folders_code(remote, tmp_path):
     """Trust boundary: d2v2-finetune builds the model from the installed package's classes, so a
     payload planted in a folder's modeling file (a folder from elsewhere) does not run; the weights
     still load (equal to the folder's), from scratch too, and the saved model ships our code."""

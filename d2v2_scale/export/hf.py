@@ -161,7 +161,13 @@ def _audio(sd: dict, cfg: dict, cls: str):
         conv_stride=[s for _, _, s in layers], num_feat_extract_layers=len(layers), conv_bias=False,
         feat_extract_activation="gelu", conv_pos_kernel_size=int(cfg["conv_pos_width"]),
         num_conv_pos_embeddings=int(cfg["conv_pos_depth"]), num_conv_pos_embedding_groups=int(cfg["conv_pos_groups"]),
-        add_adapter=False)
+        add_adapter=False,
+        # the reference fine-tuning's regularizers (base_100h, as the 2.0 speech export; docs/FINETUNE.md),
+        # in place of transformers' defaults (0.1 dropouts where Wav2Vec2AsrConfig has 0; no time masks
+        # of length 10 at 0.65, no channel masks); they act only in training mode
+        mask_time_prob=0.65, mask_time_length=10, mask_feature_prob=0.5, mask_feature_length=min(64, d // 2),
+        layerdrop=0.1, activation_dropout=0.1, hidden_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, ctc_zero_infinity=True)
     sr = int(cfg.get("sample_rate", 16000))
     # training normalizes each waveform to zero mean / unit variance (data/augment.normalize_wave:
     # (x - mean) / (std + 1e-5)); the feature extractor's do_normalize uses / sqrt(var + 1e-7)

@@ -27,18 +27,17 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from .ctc import finetune_ctc
-from .common import check_deepspeed_config, per_device_batch, world_size
+from .common import check_deepspeed_config, folder_kind, per_device_batch, world_size
 from .image import finetune_image
 from .recipes import CTC_REFERENCE, IMAGE_REFERENCE, SMALL, TEXT_REFERENCE
 from .rows import FinetuneError
-from .text import TEXT_MODEL_TYPES, add_arguments as add_text_arguments, finetune_text, options as text_options
+from .text import add_arguments as add_text_arguments, finetune_text, options as text_options
 
 TASKS = {"image": finetune_image, "ctc": finetune_ctc, "text": finetune_text}
 RECIPES = {"image": IMAGE_REFERENCE, "ctc": CTC_REFERENCE, "text": TEXT_REFERENCE}
-# what each task needs in the folder: config.json's "modality" (text: transformers' model_type)
+# what each task needs in the folder (the kinds: common.KINDS)
 NEEDS = {"image": ("image", "an image"), "ctc": ("audio", "a speech"), "text": ("text", "a text")}
 
 
@@ -68,16 +67,14 @@ def main(argv=None) -> int:
                               ("mixup", a.mixup), ("cutmix", a.cutmix), ("deepspeed", a.deepspeed)) if v is not None}
     if a.task == "text":
         over |= text_options(a)
-    if not (Path(a.folder) / "config.json").is_file():
-        print(f"d2v2-finetune: error: {a.folder} has no config.json: export it with d2v2-export RUN --out DIR "
-              f"--format hf", file=sys.stderr)
+    try:  # what the folder holds (finetune/common.KINDS): a head that does not fit it -> one line
+        kind = folder_kind(a.folder)
+    except FinetuneError as e:
+        print(f"d2v2-finetune: error: {e}", file=sys.stderr)
         return 2
-    hcfg = json.loads((Path(a.folder) / "config.json").read_text())
-    mod = "text" if hcfg.get("model_type") in TEXT_MODEL_TYPES else hcfg.get("modality")
-    if mod != NEEDS[a.task][0]:
-        has = next((w for m, w in NEEDS.values() if m == mod), f"a {mod or hcfg.get('model_type')}")
-        print(f"d2v2-finetune: error: {a.folder} holds {has} encoder; the {a.task} recipe needs "
-              f"{NEEDS[a.task][1]} encoder", file=sys.stderr)
+    if kind.task != a.task:
+        print(f"d2v2-finetune: error: {a.folder} holds {kind.name}; the {a.task} recipe needs {NEEDS[a.task][1]} "
+              f"encoder: use d2v2-finetune {kind.task}", file=sys.stderr)
         return 2
     try:  # DeepSpeed config and the batch split over the processes: checked before the data loads
         if a.deepspeed is not None:

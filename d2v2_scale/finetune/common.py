@@ -12,8 +12,95 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from ..export.hf_remote import code_files, register_local_classes
 from .rows import FinetuneError
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """What an exported folder holds, for d2v2-finetune: `name` (for messages), `task` (the
+    d2v2-finetune task whose head fits its encoder), `remote` (the package's own Data2Vec2*
+    classes, whose code is saved with the fine-tuned folder; else transformers' own classes),
+    `blocks` (attribute path of the transformer blocks under the task model's base model, for
+    layer-wise LR decay), `width` (config field of the model width), `head` (config fields the
+    reference's task head needs, set when d2v2-finetune loads the folder)."""
+
+    name: str
+    task: str
+    remote: bool
+    blocks: str
+    width: str
+    head: tuple = ()
+
+
+# config.json's model_type (data2vec 2.0: and its modality) -> the folder's kind; the one place
+# d2v2-finetune decides what a folder is (docs/FINETUNE.md "data2vec 1.0 and data2vec-aqc folders")
+KINDS = {("data2vec2", "image"): FolderKind("an image encoder (data2vec 2.0, Data2Vec2Model)", "image", True,
+                                            "encoder.blocks", "embed_dim"),
+         ("data2vec2", "audio"): FolderKind("a speech encoder (data2vec 2.0, Data2Vec2Model)", "ctc", True,
+                                            "encoder.blocks", "embed_dim"),
+         ("data2vec-audio", None): FolderKind("a speech encoder (data2vec 1.0 / data2vec-aqc, Data2VecAudioModel)",
+                                              "ctc", False, "encoder.layers", "hidden_size"),
+         # the reference's classification head pools the mean of the patch tokens through a new LayerNorm
+         # (BEiT's / mae_image_classification's fc_norm); the export's use_mean_pooling false keeps the base
+         # model equal to the plain twin (its final norm, CLS pooler), docs/EXPORT.md
+         ("data2vec-vision", None): FolderKind("an image encoder (data2vec 1.0, Data2VecVisionModel)", "image", False,
+                                               "encoder.layer", "hidden_size", (("use_mean_pooling", True),)),
+         ("data2vec-text", None): FolderKind("a text encoder (data2vec 1.0, Data2VecTextModel)", "text", False,
+                                             "encoder.layer", "hidden_size"),
+         ("roberta", None): FolderKind("a text encoder (data2vec 2.0, RobertaModel)", "text", False, "encoder.layer",
+                                       "hidden_size")}
+
+
+def folder_kind(folder) -> FolderKind:
+    """The kind of an exported folder from its config.json (model_type, and modality for 2.0);
+    FinetuneError (one line naming the fix) for a folder that is no export this command knows."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise FinetuneError(f"{folder} has no config.json: export it with d2v2-export RUN --out DIR --format hf")
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"{f} is not readable JSON ({e}): export the run again with d2v2-export "
+                            "--format hf") from None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    mt = cfg.get("model_type")
+    kind = KINDS.get((mt, cfg.get("modality") if mt == "data2vec2" else None))
+    if kind is None:
+        raise FinetuneError(f"{f}: model_type {mt!r} (architectures {cfg.get('architectures')}) is no d2v2-export "
+                            f"--format hf folder d2v2-finetune knows (data2vec 2.0 image / speech / text, data2vec "
+                            f"1.0 speech / vision / text, data2vec-aqc): give it a folder from d2v2-export RUN "
+                            f"--out DIR --format hf")
+    return kind
+
+
+def encoder_blocks(model) -> list:
+    """The transformer blocks of a task model (its base model's `FolderKind.blocks`), in order."""
+    kind = next(k for (mt, mod), k in KINDS.items()
+                if mt == model.config.model_type and mod in (None, getattr(model.config, "modality", None)))
+    obj = model.base_model
+    for a in kind.blocks.split("."):
+        obj = getattr(obj, a)
+    return list(obj)
+
+
+def classification_loss(label_smoothing: float):
+    """Trainer's compute_loss_func for transformers' own image classification heads, whose loss
+    has no label smoothing and would take mixup's soft targets for multi-label BCE: the
+    reference's loss, as Data2Vec2ForImageClassification: logits [B, C], labels [B] -> cross-entropy
+    with label smoothing; soft targets [B, C] (mixup / cutmix) -> soft-target cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"].float()
+        if labels.ndim == 2:
+            return torch.sum(-labels * F.log_softmax(logits, -1), -1).mean()
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+    return loss
 
 
 def load_model(auto, folder, scratch: bool, seed: int = 0, **over):
@@ -114,9 +201,10 @@ def training_args(out, r, seed):
                              deepspeed=None if ds is None else str(ds))
 
 
-def recipe_trainer(model, args, train_dataset, data_collator, optimizers):
+def recipe_trainer(model, args, train_dataset, data_collator, optimizers, compute_loss_func=None):
     """transformers.Trainer that keeps the recipe's optimizer and LR schedule, with DeepSpeed too
-    (either may be None: Trainer's default from its arguments).
+    (either may be None: Trainer's default from its arguments); `compute_loss_func`: Trainer's
+    (common.classification_loss for transformers' own image heads).
     Trainer takes `optimizers=(opt, sched)` as they are without DeepSpeed; with `deepspeed=` its
     deepspeed_init sets trainer.optimizer = None and builds its default AdamW at args.learning_rate
     with a linear schedule instead, silently (transformers 5).  Its documented way out is
@@ -139,7 +227,7 @@ def recipe_trainer(model, args, train_dataset, data_collator, optimizers):
             return super().create_scheduler(num_training_steps, optimizer)  # likewise
 
     return RecipeTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                         optimizers=(opt, sched))
+                         optimizers=(opt, sched), compute_loss_func=compute_loss_func)
 
 
 def publish(trainer, out: Path, res: dict, write_extra=None) -> dict:

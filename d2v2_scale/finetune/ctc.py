@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..export.hf_remote import register_local_classes
-from .common import load_model, publish, recipe_trainer, training_args
+from .common import folder_kind, load_model, publish, recipe_trainer, training_args
 from .recipes import CTC_REFERENCE, SMALL, cer, layer_decay_groups, tri_stage
 from .rows import FinetuneError, load_rows, split
 
@@ -34,12 +34,15 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     fe = AutoFeatureExtractor.from_pretrained(folder)
     d = None
     keys = ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
-            "activation_dropout")
-    over_cfg = {k: r[k] for k in keys}
+            "activation_dropout", "hidden_dropout", "attention_dropout", "final_dropout", "feat_proj_dropout",
+            "ctc_zero_infinity")
     from transformers import AutoConfig
 
     register_local_classes()
-    d = AutoConfig.from_pretrained(folder, trust_remote_code=False).embed_dim
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    over_cfg = {k: r[k] for k in keys if hasattr(cfg, k)}  # feat_proj_dropout: transformers' Data2VecAudio only
+    # the model width: embed_dim (data2vec 2.0) or hidden_size (transformers' Data2VecAudio: 1.0, aqc)
+    d = getattr(cfg, folder_kind(folder).width)
     over_cfg["mask_feature_length"] = min(over_cfg["mask_feature_length"], d // 2)
     model = load_model(AutoModelForCTC, folder, scratch, seed=seed, vocab_size=len(vocab),
                        pad_token_id=tok.pad_token_id, ctc_loss_reduction="mean", **over_cfg)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..train.schedules import WarmupCosine
-from .common import load_model, publish, recipe_trainer, training_args
+from .common import classification_loss, folder_kind, load_model, publish, recipe_trainer, training_args
 from .recipes import IMAGE_REFERENCE, SMALL, layer_decay_groups
 from .rows import load_rows, split
 
@@ -39,9 +39,10 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
     names = {i: (classes[i] if i < len(classes) else str(i)) for i in range(n_cls)}
     proc = AutoImageProcessor.from_pretrained(folder)
     pv = proc(images=imgs, return_tensors="pt")["pixel_values"]
+    kind = folder_kind(folder)
     model = load_model(AutoModelForImageClassification, folder, scratch, seed=seed, num_labels=n_cls, id2label=names,
                   label2id={v: k for k, v in names.items()}, drop_path_rate=r["drop_path_rate"],
-                  label_smoothing=r["label_smoothing"])
+                  **({"label_smoothing": r["label_smoothing"]} if kind.remote else {}), **dict(kind.head))
     mix = mixer(r, n_cls)
     ds = [{"pixel_values": pv[i], "labels": int(labels[i])} for i in tr]
 
@@ -58,8 +59,10 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
 
     # fairseq's cosine schedule, the one pretraining runs (update k at its value for k - 1 updates)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [WarmupCosine(total, warm, floor)] * len(opt.param_groups))
+    # transformers' own heads (1.0 vision): the reference's loss through the Trainer (common.classification_loss)
+    loss = None if kind.remote else classification_loss(r["label_smoothing"])
     trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
-                             optimizers=(opt, sched))  # the recipe's optimizer and schedule, DeepSpeed too
+                             optimizers=(opt, sched), compute_loss_func=loss)  # the recipe's optimizer and schedule
     trainer.train()
     model.eval()
     with torch.no_grad():

@@ -14,7 +14,11 @@ IMAGE_REFERENCE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_ste
 CTC_REFERENCE = dict(lr=3e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, max_steps=80000,
                      phase_ratio=(0.1, 0.4, 0.5), final_lr_scale=0.05, freeze_feature_encoder=True,
                      mask_time_prob=0.65, mask_time_length=10, mask_feature_prob=0.5, mask_feature_length=64,
-                     layerdrop=0.1, activation_dropout=0.1, freeze_finetune_updates=0, layer_decay=1.0)
+                     layerdrop=0.1, activation_dropout=0.1, freeze_finetune_updates=0, layer_decay=1.0,
+                     # Wav2Vec2AsrConfig's defaults (0; transformers' Data2VecAudioConfig defaults to 0.1),
+                     # fairseq's ctc criterion zero_infinity: true
+                     hidden_dropout=0.0, attention_dropout=0.0, final_dropout=0.0, feat_proj_dropout=0.0,
+                     ctc_zero_infinity=True)
 # fairseq examples/data2vec/config/v2/text_finetuning/*.yaml (task sentence_prediction, model
 # data2vec_text_classification; docs/FINETUNE.md "Text"): Adam, lr 2e-5 (STS-B 4e-5), polynomial_decay
 # (power 1, to 0) after 6% warm-up, ~10 epochs (max_update = 10 epochs' updates, max_epoch 10), batch 32
@@ -33,9 +37,11 @@ SMALL["text"] = dict(lr=2e-3, max_steps=1500, batch_size=32, max_positions=64)
 def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
     """AdamW param groups: block i (0-based) of N gets lr * layer_decay ** (N - i), everything else
     (front end, heads, norms after the blocks) lr; no weight decay on 1-D tensors (biases, norms),
-    as the reference.  Works for the Data2Vec2* models (data2vec2.encoder.blocks)."""
-    base = getattr(model, "data2vec2", model)
-    blocks = list(base.encoder.blocks)
+    as the reference.  The blocks: the folder kind's (finetune/common.KINDS: data2vec2.encoder.blocks,
+    transformers' Data2VecAudio encoder.layers, Data2VecVision / text encoder.layer)."""
+    from .common import encoder_blocks
+
+    blocks = encoder_blocks(model)
     n = len(blocks) + 1
     owner = {}
     for i, b in enumerate(blocks):
