@@ -10,9 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..export.hf_remote import code_files, register_local_classes
 from .rows import FinetuneError
