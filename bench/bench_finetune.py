@@ -24,24 +24,30 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HELD_OUT = r"/(en-gb-x-rp|en-gb-x-gbcwmd)_"
-CPU_S: list[float] = []
+CPU_S: list[float] = []  # list.append/pop are atomic: safe from the --jobs threads
 ENV = dict(os.environ, OMP_NUM_THREADS="1", D2V2_PREP_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run(argv, **kw):
-    """(stdout, wall seconds); the child's CPU seconds (user + system) go to CPU_S[-1]."""
-    t, c = time.time(), os.times()
-    r = subprocess.run(argv, env=ENV, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, argv))}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    e = os.times()
-    CPU_S.append(e.children_user - c.children_user + e.children_system - c.children_system)
-    return r.stdout, time.time() - t
+def run(argv):
+    """(stdout, wall seconds); the child's own CPU seconds (user + system, from its wait4 rusage:
+    correct with --jobs > 1, where os.times() would mix children) go to CPU_S."""
+    t = time.time()
+    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:
+        p = subprocess.Popen(argv, env=ENV, stdout=o, stderr=e, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        o.seek(0), e.seek(0)
+        out, err = o.read(), e.read()
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, argv))}\n{out[-2000:]}\n{err[-4000:]}")
+    CPU_S.append(ru.ru_utime + ru.ru_stime)
+    return out, time.time() - t
 
 
 def py(code, *args):
@@ -68,7 +74,7 @@ def pretrain(work: Path, manifest: Path, preset: str, steps: int, name: str, sch
     if not hf.is_dir():
         _, t = py("import sys; from d2v2_scale.train import main; sys.exit(main(sys.argv[1:]))", "--preset", preset,
                   f"data.manifest={manifest}", f"output_dir={run_dir}", *pretrain_overrides(steps, schedule, batch))
-        print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S[-1]:.0f} s CPU", flush=True)
+        print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU", flush=True)
         py("import sys; from d2v2_scale.export.cli import main; sys.exit(main(sys.argv[1:]))", run_dir,
            "--out", hf, "--format", "hf")
     return hf
@@ -82,7 +88,7 @@ def finetune(task, hf, manifest, out, seed, scratch, extra=()):
     argv = [sys.executable, "-m", "d2v2_scale.finetune.cli", task, str(hf), "--data", str(manifest), "--out", str(out),
             "--recipe", "small", "--seed", str(seed), *extra] + (["--scratch"] if scratch else [])
     stdout, t = run(argv)
-    res = json.loads(stdout.strip().splitlines()[-1]) | {"wall_s": round(t, 1), "cpu_s": round(CPU_S[-1], 1)}
+    res = json.loads(stdout.strip().splitlines()[-1]) | {"wall_s": round(t, 1), "cpu_s": round(CPU_S.pop(), 1)}
     (Path(out) / "bench.json").write_text(json.dumps(res))
     print(json.dumps(res), flush=True)
     return res
