@@ -123,10 +123,11 @@ def main(argv=None):
         hf = pretrain(work, man, "image-tiny", st, f"image-{st}-{sc}-b{a.image_pretrain_batch}", sc,
                       a.image_pretrain_batch)
         f, tag = a.image_eval_fraction, "-".join(a.image_ft).replace("--", "")
+        # the random-init runs depend on the architecture only, not on the pretraining: shared by every --image-pretrain-*
         jobs = [(scratch, s) for scratch in (False, True) for s in a.seeds]
         with ThreadPoolExecutor(a.jobs) as ex:  # each job is a subprocess: threads only wait
             res = list(ex.map(lambda j: finetune(
-                "image", hf, man, work / f"ft-{hf.name}-{f}{'-' + tag if tag else ''}-{int(j[0])}-{j[1]}", j[1], j[0],
+                "image", hf, man, work / f"ft-{'scratch' if j[0] else hf.name}-{f}{'-' + tag if tag else ''}-{j[1]}", j[1], j[0],
                 ["--eval-fraction", str(f), *a.image_ft]), jobs))
         for scratch in (False, True):
             accs = [r["accuracy"] for (sc, _), r in zip(jobs, res) if sc == scratch]
