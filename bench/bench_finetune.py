@@ -132,8 +132,8 @@ def main(argv=None):
         for scratch in (False, True):
             accs = [r["accuracy"] for (sc, _), r in zip(jobs, res) if sc == scratch]
             n = res[0]["n_train"]
-            table.append((f"image-tiny, digits ({n} labelled{', ' + ' '.join(a.image_ft) if a.image_ft else ''}), "
-                          "accuracy", scratch, accs))
+            table.append((f"image-tiny ({st} updates, {sc}), digits ({n} labelled"
+                          f"{', ' + ' '.join(a.image_ft) if a.image_ft else ''}), accuracy", scratch, accs))
     if a.only in (None, "speech"):
         man = work / "esp" / "manifest.json"
         if not man.is_file():
