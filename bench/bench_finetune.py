@@ -1,16 +1,21 @@
 """Does pretraining help fine-tuning?  CPU evidence for docs/BENCHMARKS.md ("Fine-tuning").
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_finetune.py --work /tmp/ftbench [--seeds 0 1 2]
-        [--only image|speech] [--pretrain-steps 300]
+        [--only image|speech] [--jobs 2] [--pretrain-steps 300 (speech)]
+        [--image-eval-fraction 0.5] [--image-pretrain-steps 4000] [--image-pretrain-schedule preset|fast-ema]
+        [--image-pretrain-batch 16] [--image-ft --lr 1e-3 ...]
 
 image:  sklearn digits (1,797, 32 px PNG class folders, data_prep/demo.write_digit_folder) ->
-        d2v2-prep -> image-tiny pretrained on all of them (labels unused, as the probe evidence) ->
-        d2v2-export --format hf -> d2v2-finetune image --recipe small (half the rows held out,
-        stratified, split seed 0) from the export and from random init (--scratch), per seed.
+        d2v2-prep -> image-tiny pretrained on all of them (labels unused, as the probe evidence; by
+        default 4,000 updates of 16 images with the preset's EMA schedule, 1 process) ->
+        d2v2-export --format hf -> d2v2-finetune image --recipe small (--image-eval-fraction of the
+        rows held out, stratified, split seed 0) from the export and from random init (--scratch),
+        per seed; --image-ft arguments go to both inits alike.
 speech: the espeak-ng spoken digits (data_prep/demo.write_espeak_digits: 8 accents x 10 voices x
         2 speeds) -> d2v2-prep --label-from parent -> audio-tiny pretrained on the clips of the
         training speakers only -> d2v2-finetune ctc --recipe small with transcripts = the digit
         words, held-out speakers = the accents en-gb-x-rp and en-gb-x-gbcwmd (all their voices).
+A run whose folder under --work already holds its result is reused, not rerun.
 Prints one JSON line per run and a markdown table of medians (accuracy / CER) over the seeds.
 """
 
