@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_finetune.py --work /tmp/ftbench [--seeds 0 1 2]
         [--only image|speech] [--jobs 2] [--pretrain-steps 300 (speech)]
         [--image-eval-fraction 0.5] [--image-pretrain-steps 4000] [--image-pretrain-schedule preset|fast-ema]
-        [--image-pretrain-batch 16] [--image-ft --lr 1e-3 ...]
+        [--image-pretrain-batch 16] [--image-ft='--lr 5e-4 ...']
 
 image:  sklearn digits (1,797, 32 px PNG class folders, data_prep/demo.write_digit_folder) ->
         d2v2-prep -> image-tiny pretrained on all of them (labels unused, as the probe evidence; by
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -112,8 +113,8 @@ def main(argv=None):
     p.add_argument("--image-pretrain-schedule", choices=["preset", "fast-ema"], default="preset")
     p.add_argument("--image-pretrain-batch", type=int, default=16,
                    help="samples per update in the 1-process run (the probe evidence: 2 ranks x 8)")
-    p.add_argument("--image-ft", nargs="*", default=[], metavar="ARG",
-                   help="extra d2v2-finetune image arguments, the same for both inits (e.g. --lr 5e-4 --steps 500)")
+    p.add_argument("--image-ft", type=shlex.split, default=[], metavar="'ARGS'",
+                   help="extra d2v2-finetune image arguments, the same for both inits (e.g. --image-ft='--lr 5e-4')")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
