@@ -296,3 +296,25 @@ def test_remote_code_names_the_transformers_range(name, monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"needs transformers>=5,<6, found 4\.57\.1: pip install"):
         exec(compile((HERE / name).read_text(), name, "exec"), {"__name__": "shipped"})
+
+
+def test_finetune_image_seed_fixes_the_init(remote, tmp_path):
+    """--seed fixes the classification head's init (and with --scratch the whole network's), which
+    happens before Trainer seeds: two runs of one seed save equal weights, another seed differs
+    (docs/BENCHMARKS.md "Fine-tuning exported data2vec 2.0 encoders": reruns of a seed must agree)."""
+    from safetensors.torch import load_file
+
+    from d2v2_scale.finetune.cli import main
+    from tests import data_fixtures
+
+    tmp, _, _ = remote
+    man = data_fixtures.prepared("image") / "manifest.json"
+    w = {}
+    for name, seed, scratch in (("a", 0, True), ("b", 0, True), ("c", 1, True), ("d", 0, False), ("e", 0, False)):
+        assert main(["image", str(tmp / "image" / "hf"), "--data", str(man), "--out", str(tmp_path / name),
+                     "--recipe", "small", "--steps", "1", "--batch-size", "4", "--seed", str(seed)]
+                    + (["--scratch"] if scratch else [])) == 0
+        w[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    assert all(torch.equal(w["a"][k], w["b"][k]) for k in w["a"])
+    assert not all(torch.equal(w["a"][k], w["c"][k]) for k in w["a"])
+    assert all(torch.equal(w["d"][k], w["e"][k]) for k in w["d"])

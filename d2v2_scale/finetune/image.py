@@ -15,7 +15,7 @@ from .rows import FinetuneError, load_rows, split
 def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
                    eval_fraction=0.5, **over) -> dict:
     import torch
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, set_seed
 
     r = dict(IMAGE_REFERENCE) | (SMALL["image"] if recipe == "small" else {}) | over
     out = Path(out)
@@ -25,6 +25,7 @@ def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False,
     names = {i: (classes[i] if i < len(classes) else str(i)) for i in range(n_cls)}
     proc = AutoImageProcessor.from_pretrained(folder)
     pv = proc(images=imgs, return_tensors="pt")["pixel_values"]
+    set_seed(seed)  # the head (and with --scratch the whole network) is initialized here, before Trainer seeds
     model = load_model(AutoModelForImageClassification, folder, scratch, num_labels=n_cls, id2label=names,
                   label2id={v: k for k, v in names.items()}, drop_path_rate=r["drop_path_rate"],
                   label_smoothing=r["label_smoothing"])
