@@ -80,7 +80,8 @@ def pretrain(work: Path, manifest: Path, preset: str, steps: int, name: str, sch
     if not hf.is_dir():
         _, t = py("import sys; from d2v2_scale.train import main; sys.exit(main(sys.argv[1:]))", "--preset", preset,
                   f"data.manifest={manifest}", f"output_dir={run_dir}", *pretrain_overrides(steps, schedule, batch))
-        print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU", flush=True)
+        print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU",
+              flush=True)
         py("import sys; from d2v2_scale.export.cli import main; sys.exit(main(sys.argv[1:]))", run_dir,
            "--out", hf, "--format", "hf")
     return hf
@@ -129,14 +130,18 @@ def main(argv=None):
         hf = pretrain(work, man, "image-tiny", st, f"image-{st}-{sc}-b{a.image_pretrain_batch}", sc,
                       a.image_pretrain_batch)
         f, tag = a.image_eval_fraction, "-".join(a.image_ft).replace("--", "")
-        # the random-init runs depend on the architecture only, not on the pretraining: shared by every --image-pretrain-*
         jobs = [(scratch, s) for scratch in (False, True) for s in a.seeds]
+
+        def one(job):
+            scratch, seed = job
+            # random-init runs depend on the architecture only: shared by every --image-pretrain-*
+            out = work / f"ft-{'scratch' if scratch else hf.name}-{f}{'-' + tag if tag else ''}-{seed}"
+            return finetune("image", hf, man, out, seed, scratch, ["--eval-fraction", str(f), *a.image_ft])
+
         with ThreadPoolExecutor(a.jobs) as ex:  # each job is a subprocess: threads only wait
-            res = list(ex.map(lambda j: finetune(
-                "image", hf, man, work / f"ft-{'scratch' if j[0] else hf.name}-{f}{'-' + tag if tag else ''}-{j[1]}", j[1], j[0],
-                ["--eval-fraction", str(f), *a.image_ft]), jobs))
+            res = list(ex.map(one, jobs))
         for scratch in (False, True):
-            accs = [r["accuracy"] for (sc, _), r in zip(jobs, res) if sc == scratch]
+            accs = [r["accuracy"] for (was_scratch, _), r in zip(jobs, res) if was_scratch == scratch]
             n = res[0]["n_train"]
             table.append((f"image-tiny ({st} updates, {sc}), digits ({n} labelled"
                           f"{', ' + ' '.join(a.image_ft) if a.image_ft else ''}), accuracy", scratch, accs))
