@@ -16,8 +16,8 @@ speech: the espeak-ng spoken digits (data_prep/demo.write_espeak_digits: 8 accen
         training speakers only -> d2v2-finetune ctc --recipe small with transcripts = the digit
         words, held-out speakers = the accents en-gb-x-rp and en-gb-x-gbcwmd (all their voices).
 speech-d2v1: the same CTC evidence for data2vec 1.0 through transformers' own classes:
-        d2v1-audio-tiny pretrained 1,000 updates on the training speakers (the 1.0 probe
-        evidence's recipe) -> d2v2-export --format hf (Data2VecAudioModel) -> d2v2-finetune ctc
+        d2v1-audio-tiny pretrained 1,000 updates (--d2v1-pretrain-steps) on the training speakers
+        (the 1.0 probe evidence's recipe) -> d2v2-export --format hf (Data2VecAudioModel) -> d2v2-finetune ctc
         (Data2VecAudioForCTC), the same split and small recipe.
 A run whose folder under --work already holds its result is reused, not rerun.
 Prints one JSON line per run and a markdown table of medians (accuracy / CER) over the seeds.
@@ -81,7 +81,12 @@ def pretrain_overrides(steps: int, schedule: str, batch: int | None = None) -> l
 def pretrain(work: Path, manifest: Path, preset: str, steps: int, name: str, schedule: str = "fast-ema",
              batch: int | None = None) -> Path:
     run_dir, hf = work / f"run-{name}", work / f"hf-{name}"
-    if not hf.is_dir():
+    if hf.is_dir():  # a finished export in --work is reused, but only one of the asked length
+        done = json.loads((hf / "config.json").read_text()).get("d2v2_export", {}).get("step")
+        if done is not None and done != steps:
+            raise SystemExit(f"{hf} was pretrained {done} steps, not {steps}: give a fresh --work (the corpora "
+                             f"esp/, esp-train/, digits/ may be copied into it) or remove {hf} and {run_dir}")
+    else:
         _, t = py("import sys; from d2v2_scale.train import main; sys.exit(main(sys.argv[1:]))", "--preset", preset,
                   f"data.manifest={manifest}", f"output_dir={run_dir}", *pretrain_overrides(steps, schedule, batch))
         print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU",
