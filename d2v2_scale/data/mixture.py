@@ -106,6 +106,14 @@ class MixedShardSet:
         self.has_row_crc = any(s.has_row_crc for s in self.sets)
         self.check_rows = any(s.check_rows for s in self.sets)
 
+    # the corpora agree on these (check_mixture: sample type, stored pixels), so the first one's hold
+    def image_columns(self) -> list[str]:
+        return self.sets[0].image_columns()
+
+    @property
+    def audio_scale(self) -> float:
+        return self.sets[0].audio_scale
+
     def __len__(self) -> int:
         return self.total
 
