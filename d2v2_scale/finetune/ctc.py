@@ -8,15 +8,17 @@ import tempfile
 from pathlib import Path
 
 from ..export.hf_remote import register_local_classes
+from ..train.schedules import TriStage
 from .common import folder_kind, load_model, publish, recipe_trainer, training_args
-from .recipes import CTC_REFERENCE, SMALL, cer, layer_decay_groups, tri_stage
+from .recipes import CTC_REFERENCE, SMALL, cer, layer_decay_groups
 from .rows import FinetuneError, load_rows, split
 
 
 def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
                  eval_fraction=0.5, **over) -> dict:
     import torch
-    from transformers import AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+    from transformers import (AutoConfig, AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2CTCTokenizer,
+                              Wav2Vec2Processor)
 
     r = dict(CTC_REFERENCE) | (SMALL["ctc"] if recipe == "small" else {}) | over
     out = Path(out)
@@ -32,12 +34,9 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
         tok = Wav2Vec2CTCTokenizer(str(Path(vd) / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
                                    word_delimiter_token="|")
     fe = AutoFeatureExtractor.from_pretrained(folder)
-    d = None
     keys = ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
             "activation_dropout", "hidden_dropout", "attention_dropout", "final_dropout", "feat_proj_dropout",
             "ctc_zero_infinity")
-    from transformers import AutoConfig
-
     register_local_classes()
     cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     over_cfg = {k: r[k] for k in keys if hasattr(cfg, k)}  # feat_proj_dropout: transformers' Data2VecAudio only
@@ -59,8 +58,8 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     params = layer_decay_groups(model, r["lr"], r["layer_decay"], r["weight_decay"])
     opt = torch.optim.Adam(params, betas=r["betas"], eps=r["eps"])
     total = r["max_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: tri_stage(s, total, r["phase_ratio"], final_lr_scale=r["final_lr_scale"]))
+    # fairseq's tri_stage, the class pretraining's schedule is (built once, not per update)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, TriStage(total, r["phase_ratio"], 0.01, r["final_lr_scale"]))
     trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
                              optimizers=(opt, sched))  # the recipe's optimizer and schedule, DeepSpeed too
     trainer.train()
