@@ -176,7 +176,7 @@ def _random_export(cfg: dict, tmp: Path):
 
 
 @pytest.mark.parametrize("preset,modality,cls", CASES, ids=[c[0] for c in CASES])
-def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
+def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported, capsys):
     tmp, outs = exported
     hf = tmp / preset / "hf"
     hcfg = json.loads((hf / "config.json").read_text())
@@ -190,9 +190,31 @@ def test_hf_export_equals_plain_twin(preset, modality, cls, runs, exported):
     if modality == "text":  # the run's sentencepiece model, as a tokenizer AutoTokenizer loads
         assert (hf / "tokenizer.model").read_bytes() == (data_fixtures.prepared(modality) / "spm.model").read_bytes()
         _check_tokenizer(hf, outs[preset]["tok"])
+    if cls == "Data2VecAudioModel":  # the fine-tuning masks' vector = the student's learned mask_emb
+        _check_mask_embedding(runs / preset, hf, tmp / preset / "plain", tmp / preset, capsys)
     worst = _compare(tmp / preset / "plain", outs[preset], cls)
     worst_r = _compare(tmp / preset / "rand-plain", outs[preset + ":random"], cls)
     print(f"{preset}: max |hf - plain| = {worst:.3g} (trained), {worst_r:.3g} (random weights)")
+
+
+def _check_mask_embedding(run: Path, hf: Path, plain: Path, tmp: Path, capsys):
+    """masked_spec_embed of a checkpoint's HF export is the student's mask_emb, read straight from
+    the checkpoint (the reference fine-tunes with the pretrained one); from a plain folder, which
+    keeps no mask_emb, it is zeros and the export says so."""
+    from safetensors.torch import load_file
+
+    from d2v2_scale.export.cli import main
+    from d2v2_scale.export.consolidate import read_marker, resolve_checkpoint, student_state
+
+    folder = resolve_checkpoint(run)
+    want = student_state(folder, read_marker(folder))["mask_emb"].float()
+    got = load_file(str(hf / "model.safetensors"))["masked_spec_embed"]
+    assert want.abs().sum() > 0 and torch.equal(got, want)
+    capsys.readouterr()
+    assert main([str(plain), "--out", str(tmp / "hf-from-plain"), "--format", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "keeps no mask embedding" in err and "export from the checkpoint" in err
+    assert not load_file(str(tmp / "hf-from-plain" / "model.safetensors"))["masked_spec_embed"].any()
 
 
 # ---- d2v2-finetune on data2vec 1.0 folders: transformers' own task classes ----------------------

@@ -360,8 +360,13 @@ def to_plain(full: dict, mcfg, expected: dict[str, tuple], where: str) -> dict[s
     return plain
 
 
-def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: bool = False):
-    """-> (tensors {plain name | decoder.*: fp32}, provenance dict)."""
+def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: bool = False,
+             with_mask_emb: bool = False):
+    """-> (tensors {plain name | decoder.* | mask_emb: fp32}, provenance dict).  with_mask_emb: add
+    the student's learned mask embedding `mask_emb` [D] where the objective has one (data2vec 1.0
+    speech, data2vec-aqc; the teacher never masks, so it always comes from the student): the
+    reference fine-tunes with it (wav2vec 2.0 fine-tuning masks time spans with the pretrained
+    mask_emb), so the HF export writes it as `masked_spec_embed`."""
     if which not in ("teacher", "student"):
         raise ExportError(f"which must be 'teacher' or 'student', not {which!r}")
     mcfg = model_namespace(info)
@@ -371,7 +376,7 @@ def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: boo
     if which == "teacher":
         tensors = to_plain(teacher_state(folder, info), mcfg, expected, f"{folder} (teacher)")
         need = sorted(set(expected) - set(tensors))
-        if need or with_decoder:
+        if need or with_decoder or with_mask_emb:
             student = student_state(folder, info)
             splain = to_plain(student, mcfg, expected, f"{folder} (student)")
             for k in need:
@@ -389,6 +394,10 @@ def assemble(folder: Path, info: dict, which: str = "teacher", with_decoder: boo
         if not dec:
             raise ExportError(f"{folder}: --with-decoder but the student has no decoder.* tensors")
         tensors.update(dec)
+    if with_mask_emb and "mask_emb" in student:
+        tensors["mask_emb"] = student["mask_emb"]
+        if which == "teacher":
+            from_student.append("mask_emb")
     tensors = {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
     prov = {"format": FORMAT, "version": FORMAT_VERSION, "which": which, "checkpoint": str(folder.resolve()),
             "step": int(info["step"]), "seed": info["config"].get("seed"), "preset": info.get("preset"), "modality": info["modality"],

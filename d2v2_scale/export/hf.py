@@ -28,7 +28,9 @@ Differences found in the transformers code, and how each is matched (docs/EXPORT
     conv is num_conv_pos_embeddings layers of kernel conv_pos_kernel_size (SamePad drops the last
     frame of an even kernel, as the twin does), affine-free LayerNorm, GELU; padded frames zeroed
     before it, then encoder.layer_norm = the twin's context_norm.  masked_spec_embed (used only
-    for SpecAugment while fine-tuning) is not part of the encoder and is written as zeros.
+    for the time masks while fine-tuning; not part of the encoder) is the student's learned
+    mask_emb, as the reference fine-tunes with it; zeros (with a warning) from a plain export
+    folder, which does not keep mask_emb.
   * vision: no absolute positions, one shared relative position table (CLS entries last, same
     index as BEiT), layer scale lambda_1/2 = gamma_1/2, q/v bias with k unbiased;
     use_mean_pooling false so that `layernorm` is the twin's final norm and last_hidden_state
@@ -46,7 +48,8 @@ import torch
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..data.manifest import DataError, confined_path
 from ..objectives import objective_of, uses_beit
-from .consolidate import CONFIG, WEIGHTS, assemble, read_marker, resolve_checkpoint, write_export, ExportError
+from .consolidate import (CONFIG, WEIGHTS, ExportError, assemble, read_marker, resolve_checkpoint, stderr_warning,
+                          write_export)
 from .gpt2_tokenizer import imported_tokenizer_files
 from .hf_card import corpus_name, model_card
 from .hf_remote import is_remote_target, to_remote
@@ -137,8 +140,10 @@ def _audio(sd: dict, cfg: dict, cls: str):
            "feature_projection.projection.weight": sd["local.proj.weight"],
            "feature_projection.projection.bias": sd["local.proj.bias"],
            "encoder.layer_norm.weight": sd["context_norm.weight"], "encoder.layer_norm.bias": sd["context_norm.bias"],
-           # SpecAugment's mask vector: only used when fine-tuning masks frames; not part of the encoder
-           "masked_spec_embed": torch.zeros(d)}
+           # the time masks' vector: only used when fine-tuning masks frames; not part of the encoder.
+           # The pretrained mask_emb: fairseq's speech fine-tuning (wav2vec2_asr) loads the whole
+           # pretrained model, mask_emb included, and masks with it
+           "masked_spec_embed": sd["mask_emb"] if "mask_emb" in sd else torch.zeros(d)}
     for i in range(len(layers)):
         out[f"feature_extractor.conv_layers.{i}.conv.weight"] = sd[f"local.cnn.convs.{i}.weight"]
         for t in ("weight", "bias"):
@@ -222,6 +227,8 @@ def to_hf(tensors: dict, cfg: dict):
     """Plain-twin tensors + export config -> (HF tensors, HF config dict, extra files {name: bytes})."""
     cls = hf_target(cfg)
     sd = {k: v for k, v in tensors.items() if not k.startswith("decoder.")}
+    if cls != "Data2VecAudioModel":  # only speech's masked_spec_embed takes the training mask embedding
+        sd.pop("mask_emb", None)
     out, hcfg, extra = to_remote(sd, cfg) if cls == "Data2Vec2Model" else _CONVERT[cls](sd, cfg, cls)
     hcfg["architectures"] = [cls]
     if "d2v2_export" in cfg:
@@ -310,8 +317,12 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
         if which is not None and which != cfg["d2v2_export"].get("which", which):
             raise ExportError(f"{src} holds the {cfg['d2v2_export']['which']}, not the {which}; export the "
                               f"checkpoint again with --which {which}")
-        hf_target(cfg)
+        cls = hf_target(cfg)
         tensors = load_file(str(src / WEIGHTS))
+        if cls == "Data2VecAudioModel" and "mask_emb" not in tensors:
+            (warn or stderr_warning)(
+                f"{src} is a plain export: it keeps no mask embedding, so masked_spec_embed (the fine-tuning "
+                f"time masks' vector) is written as zeros; export from the checkpoint to carry the learned one")
         if (src / "dict.txt").is_file():
             extra["dict.txt"] = (src / "dict.txt").read_bytes()
             extra |= imported_tokenizer_files(src, cfg, gpt2_bpe, warn)
@@ -321,7 +332,7 @@ def export_hf(src, out, which: str | None = None, force: bool = False, gpt2_bpe=
         cfg = dict(info["config"]["model"])
         hf_target(cfg)
         extra = spm_tokenizer_files(info["config"], cfg)
-        tensors, prov = assemble(folder, info, which or FINETUNE_WEIGHTS)
+        tensors, prov = assemble(folder, info, which or FINETUNE_WEIGHTS, with_mask_emb=True)
         cfg["d2v2_export"] = prov
         corpus = corpus_name(info["config"])
     return write_hf(out, tensors, cfg, force=force, extra_files=extra, corpus=corpus)
