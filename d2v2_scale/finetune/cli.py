@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", action="store_true", help="same network, random init (the baseline)")
     p.add_argument("--eval-paths", default=None, metavar="REGEX")
     p.add_argument("--eval-fraction", type=float, default=0.5)
+    p.add_argument("--train-rows", type=int, default=None, metavar="N",
+                   help="image / ctc: fine-tune on N labelled rows of the training split (stratified, the same "
+                        "N rows for every --seed; the held-out rows unchanged): the low-resource setting")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -66,7 +69,11 @@ def main(argv=None) -> int:
     over = {k: v for k, v in (("max_steps", a.steps), ("lr", a.lr), ("batch_size", a.batch_size),
                               ("mixup", a.mixup), ("cutmix", a.cutmix), ("deepspeed", a.deepspeed)) if v is not None}
     if a.task == "text":
+        if a.train_rows is not None:
+            p.error("--train-rows is for image and ctc; for text, give --data the rows to train on")
         over |= text_options(a)
+    elif a.train_rows is not None:
+        over["train_rows"] = a.train_rows
     try:  # what the folder holds (finetune/common.KINDS): a head that does not fit it -> one line
         kind = folder_kind(a.folder)
     except FinetuneError as e:

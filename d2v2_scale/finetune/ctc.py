@@ -15,7 +15,7 @@ from .rows import FinetuneError, load_rows, split
 
 
 def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
-                 eval_fraction=0.5, **over) -> dict:
+                 eval_fraction=0.5, train_rows=None, **over) -> dict:
     import torch
     from transformers import (AutoConfig, AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2CTCTokenizer,
                               Wav2Vec2Processor)
@@ -26,7 +26,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     if not classes:
         raise FinetuneError(f"{manifest}: no class names (d2v2-prep audio --label-from parent): no transcripts")
     texts = [classes[i].lower() for i in labels]
-    tr, te = split(labels, paths, eval_paths, eval_fraction)
+    tr, te = split(labels, paths, eval_paths, eval_fraction, train_rows=train_rows)
     letters = sorted({c for t in texts for c in t.replace(" ", "|")})
     vocab = {"<pad>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(letters)}
     with tempfile.TemporaryDirectory() as vd:  # per process: N ranks never write one file (the saved folder has it)

@@ -27,14 +27,14 @@ def mixer(r: dict, n_cls: int):
 
 
 def finetune_image(folder, manifest, out, recipe="small", seed=0, scratch=False, eval_paths=None,
-                   eval_fraction=0.5, **over) -> dict:
+                   eval_fraction=0.5, train_rows=None, **over) -> dict:
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     r = dict(IMAGE_REFERENCE) | (SMALL["image"] if recipe == "small" else {}) | over
     out = Path(out)
     imgs, labels, paths, classes = load_rows(manifest, "image")
-    tr, te = split(labels, paths, eval_paths, eval_fraction)
+    tr, te = split(labels, paths, eval_paths, eval_fraction, train_rows=train_rows)
     n_cls = int(labels.max()) + 1
     names = {i: (classes[i] if i < len(classes) else str(i)) for i in range(n_cls)}
     proc = AutoImageProcessor.from_pretrained(folder)

@@ -12,19 +12,30 @@ class FinetuneError(ValueError):
     """Bad input to d2v2-finetune: the message names the thing and the fix."""
 
 
-def split(labels: np.ndarray, paths: list[str], eval_paths: str | None, fraction: float, seed: int = 0):
-    """-> (train row indices, held-out row indices); the split does not move with the training seed."""
+def split(labels: np.ndarray, paths: list[str], eval_paths: str | None, fraction: float, seed: int = 0,
+          train_rows: int | None = None):
+    """-> (train row indices, held-out row indices); the split does not move with the training seed.
+    train_rows: keep only that many of the training rows, stratified by label (the low-resource
+    setting: the encoder was pretrained on all of them, unlabelled, and fine-tunes on a labelled
+    few); the held-out rows stay the same, and so does the subset across training seeds."""
+    from sklearn.model_selection import train_test_split
+
     if eval_paths:
         rx = re.compile(eval_paths)
         te = np.array([bool(rx.search(p)) for p in paths])
         if not te.any() or te.all():
             raise FinetuneError(f"--eval-paths {eval_paths!r} matches {int(te.sum())} of {len(paths)} rows: "
                                 "it must pick some rows, not all")
-        return np.flatnonzero(~te), np.flatnonzero(te)
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    tr, te = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+        tr, te = np.flatnonzero(~te), np.flatnonzero(te)
+    else:
+        idx = np.arange(len(labels))
+        tr, te = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    if train_rows is not None and train_rows != len(tr):
+        n_cls = len(np.unique(labels[tr]))
+        if not n_cls <= train_rows < len(tr):
+            raise FinetuneError(f"--train-rows {train_rows}: the training split has {len(tr)} rows of {n_cls} "
+                                f"labels; ask for {n_cls} to {len(tr)} (one per label at least)")
+        tr, _ = train_test_split(tr, train_size=train_rows, random_state=seed, stratify=labels[tr])
     return np.sort(tr), np.sort(te)
 
 
