@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_finetune.py --work /tmp/ftbench [--seeds 0 1 2]
         [--only image|speech|speech-d2v1] [--jobs 2] [--pretrain-steps 300 (speech)] [--d2v1-pretrain-steps 1000]
+        [--ctc-train-rows 120]
         [--image-eval-fraction 0.5] [--image-pretrain-steps 4000] [--image-pretrain-schedule preset|fast-ema]
         [--image-pretrain-batch 16] [--image-ft='--lr 5e-4 ...']
 
@@ -87,10 +88,13 @@ def pretrain(work: Path, manifest: Path, preset: str, steps: int, name: str, sch
             raise SystemExit(f"{hf} was pretrained {done} steps, not {steps}: give a fresh --work (the corpora "
                              f"esp/, esp-train/, digits/ may be copied into it) or remove {hf} and {run_dir}")
     else:
-        _, t = py("import sys; from d2v2_scale.train import main; sys.exit(main(sys.argv[1:]))", "--preset", preset,
-                  f"data.manifest={manifest}", f"output_dir={run_dir}", *pretrain_overrides(steps, schedule, batch))
-        print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU",
-              flush=True)
+        if (run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").is_file():  # pretrained, not exported
+            print(f"# reusing {run_dir} ({steps} steps)", flush=True)
+        else:
+            _, t = py("import sys; from d2v2_scale.train import main; sys.exit(main(sys.argv[1:]))", "--preset", preset,
+                      f"data.manifest={manifest}", f"output_dir={run_dir}", *pretrain_overrides(steps, schedule, batch))
+            print(f"# pretrained {preset} {steps} steps ({schedule}) in {t:.0f} s wall, {CPU_S.pop():.0f} s CPU",
+                  flush=True)
         py("import sys; from d2v2_scale.export.cli import main; sys.exit(main(sys.argv[1:]))", run_dir,
            "--out", hf, "--format", "hf")
     return hf
@@ -128,6 +132,19 @@ def espeak_corpora(work: Path) -> Path:
     return man
 
 
+def ctc_rows(a, hf, man, work: Path, prefix: str, preset: str) -> list:
+    """Pretrained and random-init CTC runs per seed (a.jobs at once) -> table rows."""
+    n = a.ctc_train_rows
+    extra = ["--eval-paths", HELD_OUT] + (["--train-rows", str(n)] if n else [])
+    jobs = [(scratch, s) for scratch in (False, True) for s in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as ex:  # each job is a subprocess: threads only wait
+        res = list(ex.map(lambda j: finetune("ctc", hf, man, work / f"{prefix}{f'-r{n}' if n else ''}-{int(j[0])}-{j[1]}",
+                                             j[1], j[0], extra), jobs))
+    labelled = f"{res[0]['n_train']} labelled clips"
+    return [(f"{preset}, espeak digits ({labelled}), CER (held-out speakers)", scratch,
+             [r["cer"] for (sc, _), r in zip(jobs, res) if sc == scratch]) for scratch in (False, True)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--work", required=True)
@@ -135,7 +152,10 @@ def main(argv=None):
     p.add_argument("--only", choices=["image", "speech", "speech-d2v1"], default=None)
     p.add_argument("--pretrain-steps", type=int, default=300, help="speech")
     p.add_argument("--d2v1-pretrain-steps", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=1, help="image fine-tuning runs at once")
+    p.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at once")
+    p.add_argument("--ctc-train-rows", type=int, default=None, metavar="N",
+                   help="speech, speech-d2v1: fine-tune on N labelled clips of the training speakers "
+                        "(d2v2-finetune --train-rows; pretraining still sees all of their clips)")
     p.add_argument("--image-eval-fraction", type=float, default=0.5,
                    help="held-out share of the digits (0.9: 180 labelled training images)")
     p.add_argument("--image-pretrain-steps", type=int, default=4000)
@@ -176,10 +196,7 @@ def main(argv=None):
     if a.only in (None, "speech"):
         man = espeak_corpora(work)
         hf = pretrain(work, work / "esp-train" / "manifest.json", "audio-tiny", a.pretrain_steps, "speech")
-        for scratch in (False, True):
-            cers = [finetune("ctc", hf, man, work / f"ft-ctc-{int(scratch)}-{s}", s, scratch,
-                             ["--eval-paths", HELD_OUT])["cer"] for s in a.seeds]
-            table.append(("audio-tiny, espeak digits, CER (held-out speakers)", scratch, cers))
+        table += ctc_rows(a, hf, man, work, "ft-ctc", "audio-tiny")
     if a.only in (None, "speech-d2v1"):
         # data2vec 1.0 through transformers' own Data2VecAudioForCTC: the same corpora, split and
         # fine-tuning recipe as 2.0 speech above; pretraining: the 1.0 probe evidence's recipe
@@ -187,10 +204,7 @@ def main(argv=None):
         man = espeak_corpora(work)
         hf = pretrain(work, work / "esp-train" / "manifest.json", "d2v1-audio-tiny", a.d2v1_pretrain_steps,
                       "speech-d2v1")
-        for scratch in (False, True):
-            cers = [finetune("ctc", hf, man, work / f"ft-ctc-d2v1-{int(scratch)}-{s}", s, scratch,
-                             ["--eval-paths", HELD_OUT])["cer"] for s in a.seeds]
-            table.append(("d2v1-audio-tiny, espeak digits, CER (held-out speakers)", scratch, cers))
+        table += ctc_rows(a, hf, man, work, "ft-ctc-d2v1", "d2v1-audio-tiny")
     print("\n| task | init | median | per seed |\n|---|---|---|---|")
     for name, scratch, vals in table:
         print(f"| {name} | {'random' if scratch else 'pretrained'} | {statistics.median(vals):.3f} | "
