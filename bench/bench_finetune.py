@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_finetune.py --work /tmp/ftbench [--seeds 0 1 2]
         [--only image|speech|speech-d2v1] [--jobs 2] [--pretrain-steps 300 (speech)] [--d2v1-pretrain-steps 1000]
-        [--ctc-train-rows 120]
+        [--ctc-train-rows 100] [--ctc-ft='--freeze-steps 1150']
         [--image-eval-fraction 0.5] [--image-pretrain-steps 4000] [--image-pretrain-schedule preset|fast-ema]
         [--image-pretrain-batch 16] [--image-ft='--lr 5e-4 ...']
 
@@ -134,13 +134,14 @@ def espeak_corpora(work: Path) -> Path:
 
 def ctc_rows(a, hf, man, work: Path, prefix: str, preset: str) -> list:
     """Pretrained and random-init CTC runs per seed (a.jobs at once) -> table rows."""
-    n = a.ctc_train_rows
-    extra = ["--eval-paths", HELD_OUT] + (["--train-rows", str(n)] if n else [])
+    n, tag = a.ctc_train_rows, "-".join(a.ctc_ft).replace("--", "")
+    extra = ["--eval-paths", HELD_OUT] + (["--train-rows", str(n)] if n else []) + a.ctc_ft
+    name = prefix + (f"-r{n}" if n else "") + (f"-{tag}" if tag else "")
     jobs = [(scratch, s) for scratch in (False, True) for s in a.seeds]
     with ThreadPoolExecutor(a.jobs) as ex:  # each job is a subprocess: threads only wait
-        res = list(ex.map(lambda j: finetune("ctc", hf, man, work / f"{prefix}{f'-r{n}' if n else ''}-{int(j[0])}-{j[1]}",
-                                             j[1], j[0], extra), jobs))
-    labelled = f"{res[0]['n_train']} labelled clips"
+        res = list(ex.map(lambda j: finetune("ctc", hf, man, work / f"{name}-{int(j[0])}-{j[1]}", j[1], j[0], extra),
+                          jobs))
+    labelled = f"{res[0]['n_train']} labelled clips" + (f", {' '.join(a.ctc_ft)}" if a.ctc_ft else "")
     return [(f"{preset}, espeak digits ({labelled}), CER (held-out speakers)", scratch,
              [r["cer"] for (sc, _), r in zip(jobs, res) if sc == scratch]) for scratch in (False, True)]
 
@@ -164,6 +165,8 @@ def main(argv=None):
                    help="samples per update in the 1-process run (the probe evidence: 2 ranks x 8)")
     p.add_argument("--image-ft", type=shlex.split, default=[], metavar="'ARGS'",
                    help="extra d2v2-finetune image arguments, the same for both inits (e.g. --image-ft='--lr 5e-4')")
+    p.add_argument("--ctc-ft", type=shlex.split, default=[], metavar="'ARGS'",
+                   help="extra d2v2-finetune ctc arguments, the same for both inits (e.g. --ctc-ft='--freeze-steps 1150')")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -302,6 +302,16 @@ def test_finetune_d2v1_folders(preset, task, cls, pipe, exported, tmp_path, caps
                      "--steps", "4", "--batch-size", "4", "--lr", "1e-2", *extra]) == 0
         again = load_file(str(tmp_path / "again" / "model" / "model.safetensors"))
         assert all(torch.equal(after[k], again[k]) for k in after)
+        # --freeze-steps (fairseq's freeze_finetune_updates): only the CTC head trains for the first N updates
+        for steps in (2, 3):
+            out = tmp_path / f"frozen-{steps}"
+            assert main([task, str(hf), "--data", str(man), "--out", str(out), "--recipe", "small", "--steps",
+                         str(steps), "--freeze-steps", "2", "--batch-size", "4", "--lr", "1e-2", *extra]) == 0
+            w = load_file(str(out / "model" / "model.safetensors"))
+            enc = [k for k in before if k in {x[len(prefix):] for x in w}]
+            assert len(enc) == len(before) and not torch.equal(w["lm_head.weight"], after["lm_head.weight"])
+            moved = [k for k in enc if not torch.equal(before[k], w[prefix + k])]
+            assert moved == [] if steps == 2 else name in moved
     if task == "ctc":
         conv = "feature_extractor.conv_layers.0.conv.weight"
         assert torch.equal(before[conv], after[prefix + conv])  # the frozen feature encoder

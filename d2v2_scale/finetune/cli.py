@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-rows", type=int, default=None, metavar="N",
                    help="image / ctc: fine-tune on N labelled rows of the training split (stratified, the same "
                         "N rows for every --seed; the held-out rows unchanged): the low-resource setting")
+    p.add_argument("--freeze-steps", type=int, default=None, metavar="N",
+                   help="ctc: train only the CTC head for the first N updates, then the encoder too (the "
+                        "reference's freeze_finetune_updates: 10,000 in its 10 min / 1 h / 10 h recipes, 0 in base_100h)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -66,7 +69,10 @@ def main(argv=None) -> int:
                    help="a DeepSpeed config for Trainer (ds_configs/finetune_zero2.json, finetune_zero3.json)")
     add_text_arguments(p)
     a = p.parse_args(argv)
+    if a.freeze_steps is not None and (a.task != "ctc" or a.freeze_steps < 0):
+        p.error("--freeze-steps is for ctc, N >= 0 updates")
     over = {k: v for k, v in (("max_steps", a.steps), ("lr", a.lr), ("batch_size", a.batch_size),
+                              ("freeze_finetune_updates", a.freeze_steps),
                               ("mixup", a.mixup), ("cutmix", a.cutmix), ("deepspeed", a.deepspeed)) if v is not None}
     if a.task == "text":
         if a.train_rows is not None:

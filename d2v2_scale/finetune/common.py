@@ -197,10 +197,12 @@ def training_args(out, r, seed):
                              logging_steps=r.get("logging_steps") or max(r["max_steps"] // 5, 1),
                              remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
                              use_cpu=not cuda(), max_grad_norm=0.0,  # the reference: no clipping
+                             # a frozen encoder (freeze_finetune_updates) has no gradients: DDP must not wait for them
+                             ddp_find_unused_parameters=bool(r.get("freeze_finetune_updates")) or None,
                              deepspeed=None if ds is None else str(ds))
 
 
-def recipe_trainer(model, args, train_dataset, data_collator, optimizers, compute_loss_func=None):
+def recipe_trainer(model, args, train_dataset, data_collator, optimizers, compute_loss_func=None, callbacks=None):
     """transformers.Trainer that keeps the recipe's optimizer and LR schedule, with DeepSpeed too
     (either may be None: Trainer's default from its arguments); `compute_loss_func`: Trainer's
     (common.classification_loss for transformers' own image heads).
@@ -226,7 +228,7 @@ def recipe_trainer(model, args, train_dataset, data_collator, optimizers, comput
             return super().create_scheduler(num_training_steps, optimizer)  # likewise
 
     return RecipeTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                         optimizers=(opt, sched), compute_loss_func=compute_loss_func)
+                         optimizers=(opt, sched), compute_loss_func=compute_loss_func, callbacks=callbacks)
 
 
 def publish(trainer, out: Path, res: dict, write_extra=None) -> dict:

@@ -55,13 +55,15 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
         b["labels"] = lab["input_ids"].masked_fill(lab["attention_mask"].eq(0), -100)
         return dict(b)
 
+    freeze = int(r.get("freeze_finetune_updates") or 0)
+    callbacks = [EncoderFrozenFor(model.base_model, freeze)] if freeze else []
     params = layer_decay_groups(model, r["lr"], r["layer_decay"], r["weight_decay"])
     opt = torch.optim.Adam(params, betas=r["betas"], eps=r["eps"])
     total = r["max_steps"]
     # fairseq's tri_stage, the class pretraining's schedule is (built once, not per update)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, TriStage(total, r["phase_ratio"], 0.01, r["final_lr_scale"]))
     trainer = recipe_trainer(model=model, args=training_args(out, r, seed), train_dataset=ds, data_collator=collate,
-                             optimizers=(opt, sched))  # the recipe's optimizer and schedule, DeepSpeed too
+                             optimizers=(opt, sched), callbacks=callbacks)  # the recipe's optimizer and schedule
     trainer.train()
     model.eval()
     hyps = []
@@ -75,3 +77,32 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
            "seed": seed, "recipe": recipe, "steps": total, "examples": list(zip(hyps[:5], refs[:5]))}
     # rank 0 writes model/ (with the processor) and metrics.json
     return publish(trainer, out, res, Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained)
+
+
+def EncoderFrozenFor(base, updates: int):
+    """A Trainer callback: the encoder `base` gets no gradient for the first `updates` updates, only
+    the CTC head trains; then all of it (but the CNN, frozen throughout).  fairseq's
+    freeze_finetune_updates (wav2vec2_asr.Wav2VecEncoder runs the pretrained model under no_grad
+    while num_updates < freeze_finetune_updates; the 10 min / 1 h / 10 h recipes freeze it for
+    10,000 updates): the encoder's output is detached, so its parameters have no gradient at all
+    and Adam leaves them and their state untouched (their step count starts at the first update
+    after the freeze, as fairseq's Adam's)."""
+    from transformers import TrainerCallback
+
+    class Frozen(TrainerCallback):
+        active = True
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.active = state.global_step < updates
+
+    cb = Frozen()
+
+    def detach(module, inputs, out):
+        if not (cb.active and module.training):
+            return out
+        if isinstance(out, tuple):  # return_dict=False
+            return tuple(v.detach() if hasattr(v, "detach") else v for v in out)
+        return type(out)(**{k: v.detach() if hasattr(v, "detach") else v for k, v in out.items()})
+
+    base.register_forward_hook(detach)
+    return cb
