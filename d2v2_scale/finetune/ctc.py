@@ -56,7 +56,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
         return dict(b)
 
     freeze = int(r.get("freeze_finetune_updates") or 0)
-    callbacks = [EncoderFrozenFor(model.base_model, freeze)] if freeze else []
+    callbacks = [encoder_frozen_for(model.base_model, freeze)] if freeze else []
     params = layer_decay_groups(model, r["lr"], r["layer_decay"], r["weight_decay"])
     opt = torch.optim.Adam(params, betas=r["betas"], eps=r["eps"])
     total = r["max_steps"]
@@ -79,7 +79,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
     return publish(trainer, out, res, Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained)
 
 
-def EncoderFrozenFor(base, updates: int):
+def encoder_frozen_for(base, updates: int):
     """A Trainer callback: the encoder `base` gets no gradient for the first `updates` updates, only
     the CTC head trains; then all of it (but the CNN, frozen throughout).  fairseq's
     freeze_finetune_updates (wav2vec2_asr.Wav2VecEncoder runs the pretrained model under no_grad
