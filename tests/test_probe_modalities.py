@@ -288,17 +288,19 @@ def test_speech_digits_pretrained_beats_random_init(preset, steps, tmp_path):
     assert r["n_test"] == 800
     assert r["baseline_accuracy"] > 2 * r["chance"]  # random conv features already separate words
     assert r["accuracy"] >= r["baseline_accuracy"] + 0.08, r
-    if preset == "d2v1-audio-tiny":
-        _ctc_few_labels_beats_random_init(run, manifest, tmp_path)
+    # fine-tuning too: measured 0.146 vs 0.342 (2.0), 0.191 vs 0.648 (1.0)
+    _ctc_few_labels_beats_random_init(run, manifest, tmp_path, 0.1 if preset == "audio-tiny" else 0.2)
 
 
-def _ctc_few_labels_beats_random_init(run: Path, manifest: Path, tmp: Path) -> None:
-    """Fine-tuning, not only the probe: the 1.0 run above through transformers' Data2VecAudioForCTC
-    (d2v2-export --format hf, d2v2-finetune ctc --recipe small) on 100 transcribed clips of the
-    training speakers, CER on the 400 clips of the held-out speakers, against the same recipe from
-    random init (--scratch), training seed 0.  Measured: 0.191 vs 0.648 (this run pretrains on all
-    1,600 clips, as the probe; the bench's, on the training speakers' only, gives 0.306 vs 0.648 for
-    seed 0 and wins in all 5 seeds: docs/BENCHMARKS.md "Few labels")."""
+def _ctc_few_labels_beats_random_init(run: Path, manifest: Path, tmp: Path, margin: float) -> None:
+    """Fine-tuning, not only the probe: the run above exported as a transformers folder (2.0: its
+    own Data2Vec2ForCTC, 1.0: transformers' Data2VecAudioForCTC), `d2v2-finetune ctc --recipe
+    small` on 100 transcribed clips of the training speakers, CER on the 400 clips of the held-out
+    speakers, against the same recipe from random init (--scratch), training seed 0: at least
+    `margin` lower.  Measured (this sandbox): 2.0 0.146 vs 0.342 (seed 1: 0.094 vs 0.433), 1.0
+    0.191 vs 0.648 (seed 1: 0.302 vs 0.811).  These runs pretrain on all 1,600 clips, as the probe;
+    the bench's 1.0 run, on the training speakers' clips only, wins in all 5 seeds
+    (docs/BENCHMARKS.md "Few labels")."""
     from d2v2_scale.export.cli import main as export
     from d2v2_scale.finetune.cli import main as finetune
 
@@ -312,7 +314,7 @@ def _ctc_few_labels_beats_random_init(run: Path, manifest: Path, tmp: Path) -> N
         res = json.loads((out / "metrics.json").read_text())
         assert (res["n_train"], res["n_eval"], res["steps"]) == (100, 400, 1500)
         cer[init] = res["cer"]
-    assert cer["pretrained"] <= cer["--scratch"] - 0.2, cer
+    assert cer["pretrained"] <= cer["--scratch"] - margin, cer
 
 
 def test_text_pretrain_export_probe(tmp_path):
