@@ -55,6 +55,18 @@ def _tail(path: Path, n: int = 60) -> str:
     return "\n".join(lines[-n:])
 
 
+# what a launcher (torchrun, srun) sets: a child a test starts must not inherit a rendezvous
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+
+
+def child_env() -> dict:
+    """This process's environment for a child process: no launcher variables (DIST_VARS), one
+    thread per process, unbuffered output, no tokenizers thread pool."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_distributed(target: str, nproc: int, args: list[str] | tuple = (), timeout: float = 180,
                     launcher: str = "torchrun", env: dict | None = None, nnodes_emulated: int = 1,
                     cwd: str | None = None) -> dict[int, object]:
@@ -65,15 +77,11 @@ def run_distributed(target: str, nproc: int, args: list[str] | tuple = (), timeo
     init_distributed must derive the master address and port from them).
     """
     workdir = Path(tempfile.mkdtemp(prefix="d2v2dist-"))
-    penv = dict(os.environ)
-    penv.update({"OMP_NUM_THREADS": "1", _DIR_VAR: str(workdir), "PYTHONUNBUFFERED": "1",
-                 "TOKENIZERS_PARALLELISM": "false"})
+    penv = child_env()
+    penv[_DIR_VAR] = str(workdir)
     # the test's repo root on the path so `tests.*` bodies import in the children
     root = cwd or os.getcwd()
     penv["PYTHONPATH"] = os.pathsep.join(filter(None, [root, penv.get("PYTHONPATH", "")]))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-              "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID"):
-        penv.pop(k, None)
     if env:
         penv.update(env)
 

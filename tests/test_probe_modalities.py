@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v2_scale.testing import run_distributed, save_result
+from d2v2_scale.testing import child_env, run_distributed, save_result
 from tests import data_fixtures
 
 ATOL = 2e-5  # fp32, as tests/test_export.py
@@ -312,10 +312,7 @@ def _ctc_few_labels_beats_random_init(run: Path, manifest: Path, tmp: Path, marg
     from d2v2_scale.export.cli import main as export
 
     assert export([str(run), "--out", str(tmp / "hf"), "--format", "hf"]) == 0
-    # fresh single processes: none of this process's torch.distributed variables (a rendezvous they would share)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()  # fresh single processes: none of this process's launcher variables (a shared rendezvous)
     procs = {}
     for init in ("pretrained", "--scratch"):
         out = tmp / f"ctc-{init.strip('-')}"

@@ -55,7 +55,7 @@ def finetune_ctc(folder, manifest, out, recipe="small", seed=0, scratch=False, e
         b["labels"] = lab["input_ids"].masked_fill(lab["attention_mask"].eq(0), -100)
         return dict(b)
 
-    freeze = int(r.get("freeze_finetune_updates") or 0)
+    freeze = int(r["freeze_finetune_updates"])  # CTC_REFERENCE: 0 (base_100h)
     callbacks = [encoder_frozen_for(model.base_model, freeze)] if freeze else []
     params = layer_decay_groups(model, r["lr"], r["layer_decay"], r["weight_decay"])
     opt = torch.optim.Adam(params, betas=r["betas"], eps=r["eps"])
